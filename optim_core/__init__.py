@@ -1,0 +1,39 @@
+"""optim-core: first-order optimizers on plain arrays.
+
+Every optimizer is written once against the Python array API standard and runs
+on NumPy, CuPy, torch, array_api_strict, JAX and any other compliant library.
+"""
+
+from .optimizer import Optimizer
+from .optimizers import (
+    DGD,
+    GD,
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    Lion,
+    NAdam,
+    RAdam,
+    RMSprop,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Optimizer",
+    "GD",
+    "SGD",
+    "DGD",
+    "Adagrad",
+    "RMSprop",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Lion",
+]

@@ -1,0 +1,132 @@
+"""The one place where optim_core touches array libraries.
+
+Everything else in ``optim_core`` reaches arrays through these helpers, which
+delegate to `array-api-compat`_.  No array library other than NumPy is imported
+here; CuPy, torch, JAX and friends are only ever seen through the arrays the user
+hands us.
+
+.. _array-api-compat: https://data-apis.org/array-api-compat/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "namespace_of",
+    "common_namespace",
+    "device_of",
+    "is_floating",
+    "is_writeable",
+    "is_read_only",
+    "identity_key",
+    "is_numpy_namespace",
+    "is_cupy_namespace",
+    "to_numpy",
+    "from_numpy",
+]
+
+
+def namespace_of(x: Any) -> Any:
+    """Return the array API namespace of one array (TypeError if it is not an array)."""
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError as exc:
+        raise TypeError(f"expected an array, got {type(x).__name__}") from exc
+
+
+def device_of(x: Any) -> Any:
+    """Return the device of ``x`` as the array API defines it."""
+    return array_api_compat.device(x)
+
+
+def common_namespace(arrays: Sequence[Any], names: Sequence[str], what: str = "parameter") -> Any:
+    """Return the namespace shared by ``arrays``; all must also share one device.
+
+    Raises
+    ------
+    TypeError
+        Naming the first array whose namespace or device differs from the first one's.
+    """
+    if not arrays:
+        raise ValueError(f"no {what}s given")
+    xp = namespace_of(arrays[0])
+    device = device_of(arrays[0])
+    for name, x in zip(names, arrays):
+        try:
+            other = namespace_of(x)
+        except TypeError as exc:
+            raise TypeError(f"{what} {name!r}: {exc}") from None
+        if other is not xp:
+            raise TypeError(
+                f"{what} {name!r} is a {other.__name__} array, but {what}s of this optimizer "
+                f"are {xp.__name__} arrays; all must share one array library"
+            )
+        if device_of(x) != device:
+            raise TypeError(
+                f"{what} {name!r} is on device {device_of(x)!r}, but the first is on "
+                f"{device!r}; all must share one device"
+            )
+    return xp
+
+
+def is_floating(xp: Any, x: Any) -> bool:
+    """Whether ``x`` has a real floating dtype (float16/bfloat16 included)."""
+    try:
+        return bool(xp.isdtype(x.dtype, "real floating"))
+    except (TypeError, ValueError):
+        # bfloat16 and friends from ml_dtypes are not array API dtypes; NumPy calls them "V".
+        return np.dtype(x.dtype).kind == "V" and "float" in np.dtype(x.dtype).name
+
+
+def is_writeable(x: Any) -> bool:
+    """Whether ``x`` can be updated in place (False for JAX arrays and read-only NumPy arrays)."""
+    return bool(array_api_compat.is_writeable_array(x))
+
+
+def is_read_only(x: Any) -> bool:
+    """Whether ``x`` belongs to a mutable library but was marked read-only (NumPy, CuPy)."""
+    flags = getattr(x, "flags", None)
+    writeable = getattr(flags, "writeable", True)
+    return writeable is False
+
+
+def identity_key(x: Any) -> Any:
+    """A key equal for two arrays that are the same memory (views included, for NumPy)."""
+    if isinstance(x, np.ndarray) and x.size > 0:
+        return ("numpy", x.__array_interface__["data"][0])
+    return ("object", id(x))
+
+
+def is_numpy_namespace(xp: Any) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_cupy_namespace(xp: Any) -> bool:
+    return array_api_compat.is_cupy_namespace(xp)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy any array (any namespace, any device) into a new host NumPy array."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy().copy()
+    try:
+        return np.asarray(x).copy()
+    except (TypeError, ValueError, RuntimeError):
+        return np.from_dlpack(array_api_compat.to_device(x, "cpu")).copy()
+
+
+def from_numpy(xp: Any, array: np.ndarray, *, like: Any) -> Any:
+    """Put a host NumPy array on ``like``'s namespace and device, with ``like``'s dtype."""
+    out = xp.asarray(np.ascontiguousarray(array), device=device_of(like), copy=True)
+    if out.dtype != like.dtype:
+        out = xp.astype(out, like.dtype)
+    return out

@@ -1,0 +1,544 @@
+"""The optimizers: hyperparameters, host scalars and documentation around each rule.
+
+The elementwise math lives in :mod:`optim_core.rules`; a class here only names its
+rule, its defaults, and the scalars computed once per step on the host (in
+float64, with an exact integer step count). Names, defaults and numbers follow
+``torch.optim``'s documented algorithms.
+
+Where the founding article's code departs from the algorithm it names, the
+canonical algorithm ships under the name and the docstring says how the article
+differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from . import rules
+from .optimizer import Optimizer
+
+__all__ = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
+           "NAdam", "RAdam", "Lion"]
+
+_COMMON = """
+    impl : {"auto", "fused", "generic"}, optional
+        Implementation; "auto" takes a fused kernel where one exists.
+    backend : "auto", "numpy", "cupy" or module, optional
+        Must agree with the parameters' library.
+    nonfinite : {"propagate", "skip", "raise"}, optional
+        Policy for NaN/inf gradients (see :class:`~optim_core.Optimizer`)."""
+
+
+def _doc(cls: type) -> type:
+    cls.__doc__ = cls.__doc__.replace("    {common}", _COMMON.strip("\n"))
+    return cls
+
+
+@_doc
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, with optional (Nesterov) momentum.
+
+    .. math::
+
+        g_t &= \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        b_t &= \begin{cases} g_t & t = 1 \\ \mu b_{t-1} + (1-\tau) g_t & t > 1\end{cases} \\
+        \theta_t &= \theta_{t-1} - \gamma\,(g_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Without momentum, :math:`\theta_t = \theta_{t-1} - \gamma g_t`. Same as
+    ``torch.optim.SGD``. Nesterov momentum: Sutskever et al., "On the importance
+    of initialization and momentum in deep learning", ICML 2013.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-3
+        Learning rate :math:`\gamma`.
+    momentum : float, default 0
+        Momentum factor :math:`\mu`.
+    dampening : float, default 0
+        Dampening :math:`\tau` of the momentum.
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda` added to the gradient.
+    nesterov : bool, default False
+        Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
+    maximize : bool, default False
+        Ascend instead of descend.
+    {common}
+
+    Notes
+    -----
+    The article's mini-batch SGD (section 4.3) divides each batch's gradient by
+    ``batch_size`` even for a last, shorter batch, and with ``batch_size=10`` on
+    its 4 samples every step uses 4 samples scaled by 1/10. Here the gradient is
+    whatever the caller passes; :func:`optim_core.fit` averages over the actual batch.
+    """
+
+    rule = rules.sgd
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize), **options)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
+
+    def active_states(self, group: Mapping[str, Any]) -> set[str]:
+        return {"momentum_buffer"} if group["momentum"] != 0 else set()
+
+
+@_doc
+class GD(Optimizer):
+    r"""Gradient descent, the article's section 3.1: :math:`\theta_t = \theta_{t-1} - \gamma g_t`.
+
+    "Full batch" is a property of the gradient the caller passes (the whole data
+    set's), not of the update, which is :class:`SGD` without momentum; both run the
+    same rule.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 0.01
+        Learning rate :math:`\gamma` (the article's ``learning_rate = 0.01``).
+    {common}
+    """
+
+    rule = rules.sgd
+
+    def __init__(self, params: Any, lr: float = 0.01, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr), **options)
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        return dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                    maximize=False, first_step=False)
+
+
+@_doc
+class DGD(Optimizer):
+    r"""The founding article's "dynamic gradient descent" (sections 3.3 and 4.4).
+
+    .. math::
+
+        v_t &= v_{t-1} + g_t \\
+        \theta_t &= \theta_{t-1} - \alpha_t v_t, \qquad \alpha_t = \gamma\,d^{\,t-1}
+
+    exactly as the article's code does it: the velocity sums every gradient with
+    no decay, and the step size is multiplied by ``decay`` after every step. Since
+    :math:`\sum_t \alpha_t = \gamma / (1-d)`, the total distance it can travel is
+    bounded (0.1 for the article's ``lr=0.01, decay=0.9``), so it stalls unless
+    ``decay`` is close to 1. It is not a published algorithm; compare :class:`SGD`
+    with momentum, which decays the velocity instead of the step.
+
+    The decay is kept as a running product :math:`d^{t-1}` multiplied by the
+    group's current ``lr``, so a schedule that changes ``lr`` still applies.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 0.01
+        Initial step size :math:`\gamma` (the article's ``learning_rate``).
+    decay : float, default 0.9
+        Factor :math:`d` applied to the step size after every step (``alpha_decay``).
+    {common}
+    """
+
+    rule = rules.dgd
+
+    def __init__(self, params: Any, lr: float = 0.01, decay: float = 0.9,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, decay=decay), **options)
+
+    def _initial_group_state(self) -> dict[str, Any]:
+        return {"step": 0, "decay_product": 1.0}
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        alpha = group["lr"] * group_state["decay_product"]
+        group_state["decay_product"] *= group["decay"]
+        return {"alpha": alpha}
+
+
+@_doc
+class Adagrad(Optimizer):
+    r"""Adagrad (Duchi, Hazan & Singer, "Adaptive Subgradient Methods", JMLR 2011).
+
+    .. math::
+
+        g_t &= \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        \tilde\gamma_t &= \gamma / (1 + (t-1)\eta) \\
+        s_t &= s_{t-1} + g_t^2 \\
+        \theta_t &= \theta_{t-1} - \tilde\gamma_t\, g_t / (\sqrt{s_t} + \epsilon)
+
+    Same as ``torch.optim.Adagrad``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 0.01
+    lr_decay : float, default 0
+        :math:`\eta`.
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda`.
+    initial_accumulator_value : float, default 0
+        Initial value of :math:`s`.
+    eps : float, default 1e-10
+    maximize : bool, default False
+    {common}
+
+    Notes
+    -----
+    The article's "adagrad" (section 4.5) also multiplies its step size by
+    ``alpha_decay = 0.9`` after every step, on top of Adagrad's own decay of the
+    effective step, and uses ``eps = 1e-6``; with decay 0.9 it stops moving after
+    a few dozen steps. Use ``lr_decay`` or a schedule for a decaying step.
+    """
+
+    rule = rules.adagrad
+    initial_state = {"sum": "initial_accumulator_value"}
+
+    def __init__(self, params: Any, lr: float = 0.01, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0,
+                 eps: float = 1e-10, *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize), **options)
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        return {"clr": group["lr"] / (1 + (group_state["step"] - 1) * group["lr_decay"])}
+
+
+@_doc
+class RMSprop(Optimizer):
+    r"""RMSprop (Hinton, Coursera lecture 6e, 2012; centered form: Graves, arXiv:1308.0850).
+
+    .. math::
+
+        v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2 \\
+        \bar g_t &= \alpha \bar g_{t-1} + (1-\alpha) g_t \quad\text{(centered)} \\
+        d_t &= \sqrt{v_t - \bar g_t^2} + \epsilon \quad\text{(centered) or}\quad \sqrt{v_t}+\epsilon\\
+        b_t &= \mu b_{t-1} + g_t / d_t, \qquad \theta_t = \theta_{t-1} - \gamma b_t
+        \quad(\text{or } \theta_{t-1} - \gamma g_t/d_t \text{ if } \mu = 0)
+
+    with :math:`g_t` including the L2 term :math:`\lambda\theta_{t-1}`. Same as
+    ``torch.optim.RMSprop``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 0.01
+    alpha : float, default 0.99
+        Smoothing constant.
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    momentum : float, default 0
+    centered : bool, default False
+    maximize : bool, default False
+    {common}
+    """
+
+    rule = rules.rmsprop
+
+    def __init__(self, params: Any, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, *,
+                 maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered,
+                                      maximize=maximize), **options)
+
+    def active_states(self, group: Mapping[str, Any]) -> set[str]:
+        return ({"grad_avg"} if group["centered"] else set()) | (
+            {"momentum_buffer"} if group["momentum"] > 0 else set())
+
+
+@_doc
+class Adadelta(Optimizer):
+    r"""Adadelta (Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701).
+
+    .. math::
+
+        v_t &= \rho v_{t-1} + (1-\rho) g_t^2 \\
+        \Delta_t &= \sqrt{u_{t-1} + \epsilon}\,/\,\sqrt{v_t + \epsilon}\; g_t \\
+        u_t &= \rho u_{t-1} + (1-\rho)\Delta_t^2 \\
+        \theta_t &= \theta_{t-1} - \gamma \Delta_t
+
+    Same as ``torch.optim.Adadelta``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1.0
+    rho : float, default 0.9
+    eps : float, default 1e-6
+    weight_decay : float, default 0
+    maximize : bool, default False
+    {common}
+    """
+
+    rule = rules.adadelta
+
+    def __init__(self, params: Any, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0, *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize), **options)
+
+
+def _adam_scalars(group: Mapping[str, Any], step: int) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return {"step_size": group["lr"] / (1 - beta1**step),
+            "bias_correction2_sqrt": (1 - beta2**step) ** 0.5}
+
+
+@_doc
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015).
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ (amsgrad) or } v_t \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\;
+                    \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    :math:`g_t` includes the L2 term :math:`\lambda\theta_{t-1}`, or with
+    ``decoupled_weight_decay`` the parameter is first scaled by
+    :math:`1-\gamma\lambda` (that is :class:`AdamW`). AMSGrad: Reddi, Kale & Kumar,
+    "On the Convergence of Adam and Beyond", ICLR 2018. Same as ``torch.optim.Adam``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    amsgrad : bool, default False
+    maximize : bool, default False
+    decoupled_weight_decay : bool, default False
+    {common}
+
+    Notes
+    -----
+    The article's "adam" (section 4.6) keeps no first moment (its ``v`` is summed
+    and never used), sums squared gradients without decay (that is Adagrad),
+    applies no bias correction, and multiplies its step size by 0.9 every step.
+    """
+
+    rule = rules.adam
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = False,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay), **options)
+
+    def active_states(self, group: Mapping[str, Any]) -> set[str]:
+        return {"max_exp_avg_sq"} if group["amsgrad"] else set()
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        return _adam_scalars(group, group_state["step"])
+
+
+@_doc
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019).
+
+    :class:`Adam` with ``decoupled_weight_decay=True``: each step first scales the
+    parameter by :math:`1 - \gamma\lambda`, then applies Adam's update without an
+    L2 term. Same as ``torch.optim.AdamW``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 1e-2
+    amsgrad : bool, default False
+    maximize : bool, default False
+    {common}
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, **options)
+
+
+@_doc
+class Adamax(Optimizer):
+    r"""Adamax, Adam with the infinity norm (Kingma & Ba 2015, section 7.1).
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        u_t &= \max(\beta_2 u_{t-1}, |g_t| + \epsilon) \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+
+    Same as ``torch.optim.Adamax``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 2e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    maximize : bool, default False
+    {common}
+    """
+
+    rule = rules.adamax
+
+    def __init__(self, params: Any, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, *, maximize: bool = False,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, maximize=maximize), **options)
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        return {"clr": group["lr"] / (1 - group["betas"][0] ** group_state["step"])}
+
+
+@_doc
+class NAdam(Optimizer):
+    r"""NAdam, Adam with Nesterov momentum (Dozat, "Incorporating Nesterov Momentum into Adam", 2016).
+
+    .. math::
+
+        \mu_t &= \beta_1\,(1 - \tfrac12\, 0.96^{t\psi}), \qquad \Pi_t = \textstyle\prod_{i\le t}\mu_i \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        d_t &= \sqrt{v_t / (1-\beta_2^t)} + \epsilon \\
+        \theta_t &= \theta_{t-1} - \gamma\frac{1-\mu_t}{1-\Pi_t}\frac{g_t}{d_t}
+                    - \gamma\frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m_t}{d_t}
+
+    with momentum decay :math:`\psi`. Same as ``torch.optim.NAdam``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 2e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    momentum_decay : float, default 4e-3
+    decoupled_weight_decay : bool, default False
+    maximize : bool, default False
+    {common}
+    """
+
+    rule = rules.nadam
+
+    def __init__(self, params: Any, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize), **options)
+
+    def _initial_group_state(self) -> dict[str, Any]:
+        return {"step": 0, "mu_product": 1.0}
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        step, lr, psi = group_state["step"], group["lr"], group["momentum_decay"]
+        beta1, beta2 = group["betas"]
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * psi)))
+        group_state["mu_product"] *= mu
+        mu_product = group_state["mu_product"]
+        return {"bias_correction2": 1 - beta2**step,
+                "grad_step": lr * (1.0 - mu) / (1.0 - mu_product),
+                "exp_avg_step": lr * mu_next / (1.0 - mu_product * mu_next)}
+
+
+@_doc
+class RAdam(Optimizer):
+    r"""RAdam, rectified Adam (Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020).
+
+    .. math::
+
+        \rho_\infty &= 2/(1-\beta_2) - 1, \qquad
+        \rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t) \\
+        \hat m_t &= m_t / (1-\beta_1^t) \\
+        \theta_t &= \theta_{t-1} - \gamma\,\hat m_t\,
+            \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}\, r_t \quad (\rho_t > 5),
+            \qquad \theta_{t-1} - \gamma\hat m_t \quad\text{otherwise}
+
+    with :math:`r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}`
+    and :math:`m_t, v_t` as in :class:`Adam`. Same as ``torch.optim.RAdam``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    decoupled_weight_decay : bool, default False
+    maximize : bool, default False
+    {common}
+    """
+
+    rule = rules.radam
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, decoupled_weight_decay: bool = False,
+                 *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize), **options)
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        step = group_state["step"]
+        beta1, beta2 = group["betas"]
+        bias_correction2 = 1 - beta2**step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+        rectify = rho_t > 5.0
+        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) if rectify else 1.0
+        return {"bias_correction1": 1 - beta1**step,
+                "bias_correction2_sqrt": bias_correction2**0.5,
+                "rectify": rectify, "rect": rect}
+
+
+@_doc
+class Lion(Optimizer):
+    r"""Lion, evolved sign momentum (Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023).
+
+    .. math::
+
+        c_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        \theta_t &= (1-\gamma\lambda)\,\theta_{t-1} - \gamma\,\mathrm{sign}(c_t) \\
+        m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    As the paper's Program 1 (decoupled weight decay :math:`\lambda`).
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-4
+    betas : (float, float), default (0.9, 0.99)
+    weight_decay : float, default 0
+    maximize : bool, default False
+    {common}
+    """
+
+    rule = rules.lion
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0, *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      maximize=maximize), **options)

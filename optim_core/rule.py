@@ -1,0 +1,166 @@
+"""Update rules: each optimizer's elementwise math, written exactly once.
+
+An update rule is a plain Python function in a deliberately small language, so
+that the same source can be
+
+* called directly on arrays of any array API namespace (the generic path), and
+* translated into compiled kernels (NumPy/numba and CUDA fast paths in
+  :mod:`optim_core.backends`), by walking its syntax tree.
+
+The language
+------------
+``def name(param, grad, state_1, ..., *, scalar_1, ...)``
+
+* Positional arguments are elementwise arrays: the parameter, its gradient, then
+  the optimizer's per-element state buffers, in a fixed order.
+* Keyword-only arguments are scalars (Python floats and bools) computed on the
+  host once per step: hyperparameters and derived values such as bias corrections.
+* The body is a sequence of assignments and ``if``/``else`` blocks. Expressions use
+  ``+ - * /``, unary minus, numeric literals, comparisons of scalars, and the calls
+  in :data:`OPERATIONS`. An ``if`` may test scalars only: every element takes the
+  same branch, so kernels never diverge.
+* The last statement is ``return param, state_1, ...``: the new parameter and new
+  states, in argument order (without ``grad``).
+
+A state listed in ``optional_states`` is only allocated when the optimizer needs it
+(``amsgrad``'s running maximum, a momentum buffer); the rule must touch it only
+inside an ``if`` that is false whenever the state is absent. The generic path then
+passes ``None`` for it and kernels a dummy scalar.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import inspect
+import textwrap
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["OPERATIONS", "UpdateRule", "update_rule", "generic_operations"]
+
+#: The only functions a rule may call. Each backend supplies one implementation of
+#: each; their semantics are those of the array API standard functions of the same
+#: name (NaN propagates through ``maximum``), and ``lerp`` is ``torch.lerp``'s.
+OPERATIONS = ("sqrt", "abs", "maximum", "sign", "lerp")
+
+_ALLOWED_NODES = (
+    ast.Module, ast.FunctionDef, ast.arguments, ast.arg, ast.Expr, ast.Constant,
+    ast.Assign, ast.If, ast.Return, ast.Name, ast.Load, ast.Store, ast.Tuple,
+    ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub, ast.Not,
+    ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq,
+    ast.BoolOp, ast.And, ast.Or, ast.Call,
+)
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer's elementwise update, parsed and checked at import time.
+
+    Attributes
+    ----------
+    function : callable
+        The rule as written; its globals are rebound per backend by :meth:`bind`.
+    states : tuple of str
+        Names of the per-element state buffers, in argument order.
+    optional_states : frozenset of str
+        States that exist only under some hyperparameters.
+    scalars : tuple of str
+        Names of the keyword-only scalar arguments.
+    """
+
+    function: Callable[..., tuple]
+    states: tuple[str, ...]
+    optional_states: frozenset[str]
+    scalars: tuple[str, ...]
+    tree: ast.FunctionDef = field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.function.__name__
+
+    @property
+    def source(self) -> str:
+        """The rule's source text, the single definition every backend starts from."""
+        return ast.unparse(self.tree)
+
+    def bind(self, operations: Mapping[str, Callable]) -> Callable[..., tuple]:
+        """Return the rule with its operations bound to ``operations``.
+
+        The code object is shared, only the globals differ, so every backend runs
+        the very same definition.
+        """
+        missing = set(OPERATIONS) - set(operations)
+        if missing:
+            raise ValueError(f"operations missing: {sorted(missing)}")
+        namespace = {"__builtins__": builtins, **operations}
+        return types.FunctionType(self.function.__code__, namespace, self.name)
+
+    def __call__(self, xp: Any, param: Any, grad: Any, states: Mapping[str, Any],
+                 scalars: Mapping[str, Any]) -> tuple:
+        """Apply the rule to arrays of namespace ``xp`` (the generic path)."""
+        fn = self.bind(generic_operations(xp))
+        return fn(param, grad, *(states.get(name) for name in self.states), **scalars)
+
+
+def update_rule(*, optional_states: tuple[str, ...] = ()) -> Callable[[Callable], UpdateRule]:
+    """Decorator turning a function in the rule language into an :class:`UpdateRule`."""
+
+    def decorate(function: Callable) -> UpdateRule:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+        assert isinstance(tree, ast.FunctionDef)
+        tree.decorator_list = []
+        args = tree.args
+        positional = [a.arg for a in args.args]
+        scalars = tuple(a.arg for a in args.kwonlyargs)
+        if positional[:2] != ["param", "grad"]:
+            raise TypeError(f"rule {function.__name__}: must start with (param, grad, ...)")
+        states = tuple(positional[2:])
+        unknown = set(optional_states) - set(states)
+        if unknown:
+            raise TypeError(f"rule {function.__name__}: unknown optional states {unknown}")
+        _check_language(tree, function.__name__, set(scalars), ("param", *states))
+        return UpdateRule(function, states, frozenset(optional_states), scalars, tree)
+
+    return decorate
+
+
+def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
+                    returned: tuple[str, ...]) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # docstring
+        if not isinstance(node, _ALLOWED_NODES):
+            raise TypeError(f"rule {name}: {type(node).__name__} is not allowed in a rule")
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in OPERATIONS):
+                raise TypeError(f"rule {name}: only {OPERATIONS} may be called")
+        if isinstance(node, ast.If):
+            used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
+            if not used <= scalars:
+                raise TypeError(f"rule {name}: an if may only test scalars, not {used - scalars}")
+        if isinstance(node, ast.Assign) and not (
+            len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+        ):
+            raise TypeError(f"rule {name}: assign to one plain name at a time")
+    last = tree.body[-1]
+    if not (isinstance(last, ast.Return) and isinstance(last.value, ast.Tuple)
+            and tuple(getattr(e, "id", None) for e in last.value.elts) == returned):
+        raise TypeError(f"rule {name}: must end with 'return {', '.join(returned)}'")
+    if any(isinstance(n, ast.Return) for n in ast.walk(tree) if n is not last):
+        raise TypeError(f"rule {name}: only one return, at the end")
+
+
+def generic_operations(xp: Any) -> dict[str, Callable]:
+    """The rule operations on array API namespace ``xp``."""
+
+    def lerp(start: Any, end: Any, weight: float) -> Any:
+        # torch.lerp's two-sided formula: exact at both ends of the interval.
+        if abs(weight) < 0.5:
+            return start + weight * (end - start)
+        return end - (end - start) * (1 - weight)
+
+    return {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "sign": xp.sign,
+            "lerp": lerp}

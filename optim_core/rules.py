@@ -1,0 +1,178 @@
+"""The elementwise update of every optimizer, each defined once.
+
+The language is described in :mod:`optim_core.rule`. Operation order follows
+torch.optim's single-tensor implementations (``addcmul``/``addcdiv`` evaluate
+``value * a * b`` and ``value * a / b`` left to right), so float64 trajectories
+agree with PyTorch to rounding. Host-side scalars (bias corrections, decayed step
+sizes) are computed by each optimizer's ``scalars`` method.
+"""
+
+from __future__ import annotations
+
+from .rule import update_rule
+
+# The names below are bound per backend by UpdateRule.bind; these placeholders only
+# make the module importable and let linters see the names.
+sqrt = abs = maximum = sign = lerp = None  # noqa: A001
+
+
+@update_rule(optional_states=("momentum_buffer",))
+def sgd(param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov,
+        maximize, first_step):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    if momentum != 0:
+        if first_step:
+            momentum_buffer = grad
+        else:
+            momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+        if nesterov:
+            grad = grad + momentum * momentum_buffer
+        else:
+            grad = momentum_buffer
+    param = param - lr * grad
+    return param, momentum_buffer
+
+
+@update_rule()
+def dgd(param, grad, velocity, *, alpha):
+    velocity = velocity + grad
+    param = param - alpha * velocity
+    return param, velocity
+
+
+@update_rule()
+def adagrad(param, grad, sum, *, clr, eps, weight_decay, maximize):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    sum = sum + grad * grad
+    param = param - clr * grad / (sqrt(sum) + eps)
+    return param, sum
+
+
+@update_rule(optional_states=("grad_avg", "momentum_buffer"))
+def rmsprop(param, grad, square_avg, grad_avg, momentum_buffer, *, lr, alpha, eps,
+            weight_decay, momentum, centered, maximize):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+    if centered:
+        grad_avg = lerp(grad_avg, grad, 1 - alpha)
+        avg = sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buffer = momentum * momentum_buffer + grad / avg
+        param = param - lr * momentum_buffer
+    else:
+        param = param - lr * grad / avg
+    return param, square_avg, grad_avg, momentum_buffer
+
+
+@update_rule()
+def adadelta(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay, maximize):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    square_avg = rho * square_avg + (1 - rho) * grad * grad
+    std = sqrt(square_avg + eps)
+    delta = sqrt(acc_delta + eps) / std * grad
+    acc_delta = rho * acc_delta + (1 - rho) * delta * delta
+    param = param - lr * delta
+    return param, square_avg, acc_delta
+
+
+@update_rule(optional_states=("max_exp_avg_sq",))
+def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, eps,
+         weight_decay, decoupled_weight_decay, amsgrad, maximize, step_size,
+         bias_correction2_sqrt):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    if amsgrad:
+        max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+        denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+    else:
+        denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    param = param - step_size * exp_avg / denom
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+@update_rule()
+def adamax(param, grad, exp_avg, exp_inf, *, beta1, beta2, eps, weight_decay, maximize, clr):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_inf = maximum(beta2 * exp_inf, abs(grad) + eps)
+    param = param - clr * exp_avg / exp_inf
+    return param, exp_avg, exp_inf
+
+
+@update_rule()
+def nadam(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay, maximize, bias_correction2, grad_step, exp_avg_step):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    denom = sqrt(exp_avg_sq / bias_correction2) + eps
+    param = param - grad_step * grad / denom
+    param = param - exp_avg_step * exp_avg / denom
+    return param, exp_avg, exp_avg_sq
+
+
+@update_rule()
+def radam(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay, maximize, bias_correction1, bias_correction2_sqrt,
+          rectify, rect):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    corrected_exp_avg = exp_avg / bias_correction1
+    if rectify:
+        adaptive_lr = bias_correction2_sqrt / (sqrt(exp_avg_sq) + eps)
+        param = param - corrected_exp_avg * lr * adaptive_lr * rect
+    else:
+        param = param - corrected_exp_avg * lr
+    return param, exp_avg, exp_avg_sq
+
+
+@update_rule()
+def lion(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize):
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        param = param * (1 - lr * weight_decay)
+    update = sign(beta1 * exp_avg + (1 - beta1) * grad)
+    param = param - lr * update
+    exp_avg = beta2 * exp_avg + (1 - beta2) * grad
+    return param, exp_avg
+
+
+ALL_RULES = (sgd, dgd, adagrad, rmsprop, adadelta, adam, adamax, nadam, radam, lion)
