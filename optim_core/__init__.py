@@ -4,6 +4,7 @@ Every optimizer is written once against the Python array API standard and runs
 on NumPy, CuPy, torch, array_api_strict, JAX and any other compliant library.
 """
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .optimizer import Optimizer
 from .optimizers import (
     DGD,
@@ -36,4 +37,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
 ]
