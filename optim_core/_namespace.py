@@ -126,7 +126,8 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def from_numpy(xp: Any, array: np.ndarray, *, like: Any) -> Any:
     """Put a host NumPy array on ``like``'s namespace and device, with ``like``'s dtype."""
-    out = xp.asarray(np.ascontiguousarray(array), device=device_of(like), copy=True)
+    # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d).
+    out = xp.asarray(np.asarray(array, order="C"), device=device_of(like), copy=True)
     if out.dtype != like.dtype:
         out = xp.astype(out, like.dtype)
     return out
