@@ -4,6 +4,8 @@ Every optimizer is written once against the Python array API standard and runs
 on NumPy, CuPy, torch, array_api_strict, JAX and any other compliant library.
 """
 
+from . import models, regularization, schedules
+from .callbacks import EarlyStopping
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .optimizer import Optimizer
 from .optimizers import (
@@ -20,6 +22,7 @@ from .optimizers import (
     RAdam,
     RMSprop,
 )
+from .training import History, fit
 
 __version__ = "0.1.0"
 
@@ -40,4 +43,10 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",
+    "fit",
+    "History",
+    "EarlyStopping",
+    "models",
+    "schedules",
+    "regularization",
 ]

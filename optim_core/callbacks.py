@@ -1,0 +1,178 @@
+"""Callbacks for :func:`optim_core.fit`.
+
+A callback is any object with some of these methods; ``fit`` calls those it has:
+
+``on_train_begin(model, history)``
+    before the first epoch;
+``on_epoch_end(epoch, logs, model) -> bool | None``
+    after each epoch (``epoch`` counts from 1; ``logs`` is the epoch's entry of
+    :attr:`History.epochs <optim_core.History.epochs>`); returning True stops
+    training after this epoch;
+``on_train_end(model, history)``
+    after the last epoch, stopped early or not.
+
+:class:`EarlyStopping` is the one shipped here;
+:class:`~optim_core.schedules.ReduceOnPlateau` is a schedule that is also a callback.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import _namespace as ns
+from .regularization import _store
+
+__all__ = ["Callback", "EarlyStopping"]
+
+
+class Callback:
+    """Optional base class: every hook does nothing."""
+
+    def on_train_begin(self, model: Any, history: Any) -> None:
+        return None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any], model: Any) -> bool | None:
+        return None
+
+    def on_train_end(self, model: Any, history: Any) -> None:
+        return None
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs; restore the best weights.
+
+    Parameters
+    ----------
+    monitor : str
+        A key of the epoch logs: "val_loss" (the default; ``fit`` then needs
+        ``validation_data``), "val_metric", "train_loss" or "train_metric".
+    patience : int >= 1
+        Epochs without improvement before stopping.
+    min_delta : float >= 0
+        An improvement must beat the best value by more than this.
+    restore_best : bool
+        At the end of training, put back the parameters of the best epoch
+        (written into the model's arrays in place, so an optimizer built on them
+        stays attached). Keras calls it ``restore_best_weights``.
+    mode : {"auto", "min", "max"}
+        "auto" minimizes losses and maximizes metrics.
+
+    Attributes
+    ----------
+    best : float or None
+        The best monitored value so far.
+    best_epoch : int or None
+        Its epoch (from 1).
+    stopped_epoch : int or None
+        The epoch after which training stopped, if it did.
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
+                 restore_best: bool = True, *, mode: str = "auto") -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a string, got {monitor!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive integer, got {patience!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) \
+                or not math.isfinite(min_delta) or min_delta < 0:
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        if not isinstance(restore_best, bool):
+            raise TypeError(f"restore_best must be a bool, got {restore_best!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.restore_best = restore_best
+        self.mode = ("min" if "loss" in monitor else "max") if mode == "auto" else mode
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.stopped_epoch: int | None = None
+        self.wait = 0
+        self._best_params: dict[str, Any] | None = None
+        self._last_epoch: int | None = None
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_train_begin(self, model: Any, history: Any) -> None:
+        self._reset()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any], model: Any) -> bool:
+        value = logs.get(self.monitor)
+        if value is None:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this run does "
+                             "not log (pass validation_data to fit to monitor val_*)")
+        self._last_epoch = epoch
+        if self._improved(float(value)):
+            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+            if self.restore_best:
+                self._best_params = _copy_params(model.params)
+            return False
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def on_train_end(self, model: Any, history: Any) -> None:
+        if self.restore_best and self._best_params is not None \
+                and self.best_epoch != self._last_epoch:
+            params = dict(model.params)
+            for name, saved in self._best_params.items():
+                params[name] = _store(params[name], saved)
+            model.params = params
+        if history is not None and self.best_epoch is not None:
+            history.best_epoch = self.best_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, best value and (as host NumPy arrays) the best parameters, for checkpoints."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch, "last_epoch": self._last_epoch,
+                "best_params": None if self._best_params is None else
+                {name: ns.to_numpy(p) for name, p in self._best_params.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        """Restore :meth:`state_dict`'s output onto ``model``'s namespace and device."""
+        best_params = state.get("best_params")
+        if best_params is not None:
+            params = model.params
+            if params is None or set(best_params) != set(params):
+                raise ValueError("EarlyStopping state holds parameters the model does not have")
+            for name, value in best_params.items():
+                if tuple(value.shape) != tuple(params[name].shape):
+                    raise ValueError(f"EarlyStopping state: parameter {name!r} has shape "
+                                     f"{tuple(value.shape)}, the model's "
+                                     f"{tuple(params[name].shape)}")
+            xp = ns.namespace_of(next(iter(params.values())))
+            best_params = {name: ns.from_numpy(xp, value, like=params[name])
+                           for name, value in best_params.items()}
+        self.best = state["best"]
+        self.best_epoch = state["best_epoch"]
+        self.wait = int(state["wait"])
+        self.stopped_epoch = state["stopped_epoch"]
+        self._last_epoch = state["last_epoch"]
+        self._best_params = best_params
+
+    def __repr__(self) -> str:
+        return (f"EarlyStopping(monitor={self.monitor!r}, patience={self.patience}, "
+                f"min_delta={self.min_delta}, restore_best={self.restore_best})")
+
+
+def _copy_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Copies on the parameters' own device (no host round trip)."""
+    out = {}
+    for name, p in params.items():
+        xp = ns.namespace_of(p)
+        out[name] = xp.asarray(p, copy=True)
+    return out

@@ -1,0 +1,596 @@
+r"""Small models with analytic gradients, on any array API namespace.
+
+Each model keeps its parameters in :attr:`Model.params`, a dict of name -> array
+in one namespace and on one device, and computes its loss and exact gradients
+with standard array API functions only, so the same code runs on NumPy, CuPy,
+torch, array_api_strict and any compliant library. Parameters are created on the
+training data's namespace, device and floating dtype (:meth:`Model.init_params`,
+called by :func:`optim_core.fit` at the first fit), or assigned explicitly.
+
+Losses (all averaged over the samples, computed stably):
+
+* regression: mean squared error :math:`\frac1n\sum_i (f(x_i) - y_i)^2`;
+* binary classification: cross-entropy on the logit :math:`z`,
+  :math:`\frac1n\sum_i \log(1+e^{z_i}) - y_i z_i`, written as
+  :math:`\max(z,0) + \log(1+e^{-|z|}) - yz` so it never overflows;
+* multiclass: softmax cross-entropy
+  :math:`\frac1n\sum_i \mathrm{logsumexp}(z_i) - z_{i,y_i}`, with the
+  log-sum-exp shifted by the row maximum.
+
+Labels of classifiers are integers ``0 .. n_classes - 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _namespace as ns
+from .regularization import dropout_key, dropout_mask
+
+__all__ = ["Model", "LinearRegression", "LogisticRegression", "SoftmaxRegression", "MLP",
+           "ACTIVATIONS"]
+
+#: Hidden-layer activations of :class:`MLP`.
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Model:
+    """Base class: parameters, validation, and the public loss/predict/score API.
+
+    Subclasses define :meth:`param_shapes`, :meth:`_initial_values` (host
+    arrays), :meth:`_outputs` (raw outputs: predictions or logits) and
+    :meth:`_loss_grad`.
+
+    Attributes
+    ----------
+    params : dict of str -> array, or None
+        The parameters; None until :meth:`init_params` (or :func:`~optim_core.fit`)
+        creates them, or until they are assigned.
+    task : {"regression", "classification"}
+    metric_name : {"r2", "accuracy"}
+        What :meth:`score` returns.
+    regularized : tuple of str
+        Parameters that penalties and weight decay apply to (weights, not biases).
+    """
+
+    task: str
+    metric_name: str
+
+    def __init__(self) -> None:
+        self._params: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ parameters
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The name and shape of every parameter, in order."""
+        raise NotImplementedError
+
+    @property
+    def regularized(self) -> tuple[str, ...]:
+        return tuple(name for name in self.param_shapes() if name.startswith("W"))
+
+    @property
+    def n_features(self) -> int:
+        return self._n_features
+
+    @property
+    def params(self) -> dict[str, Any] | None:
+        return self._params
+
+    @params.setter
+    def params(self, params: Mapping[str, Any] | None) -> None:
+        if params is None:
+            self._params = None
+            return
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of name -> array, got {type(params).__name__}")
+        expected = self.param_shapes()
+        if set(params) != set(expected):
+            raise ValueError(f"params must have exactly the keys {list(expected)}, "
+                             f"got {list(params)}")
+        arrays = [params[name] for name in expected]
+        xp = ns.common_namespace(arrays, list(expected))
+        dtype = arrays[0].dtype
+        for name, array in zip(expected, arrays, strict=True):
+            if tuple(array.shape) != expected[name]:
+                raise ValueError(f"parameter {name!r} has shape {tuple(array.shape)}, "
+                                 f"expected {expected[name]}")
+            if not ns.is_floating(xp, array):
+                raise TypeError(f"parameter {name!r} has dtype {array.dtype}; "
+                                "parameters must be floating point")
+            if array.dtype != dtype:
+                raise TypeError(f"parameter {name!r} has dtype {array.dtype}, the others "
+                                f"{dtype}; all parameters must share one dtype")
+        self._params = {name: params[name] for name in expected}
+
+    def init_params(self, like: Any, seed: int | None = None, *, dtype: Any = None) -> dict:
+        """Create the parameters on ``like``'s namespace and device.
+
+        Parameters
+        ----------
+        like : array
+            Typically the training inputs ``X``; the parameters take its namespace
+            and device, and its dtype when it is floating point (else the
+            namespace's default floating dtype).
+        seed : int, optional
+            Seed of the NumPy generator drawing the initial values (on the host,
+            once, then moved to the device).
+        dtype : dtype, optional
+            Overrides the dtype.
+
+        Returns
+        -------
+        dict
+            The new :attr:`params`.
+        """
+        xp = ns.namespace_of(like)
+        device = ns.device_of(like)
+        if dtype is None:
+            dtype = like.dtype if ns.is_floating(xp, like) else \
+                xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+        values = self._initial_values(np.random.default_rng(seed))
+        self.params = {name: xp.asarray(np.asarray(value, order="C"), dtype=dtype, device=device)
+                       for name, value in values.items()}
+        return self.params
+
+    def _initial_values(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {name: np.zeros(shape) for name, shape in self.param_shapes().items()}
+
+    # ------------------------------------------------------------------ public API
+    def loss(self, X: Any, y: Any) -> float:
+        """The loss on ``(X, y)`` (no dropout), as a Python float."""
+        xp, X, y = self._prepare(X, y)
+        return float(self._loss_grad(xp, self._params, X, y, training=False, key=None,
+                                     need_grad=False)[0])
+
+    def loss_and_grad(self, X: Any, y: Any, training: bool = True,
+                      rng: Any = None) -> tuple[float, dict[str, Any]]:
+        """The loss and its exact gradient with respect to every parameter.
+
+        Parameters
+        ----------
+        X, y : arrays
+            A batch, in the parameters' namespace and on their device.
+        training : bool
+            Dropout is active only when True.
+        rng : int or numpy.random.Generator, optional
+            Source of the dropout masks: an integer key (masks are a pure function
+            of it), or a generator from which one key is drawn. Without it, a
+            model with dropout draws a fresh key from the operating system.
+
+        Returns
+        -------
+        (float, dict)
+            The loss, and the gradients keyed like :attr:`params` (same namespace,
+            device and dtype).
+        """
+        loss, grads = self._loss_and_grad_array(X, y, training=training, rng=rng)
+        return float(loss), grads
+
+    def _loss_and_grad_array(self, X: Any, y: Any, *, training: bool = True,
+                             rng: Any = None) -> tuple[Any, dict[str, Any]]:
+        """As :meth:`loss_and_grad`, with the loss left as a 0-d array (no host sync)."""
+        xp, X, y = self._prepare(X, y)
+        return self._loss_grad(xp, self._params, X, y, training=training,
+                               key=_dropout_key(rng) if training else None, need_grad=True)
+
+    def predict(self, X: Any) -> Any:
+        """Predictions: values for regression, integer labels for classification."""
+        xp, X, _ = self._prepare(X, None)
+        return self._predict(xp, self._outputs(xp, self._params, X))
+
+    def score(self, X: Any, y: Any) -> float:
+        """Accuracy for classifiers, :math:`R^2` for regression, as a Python float."""
+        xp, X, y = self._prepare(X, y)
+        predictions = self._predict(xp, self._outputs(xp, self._params, X))
+        if self.task == "classification":
+            return float(xp.mean(xp.astype(predictions == y, X.dtype)))
+        residual = xp.sum((y - predictions) ** 2)
+        total = xp.sum((y - xp.mean(y, axis=0)) ** 2)
+        return float(1.0 - residual / total)
+
+    def __repr__(self) -> str:
+        state = "uninitialized" if self._params is None else \
+            f"{ns.namespace_of(self._params[next(iter(self._params))]).__name__}"
+        return f"{type(self).__name__}({self._describe()}, params={state})"
+
+    # ------------------------------------------------------------------ internals
+    def _describe(self) -> str:
+        return f"n_features={self.n_features}"
+
+    def _predict(self, xp: Any, outputs: Any) -> Any:
+        return outputs
+
+    def _outputs(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
+        raise NotImplementedError
+
+    def _loss_grad(self, xp: Any, params: Mapping[str, Any], X: Any, y: Any, *,
+                   training: bool, key: int | None, need_grad: bool) -> tuple[Any, dict | None]:
+        raise NotImplementedError
+
+    def _prepare(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
+        """Check the inputs against the parameters; cast X (and regression y) to their dtype."""
+        if self._params is None:
+            raise RuntimeError(f"{type(self).__name__} has no parameters yet: call "
+                               "init_params(X) or optim_core.fit first")
+        first = next(iter(self._params.values()))
+        xp = ns.namespace_of(first)
+        named = [first, X] + ([] if y is None else [y])
+        ns.common_namespace(named, ["the parameters", "X", "y"][:len(named)], what="array")
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"X must have shape (n_samples, {self.n_features}), "
+                             f"got {tuple(X.shape)}")
+        if X.dtype != first.dtype:
+            X = xp.astype(X, first.dtype)
+        if y is not None:
+            if y.shape[0] != X.shape[0]:
+                raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
+            y = self._prepare_targets(xp, y, first.dtype)
+        return xp, X, y
+
+    def _prepare_targets(self, xp: Any, y: Any, dtype: Any) -> Any:
+        if y.ndim != 1:
+            raise ValueError(f"y must have shape (n_samples,), got {tuple(y.shape)}")
+        return y if y.dtype == dtype else xp.astype(y, dtype)
+
+
+def _dropout_key(rng: Any) -> int:
+    if rng is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(0, 2**63))
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return int(rng)
+    raise TypeError(f"rng must be an int key or a numpy.random.Generator, got {type(rng).__name__}")
+
+
+# ---------------------------------------------------------------------------- loss heads
+def _mse(xp: Any, outputs: Any, y: Any, need_grad: bool) -> tuple[Any, Any]:
+    residual = outputs - y
+    loss = xp.mean(residual * residual)
+    size = 1
+    for extent in residual.shape:
+        size *= extent
+    return loss, (residual * (2.0 / size) if need_grad else None)
+
+
+def _sigmoid(xp: Any, z: Any) -> Any:
+    # exp(-|z|) never overflows; the two branches are the same function.
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _binary_cross_entropy(xp: Any, z: Any, y: Any, need_grad: bool) -> tuple[Any, Any]:
+    loss = xp.mean(xp.clip(z, 0.0, None) - y * z + xp.log1p(xp.exp(-xp.abs(z))))
+    return loss, ((_sigmoid(xp, z) - y) / z.shape[0] if need_grad else None)
+
+
+def _log_softmax(xp: Any, Z: Any) -> Any:
+    shifted = Z - xp.max(Z, axis=1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+
+
+def _one_hot(xp: Any, labels: Any, n_classes: int, dtype: Any) -> Any:
+    classes = xp.arange(n_classes, dtype=labels.dtype, device=ns.device_of(labels))
+    return xp.astype(xp.reshape(labels, (-1, 1)) == xp.reshape(classes, (1, -1)), dtype)
+
+
+def _softmax_cross_entropy(xp: Any, Z: Any, labels: Any, need_grad: bool) -> tuple[Any, Any]:
+    log_p = _log_softmax(xp, Z)
+    onehot = _one_hot(xp, labels, Z.shape[1], Z.dtype)
+    loss = -xp.sum(log_p * onehot) / Z.shape[0]
+    return loss, ((xp.exp(log_p) - onehot) / Z.shape[0] if need_grad else None)
+
+
+def _class_labels(xp: Any, y: Any, n_classes: int) -> Any:
+    if y.ndim != 1:
+        raise ValueError(f"y must be a vector of class labels, got shape {tuple(y.shape)}")
+    if ns.is_floating(xp, y):
+        y = xp.astype(y, xp.int64)
+    elif not xp.isdtype(y.dtype, "integral"):
+        raise TypeError(f"class labels must be integers 0..{n_classes - 1}, got dtype {y.dtype}")
+    return y
+
+
+# ---------------------------------------------------------------------------- models
+class LinearRegression(Model):
+    r"""Linear least squares :math:`f(x) = x^\top W + b`, trained on the mean squared error.
+
+    Parameters ``W`` of shape ``(n_features,)`` and ``b`` of shape ``()``, both
+    zero initially (the loss is convex).
+
+    Parameters
+    ----------
+    n_features : int
+    """
+
+    task = "regression"
+    metric_name = "r2"
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self._n_features = _check_positive_int("n_features", n_features)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"W": (self.n_features,), "b": ()}
+
+    def _outputs(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
+        return X @ params["W"] + params["b"]
+
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
+        loss, d_out = _mse(xp, self._outputs(xp, params, X), y, need_grad)
+        if not need_grad:
+            return loss, None
+        return loss, {"W": d_out @ X, "b": xp.sum(d_out)}
+
+
+class LogisticRegression(Model):
+    r"""Binary logistic regression: :math:`P(y=1\mid x) = \sigma(x^\top W + b)`.
+
+    Trained on the binary cross-entropy of the logit (stable form, see the module).
+    ``W`` has shape ``(n_features,)``, ``b`` shape ``()``; both start at zero.
+    :meth:`predict_proba` returns ``(n_samples, 2)`` probabilities of classes 0
+    and 1, as scikit-learn does.
+
+    Parameters
+    ----------
+    n_features : int
+    """
+
+    task = "classification"
+    metric_name = "accuracy"
+    n_classes = 2
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self._n_features = _check_positive_int("n_features", n_features)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"W": (self.n_features,), "b": ()}
+
+    def _prepare_targets(self, xp, y, dtype):
+        return _class_labels(xp, y, 2)
+
+    def _outputs(self, xp, params, X):
+        return X @ params["W"] + params["b"]
+
+    def _predict(self, xp, outputs):
+        return xp.astype(outputs > 0, xp.int64)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Probabilities of classes 0 and 1, shape ``(n_samples, 2)``."""
+        xp, X, _ = self._prepare(X, None)
+        p1 = _sigmoid(xp, self._outputs(xp, self._params, X))
+        return xp.stack([1.0 - p1, p1], axis=1)
+
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
+        z = self._outputs(xp, params, X)
+        loss, dz = _binary_cross_entropy(xp, z, xp.astype(y, z.dtype), need_grad)
+        if not need_grad:
+            return loss, None
+        return loss, {"W": dz @ X, "b": xp.sum(dz)}
+
+
+class SoftmaxRegression(Model):
+    r"""Multinomial logistic regression: :math:`P(y=k\mid x) = \mathrm{softmax}(x^\top W + b)_k`.
+
+    Trained on the softmax cross-entropy (log-sum-exp form). ``W`` has shape
+    ``(n_features, n_classes)``, ``b`` shape ``(n_classes,)``; both start at zero.
+
+    Parameters
+    ----------
+    n_features : int
+    n_classes : int
+        At least 2; labels are ``0 .. n_classes - 1``.
+    """
+
+    task = "classification"
+    metric_name = "accuracy"
+
+    def __init__(self, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self._n_features = _check_positive_int("n_features", n_features)
+        self.n_classes = _check_positive_int("n_classes", n_classes)
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+
+    def _describe(self) -> str:
+        return f"n_features={self.n_features}, n_classes={self.n_classes}"
+
+    def param_shapes(self):
+        return {"W": (self.n_features, self.n_classes), "b": (self.n_classes,)}
+
+    def _prepare_targets(self, xp, y, dtype):
+        return _class_labels(xp, y, self.n_classes)
+
+    def _outputs(self, xp, params, X):
+        return X @ params["W"] + params["b"]
+
+    def _predict(self, xp, outputs):
+        return xp.argmax(outputs, axis=1)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities, shape ``(n_samples, n_classes)``."""
+        xp, X, _ = self._prepare(X, None)
+        return xp.exp(_log_softmax(xp, self._outputs(xp, self._params, X)))
+
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
+        loss, dZ = _softmax_cross_entropy(xp, self._outputs(xp, params, X), y, need_grad)
+        if not need_grad:
+            return loss, None
+        return loss, {"W": X.T @ dZ, "b": xp.sum(dZ, axis=0)}
+
+
+class MLP(Model):
+    r"""A multilayer perceptron with dense layers and (inverted) dropout.
+
+    Layer ``i`` computes :math:`h_{i+1} = \phi(h_i W_i + b_i)` with ``W{i}`` of
+    shape ``(layer_sizes[i], layer_sizes[i+1])``; the last layer is linear and
+    feeds the loss: softmax cross-entropy over ``layer_sizes[-1]`` classes for
+    classification, mean squared error for regression (outputs of shape
+    ``(n,)`` when ``layer_sizes[-1] == 1``, else ``(n, k)``).
+
+    Weights are drawn once on the host: He normal (He et al., ICCV 2015) for
+    ReLU, Glorot uniform (Glorot & Bengio, AISTATS 2010) for tanh and sigmoid;
+    biases start at zero.
+
+    Dropout (Srivastava et al., JMLR 2014) zeroes each hidden unit with
+    probability ``dropout`` during training and scales the kept ones by
+    :math:`1/(1-p)`, so nothing changes at prediction time. Masks are drawn on the
+    device (:func:`optim_core.regularization.dropout_mask`).
+
+    Parameters
+    ----------
+    layer_sizes : sequence of int
+        Input size, hidden sizes, output size; e.g. ``(64, 128, 10)``.
+    activation : {"relu", "tanh", "sigmoid"}
+    dropout : float in [0, 1)
+        Rate on every hidden layer's output.
+    task : {"classification", "regression"}
+    """
+
+    def __init__(self, layer_sizes: Sequence[int], activation: str = "relu",
+                 dropout: float = 0.0, *, task: str = "classification") -> None:
+        super().__init__()
+        if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Sequence) \
+                or len(layer_sizes) < 2:
+            raise ValueError(f"layer_sizes must list at least an input and an output size, "
+                             f"got {layer_sizes!r}")
+        self.layer_sizes = tuple(_check_positive_int(f"layer_sizes[{i}]", s)
+                                 for i, s in enumerate(layer_sizes))
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+        if task == "classification" and self.layer_sizes[-1] < 2:
+            raise ValueError("a classification MLP needs at least 2 outputs (one per class)")
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.task = task
+        self.metric_name = "accuracy" if task == "classification" else "r2"
+        self._n_features = self.layer_sizes[0]
+
+    @property
+    def n_classes(self) -> int:
+        if self.task != "classification":
+            raise AttributeError("a regression MLP has no classes")
+        return self.layer_sizes[-1]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_sizes) - 1
+
+    def _describe(self) -> str:
+        return (f"layer_sizes={self.layer_sizes}, activation={self.activation!r}, "
+                f"dropout={self.dropout}, task={self.task!r}")
+
+    def param_shapes(self):
+        shapes = {}
+        sizes = self.layer_sizes
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            shapes[f"W{i}"] = (fan_in, fan_out)
+            shapes[f"b{i}"] = (fan_out,)
+        return shapes
+
+    def _initial_values(self, rng):
+        values = {}
+        for name, shape in self.param_shapes().items():
+            if name.startswith("b"):
+                values[name] = np.zeros(shape)
+            elif self.activation == "relu":
+                values[name] = rng.normal(0.0, math.sqrt(2.0 / shape[0]), size=shape)
+            else:
+                limit = math.sqrt(6.0 / (shape[0] + shape[1]))
+                values[name] = rng.uniform(-limit, limit, size=shape)
+        return values
+
+    def _prepare_targets(self, xp, y, dtype):
+        if self.task == "classification":
+            return _class_labels(xp, y, self.n_classes)
+        expected = 1 if self.layer_sizes[-1] == 1 else 2
+        if y.ndim != expected or (expected == 2 and y.shape[1] != self.layer_sizes[-1]):
+            want = "(n_samples,)" if expected == 1 else f"(n_samples, {self.layer_sizes[-1]})"
+            raise ValueError(f"y must have shape {want}, got {tuple(y.shape)}")
+        return y if y.dtype == dtype else xp.astype(y, dtype)
+
+    def _activate(self, xp, z):
+        if self.activation == "relu":
+            return xp.clip(z, 0.0, None)
+        if self.activation == "tanh":
+            return xp.tanh(z)
+        return _sigmoid(xp, z)
+
+    def _activation_grad(self, xp, z, a, upstream):
+        if self.activation == "relu":
+            return xp.where(z > 0, upstream, xp.zeros_like(upstream))
+        if self.activation == "tanh":
+            return upstream * (1.0 - a * a)
+        return upstream * a * (1.0 - a)
+
+    def _forward(self, xp, params, X, *, key):
+        """Outputs, plus per hidden layer (pre-activation, activation, keep-mask)."""
+        h, cache = X, []
+        for i in range(self.n_layers):
+            z = h @ params[f"W{i}"] + params[f"b{i}"]
+            if i == self.n_layers - 1:
+                return z, cache
+            a = self._activate(xp, z)
+            mask = None
+            if key is not None and self.dropout > 0:
+                mask = dropout_mask(xp, tuple(a.shape), self.dropout, dropout_key(key, i),
+                                    device=ns.device_of(a))
+                h = xp.where(mask, a * (1.0 / (1.0 - self.dropout)), xp.zeros_like(a))
+            else:
+                h = a
+            cache.append((z, a, mask, h))
+        raise AssertionError("unreachable")
+
+    def _outputs(self, xp, params, X):
+        out, _ = self._forward(xp, params, X, key=None)
+        return out[:, 0] if self.task == "regression" and self.layer_sizes[-1] == 1 else out
+
+    def _predict(self, xp, outputs):
+        return xp.argmax(outputs, axis=1) if self.task == "classification" else outputs
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities, shape ``(n_samples, n_classes)``."""
+        if self.task != "classification":
+            raise AttributeError("predict_proba is for classification MLPs")
+        xp, X, _ = self._prepare(X, None)
+        return xp.exp(_log_softmax(xp, self._outputs(xp, self._params, X)))
+
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
+        out, cache = self._forward(xp, params, X, key=key if training else None)
+        if self.task == "classification":
+            loss, d_out = _softmax_cross_entropy(xp, out, y, need_grad)
+        else:
+            squeeze = self.layer_sizes[-1] == 1
+            loss, d_out = _mse(xp, out[:, 0] if squeeze else out, y, need_grad)
+            if need_grad and squeeze:
+                d_out = xp.reshape(d_out, (-1, 1))
+        if not need_grad:
+            return loss, None
+        grads = {}
+        for i in reversed(range(self.n_layers)):
+            inputs = X if i == 0 else cache[i - 1][3]
+            grads[f"W{i}"] = inputs.T @ d_out
+            grads[f"b{i}"] = xp.sum(d_out, axis=0)
+            if i > 0:
+                z, a, mask, _ = cache[i - 1]
+                d_h = d_out @ params[f"W{i}"].T
+                if mask is not None:
+                    d_h = xp.where(mask, d_h * (1.0 / (1.0 - self.dropout)), xp.zeros_like(d_h))
+                d_out = self._activation_grad(xp, z, a, d_h)
+        return loss, {name: grads[name] for name in self.param_shapes()}
