@@ -19,6 +19,7 @@ import numpy as np
 __all__ = [
     "namespace_of",
     "common_namespace",
+    "check_same_library",
     "device_of",
     "is_floating",
     "is_writeable",
@@ -72,6 +73,21 @@ def common_namespace(arrays: Sequence[Any], names: Sequence[str], what: str = "p
                 f"{device!r}; all must share one device"
             )
     return xp
+
+
+def check_same_library(x: Any, like: Any, what: str) -> None:
+    """TypeError naming ``what`` unless ``x`` shares ``like``'s namespace and device."""
+    try:
+        xp = namespace_of(x)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc}") from None
+    expected = namespace_of(like)
+    if xp is not expected:
+        raise TypeError(f"{what} is a {xp.__name__} array, but the parameter is a "
+                        f"{expected.__name__} array")
+    if device_of(x) != device_of(like):
+        raise TypeError(f"{what} is on device {device_of(x)!r}, the parameter on "
+                        f"{device_of(like)!r}")
 
 
 def is_floating(xp: Any, x: Any) -> bool:

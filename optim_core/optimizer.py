@@ -272,9 +272,9 @@ class Optimizer:
             if len(grads) != len(params):
                 raise ValueError(f"got {len(grads)} grads for {len(params)} params")
             flat = list(grads)
-        ns.common_namespace(params + flat, names + [f"grad of {n}" for n in names])
         checked = []
         for name, param, grad in zip(names, params, flat):
+            ns.check_same_library(grad, param, f"grad of {name!r}")
             if tuple(grad.shape) != tuple(param.shape):
                 raise ValueError(f"grad of {name!r} has shape {tuple(grad.shape)}, "
                                  f"the parameter {tuple(param.shape)}")

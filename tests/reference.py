@@ -1,0 +1,261 @@
+"""Float64 reference implementations, written from the documented algorithms.
+
+These are deliberately independent of ``optim_core.rules``: plain NumPy, one
+function per optimizer, following the pseudo-code in torch.optim's documentation
+(and the papers for DGD and Lion). Each ``step`` function takes the parameter,
+gradient, a mutable ``state`` dict and the hyperparameters, and returns the new
+parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _grad(p, g, h):
+    g = -g if h.get("maximize", False) else g
+    if h.get("weight_decay", 0) and not h.get("decoupled_weight_decay", False):
+        g = g + h["weight_decay"] * p
+    return g
+
+
+def _decay(p, h):
+    if h.get("weight_decay", 0) and h.get("decoupled_weight_decay", False):
+        return p * (1 - h["lr"] * h["weight_decay"])
+    return p
+
+
+def gd(p, g, s, h):
+    return p - h["lr"] * g
+
+
+def sgd(p, g, s, h):
+    g = _grad(p, g, h)
+    mu = h.get("momentum", 0)
+    if mu:
+        if "b" not in s:
+            s["b"] = g.copy()
+        else:
+            s["b"] = mu * s["b"] + (1 - h.get("dampening", 0)) * g
+        g = g + mu * s["b"] if h.get("nesterov", False) else s["b"]
+    return p - h["lr"] * g
+
+
+def dgd(p, g, s, h):
+    s.setdefault("v", np.zeros_like(p))
+    s.setdefault("alpha", h["lr"])
+    s["v"] = s["v"] + g
+    p = p - s["alpha"] * s["v"]
+    s["alpha"] *= h.get("decay", 0.9)
+    return p
+
+
+def adagrad(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    g = _grad(p, g, h)
+    clr = h["lr"] / (1 + (t - 1) * h.get("lr_decay", 0))
+    s["sum"] = s.get("sum", np.full_like(p, h.get("initial_accumulator_value", 0))) + g * g
+    return p - clr * g / (np.sqrt(s["sum"]) + h.get("eps", 1e-10))
+
+
+def rmsprop(p, g, s, h):
+    g = _grad(p, g, h)
+    a, eps = h.get("alpha", 0.99), h.get("eps", 1e-8)
+    s["v"] = a * s.get("v", np.zeros_like(p)) + (1 - a) * g**2
+    v = s["v"]
+    if h.get("centered", False):
+        s["gavg"] = a * s.get("gavg", np.zeros_like(p)) + (1 - a) * g
+        v = v - s["gavg"] ** 2
+    mu = h.get("momentum", 0)
+    if mu > 0:
+        s["b"] = mu * s.get("b", np.zeros_like(p)) + g / (np.sqrt(v) + eps)
+        return p - h["lr"] * s["b"]
+    return p - h["lr"] * g / (np.sqrt(v) + eps)
+
+
+def adadelta(p, g, s, h):
+    g = _grad(p, g, h)
+    rho, eps = h.get("rho", 0.9), h.get("eps", 1e-6)
+    s["v"] = rho * s.get("v", np.zeros_like(p)) + (1 - rho) * g**2
+    u = s.get("u", np.zeros_like(p))
+    delta = np.sqrt(u + eps) / np.sqrt(s["v"] + eps) * g
+    s["u"] = rho * u + (1 - rho) * delta**2
+    return p - h["lr"] * delta
+
+
+def adam(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    eps = h.get("eps", 1e-8)
+    p = _decay(p, h)
+    g = _grad(p, g, h)
+    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
+    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    m_hat = s["m"] / (1 - b1**t)
+    v = s["v"]
+    if h.get("amsgrad", False):
+        s["vmax"] = np.maximum(s.get("vmax", np.zeros_like(p)), v)
+        v = s["vmax"]
+    v_hat = v / (1 - b2**t)
+    return p - h["lr"] * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def adamw(p, g, s, h):
+    return adam(p, g, s, {"weight_decay": 1e-2, **h, "decoupled_weight_decay": True})
+
+
+def adamax(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    eps = h.get("eps", 1e-8)
+    g = _grad(p, g, h)
+    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
+    s["u"] = np.maximum(b2 * s.get("u", np.zeros_like(p)), np.abs(g) + eps)
+    return p - h["lr"] / (1 - b1**t) * s["m"] / s["u"]
+
+
+def nadam(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    eps, psi = h.get("eps", 1e-8), h.get("momentum_decay", 4e-3)
+    p = _decay(p, h)
+    g = _grad(p, g, h)
+    mu = b1 * (1 - 0.5 * 0.96 ** (t * psi))
+    mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * psi))
+    s["prod"] = s.get("prod", 1.0) * mu
+    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
+    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    v_hat = s["v"] / (1 - b2**t)
+    update = (1 - mu) * g / (1 - s["prod"]) + mu_next * s["m"] / (1 - s["prod"] * mu_next)
+    return p - h["lr"] * update / (np.sqrt(v_hat) + eps)
+
+
+def radam(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    eps = h.get("eps", 1e-8)
+    p = _decay(p, h)
+    g = _grad(p, g, h)
+    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
+    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    m_hat = s["m"] / (1 - b1**t)
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * b2**t / (1 - b2**t)
+    if rho_t > 5:
+        l_t = math.sqrt(1 - b2**t) / (np.sqrt(s["v"]) + eps)
+        r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        return p - h["lr"] * m_hat * l_t * r_t
+    return p - h["lr"] * m_hat
+
+
+def lion(p, g, s, h):
+    b1, b2 = h.get("betas", (0.9, 0.99))
+    g = -g if h.get("maximize", False) else g
+    m = s.get("m", np.zeros_like(p))
+    c = b1 * m + (1 - b1) * g
+    p = p * (1 - h["lr"] * h.get("weight_decay", 0)) - h["lr"] * np.sign(c)
+    s["m"] = b2 * m + (1 - b2) * g
+    return p
+
+
+#: (optimizer name, reference function, hyperparameter sets to test). The first
+#: set of each is the default configuration (only lr given when the default is tiny).
+CASES = {
+    "GD": (gd, [{"lr": 0.05}]),
+    "SGD": (sgd, [
+        {"lr": 0.05},
+        {"lr": 0.05, "momentum": 0.9},
+        {"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01, "maximize": True},
+    ]),
+    "DGD": (dgd, [{"lr": 0.05}, {"lr": 0.02, "decay": 0.99}]),
+    "Adagrad": (adagrad, [
+        {},
+        {"lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5},
+        {"lr": 0.1, "eps": 1e-6, "maximize": True},
+    ]),
+    "RMSprop": (rmsprop, [
+        {},
+        {"lr": 0.01, "momentum": 0.9},
+        {"lr": 0.01, "centered": True},
+        {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": 0.1, "alpha": 0.9},
+        {"lr": 0.01, "maximize": True, "eps": 1e-4},
+    ]),
+    "Adadelta": (adadelta, [
+        {},
+        {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1},
+        {"lr": 1.0, "maximize": True},
+    ]),
+    "Adam": (adam, [
+        {},
+        {"lr": 0.01, "amsgrad": True},
+        {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1},
+        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True},
+        {"lr": 0.01, "maximize": True, "betas": (0.3, 0.5)},
+    ]),
+    "AdamW": (adamw, [
+        {},
+        {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True},
+        {"lr": 0.01, "maximize": True},
+    ]),
+    "Adamax": (adamax, [
+        {},
+        {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1},
+        {"lr": 0.01, "maximize": True},
+    ]),
+    "NAdam": (nadam, [
+        {},
+        {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1},
+        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ]),
+    "RAdam": (radam, [
+        {},
+        {"lr": 0.01, "betas": (0.9, 0.9)},
+        {"lr": 0.01, "weight_decay": 0.1},
+        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ]),
+    "Lion": (lion, [
+        {},
+        {"lr": 1e-3, "betas": (0.95, 0.98), "weight_decay": 0.5},
+        {"lr": 1e-3, "maximize": True},
+    ]),
+}
+
+
+#: torch.optim's default learning rates (the paper's for Lion), used when a case gives none.
+DEFAULT_LR = {"Adagrad": 1e-2, "RMSprop": 1e-2, "Adadelta": 1.0, "Adam": 1e-3, "AdamW": 1e-3,
+              "Adamax": 2e-3, "NAdam": 2e-3, "RAdam": 1e-3, "Lion": 1e-4}
+
+
+def case_id(name: str, hyper: dict) -> str:
+    return name + ("-" + ",".join(f"{k}={v}" for k, v in hyper.items()) if hyper else "-default")
+
+
+def all_cases():
+    """(name, reference, hyperparameters) for every optimizer and option set."""
+    for name, (reference, hypers) in CASES.items():
+        for hyper in hypers:
+            yield name, reference, hyper
+
+
+def with_defaults(name: str, hyper: dict) -> dict:
+    """``hyper`` with the optimizer's default lr filled in, for the reference functions."""
+    return {"lr": DEFAULT_LR.get(name), **hyper}
+
+
+def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
+    """A fixed stream of gradients of varied scale and sign (the same for every run)."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) * (1 + 0.5 * np.sin(t)) for t in range(steps)]
+
+
+def quadratic_gradient(theta: np.ndarray, step: int) -> np.ndarray:
+    """Gradient of an ill-conditioned quadratic plus a deterministic perturbation.
+
+    Depends on the current parameter, so a wrong step compounds over later steps.
+    """
+    scales = np.linspace(0.5, 5.0, theta.size).reshape(theta.shape) if theta.size else theta
+    return scales * (theta - 1.0) + 0.1 * np.cos(step + np.arange(theta.size)).reshape(theta.shape)
