@@ -145,7 +145,8 @@ def radam(p, g, s, h):
     rho_t = rho_inf - 2 * t * b2**t / (1 - b2**t)
     if rho_t > 5:
         l_t = math.sqrt(1 - b2**t) / (np.sqrt(s["v"]) + eps)
-        r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
         return p - h["lr"] * m_hat * l_t * r_t
     return p - h["lr"] * m_hat
 

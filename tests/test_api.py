@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from optim_core.backends import select_backend
 from reference import adam as reference_adam
 
 import optim_core
-from optim_core.backends import select_backend
 
 OPTIMIZERS = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
               "NAdam", "RAdam", "Lion"]
