@@ -132,8 +132,12 @@ class DGD(Optimizer):
     no decay, and the step size is multiplied by ``decay`` after every step. Since
     :math:`\sum_t \alpha_t = \gamma / (1-d)`, the total distance it can travel is
     bounded (0.1 for the article's ``lr=0.01, decay=0.9``), so it stalls unless
-    ``decay`` is close to 1. It is not a published algorithm; compare :class:`SGD`
-    with momentum, which decays the velocity instead of the step.
+    ``decay`` is close to 1. Nor does it converge with ``decay`` near 1: on a
+    quadratic with curvature :math:`a`, one step maps :math:`(\theta, v)` by a
+    matrix of determinant 1 (:math:`\det = (1-\alpha a) + \alpha a`), so without
+    damping the iterate orbits the minimum, and the decaying step only freezes
+    the orbit wherever it is. It is not a published algorithm; compare
+    :class:`SGD` with momentum, which decays the velocity instead of the step.
 
     The decay is kept as a running product :math:`d^{t-1}` multiplied by the
     group's current ``lr``, so a schedule that changes ``lr`` still applies.
