@@ -189,14 +189,20 @@ class Model:
         return self._predict(xp, self._outputs(xp, self._params, X))
 
     def score(self, X: Any, y: Any) -> float:
-        """Accuracy for classifiers, :math:`R^2` for regression, as a Python float."""
+        """Accuracy for classifiers, :math:`R^2` for regression, as a Python float.
+
+        :math:`R^2 = 1 - \\sum (y - \\hat y)^2 / \\sum (y - \\bar y)^2`, over all outputs
+        together for a multi-output regression.
+        """
         xp, X, y = self._prepare(X, y)
         predictions = self._predict(xp, self._outputs(xp, self._params, X))
         if self.task == "classification":
             return float(xp.mean(xp.astype(predictions == y, X.dtype)))
-        residual = xp.sum((y - predictions) ** 2)
-        total = xp.sum((y - xp.mean(y, axis=0)) ** 2)
-        return float(1.0 - residual / total)
+        residual = float(xp.sum((y - predictions) ** 2))
+        total = float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
+        if total == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
+            return 1.0 if residual == 0 else 0.0
+        return 1.0 - residual / total
 
     def __repr__(self) -> str:
         state = "uninitialized" if self._params is None else \
@@ -330,7 +336,7 @@ class LinearRegression(Model):
         loss, d_out = _mse(xp, self._outputs(xp, params, X), y, need_grad)
         if not need_grad:
             return loss, None
-        return loss, {"W": d_out @ X, "b": xp.sum(d_out)}
+        return loss, {"W": d_out @ X, "b": xp.asarray(xp.sum(d_out))}
 
 
 class LogisticRegression(Model):
@@ -377,7 +383,7 @@ class LogisticRegression(Model):
         loss, dz = _binary_cross_entropy(xp, z, xp.astype(y, z.dtype), need_grad)
         if not need_grad:
             return loss, None
-        return loss, {"W": dz @ X, "b": xp.sum(dz)}
+        return loss, {"W": dz @ X, "b": xp.asarray(xp.sum(dz))}
 
 
 class SoftmaxRegression(Model):
