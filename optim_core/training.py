@@ -423,11 +423,17 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                             "and device")
 
     # ---------------------------------------------------------------- set up
-    if model.params is None:
+    created = model.params is None
+    if created:
         model.init_params(X, seed=seed)
     if not instance:
-        optimizer = make_optimizer(optimizer, model.params, lr=lr, weight_decay=weight_decay,
-                                   nonfinite=nonfinite or "raise", **optimizer_kwargs)
+        try:
+            optimizer = make_optimizer(optimizer, model.params, lr=lr, weight_decay=weight_decay,
+                                       nonfinite=nonfinite or "raise", **optimizer_kwargs)
+        except (TypeError, ValueError):
+            if created:  # a bad hyperparameter leaves the model as it was given
+                model.params = None
+            raise
     else:
         if lr is not None:
             for group in optimizer.param_groups:

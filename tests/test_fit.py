@@ -1,0 +1,392 @@
+"""fit: the issue's accuracy targets, exact agreement with hand-written loops, determinism,
+callbacks, early stopping, and validation before anything changes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from optim_core import SGD, Adam, EarlyStopping, History, fit, models, schedules
+from optim_core.training import OPTIMIZERS, epoch_order
+
+
+# --------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def digits():
+    """Digits as the issue specifies: 75/25 stratified split, pixels / 16."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    data = datasets.load_digits()
+    return model_selection.train_test_split(data.data / 16.0, data.target, test_size=0.25,
+                                            stratify=data.target, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def diabetes():
+    """Diabetes with features standardized by the training split's statistics."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    data = datasets.load_diabetes()
+    X_train, X_test, y_train, y_test = model_selection.train_test_split(
+        data.data, data.target, test_size=0.25, random_state=0)
+    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+    return (X_train - mean) / std, (X_test - mean) / std, y_train, y_test
+
+
+def _regression(n=30, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    return X, X @ rng.normal(size=d) + 0.3 + 0.1 * rng.normal(size=n)
+
+
+def _classification(n=60, d=4, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    return X, np.argmax(X @ rng.normal(size=(d, k)), axis=1)
+
+
+# --------------------------------------------------------------------------- targets
+def test_digits_softmax_regression_with_adam_reaches_95_percent(digits):
+    X_train, X_test, y_train, y_test = digits
+    model = models.SoftmaxRegression(64, 10)
+    history = fit(model, X_train, y_train, optimizer="adam", lr=0.05, epochs=15,
+                  batch_size=128, seed=0, progress=False)
+    assert model.score(X_test, y_test) >= 0.95
+    assert history.train_loss[-1] < history.train_loss[0]
+
+
+def test_digits_mlp_64_128_10_reaches_96_5_percent(digits):
+    X_train, X_test, y_train, y_test = digits
+    model = models.MLP([64, 128, 10])
+    fit(model, X_train, y_train, optimizer="adam", lr=5e-3, epochs=15, batch_size=128, seed=0,
+        progress=False)
+    assert model.score(X_test, y_test) >= 0.965
+
+
+def test_diabetes_linear_regression_with_adam_reaches_least_squares(diabetes):
+    X_train, X_test, y_train, y_test = diabetes
+    design = np.column_stack([X_train, np.ones(len(X_train))])
+    coef = np.linalg.lstsq(design, y_train, rcond=None)[0]
+    least_squares_mse = np.mean((X_test @ coef[:-1] + coef[-1] - y_test) ** 2)
+    model = models.LinearRegression(10)
+    fit(model, X_train, y_train, optimizer="adam", lr=5.0, epochs=300,
+        schedule=schedules.cosine(300), seed=0, progress=False)
+    mse = np.mean((model.predict(X_test) - y_test) ** 2)
+    assert mse <= 1.02 * least_squares_mse
+
+
+# --------------------------------------------------------------------------- exactness
+def test_full_batch_gd_is_the_textbook_loop():
+    X, y = _regression()
+    model = models.LinearRegression(3)
+    fit(model, X, y, optimizer="gd", lr=0.1, epochs=25, seed=0, progress=False)
+    W, b = np.zeros(3), 0.0
+    for _ in range(25):
+        residual = X @ W + b - y
+        W, b = W - 0.1 * 2 * X.T @ residual / len(y), b - 0.1 * 2 * residual.mean()
+    np.testing.assert_allclose(model.params["W"], W, rtol=1e-12)
+    assert float(model.params["b"]) == pytest.approx(b, rel=1e-12)
+
+
+def _sgd_momentum_by_hand(X, y, orders, batch_size, lr=0.05, momentum=0.9):
+    W, b = np.zeros(X.shape[1]), 0.0
+    buf_W = buf_b = None
+    for order in orders:
+        for start in range(0, len(y), batch_size):
+            index = order[start:start + batch_size]
+            residual = X[index] @ W + b - y[index]
+            g_W, g_b = 2 * X[index].T @ residual / len(index), 2 * residual.mean()
+            buf_W = g_W if buf_W is None else momentum * buf_W + g_W
+            buf_b = g_b if buf_b is None else momentum * buf_b + g_b
+            W, b = W - lr * buf_W, b - lr * buf_b
+    return W, b
+
+
+def test_minibatches_in_order_average_each_batch_including_the_short_last_one():
+    X, y = _regression(n=30)
+    model = models.LinearRegression(3)
+    history = fit(model, X, y, optimizer="sgd", lr=0.05, momentum=0.9, epochs=3,
+                  batch_size=7, shuffle=False, seed=0, progress=False)
+    W, b = _sgd_momentum_by_hand(X, y, [np.arange(30)] * 3, 7)
+    np.testing.assert_allclose(model.params["W"], W, rtol=1e-12)
+    assert float(model.params["b"]) == pytest.approx(b, rel=1e-12)
+    assert history.steps == 3 * 5
+
+
+def test_shuffled_minibatches_follow_epoch_order():
+    X, y = _regression(n=30)
+    model = models.LinearRegression(3)
+    fit(model, X, y, optimizer="sgd", lr=0.05, momentum=0.9, epochs=3, batch_size=8, seed=42,
+        progress=False)
+    orders = [epoch_order(42, epoch, 30) for epoch in (1, 2, 3)]
+    assert not np.array_equal(orders[0], orders[1])
+    W, b = _sgd_momentum_by_hand(X, y, orders, 8)
+    np.testing.assert_allclose(model.params["W"], W, rtol=1e-12)
+    assert float(model.params["b"]) == pytest.approx(b, rel=1e-12)
+
+
+def test_train_loss_is_the_mean_over_the_epochs_samples():
+    X, y = _regression(n=12)
+    model = models.LinearRegression(3)
+    history = fit(model, X, y, optimizer="gd", lr=0.0, epochs=1, batch_size=5, seed=0,
+                  progress=False)
+    assert history.train_loss[0] == pytest.approx(np.mean((y - 0.0) ** 2), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- determinism
+def _run(seed, xp=None, **kwargs):
+    X, y = _classification()
+    if xp is not None:
+        X, y = xp.asarray(X), xp.asarray(y, dtype="int64")
+    model = models.MLP([4, 16, 3], dropout=0.25)
+    history = fit(model, X, y, lr=0.01, epochs=4, batch_size=16, seed=seed, progress=False,
+                  validation_data=(X, y), **kwargs)
+    return model, history
+
+
+def _numbers(history):
+    return [{k: v for k, v in e.items() if k != "time"} for e in history.epochs]
+
+
+def test_same_seed_same_run_different_seed_different_run():
+    a, history_a = _run(5)
+    b, history_b = _run(5)
+    c, history_c = _run(6)
+    assert _numbers(history_a) == _numbers(history_b)
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert _numbers(history_a) != _numbers(history_c)
+
+
+def test_a_run_without_seed_records_one_that_repeats_it():
+    model, history = _run(None)
+    assert isinstance(history.seed, int)
+    again, history_again = _run(history.seed)
+    assert _numbers(history) == _numbers(history_again)
+
+
+def test_every_namespace_trains_the_same_numbers(xp):
+    reference, reference_history = _run(9)
+    model, history = _run(9, xp)
+    for name, param in model.params.items():
+        assert type(param) is type(xp.asarray([0.0]))
+        np.testing.assert_allclose(xp.to_numpy(param), reference.params[name], rtol=1e-9,
+                                   atol=1e-12)
+    for ours, theirs in zip(history.epochs, reference_history.epochs, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-9)
+        assert ours["val_metric"] == theirs["val_metric"]
+
+
+# --------------------------------------------------------------------------- optimizers
+def test_every_optimizer_name_trains():
+    X, y = _regression()
+    assert set(OPTIMIZERS) == {"gd", "sgd", "dgd", "adagrad", "rmsprop", "adadelta", "adam",
+                               "adamw", "adamax", "nadam", "radam", "lion"}
+    for name in OPTIMIZERS:
+        model = models.LinearRegression(3)
+        history = fit(model, X, y, optimizer=name.upper(), epochs=3, seed=0, progress=False)
+        assert type(history.optimizer) is OPTIMIZERS[name]
+        assert history.train_loss[-1] < history.train_loss[0], name
+
+
+def test_lr_none_keeps_the_optimizers_default_and_kwargs_reach_it():
+    X, y = _regression()
+    history = fit(models.LinearRegression(3), X, y, epochs=1, seed=0, progress=False)
+    assert history.lr == [1e-3]
+    history = fit(models.LinearRegression(3), X, y, optimizer="sgd", lr=0.2, momentum=0.5,
+                  nesterov=True, impl="generic", epochs=1, seed=0, progress=False)
+    group = history.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.2, 0.5, True)
+
+
+def test_an_optimizer_instance_continues_across_fits():
+    X, y = _regression()
+    split = models.LinearRegression(3)
+    split.init_params(X, seed=0)
+    optimizer = Adam(split.params, lr=0.05)
+    fit(split, X, y, optimizer=optimizer, epochs=2, batch_size=10, seed=1, progress=False)
+    fit(split, X, y, optimizer=optimizer, epochs=2, batch_size=10, seed=1, progress=False)
+    assert optimizer.group_state[0]["step"] == 12
+
+    whole = models.LinearRegression(3)
+    fit(whole, X, y, optimizer="adam", lr=0.05, epochs=2, batch_size=10, seed=1,
+        progress=False)
+    fit(whole, X, y, optimizer=Adam(whole.params, lr=0.05), epochs=2, batch_size=10, seed=1,
+        progress=False)
+    # Two fresh Adams differ from one Adam carried on: the instance kept its moments.
+    assert not np.array_equal(split.params["W"], whole.params["W"])
+
+
+def test_an_optimizer_instance_must_be_built_on_the_models_params():
+    X, y = _regression()
+    model = models.LinearRegression(3)
+    model.init_params(X)
+    with pytest.raises(ValueError, match="built on model.params"):
+        fit(model, X, y, optimizer=SGD({"W": np.zeros(3), "b": np.array(0.0)}), epochs=1,
+            progress=False)
+    with pytest.raises(TypeError, match="instance"):
+        fit(model, X, y, optimizer=SGD(model.params), momentum=0.9, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="weight decay"):
+        fit(model, X, y, optimizer=SGD(model.params), weight_decay=0.1, epochs=1,
+            progress=False)
+
+
+# --------------------------------------------------------------------------- history
+def test_history_records_every_epoch():
+    X, y = _classification()
+    model = models.SoftmaxRegression(4, 3)
+    history = fit(model, X[:40], y[:40], lr=0.1, epochs=3, batch_size=16,
+                  validation_data=(X[40:], y[40:]), seed=0, progress=False)
+    assert isinstance(history, History) and len(history) == 3
+    assert history.metric_name == "accuracy"
+    assert [e["epoch"] for e in history.to_dicts()] == [1, 2, 3] == history.epoch
+    assert set(history.epochs[0]) == {"epoch", "train_loss", "train_metric", "val_loss",
+                                      "val_metric", "lr", "time"}
+    assert history.val_loss[-1] == pytest.approx(model.loss(X[40:], y[40:]))
+    assert history.val_metric[-1] == model.score(X[40:], y[40:])
+    assert history.train_metric[-1] == model.score(X[:40], y[:40])
+    assert all(t > 0 for t in history.time) and history.lr == [0.1] * 3
+    assert history.best_epoch == 1 + int(np.argmin(history.val_loss))
+    assert not history.stopped_early and history.steps == 9
+    assert "3 epochs" in repr(history)
+    copy = history.to_dicts()
+    copy[0]["train_loss"] = None
+    assert history.train_loss[0] is not None
+
+
+def test_without_validation_data_val_entries_are_none_and_best_uses_train_loss():
+    X, y = _regression()
+    history = fit(models.LinearRegression(3), X, y, optimizer="gd", lr=0.1, epochs=4, seed=0,
+                  progress=False)
+    assert history.val_loss == [None] * 4 and history.val_metric == [None] * 4
+    assert history.best_epoch == 4
+
+
+def test_epochs_zero_trains_nothing():
+    X, y = _regression()
+    model = models.LinearRegression(3)
+    history = fit(model, X, y, epochs=0, seed=0, progress=False)
+    assert len(history) == 0 and history.best_epoch is None
+    assert not np.any(model.params["W"])
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    X, y = _regression()
+    fit(models.LinearRegression(3), X, y, epochs=2, seed=0, progress=True)
+    assert "2/2" in capsys.readouterr().err
+    fit(models.LinearRegression(3), X, y, epochs=2, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- callbacks
+class Recorder:
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def on_train_begin(self, model, history):
+        self.calls.append("begin")
+
+    def on_epoch_end(self, epoch, logs, model):
+        self.calls.append(epoch)
+        return epoch == self.stop_at
+
+    def on_train_end(self, model, history):
+        self.calls.append("end")
+
+
+def test_callbacks_are_called_and_can_stop_training():
+    X, y = _regression()
+    recorder, silent = Recorder(stop_at=2), object()
+    history = fit(models.LinearRegression(3), X, y, epochs=5, callbacks=[recorder, silent],
+                  seed=0, progress=False)
+    assert recorder.calls == ["begin", 1, 2, "end"]
+    assert history.stopped_early and len(history) == 2
+
+
+def test_early_stopping_stops_and_restores_the_best_parameters():
+    X, y = _classification(k=2)
+    X_val, y_val = X, 1 - y  # every step that helps training hurts validation
+    model = models.LogisticRegression(4)
+    stopper = EarlyStopping(patience=3)
+    history = fit(model, X, y, optimizer="sgd", lr=0.5, epochs=50, batch_size=20,
+                  validation_data=(X_val, y_val), callbacks=[stopper], seed=0, progress=False)
+    assert history.stopped_early and len(history) == 4
+    assert history.best_epoch == stopper.best_epoch == 1
+    assert history.val_loss[1] > history.val_loss[0]
+    assert model.loss(X_val, y_val) == pytest.approx(history.val_loss[0], rel=1e-12)
+    assert history.optimizer.params["W"] is model.params["W"]
+
+
+def test_early_stopping_on_a_metric_maximizes_and_min_delta_counts():
+    X, y = _classification()
+    stopper = EarlyStopping(monitor="train_metric", patience=2, min_delta=0.5,
+                            restore_best=False)
+    assert stopper.mode == "max"
+    history = fit(models.SoftmaxRegression(4, 3), X, y, lr=0.1, epochs=10, callbacks=[stopper],
+                  seed=0, progress=False)
+    # No accuracy can improve by more than 0.5 twice in a row after the first epoch.
+    assert len(history) == 3 and history.stopped_early and stopper.best_epoch == 1
+
+
+# --------------------------------------------------------------------------- validation
+X_OK, Y_OK = _regression()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"optimizer": "adamm"}, ValueError, "known: gd, sgd"),
+    ({"optimizer": 3}, TypeError, "optimizer"),
+    ({"epochs": -1}, ValueError, "epochs"),
+    ({"epochs": 2.5}, ValueError, "epochs"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"lr": -0.1}, ValueError, "lr"),
+    ({"l1": -1.0}, ValueError, "l1"),
+    ({"l2": math.inf}, ValueError, "l2"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"clip_norm": 0.0}, ValueError, "clip_norm"),
+    ({"clip_value": -1.0}, ValueError, "clip_value"),
+    ({"schedule": 0.1}, TypeError, "schedule"),
+    ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+    ({"shuffle": 1}, TypeError, "shuffle"),
+    ({"callbacks": [EarlyStopping()]}, ValueError, "validation_data"),
+    ({"callbacks": [EarlyStopping(monitor="val_acc")]}, ValueError, "val_acc"),
+    ({"schedule": schedules.ReduceOnPlateau()}, ValueError, "validation_data"),
+    ({"validation_data": (X_OK,)}, ValueError, "pair"),
+    ({"validation_data": (X_OK[:, :2], Y_OK)}, ValueError, "features"),
+    ({"dampening": 2.0}, ValueError, "dampening"),
+    ({"nesterov": True}, ValueError, "nesterov"),
+    ({"betas": (0.9,)}, TypeError, "betas"),
+])
+def test_bad_arguments_raise_before_anything_changes(kwargs, error, message):
+    model = models.LinearRegression(3)
+    with pytest.raises(error, match=message):
+        fit(model, X_OK, Y_OK, **{"optimizer": "sgd", "progress": False, **kwargs})
+    assert model.params is None
+
+
+def test_bad_data_raises():
+    model = models.LinearRegression(3)
+    with pytest.raises(ValueError, match="samples"):
+        fit(model, X_OK, Y_OK[:-1], progress=False)
+    with pytest.raises(ValueError, match="features"):
+        fit(model, X_OK[:, :2], Y_OK, progress=False)
+    with pytest.raises(TypeError, match="Model"):
+        fit(object(), X_OK, Y_OK, progress=False)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError):
+        fit(model, torch.asarray(X_OK), Y_OK, progress=False)
+    assert model.params is None
+
+
+def test_nonfinite_gradients_raise_with_epoch_and_step():
+    X, y = _regression()
+    X = X.copy()
+    X[17, 1] = np.nan  # in the second batch of size 10, unshuffled
+    model = models.LinearRegression(3)
+    with pytest.raises(ValueError, match=r"epoch 1, step 2: non-finite gradient"):
+        fit(model, X, y, batch_size=10, shuffle=False, seed=0, progress=False)
+    skipping = models.LinearRegression(3)
+    history = fit(skipping, X, y, batch_size=10, shuffle=False, epochs=2, nonfinite="skip",
+                  seed=0, progress=False)
+    assert history.optimizer.skipped_steps == 2
+    assert np.all(np.isfinite(skipping.params["W"]))
