@@ -1,10 +1,10 @@
-"""``python -m optim_core``: the article's linear regression trained by every optimizer."""
+"""``python -m optim_core``: the ``optim-core`` command line (see :mod:`optim_core.cli`)."""
 
 from __future__ import annotations
 
 import sys
 
-from .demo import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
