@@ -204,6 +204,12 @@ class Optimizer:
 
         Everything is checked before anything is changed.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        missing = {"format_version", "optimizer", "param_groups", "group_state", "state"} \
+            - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks {sorted(missing)}")
         if state_dict.get("format_version") != STATE_DICT_VERSION:
             raise ValueError(f"unsupported state_dict format {state_dict.get('format_version')!r}")
         if state_dict.get("optimizer") != type(self).__name__:
@@ -224,24 +230,35 @@ class Optimizer:
                 raise ValueError("param group sizes differ from the state_dict's")
             hyper = {k: (tuple(v) if k == "betas" else v)
                      for k, v in saved.items() if k not in _GROUP_KEYS}
+            unknown = set(hyper) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"unknown hyperparameters in the state_dict: {sorted(unknown)}")
             merged = {**group, **hyper}
             self._check_group(merged)
             new_groups.append(merged)
         new_state = []
         for i, (param, saved) in enumerate(zip(params, flat_state)):
             st = {}
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"state of parameter {i} must be a dict, got {saved!r:.80}")
             for name, value in saved.items():
                 if name not in self.rule.states:
                     raise ValueError(f"unknown state {name!r} for {type(self).__name__}")
+                if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                    raise TypeError(f"state {name!r} of parameter {i} is a "
+                                    f"{type(value).__name__}, not an array")
                 if tuple(value.shape) != tuple(param.shape):
                     raise ValueError(f"state {name!r} of parameter {i} has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
                 st[name] = value
             new_state.append(st)
         group_state = [dict(s) for s in state_dict["group_state"]]
+        keys = set(self._initial_group_state())
         if len(group_state) != len(self.param_groups) or not all(
-                isinstance(s.get("step"), int) for s in group_state):
-            raise ValueError("group_state must hold an integer step for every group")
+                set(s) == keys and isinstance(s["step"], int)
+                and not isinstance(s["step"], bool) and s["step"] >= 0 for s in group_state):
+            raise ValueError(f"group_state must hold {sorted(keys)} with an integer step >= 0 "
+                             "for every group")
         # Everything checked: convert, then write.
         converted = [{name: ns.from_numpy(self._xp, value, like=param)
                       for name, value in st.items()} for param, st in zip(params, new_state)]
