@@ -105,5 +105,32 @@ def select_implementation(impl: str, backend: Backend, rule: UpdateRule) -> tupl
 
 
 def _fused_for(backend: Backend, rule: UpdateRule) -> tuple[Any | None, str]:
-    """The fused implementation of ``rule`` on ``backend``, or None and why not."""
+    """The fused implementation of ``rule`` on ``backend``, or None and why not.
+
+    NumPy: numba's compiled loop, generated from ``rule.tree`` (numba is imported
+    here, on first use, never at import time).
+    """
+    from ._lowering import unsupported_reason
+
+    why_not = unsupported_reason(rule)
+    if why_not is not None:
+        return None, why_not
+    if backend.name == "numpy":
+        return _numba_implementation()
     return None, f"no fused kernel exists for {backend.name} arrays"
+
+
+_NUMBA: list[tuple[Any | None, str]] = []
+
+
+def _numba_implementation() -> tuple[Any | None, str]:
+    """The shared numba implementation (its compiled kernels serve every optimizer)."""
+    if not _NUMBA:
+        try:
+            from ._numba import NumbaImplementation
+
+            _NUMBA.append((NumbaImplementation(), ""))
+        except ImportError as exc:
+            _NUMBA.append((None, f"numba is not importable ({exc}); install numba for the "
+                                 "fused NumPy path"))
+    return _NUMBA[0]

@@ -1,0 +1,314 @@
+"""Lowering of an update rule into a straight-line elementwise kernel body.
+
+Both fused emitters (:mod:`optim_core.backends._numba`, :mod:`optim_core.backends._cuda`)
+start from the rule's syntax tree through this module, so the math of every fused
+kernel is the rule as written, never a retyped copy.
+
+For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
+
+* Every ``if`` tests scalars only, so its outcome is known on the host: the taken
+  branch is inlined and the outcome becomes part of the specialization key. A key
+  changes only when a structural flag flips (``amsgrad``, ``weight_decay != 0``,
+  RAdam's ``rectify``, SGD's ``first_step``), never when a value such as ``lr`` changes.
+* Every maximal scalar-only subexpression that feeds elementwise math (``1 - beta2``,
+  ``step_size``, a bare literal) is *hoisted*: evaluated here in Python float64, exactly
+  as the generic path evaluates it, and passed to the kernel as an argument cast to the
+  parameter dtype. Kernels therefore contain no literals and never promote float32
+  math to float64, and a new ``lr`` is only a new argument value.
+* ``lerp`` with a scalar weight is expanded into torch's two-sided formula, the side
+  chosen on the host (``abs(weight) < 0.5``) as :func:`optim_core.rule.generic_operations`
+  does, so the emitters only implement ``sqrt``, ``abs``, ``maximum`` and ``sign``.
+
+The result, a :class:`Kernel`, lists which arrays are read and written and the body as
+nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from optim_core.rule import UpdateRule
+
+__all__ = ["Kernel", "lower", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
+
+#: Operations an emitter must implement (``lerp`` is expanded before emission).
+ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "sign")
+
+_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def _host_maximum(a: float, b: float) -> float:
+    if a != a:  # NaN propagates, as in xp.maximum
+        return a
+    if b != b:
+        return b
+    return a if a >= b else b
+
+
+def _host_sign(a: float) -> float:
+    if a > 0:
+        return 1.0
+    if a < 0:
+        return -1.0
+    return 0.0 if a == 0 else a
+
+
+def _host_lerp(start: float, end: float, weight: float) -> float:
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+#: Scalar versions of the operations, for hoisted subexpressions (host float64 math).
+_HOST_OPERATIONS = {"sqrt": math.sqrt, "abs": abs, "maximum": _host_maximum,
+                    "sign": _host_sign, "lerp": _host_lerp}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One specialization of a rule: a straight-line elementwise body.
+
+    Attributes
+    ----------
+    rule : str
+        The rule's name.
+    key : tuple
+        The host decisions (branch outcomes, lerp sides) and present states that
+        produced this body; equal keys give identical bodies.
+    loads : tuple of str
+        Arrays (``param``, ``grad``, states) read by the body, in argument order.
+    stores : tuple of str
+        Arrays written back (``param`` and states), in argument order.
+    arrays : tuple of str
+        Every array argument of the kernel, in order: ``param``, ``grad``, then the
+        present states.
+    n_hoisted : int
+        Number of scalar arguments ``h0 .. h{n-1}`` following the arrays.
+    body : tuple
+        ``(target, expr)`` assignments. An ``expr`` is ``("load", name)``,
+        ``("local", name)``, ``("hoisted", index)``, ``("neg", expr)``,
+        ``("bin", op, left, right)`` with op in ``+ - * /``, or
+        ``("call", operation, (expr, ...))``.
+    results : dict
+        For each stored array, the local holding its new value.
+    """
+
+    rule: str
+    key: tuple
+    loads: tuple[str, ...]
+    stores: tuple[str, ...]
+    arrays: tuple[str, ...]
+    n_hoisted: int
+    body: tuple
+    results: Mapping[str, str] = field(compare=False)
+
+    @property
+    def digest(self) -> str:
+        """A short stable hash of the rule and this specialization, for names and caches."""
+        return hashlib.sha256(repr((self.rule, self.key, self.body)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Lowering:
+    rule: UpdateRule
+    scalars: Mapping[str, Any]
+    present: frozenset[str]
+    build: bool
+    decisions: list = field(default_factory=list)
+    hoisted: list = field(default_factory=list)
+    body: list = field(default_factory=list)
+    # Per name: "array" (elementwise local or argument) or the scalar's host value.
+    env: dict = field(default_factory=dict)
+    local_names: dict = field(default_factory=dict)
+    loads: set = field(default_factory=set)
+    versions: dict = field(default_factory=dict)
+
+    def run(self) -> None:
+        self.env.update(self.scalars)
+        self.env["param"] = self.env["grad"] = _ARRAY
+        for name in self.rule.states:
+            self.env[name] = _ARRAY if name in self.present else _ABSENT
+        self.block(self.rule.tree.body[:-1])
+
+    # ---------------------------------------------------------------- statements
+    def block(self, statements: list[ast.stmt]) -> None:
+        for statement in statements:
+            if isinstance(statement, ast.Expr):
+                continue  # docstring
+            if isinstance(statement, ast.If):
+                taken = bool(self.evaluate(statement.test))
+                self.decisions.append(taken)
+                self.block(statement.body if taken else statement.orelse)
+                continue
+            assert isinstance(statement, ast.Assign)
+            target = statement.targets[0].id
+            if self.is_scalar(statement.value):
+                self.env[target] = self.evaluate(statement.value)
+                self.local_names.pop(target, None)
+                continue
+            expr = self.expression(statement.value)
+            self.env[target] = _ARRAY
+            if self.build:
+                version = self.versions[target] = self.versions.get(target, -1) + 1
+                local = f"{target}_{version}"
+                self.body.append((local, expr))
+                self.local_names[target] = local
+
+    # ---------------------------------------------------------------- expressions
+    def is_scalar(self, node: ast.expr) -> bool:
+        env = self.env
+        for name in _analysis(node)[1]:
+            value = env.get(name)
+            if value is _ARRAY or value is _ABSENT:
+                return False
+        return True
+
+    def evaluate(self, node: ast.expr) -> Any:
+        try:
+            return eval(_analysis(node)[2], _HOST_GLOBALS, self.env)  # noqa: S307
+        except NameError as exc:
+            raise ValueError(f"rule {self.rule.name}: scalar missing: {exc}") from None
+
+    def expression(self, node: ast.expr) -> tuple | None:
+        if self.is_scalar(node):
+            value = self.evaluate(node)
+            self.hoisted.append(value)
+            return ("hoisted", len(self.hoisted) - 1)
+        if isinstance(node, ast.Name):
+            if self.env[node.id] is _ABSENT:
+                raise ValueError(f"rule {self.rule.name}: state {node.id!r} is used but was "
+                                 "not allocated under these hyperparameters")
+            if node.id in self.local_names:
+                return ("local", self.local_names[node.id])
+            self.loads.add(node.id)
+            return ("load", node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return self.wrap("neg", self.expression(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return self.wrap("bin", _BINOPS[type(node.op)], self.expression(node.left),
+                             self.expression(node.right))
+        if isinstance(node, ast.Call) and node.func.id == "lerp":
+            return self.expression(self.expand_lerp(node))
+        if isinstance(node, ast.Call) and node.func.id in ELEMENTWISE_OPERATIONS:
+            return self.wrap("call", node.func.id,
+                             tuple(self.expression(a) for a in node.args))
+        raise NotImplementedError(
+            f"rule {self.rule.name}: {ast.unparse(node)!r} has no elementwise lowering")
+
+    def wrap(self, *parts: Any) -> tuple | None:
+        return parts if self.build else None
+
+    def expand_lerp(self, node: ast.Call) -> ast.expr:
+        start, end, weight = node.args
+        if not self.is_scalar(weight):
+            raise NotImplementedError(f"rule {self.rule.name}: lerp needs a scalar weight")
+        near_start = abs(self.evaluate(weight)) < 0.5
+        self.decisions.append(near_start)
+        expanded = _LERP_CACHE.get((id(node), near_start))
+        if expanded is None or expanded[0] is not node:
+            expanded = _LERP_CACHE[id(node), near_start] = (node, _lerp_tree(node, near_start))
+        return expanded[1]
+
+
+def _lerp_tree(node: ast.Call, near_start: bool) -> ast.expr:
+    start, end, weight = node.args
+    difference = ast.BinOp(end, ast.Sub(), start)
+    if near_start:  # start + weight * (end - start)
+        return ast.BinOp(start, ast.Add(), ast.BinOp(weight, ast.Mult(), difference))
+    # end - (end - start) * (1 - weight)
+    return ast.BinOp(end, ast.Sub(), ast.BinOp(
+        difference, ast.Mult(), ast.BinOp(ast.Constant(1), ast.Sub(), weight)))
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_ARRAY = _Marker("<array>")
+_ABSENT = _Marker("<absent state>")
+_ANALYSIS_CACHE: dict[int, Any] = {}
+_HOST_GLOBALS = {"__builtins__": {}, **_HOST_OPERATIONS}
+_LERP_CACHE: dict[tuple[int, bool], Any] = {}
+
+
+def _analysis(node: ast.expr) -> tuple[ast.expr, frozenset[str], Any]:
+    """(node, names it reads, compiled code), cached: this runs every step."""
+    # Keyed by node identity: rule trees and cached lerp expansions live as long as
+    # the process, and the stored node guards against a recycled id.
+    entry = _ANALYSIS_CACHE.get(id(node))
+    if entry is None or entry[0] is not node:
+        names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name)) \
+            - set(_HOST_OPERATIONS)
+        code = compile(ast.fix_missing_locations(ast.Expression(node)), "<rule>", "eval")
+        entry = _ANALYSIS_CACHE[id(node)] = (node, names, code)
+    return entry
+
+
+def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] | set[str],
+          *, build: bool = True) -> tuple[tuple, list[float], Kernel | None]:
+    """Specialize ``rule`` for this step's ``scalars`` and the ``present`` optional states.
+
+    Parameters
+    ----------
+    rule : UpdateRule
+    scalars : mapping
+        The keyword scalars of the rule for this step.
+    present : set of str
+        The states that are allocated (every non-optional state must be).
+    build : bool
+        False only decides the key and the hoisted values (cheap, every step);
+        True also builds the :class:`Kernel` (once per key).
+
+    Returns
+    -------
+    key : tuple
+        Specialization key: branch outcomes and the present states.
+    hoisted : list of float
+        The hoisted scalar arguments, host float64 values, in argument order.
+    kernel : Kernel or None
+        The lowered body when ``build`` is true.
+    """
+    present = frozenset(present)
+    lowering = _Lowering(rule, scalars, present, build)
+    lowering.run()
+    states = tuple(s for s in rule.states if s in present)
+    key = (tuple(lowering.decisions), states)
+    if not build:
+        return key, lowering.hoisted, None
+    stores, results = [], {}
+    for name in ("param", *states):
+        local = lowering.local_names.get(name)
+        if local is not None:
+            stores.append(name)
+            results[name] = local
+    arrays = ("param", "grad", *states)
+    kernel = Kernel(rule=rule.name, key=key,
+                    loads=tuple(a for a in arrays if a in lowering.loads),
+                    stores=tuple(stores), arrays=arrays, n_hoisted=len(lowering.hoisted),
+                    body=tuple(lowering.body), results=results)
+    return key, lowering.hoisted, kernel
+
+
+def unsupported_reason(rule: UpdateRule) -> str | None:
+    """Why ``rule`` cannot be lowered to an elementwise kernel, or None if it can.
+
+    The language allows comparisons and boolean operators anywhere, but kernels only
+    support them in ``if`` tests, which are resolved on the host.
+    """
+    tests = {id(n) for s in ast.walk(rule.tree) if isinstance(s, ast.If)
+             for n in ast.walk(s.test)}
+    for node in ast.walk(rule.tree):
+        logical = isinstance(node, (ast.Compare, ast.BoolOp)) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
+        if logical and id(node) not in tests:
+            return f"rule {rule.name} uses {ast.unparse(node)!r} outside an if test"
+    return None

@@ -1,0 +1,142 @@
+"""The floor: how fast an update could possibly be on this machine, measured in the same run.
+
+An elementwise optimizer step is bound by memory traffic. It must read the
+parameter, the gradient and every state buffer once and write the parameter and
+the states once; :func:`bytes_moved` counts those bytes. The bandwidth is that of
+a read-modify-write kernel, ``a = a + s * b`` (read ``a`` and ``b``, write ``a``),
+over arrays much larger than the last-level cache, timed like the optimizers.
+The floor of a step is its bytes over that bandwidth; a step's "fraction of the
+floor" is floor time over its measured time (1.0 is the memory limit; a workload
+that fits in cache can exceed it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from . import timing
+
+__all__ = ["STATE_BUFFERS", "bytes_moved", "Bandwidth", "measure_cpu", "measure_gpu"]
+
+#: State buffers each benchmarked optimizer keeps per parameter element.
+STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1}
+
+
+def bytes_moved(optimizer: str, numel: int, itemsize: int) -> int:
+    """Bytes one step must move: read p, g and the states; write p and the states.
+
+    Adam in float32: (4 reads + 3 writes) x 4 B = 28 B per element; the optimizers
+    with one state buffer move 20 B.
+    """
+    states = STATE_BUFFERS[optimizer]
+    return (2 + states + 1 + states) * itemsize * numel
+
+
+@dataclass
+class Bandwidth:
+    """A measured read-modify-write bandwidth."""
+
+    kernel: str
+    numel: int
+    itemsize: int
+    median_s: float
+    repeats: int
+    method: str
+
+    @property
+    def bytes(self) -> int:
+        return 3 * self.itemsize * self.numel
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.median_s
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel, "numel": self.numel, "itemsize": self.itemsize,
+                "bytes": self.bytes, "median_s": self.median_s, "repeats": self.repeats,
+                "GBps": self.bytes_per_s / 1e9, "timing": self.method}
+
+
+def _numba_rmw():
+    import numba
+
+    @numba.njit(parallel=True, cache=False)
+    def rmw(a, b, s):  # pragma: no cover - compiled
+        for i in numba.prange(a.size):
+            a[i] = a[i] + s * b[i]
+
+    return rmw
+
+
+def measure_cpu(numel: int = 1 << 25, dtype: str = "float32", budget_s: float = 1.0
+                ) -> list[Bandwidth]:
+    """Read-modify-write bandwidth on the CPU with every kernel available.
+
+    A NumPy ``np.add(a, b, out=a)`` (one thread), a numba ``prange`` loop and
+    torch's ``add_`` (both on all threads) where those are installed. The default
+    size, 2 x 128 MiB in float32, is far beyond any last-level cache.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
+    b = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
+    kernels = {"numpy add(out=)": lambda: np.add(a, b, out=a)}
+    if importlib.util.find_spec("numba") is not None:
+        rmw = _numba_rmw()
+        scale = a.dtype.type(1e-6)
+        kernels["numba prange a=a+s*b"] = lambda: rmw(a, b, scale)
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        kernels["torch add_(alpha)"] = lambda: ta.add_(tb, alpha=1e-6)
+    clock = timing.WallClock()
+    found = []
+    for name, kernel in kernels.items():
+        m = timing.measure(kernel, clock, warmup=2, budget_s=budget_s, min_repeats=5)
+        found.append(Bandwidth(name, numel, a.itemsize, m.median, m.repeats, m.method))
+    return found
+
+
+def measure_gpu(numel: int = 1 << 28, dtype: str = "float32", budget_s: float = 0.5
+                ) -> list[Bandwidth]:  # pragma: no cover - GPU only
+    """Read-modify-write bandwidth on the current CUDA device (CuPy, and torch if present).
+
+    The default size, 2 x 1 GiB in float32, is far beyond any GPU's L2 cache.
+    """
+    import cupy
+
+    found = [_measure_cupy(numel, dtype, budget_s)]
+    cupy.get_default_memory_pool().free_all_blocks()
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        found.append(_measure_torch(numel, dtype, budget_s))
+        torch.cuda.empty_cache()
+    return found
+
+
+def _measure_cupy(numel: int, dtype: str, budget_s: float) -> Bandwidth:  # pragma: no cover
+    import cupy
+
+    a = cupy.random.standard_normal(numel, dtype=cupy.float32).astype(dtype)
+    b = cupy.random.standard_normal(numel, dtype=cupy.float32).astype(dtype)
+    kernel = cupy.ElementwiseKernel("T b, T s", "T a", "a = a + s * b", "bench_rmw")
+    scale = a.dtype.type(1e-6)
+    m = timing.measure(lambda: kernel(b, scale, a), timing.CupyEventClock(), warmup=3,
+                       budget_s=budget_s, min_repeats=10)
+    return Bandwidth("cupy ElementwiseKernel a=a+s*b", numel, a.itemsize, m.median, m.repeats,
+                     m.method)
+
+
+def _measure_torch(numel: int, dtype: str, budget_s: float) -> Bandwidth:  # pragma: no cover
+    import torch
+
+    a = torch.randn(numel, device="cuda", dtype=getattr(torch, dtype))
+    b = torch.randn(numel, device="cuda", dtype=getattr(torch, dtype))
+    m = timing.measure(lambda: a.add_(b, alpha=1e-6), timing.TorchEventClock(), warmup=3,
+                       budget_s=budget_s, min_repeats=10)
+    return Bandwidth("torch add_(alpha)", numel, a.element_size(), m.median, m.repeats,
+                     m.method)

@@ -1,0 +1,296 @@
+"""The implementations under test, each built as a runner of one optimizer step.
+
+* ``ours-fused``, ``ours-generic``: :mod:`optim_core` with ``impl="fused"`` or
+  ``impl="generic"``, on NumPy arrays (CPU) or CuPy arrays (GPU).
+* ``naive-numpy``: the founding article's style, correct math written with plain
+  NumPy expressions: one Python loop over tensors, a new temporary array per
+  operation, parameters rebound to new arrays. On the GPU the same code runs with
+  CuPy in place of NumPy.
+* ``torch-forloop``, ``torch-foreach``, ``torch-fused``: ``torch.optim`` with
+  ``foreach=False``, ``foreach=True`` or ``fused=True``.
+* ``optax-jit``: optax's transformation and ``optax.apply_updates`` under one
+  ``jax.jit`` with the parameters and state donated, where JAX and optax are installed.
+
+Every implementation runs the same hyperparameters (:data:`HYPERPARAMETERS`,
+``torch.optim``'s defaults). One that cannot run a combination raises
+:class:`NotAvailable`; the benchmark records it as "n/a" with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import timing
+from .workloads import Workload
+
+__all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "HostData",
+           "build"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion")
+IMPLS = ("ours-fused", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
+         "torch-fused", "optax-jit")
+
+#: The hyperparameters every implementation runs (``torch.optim``'s defaults; SGD with
+#: momentum 0.9; Lion with the paper's defaults).
+HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+    "sgd-momentum": {"lr": 1e-3, "momentum": 0.9},
+    "adagrad": {"lr": 1e-2, "eps": 1e-10},
+    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8},
+    "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+}
+
+_CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd-momentum": "SGD", "adagrad": "Adagrad",
+                "rmsprop": "RMSprop", "lion": "Lion"}
+
+
+class NotAvailable(Exception):
+    """This implementation cannot run this optimizer here; the message says why."""
+
+
+@dataclass
+class Runner:
+    """One optimizer step on one workload, ready to be timed."""
+
+    step: Callable[[], object]
+    clock: timing.Clock
+    note: str = ""
+
+
+class HostData:
+    """Random parameters and gradients of a workload, made once and copied per runner.
+
+    Values repeat a 2**20-element random block, so even 1e9-element tensors are
+    made at memory speed; the timing does not depend on the values.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, workload: Workload, dtype: str, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.workload = workload
+        self.dtype = np.dtype(dtype)
+        # Two periods of the block, so any window of BLOCK elements is a plain slice.
+        block_p = np.tile(rng.standard_normal(self.BLOCK, dtype=np.float32), 2)
+        block_g = np.tile(1e-2 * rng.standard_normal(self.BLOCK, dtype=np.float32), 2)
+        self.params = [self._filled(block_p, shape, rng) for shape in workload.shapes]
+        self.grads = [self._filled(block_g, shape, rng) for shape in workload.shapes]
+
+    def _filled(self, block: np.ndarray, shape: tuple[int, ...], rng) -> np.ndarray:
+        size = int(np.prod(shape))
+        start = int(rng.integers(self.BLOCK))
+        window = block[start:start + min(size, self.BLOCK)]
+        filled = window.astype(self.dtype) if size <= self.BLOCK else np.resize(window, size)
+        return filled.astype(self.dtype, copy=False).reshape(shape)
+
+
+def build(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+    """A runner of ``optimizer`` in ``impl`` on ``device`` ("cpu" or "cuda"), or NotAvailable."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    family = impl.split("-")[0]
+    return _BUILDERS[family](impl, optimizer, data, device)
+
+
+# --------------------------------------------------------------------------- optim_core
+def _array_library(device: str):
+    if device == "cpu":
+        return np, timing.WallClock()
+    import cupy  # pragma: no cover - GPU only
+
+    return cupy, timing.CupyEventClock()  # pragma: no cover
+
+
+def _build_ours(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+    from optim_core import optimizers
+
+    xp, clock = _array_library(device)
+    params = [xp.array(p, copy=True) for p in data.params]
+    grads = [xp.array(g, copy=True) for g in data.grads]
+    cls = getattr(optimizers, _CLASS_NAMES[optimizer])
+    try:
+        opt = cls(params, **HYPERPARAMETERS[optimizer], impl=impl.removeprefix("ours-"))
+    except ValueError as error:
+        raise NotAvailable(str(error)) from error
+    return Runner(lambda: opt.step(grads), clock, opt.implementation_reason)
+
+
+# --------------------------------------------------------------------------- naive
+class _NaiveOptimizer:
+    """The article's way: a Python loop over tensors, plain expressions, new arrays."""
+
+    def __init__(self, xp, params: list, **hyper: Any) -> None:
+        self.xp, self.params, self.hyper, self.t = xp, params, hyper, 0
+        self.state = [[xp.zeros_like(p) for _ in range(self.n_states)] for p in params]
+
+    n_states = 1
+
+    def step(self, grads: list) -> None:
+        self.t += 1
+        for i, (theta, grad) in enumerate(zip(self.params, grads, strict=True)):
+            self.params[i], self.state[i] = self.update(theta, grad, self.state[i])
+
+
+class _NaiveAdam(_NaiveOptimizer):
+    n_states = 2
+
+    def update(self, theta, grad, state):
+        lr, (beta1, beta2), eps, wd = (self.hyper[k] for k in ("lr", "betas", "eps",
+                                                                "weight_decay"))
+        m, v = state
+        if self.decoupled:
+            theta = theta - lr * wd * theta
+        elif wd:
+            grad = grad + wd * theta
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad**2
+        m_hat = m / (1 - beta1**self.t)
+        v_hat = v / (1 - beta2**self.t)
+        theta = theta - lr * m_hat / (self.xp.sqrt(v_hat) + eps)
+        return theta, [m, v]
+
+    decoupled = False
+
+
+class _NaiveAdamW(_NaiveAdam):
+    decoupled = True
+
+
+class _NaiveSGD(_NaiveOptimizer):
+    def update(self, theta, grad, state):
+        (buf,) = state
+        buf = grad if self.t == 1 else self.hyper["momentum"] * buf + grad
+        theta = theta - self.hyper["lr"] * buf
+        return theta, [buf]
+
+
+class _NaiveAdagrad(_NaiveOptimizer):
+    def update(self, theta, grad, state):
+        (total,) = state
+        total = total + grad**2
+        theta = theta - self.hyper["lr"] * grad / (self.xp.sqrt(total) + self.hyper["eps"])
+        return theta, [total]
+
+
+class _NaiveRMSprop(_NaiveOptimizer):
+    def update(self, theta, grad, state):
+        (v,) = state
+        alpha = self.hyper["alpha"]
+        v = alpha * v + (1 - alpha) * grad**2
+        theta = theta - self.hyper["lr"] * grad / (self.xp.sqrt(v) + self.hyper["eps"])
+        return theta, [v]
+
+
+class _NaiveLion(_NaiveOptimizer):
+    def update(self, theta, grad, state):
+        (m,) = state
+        (beta1, beta2), lr = self.hyper["betas"], self.hyper["lr"]
+        c = beta1 * m + (1 - beta1) * grad
+        theta = theta * (1 - lr * self.hyper["weight_decay"]) - lr * self.xp.sign(c)
+        m = beta2 * m + (1 - beta2) * grad
+        return theta, [m]
+
+
+_NAIVE = {"adam": _NaiveAdam, "adamw": _NaiveAdamW, "sgd-momentum": _NaiveSGD,
+          "adagrad": _NaiveAdagrad, "rmsprop": _NaiveRMSprop, "lion": _NaiveLion}
+
+
+def _build_naive(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+    xp, clock = _array_library(device)
+    params = [xp.array(p, copy=True) for p in data.params]
+    grads = [xp.array(g, copy=True) for g in data.grads]
+    opt = _NAIVE[optimizer](xp, params, **HYPERPARAMETERS[optimizer])
+    note = "article-style NumPy" if device == "cpu" else "article-style code on CuPy"
+    return Runner(lambda: opt.step(grads), clock, note)
+
+
+# --------------------------------------------------------------------------- torch
+def _build_torch(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+    if importlib.util.find_spec("torch") is None:
+        raise NotAvailable("torch is not installed")
+    import torch
+
+    if optimizer == "lion":
+        raise NotAvailable("torch.optim has no Lion")
+    cls = getattr(torch.optim, _CLASS_NAMES[optimizer])
+    mode = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True},
+            "torch-fused": {"fused": True}}[impl]
+    if next(iter(mode)) not in inspect.signature(cls).parameters:
+        raise NotAvailable(f"torch.optim.{cls.__name__} has no {next(iter(mode))}= option")
+    params = [torch.from_numpy(p).to(device, copy=True).requires_grad_() for p in data.params]
+    for param, grad in zip(params, data.grads, strict=True):
+        param.grad = torch.from_numpy(grad).to(device, copy=True)
+    try:
+        opt = cls(params, **HYPERPARAMETERS[optimizer], **mode)
+        opt.step()
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise NotAvailable(f"torch {impl.removeprefix('torch-')}: {error}") from error
+    clock = timing.WallClock() if device == "cpu" else timing.TorchEventClock()
+    return Runner(opt.step, clock, f"torch {torch.__version__}")
+
+
+# --------------------------------------------------------------------------- optax
+def _optax_transformation(optax, optimizer: str):
+    h = HYPERPARAMETERS[optimizer]
+    if optimizer == "adam":
+        return optax.adam(h["lr"], b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"])
+    if optimizer == "adamw":
+        return optax.adamw(h["lr"], b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"],
+                           weight_decay=h["weight_decay"])
+    if optimizer == "sgd-momentum":
+        return optax.sgd(h["lr"], momentum=h["momentum"])
+    if optimizer == "adagrad":
+        return optax.adagrad(h["lr"], initial_accumulator_value=0.0, eps=h["eps"])
+    if optimizer == "rmsprop":
+        extra = ({"eps_in_sqrt": False}
+                 if "eps_in_sqrt" in inspect.signature(optax.rmsprop).parameters else {})
+        return optax.rmsprop(h["lr"], decay=h["alpha"], eps=h["eps"], **extra)
+    return optax.lion(h["lr"], b1=h["betas"][0], b2=h["betas"][1],
+                      weight_decay=h["weight_decay"])
+
+
+def _build_optax(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
+        raise NotAvailable("jax/optax are not installed")
+    # JAX would otherwise reserve most of the GPU's memory at import, starving CuPy and torch.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import optax
+
+    backend = "cpu" if device == "cpu" else "gpu"
+    try:
+        target = jax.devices(backend)[0]
+    except RuntimeError as error:
+        raise NotAvailable(f"JAX has no {backend} device: {error}") from error
+    transformation = _optax_transformation(optax, optimizer)
+    params = [jax.device_put(p, target) for p in data.params]
+    grads = [jax.device_put(g, target) for g in data.grads]
+
+    def update(params, state, grads):
+        updates, state = transformation.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(update, donate_argnums=(0, 1))
+    carry = {"params": params, "state": transformation.init(params)}
+
+    def step() -> None:
+        carry["params"], carry["state"] = jitted(carry["params"], carry["state"], grads)
+
+    clock = timing.WallClock(lambda: jax.block_until_ready(carry["params"]))
+    return Runner(step, clock, f"optax {optax.__version__}, jax {jax.__version__}")
+
+
+_BUILDERS = {"ours": _build_ours, "naive": _build_naive, "torch": _build_torch,
+             "optax": _build_optax}

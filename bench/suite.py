@@ -1,0 +1,255 @@
+"""Run the benchmark grid: optimizers x workloads x implementations, plus the floor.
+
+Cells run optimizer by optimizer (Adam first), so that a time limit cuts the
+least important cells. Each cell builds a fresh runner from the workload's data,
+times it (:func:`bench.timing.measure`), and releases its memory before the next.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from . import floor, impls, timing
+from .workloads import Workload
+
+__all__ = ["Config", "run", "TARGETS", "check_targets"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Config:
+    """What one benchmark run measures, and how long it may take."""
+
+    device: str
+    optimizers: Sequence[str]
+    workloads: Sequence[Workload]
+    impls: Sequence[str]
+    dtype: str = "float32"
+    warmup: int = 3
+    budget_s: float = 0.5
+    min_repeats: int = 5
+    max_repeats: int = 200
+    time_limit_s: float | None = None
+    floor_numel: int | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+#: The issue's targets: (optimizer, workload, device, quantity, bound). The quantity is
+#: the ratio of ours-fused's median to torch-fused's (at most ``bound``) or ours-fused's
+#: fraction of the floor (at least ``bound``).
+TARGETS = (
+    ("adam", "1e7", "cpu", "ratio_vs_torch_fused", 1.10),
+    ("adam", "resnet50", "cpu", "ratio_vs_torch_fused", 1.25),
+    ("adam", "1e8", "cuda", "fraction_of_floor", 0.85),
+    ("adam", "1e8", "cuda", "ratio_vs_torch_fused", 1.00),
+    ("adam", "gpt2-small", "cuda", "ratio_vs_torch_fused", 1.00),
+)
+TARGET_IMPL = "ours-fused"
+
+
+def run(config: Config, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure the floor and every cell of ``config``; return the JSON-ready results."""
+    started = time.perf_counter()
+    meta = _metadata(config)
+    progress(f"measuring the read-modify-write floor on {config.device} ...")
+    floors = _measure_floor(config)
+    best = max(floors, key=lambda b: b.bytes_per_s)
+    progress(f"floor: {best.bytes_per_s / 1e9:.1f} GB/s ({best.kernel})")
+    data_cache: dict[str, impls.HostData] = {}
+    results = []
+    for optimizer in config.optimizers:
+        for workload in config.workloads:
+            for impl in config.impls:
+                elapsed = time.perf_counter() - started
+                if config.time_limit_s is not None and elapsed > config.time_limit_s:
+                    row = _row(config, optimizer, workload, impl, "skipped",
+                               f"time limit {config.time_limit_s:g} s reached")
+                else:
+                    if workload.name not in data_cache:
+                        data_cache[workload.name] = impls.HostData(workload, config.dtype)
+                    row = _run_cell(config, optimizer, workload, impl,
+                                    data_cache[workload.name], best)
+                    progress(_progress_line(row))
+                results.append(row)
+    _add_ratios(results)
+    meta["load_average_end"] = _load_average()
+    meta["wall_s"] = time.perf_counter() - started
+    report = {"schema_version": SCHEMA_VERSION, "meta": meta,
+              "floor": {"best": best.as_dict(), "measured": [b.as_dict() for b in floors]},
+              "results": results}
+    report["targets"] = check_targets(report)
+    return report
+
+
+def _measure_floor(config: Config) -> list[floor.Bandwidth]:
+    kwargs = {"dtype": config.dtype}
+    if config.floor_numel is not None:
+        kwargs["numel"] = config.floor_numel
+    if config.device == "cpu":
+        return floor.measure_cpu(**kwargs, budget_s=config.budget_s)
+    return floor.measure_gpu(**kwargs, budget_s=config.budget_s)  # pragma: no cover
+
+
+def _row(config: Config, optimizer: str, workload: Workload, impl: str, status: str,
+         reason: str = "") -> dict[str, Any]:
+    itemsize = _itemsize(config.dtype)
+    return {"optimizer": optimizer, "workload": workload.name, "n_tensors": workload.n_tensors,
+            "numel": workload.numel, "dtype": config.dtype, "impl": impl, "status": status,
+            "reason": reason,
+            "bytes": floor.bytes_moved(optimizer, workload.numel, itemsize),
+            "median_s": None, "times_s": [], "repeats": 0, "warmup": 0, "timing": None,
+            "GBps": None, "floor_s": None, "fraction_of_floor": None,
+            "ratio_vs_torch_fused": None, "note": ""}
+
+
+def _run_cell(config: Config, optimizer: str, workload: Workload, impl: str,
+              data: impls.HostData, best: floor.Bandwidth) -> dict[str, Any]:
+    row = _row(config, optimizer, workload, impl, "ok")
+    runner = None
+    try:
+        runner = impls.build(impl, optimizer, data, config.device)
+        m = timing.measure(runner.step, runner.clock, warmup=config.warmup,
+                           budget_s=config.budget_s, min_repeats=config.min_repeats,
+                           max_repeats=config.max_repeats)
+    except impls.NotAvailable as reason:
+        row.update(status="n/a", reason=str(reason))
+    except Exception as error:  # noqa: BLE001 - one failing cell must not end the run
+        row.update(status="error", reason=f"{type(error).__name__}: {error}")
+    else:
+        floor_s = row["bytes"] / best.bytes_per_s
+        row.update(median_s=m.median, times_s=m.times, repeats=m.repeats, warmup=m.warmup,
+                   timing=m.method, GBps=row["bytes"] / m.median / 1e9, floor_s=floor_s,
+                   fraction_of_floor=floor_s / m.median, note=runner.note)
+    finally:
+        del runner
+        _release_memory(config.device)
+    return row
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    reference = {(r["optimizer"], r["workload"]): r["median_s"] for r in results
+                 if r["impl"] == "torch-fused" and r["median_s"]}
+    for r in results:
+        ref = reference.get((r["optimizer"], r["workload"]))
+        if ref and r["median_s"]:
+            r["ratio_vs_torch_fused"] = r["median_s"] / ref
+
+
+def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each of :data:`TARGETS` that applies to this run's device: value, bound, holds."""
+    device = report["meta"]["device"]
+    cells = {(r["optimizer"], r["workload"], r["impl"]): r for r in report["results"]}
+    checked = []
+    for optimizer, workload, target_device, quantity, bound in TARGETS:
+        if target_device != device:
+            continue
+        row = cells.get((optimizer, workload, TARGET_IMPL))
+        value = row.get(quantity) if row else None
+        holds = None if value is None else (
+            value <= bound if quantity.startswith("ratio") else value >= bound)
+        checked.append({"optimizer": optimizer, "workload": workload, "impl": TARGET_IMPL,
+                        "quantity": quantity, "bound": bound, "value": value, "holds": holds})
+    return checked
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    where = f"{row['optimizer']:<13} {row['workload']:<11} {row['impl']:<14}"
+    if row["status"] != "ok":
+        return f"  {where} {row['status']}: {row['reason'][:70]}"
+    return f"  {where} {row['median_s'] * 1e3:10.3f} ms  ({row['repeats']} repeats)"
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":  # pragma: no cover - GPU only
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        if "torch" in sys.modules:
+            sys.modules["torch"].cuda.empty_cache()
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for name in ("numpy", "numba", "torch", "cupy", "jax", "optax", "array-api-compat"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    if found["cupy"] is None:  # CuPy ships as cupy-cuda12x / cupy-cuda13x
+        for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x"):
+            try:
+                found["cupy"] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def _gpu_name() -> str | None:  # pragma: no cover - GPU only
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _metadata(config: Config) -> dict[str, Any]:
+    meta = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": config.device,
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "load_average_start": _load_average(),
+        "dtype": config.dtype,
+        "warmup": config.warmup,
+        "budget_s": config.budget_s,
+        "min_repeats": config.min_repeats,
+        "argv": list(config.argv),
+    }
+    if "torch" in sys.modules or importlib.util.find_spec("torch") is not None:
+        import torch
+
+        meta["torch_threads"] = torch.get_num_threads()
+    if config.device == "cuda":  # pragma: no cover - GPU only
+        meta["gpu"] = _gpu_name()
+    return meta
+

@@ -1,0 +1,73 @@
+"""Optimizer x option sets that drive every branch of every rule, for fused-vs-generic tests.
+
+Each entry takes at least one side of every ``if`` in its rule (and both sides across
+the entries), so every specialization a fused kernel can take is compared with the
+generic path somewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CASES: list[tuple[str, dict]] = [
+    ("GD", {}),
+    ("SGD", {"lr": 0.05}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.1}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("DGD", {"lr": 0.1, "decay": 0.5}),
+    ("Adagrad", {}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1,
+                 "initial_accumulator_value": 0.5, "maximize": True}),
+    ("RMSprop", {}),
+    ("RMSprop", {"momentum": 0.9, "weight_decay": 0.1, "maximize": True}),
+    ("RMSprop", {"centered": True, "momentum": 0.5, "alpha": 0.9}),
+    ("Adadelta", {}),
+    ("Adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1, "maximize": True}),
+    ("Adam", {}),
+    ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    # beta1 = 0.3 puts lerp's weight 1 - beta1 above 0.5: the other side of its formula.
+    ("Adam", {"lr": 0.01, "betas": (0.3, 0.5), "eps": 1e-6}),
+    ("AdamW", {}),
+    ("AdamW", {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True}),
+    ("Adamax", {}),
+    ("Adamax", {"lr": 0.01, "betas": (0.3, 0.95), "weight_decay": 0.1, "maximize": True}),
+    ("NAdam", {}),
+    ("NAdam", {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1, "maximize": True}),
+    ("NAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    # betas[1] = 0.9 makes RAdam rectify from step 6 on, within the tested steps.
+    ("RAdam", {"lr": 0.01, "betas": (0.9, 0.9)}),
+    ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
+    ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("Lion", {}),
+    ("Lion", {"lr": 1e-3, "betas": (0.3, 0.98), "weight_decay": 0.5, "maximize": True}),
+]
+
+
+def case_id(name: str, hyper: dict) -> str:
+    return name + ("-" + ",".join(f"{k}={v}" for k, v in hyper.items()) if hyper else "")
+
+
+IDS = [case_id(name, hyper) for name, hyper in CASES]
+
+#: Fused equals generic to these tolerances (the issue's targets).
+TOLERANCE = {"float32": dict(rtol=1e-6, atol=1e-7), "float64": dict(rtol=1e-12, atol=1e-14)}
+
+
+def start_params(dtype: str) -> dict[str, np.ndarray]:
+    """Host arrays of several shapes, a 0-d one included."""
+    rng = np.random.default_rng(7)
+    return {"matrix": rng.standard_normal((37, 29)).astype(dtype),
+            "vector": rng.standard_normal(101).astype(dtype),
+            "scalar": np.asarray(rng.standard_normal(), dtype=dtype)}
+
+
+def gradient(param: np.ndarray, step: int) -> np.ndarray:
+    """Depends on the parameter, so a wrong step compounds over later steps.
+
+    Includes exact zeros, where ``sign`` and divisions by a small denominator matter.
+    """
+    g = 1.5 * (param - 0.5) + 0.1 * np.cos(step + np.arange(param.size)).reshape(param.shape)
+    g = np.asarray(g, dtype=param.dtype)
+    if g.size > 3:
+        g.reshape(-1)[::7] = 0
+    return g
