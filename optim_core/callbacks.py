@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from . import _namespace as ns
 from .regularization import _store
 
@@ -130,7 +132,10 @@ class EarlyStopping(Callback):
                 and self.best_epoch != self._last_epoch:
             params = dict(model.params)
             for name, saved in self._best_params.items():
-                params[name] = _store(params[name], saved)
+                target = params[name]
+                if type(saved) is not type(target):  # host copies from a checkpoint
+                    saved = ns.from_numpy(ns.namespace_of(target), saved, like=target)
+                params[name] = _store(target, saved)
             model.params = params
         if history is not None and self.best_epoch is not None:
             history.best_epoch = self.best_epoch
@@ -142,21 +147,15 @@ class EarlyStopping(Callback):
                 "best_params": None if self._best_params is None else
                 {name: ns.to_numpy(p) for name, p in self._best_params.items()}}
 
-    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
-        """Restore :meth:`state_dict`'s output onto ``model``'s namespace and device."""
-        best_params = state.get("best_params")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (best parameters stay on the host until restored)."""
+        missing = {"best", "best_epoch", "wait", "stopped_epoch", "last_epoch",
+                   "best_params"} - set(state)
+        if missing:
+            raise ValueError(f"EarlyStopping state lacks {sorted(missing)}")
+        best_params = state["best_params"]
         if best_params is not None:
-            params = model.params
-            if params is None or set(best_params) != set(params):
-                raise ValueError("EarlyStopping state holds parameters the model does not have")
-            for name, value in best_params.items():
-                if tuple(value.shape) != tuple(params[name].shape):
-                    raise ValueError(f"EarlyStopping state: parameter {name!r} has shape "
-                                     f"{tuple(value.shape)}, the model's "
-                                     f"{tuple(params[name].shape)}")
-            xp = ns.namespace_of(next(iter(params.values())))
-            best_params = {name: ns.from_numpy(xp, value, like=params[name])
-                           for name, value in best_params.items()}
+            best_params = {name: np.array(value, copy=True) for name, value in best_params.items()}
         self.best = state["best"]
         self.best_epoch = state["best_epoch"]
         self.wait = int(state["wait"])

@@ -11,6 +11,7 @@ functions of ``(seed, epoch)`` and ``(seed, step)``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -19,9 +20,11 @@ import numpy as np
 
 from . import _namespace as ns
 from . import optimizers as _optimizers
+from .checkpoint import load_checkpoint, save_checkpoint
 from .models import Model
 from .optimizer import Optimizer
 from .regularization import (
+    _store,
     add_l2_gradient,
     apply_soft_threshold,
     clip_by_global_norm,
@@ -228,6 +231,10 @@ def _resolve_seed(seed: Any) -> int:
 
 def _check_data(X: Any, y: Any, what: str) -> Any:
     arrays = [X, y]
+    if ns.is_dask_array(X) or ns.is_dask_array(y):
+        from . import dask_support
+
+        dask_support.check_data(X, y, what)
     xp = ns.common_namespace(arrays, [f"X{what}", f"y{what}"], what="array")
     if X.ndim != 2:
         raise ValueError(f"X{what} must have shape (n_samples, n_features), got {tuple(X.shape)}")
@@ -250,7 +257,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         weight_decay: float | None = None, l1: float = 0.0, l2: float = 0.0,
         clip_norm: float | None = None, clip_value: float | None = None,
         callbacks: Iterable[Any] = (), seed: int | None = None, progress: bool = True,
-        nonfinite: str | None = None, **optimizer_kwargs: Any) -> History:
+        nonfinite: str | None = None, checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1, resume: bool = False,
+        **optimizer_kwargs: Any) -> History:
     r"""Train ``model`` on ``(X, y)`` with a first-order optimizer.
 
     Each step takes one batch, computes the model's loss and exact gradient, and
@@ -325,6 +334,25 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         :class:`~optim_core.Optimizer`); None means "raise" for an optimizer built
         by name and the instance's own policy otherwise. A raised error names
         the epoch and step.
+    checkpoint : path, optional
+        File to save the run's whole state to (with :func:`~optim_core.save_checkpoint`,
+        atomically): the parameters, the optimizer's state, the history, the seed,
+        the epoch and step counters, and the state of every callback and schedule
+        that has ``state_dict``/``load_state_dict`` (:class:`~optim_core.EarlyStopping`,
+        :class:`~optim_core.schedules.ReduceOnPlateau`).
+    checkpoint_every : int
+        Save after every this many epochs, and after the last one (or the one a
+        callback stopped at).
+    resume : bool
+        Continue from ``checkpoint`` when the file exists (start afresh when it does
+        not, so the same call can simply be repeated after a crash). Since the order
+        of the samples and the dropout masks are functions of the seed, the epoch
+        and the step, the continued run is bit for bit the run that was not
+        interrupted (timings aside). The call must repeat the interrupted one:
+        settings that change the trajectory (optimizer, batch size, penalties,
+        clipping, seed, data size, model) are compared and a difference raises
+        ValueError before anything changes; ``epochs`` may be raised to train on.
+        A run that had stopped early is not continued.
     **optimizer_kwargs
         Further hyperparameters for an optimizer given by name (``momentum=0.9``,
         ``betas=(0.9, 0.99)``, ``impl="generic"``...).
@@ -415,10 +443,32 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                             "use l2= for an L2 penalty")
     else:
         raise TypeError(f"optimizer must be a name or an Optimizer, got {type(optimizer).__name__}")
+    checkpoint_every = _check_count("checkpoint_every", checkpoint_every, minimum=1)
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be a bool, got {resume!r}")
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint folder {folder!r} does not exist")
+    elif resume:
+        raise ValueError("resume=True needs a checkpoint path")
+    saved = load_checkpoint(checkpoint) if resume and os.path.exists(checkpoint) else None
+    if saved is not None:
+        _check_saved_run(saved, seed, hooks)
+        seed = saved["seed"]
     seed = _resolve_seed(seed)
+    settings = _run_settings(model, optimizer, X.shape[0], batch_size, shuffle, lr,
+                             weight_decay, l1, l2, clip_norm, clip_value, seed)
+    if saved is not None and saved["settings"] != settings:
+        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
+        raise ValueError(f"cannot resume {checkpoint!r}: these settings differ from the "
+                         f"saved run's: {', '.join(changed)}")
     if model.params is not None:
         first = next(iter(model.params.values()))
-        if ns.namespace_of(first) is not xp or ns.device_of(first) != ns.device_of(X):
+        like = ns.chunk_like(X)  # for Dask data, its chunks: parameters live there
+        if ns.namespace_of(first) is not ns.namespace_of(like) or \
+                ns.device_of(first) != ns.device_of(like):
             raise TypeError("the model's parameters and the data must share one array library "
                             "and device")
 
@@ -426,6 +476,10 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
     created = model.params is None
     if created:
         model.init_params(X, seed=seed)
+    if saved is not None:
+        # Written into the existing arrays, so an optimizer instance built on them stays attached.
+        model.params = {name: _store(param, ns.from_numpy(xp, saved["params"][name], like=param))
+                        for name, param in model.params.items()}
     if not instance:
         try:
             optimizer = make_optimizer(optimizer, model.params, lr=lr, weight_decay=weight_decay,
@@ -440,6 +494,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                 group["lr"] = float(lr)
         if nonfinite is not None:
             optimizer.nonfinite = nonfinite
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.skipped_steps = saved["skipped_steps"]
     decay_by_fit = bool(weight_decay) and _fit_applies_decay(optimizer)
     dtype = next(iter(model.params.values())).dtype
     X = X if X.dtype == dtype else xp.astype(X, dtype)
@@ -451,21 +508,34 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         validation = (X_val, model._prepare_targets(xp, y_val, dtype))
     regularized = set(model.regularized)
     base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    if saved is not None:
+        base_lrs = list(saved["base_lrs"])
 
     history = History(model.metric_name, seed)
     history.optimizer = optimizer
     n_samples = X.shape[0]
     full_batch = batch_size is None or batch_size >= n_samples
     device = ns.device_of(X)
-    bar = _progress_bar(epochs, progress)
     for hook in callbacks:
         if hasattr(hook, "on_train_begin"):
             hook.on_train_begin(model, history)
+    first_epoch, step = 1, 0
+    if saved is not None:
+        history.epochs = [dict(entry) for entry in saved["history"]]
+        history.stopped_early = saved["stopped_early"]
+        history.steps = step = saved["step"]
+        first_epoch = saved["epoch"] + 1
+        for hook, state in zip(_stateful(hooks), saved["hooks"], strict=True):
+            hook.load_state_dict(state)
+    if history.stopped_early:
+        first_epoch = epochs + 1
+    bar = _progress_bar(epochs, progress)
+    if bar is not None and first_epoch > 1:
+        bar.update(min(first_epoch - 1, epochs))
 
     # ---------------------------------------------------------------- train
-    step = 0
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             started = time.perf_counter()
             if full_batch:
                 batches: Iterable[tuple[Any, Any]] = ((X, y),)
@@ -516,6 +586,11 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                     stop = bool(hook.on_epoch_end(epoch, dict(logs), model)) or stop
             if stop:
                 history.stopped_early = epoch < epochs
+            if checkpoint is not None and (stop or epoch == epochs
+                                           or epoch % checkpoint_every == 0):
+                save_checkpoint(checkpoint, _run_state(
+                    settings, epoch, step, seed, base_lrs, model, optimizer, history, hooks))
+            if stop:
                 break
     finally:
         if bar is not None:
@@ -529,6 +604,58 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         for group in optimizer.param_groups:
             group["params"] = [model.params[name] for name in group["names"]]
     return history
+
+
+_CHECKPOINT_FORMAT = "optim-core-fit"
+_CHECKPOINT_VERSION = 1
+
+
+def _stateful(hooks: list[Any]) -> list[Any]:
+    """The callbacks and schedule whose state a checkpoint keeps."""
+    return [hook for hook in hooks
+            if hasattr(hook, "state_dict") and hasattr(hook, "load_state_dict")]
+
+
+def _run_settings(model: Model, optimizer: Any, n_samples: int, batch_size: int | None,
+                  shuffle: bool, lr: float | None, weight_decay: float | None, l1: float,
+                  l2: float, clip_norm: float | None, clip_value: float | None,
+                  seed: int) -> dict[str, Any]:
+    """What must match between an interrupted run and its continuation."""
+    return {
+        "model": type(model).__name__,
+        "param_shapes": {name: list(shape) for name, shape in model.param_shapes().items()},
+        "optimizer": (type(optimizer).__name__ if isinstance(optimizer, Optimizer)
+                      else OPTIMIZERS[optimizer.lower()].__name__),
+        "n_samples": int(n_samples), "batch_size": batch_size, "shuffle": shuffle, "lr": lr,
+        "weight_decay": weight_decay, "l1": l1, "l2": l2, "clip_norm": clip_norm,
+        "clip_value": clip_value, "seed": seed,
+    }
+
+
+def _run_state(settings: dict[str, Any], epoch: int, step: int, seed: int,
+               base_lrs: list[float], model: Model, optimizer: Optimizer, history: History,
+               hooks: list[Any]) -> dict[str, Any]:
+    return {
+        "format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "settings": settings,
+        "epoch": epoch, "step": step, "seed": seed, "base_lrs": list(base_lrs),
+        "stopped_early": history.stopped_early, "skipped_steps": optimizer.skipped_steps,
+        "params": dict(model.params), "optimizer": optimizer.state_dict(),
+        "history": history.to_dicts(), "hooks": [hook.state_dict() for hook in _stateful(hooks)],
+    }
+
+
+def _check_saved_run(saved: Any, seed: int | None, hooks: list[Any]) -> None:
+    """ValueError unless ``saved`` is a fit checkpoint this call can continue."""
+    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError("the checkpoint was not written by optim_core.fit")
+    if saved.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"unsupported fit checkpoint version {saved.get('version')!r}")
+    if seed is not None and seed != saved["seed"]:
+        raise ValueError(f"cannot resume: seed={seed} but the saved run used {saved['seed']}")
+    stateful = _stateful(hooks)
+    if len(saved["hooks"]) != len(stateful):
+        raise ValueError(f"cannot resume: the saved run had {len(saved['hooks'])} stateful "
+                         f"callbacks/schedules, this call has {len(stateful)}")
 
 
 def _progress_bar(epochs: int, progress: bool) -> Any:
@@ -558,6 +685,13 @@ def epoch_order(seed: int, epoch: int, n_samples: int) -> np.ndarray:
 
 def _batches(xp: Any, X: Any, y: Any, batch_size: int, shuffle: bool, seed: int, epoch: int,
              device: Any) -> Iterable[tuple[Any, Any]]:
+    if ns.is_dask_array(X):
+        # Batches from one or two chunks each, never a gather from every chunk.
+        from . import dask_support
+
+        rng = np.random.default_rng([seed, _STREAM_ORDER, epoch])
+        yield from dask_support.batches(X, y, batch_size, shuffle, rng)
+        return
     n_samples = X.shape[0]
     if shuffle:
         # One host-to-device transfer per epoch; each batch is gathered on the device.

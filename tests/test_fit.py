@@ -390,3 +390,109 @@ def test_nonfinite_gradients_raise_with_epoch_and_step():
                   seed=0, progress=False)
     assert history.optimizer.skipped_steps == 2
     assert np.all(np.isfinite(skipping.params["W"]))
+
+
+# --------------------------------------------------------------------------- checkpoints
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt:
+    """Simulates a crash at the end of an epoch (before that epoch's checkpoint)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs, model):
+        if epoch == self.epoch:
+            raise Interrupt
+
+
+def _checkpointed_run(path=None, epochs=6, extra_callbacks=(), convert=None, **kwargs):
+    X, y = _classification(n=50, seed=3)
+    if convert is not None:
+        X, y = convert(X), convert(y)
+    model = models.MLP([4, 12, 3], dropout=0.2)
+    plateau = schedules.ReduceOnPlateau(0.5, 0, monitor="val_loss", threshold=0.2,
+                                        schedule=schedules.warmup(schedules.cosine(40), 4))
+    stopper = EarlyStopping(patience=20)
+    history = fit(model, X[:40], y[:40], optimizer="adam", lr=0.02, epochs=epochs,
+                  batch_size=16, validation_data=(X[40:], y[40:]), schedule=plateau,
+                  callbacks=[stopper, *extra_callbacks], l1=1e-4, weight_decay=1e-3,
+                  clip_norm=2.0, seed=21, progress=False, checkpoint=path, **kwargs)
+    return model, history, plateau, stopper
+
+
+def _same_run(a, b):
+    (model_a, history_a, plateau_a, stopper_a), (model_b, history_b, plateau_b, stopper_b) = a, b
+    assert _numbers(history_a) == _numbers(history_b)
+    for name in model_a.params:
+        assert np.array_equal(np.asarray(model_a.params[name]), np.asarray(model_b.params[name]))
+    state_a, state_b = history_a.optimizer.state_dict(), history_b.optimizer.state_dict()
+    assert state_a["group_state"] == state_b["group_state"]
+    for saved_a, saved_b in zip(state_a["state"], state_b["state"], strict=True):
+        assert all(np.array_equal(saved_a[k], saved_b[k]) for k in saved_a)
+    assert plateau_a.state_dict() == plateau_b.state_dict()
+    assert (stopper_a.best, stopper_a.best_epoch) == (stopper_b.best, stopper_b.best_epoch)
+    assert history_a.steps == history_b.steps
+
+
+def test_resuming_after_a_crash_is_bit_identical_to_the_uninterrupted_run(tmp_path):
+    path = tmp_path / "run.ckpt"
+    uninterrupted = _checkpointed_run()
+    assert uninterrupted[2].scale < 1  # the plateau schedule acted: its state matters
+    with pytest.raises(Interrupt):
+        _checkpointed_run(path, extra_callbacks=[InterruptAt(5)], checkpoint_every=2)
+    assert path.exists()  # saved after epoch 4
+    resumed = _checkpointed_run(path, resume=True, checkpoint_every=2)
+    _same_run(uninterrupted, resumed)
+
+
+def test_resume_can_train_further_and_repeating_a_finished_run_changes_nothing(tmp_path):
+    path = tmp_path / "run.ckpt"
+    uninterrupted = _checkpointed_run(epochs=6)
+    _checkpointed_run(path, epochs=3)
+    extended = _checkpointed_run(path, epochs=6, resume=True)
+    _same_run(uninterrupted, extended)
+    repeated = _checkpointed_run(path, epochs=6, resume=True)
+    _same_run(uninterrupted, repeated)
+
+
+def test_resume_on_torch_is_bit_identical_too(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "run.ckpt"
+    uninterrupted = _checkpointed_run(convert=torch.asarray, epochs=4)
+    with pytest.raises(Interrupt):
+        _checkpointed_run(path, convert=torch.asarray, epochs=4,
+                          extra_callbacks=[InterruptAt(3)])
+    resumed = _checkpointed_run(path, convert=torch.asarray, epochs=4, resume=True)
+    assert isinstance(resumed[0].params["W0"], torch.Tensor)
+    _same_run(uninterrupted, resumed)
+
+
+def test_resume_without_a_file_starts_afresh(tmp_path):
+    path = tmp_path / "new.ckpt"
+    fresh = _checkpointed_run(path, epochs=2, resume=True)
+    assert path.exists()
+    _same_run(_checkpointed_run(epochs=2), fresh)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    X, y = _regression()
+    path = tmp_path / "run.ckpt"
+    fit(models.LinearRegression(3), X, y, epochs=2, batch_size=10, seed=1, checkpoint=path,
+        progress=False)
+    for kwargs, message in [({"batch_size": 5}, "batch_size"), ({"l2": 0.1}, "l2"),
+                            ({"optimizer": "sgd"}, "optimizer"), ({"seed": 2}, "seed"),
+                            ({"callbacks": [EarlyStopping(monitor="train_loss")]}, "callbacks")]:
+        model = models.LinearRegression(3)
+        arguments = {"epochs": 4, "batch_size": 10, "checkpoint": path, "resume": True,
+                     "progress": False, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            fit(model, X, y, **arguments)
+        assert model.params is None
+    with pytest.raises(ValueError, match="does not exist"):
+        fit(models.LinearRegression(3), X, y, checkpoint=tmp_path / "no" / "run.ckpt",
+            progress=False)
+    with pytest.raises(ValueError, match="checkpoint path"):
+        fit(models.LinearRegression(3), X, y, resume=True, progress=False)
