@@ -1,0 +1,460 @@
+"""Validate first, then write: every bad call raises a clear error and changes nothing.
+
+Also the edge inputs that must just work: 0-d and zero-size parameters, strided
+views (updated in place), ``lr=0`` as the identity, and the non-finite gradient
+policies.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+import optim_core
+from optim_core import Optimizer
+
+ALL = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
+       "NAdam", "RAdam", "Lion"]
+#: Options that switch on every optional state and branch, for each optimizer.
+RICH = {
+    "GD": {}, "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+    "DGD": {}, "Adagrad": {"lr_decay": 0.1, "weight_decay": 0.1},
+    "RMSprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
+    "Adadelta": {"weight_decay": 0.1}, "Adam": {"amsgrad": True, "weight_decay": 0.1},
+    "AdamW": {"amsgrad": True}, "Adamax": {"weight_decay": 0.1},
+    "NAdam": {"weight_decay": 0.1}, "RAdam": {"weight_decay": 0.1}, "Lion": {"weight_decay": 0.1},
+}
+
+
+def make(name: str, params, **options) -> Optimizer:
+    """The optimizer ``name`` with its rich options; generic path (checks are the base class's)."""
+    return getattr(optim_core, name)(params, **{"impl": "generic", **RICH[name], **options})
+
+
+def snapshot(opt: Optimizer):
+    """Everything a step could change: parameter values, state, step counts, hyperparameters."""
+    params = opt.params
+    values = ({k: np.array(v, copy=True) for k, v in params.items()} if isinstance(params, dict)
+              else [np.array(v, copy=True) for v in params])
+    return values, copy.deepcopy(opt.state_dict()), opt.skipped_steps
+
+
+def assert_unchanged(opt: Optimizer, before) -> None:
+    values, state_dict, skipped = snapshot(opt)
+    old_values, old_state_dict, old_skipped = before
+    assert skipped == old_skipped
+    if isinstance(values, dict):
+        values, old_values = list(values.values()), list(old_values.values())
+    for new, old in zip(values, old_values, strict=True):
+        assert new.tobytes() == old.tobytes()
+    assert_same_state_dict(state_dict, old_state_dict)
+
+
+def assert_same_state_dict(a, b) -> None:
+    if isinstance(b, np.ndarray):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    elif isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for k in b:
+            assert_same_state_dict(a[k], b[k])
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state_dict(x, y)
+    else:
+        assert a == b or (isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def stepped(name: str, steps: int = 2, **options) -> Optimizer:
+    """An optimizer over a dict of float32 params, after a few steps (state exists)."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((3, 2)).astype(np.float32),
+              "b": rng.standard_normal(2).astype(np.float32)}
+    opt = make(name, params, **options)
+    for _ in range(steps):
+        opt.step({"w": rng.standard_normal((3, 2)).astype(np.float32),
+                  "b": rng.standard_normal(2).astype(np.float32)})
+    return opt
+
+
+def good_grads():
+    return {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
+
+
+# --------------------------------------------------------------------------- grads
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda g: list(g.values()), TypeError, "dict"),
+    (lambda g: {"w": g["w"]}, ValueError, "missing"),
+    (lambda g: {**g, "extra": g["b"]}, ValueError, "unexpected"),
+    (lambda g: {**g, "b": np.ones(1, np.float32)}, ValueError, "shape"),      # broadcastable
+    (lambda g: {**g, "b": np.ones((1, 2), np.float32)}, ValueError, "shape"),  # broadcastable
+    (lambda g: {**g, "w": g["w"].T}, ValueError, "shape"),
+    (lambda g: {**g, "b": np.float32(1.0)}, ValueError, "shape"),
+    (lambda g: {**g, "b": np.ones(2, np.int64)}, TypeError, "floating"),
+    (lambda g: {**g, "b": np.ones(2, bool)}, TypeError, "floating"),
+    (lambda g: {**g, "b": [1.0, 1.0]}, TypeError, "array"),
+    (lambda g: {**g, "b": np.ones(2, np.complex64)}, TypeError, "floating"),
+], ids=["list-for-dict", "missing-key", "extra-key", "broadcast-1", "broadcast-row",
+        "transposed", "scalar", "int", "bool", "python-list", "complex"])
+def test_bad_grads_raise_and_change_nothing(name, mutate, error, match):
+    opt = stepped(name)
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step(mutate(good_grads()))
+    assert_unchanged(opt, before)
+
+
+def test_list_params_refuse_dict_grads_and_wrong_counts():
+    opt = optim_core.SGD([np.ones(2), np.ones(3)], lr=0.1)
+    with pytest.raises(TypeError, match="list"):
+        opt.step({"0": np.ones(2), "1": np.ones(3)})
+    with pytest.raises(ValueError, match="2 params"):
+        opt.step([np.ones(2)])
+    with pytest.raises(TypeError):
+        opt.step(np.ones(2))
+
+
+def test_a_bad_last_grad_leaves_the_first_parameter_untouched():
+    first, second = np.ones(3), np.ones(3)
+    opt = optim_core.SGD([first, second], lr=0.1)
+    with pytest.raises(ValueError):
+        opt.step([np.ones(3), np.ones(4)])
+    assert first.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float64_grads_are_rounded_to_float32_params(name):
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(5) for _ in range(3)]
+    a = np.linspace(-1, 1, 5, dtype=np.float32)
+    b = a.copy()
+    opt_a, opt_b = make(name, [a], lr=0.01), make(name, [b], lr=0.01)
+    for g in grads:
+        opt_a.step([g])
+        opt_b.step([g.astype(np.float32)])
+    assert a.dtype == np.float32
+    assert all(s.dtype == np.float32 for s in opt_a.state[0][0].values())
+    assert a.tobytes() == b.tobytes()
+
+
+def test_grads_from_another_library_or_device_are_refused():
+    torch = pytest.importorskip("torch")
+    opt = optim_core.Adam([np.ones(3)])
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="numpy|torch"):
+        opt.step([torch.ones(3, dtype=torch.float64)])
+    assert_unchanged(opt, before)
+    param = torch.ones(3)
+    opt = optim_core.Adam([param])
+    with pytest.raises(TypeError, match="device"):
+        opt.step([torch.ones(3, device="meta")])
+    assert param.tolist() == [1.0, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- hyperparameters
+BAD_HYPERPARAMETERS = [
+    ("lr", -1e-3, ValueError), ("lr", float("nan"), ValueError), ("lr", float("inf"), ValueError),
+    ("lr", "0.1", ValueError), ("lr", True, ValueError), ("lr", None, ValueError),
+    ("eps", -1e-8, ValueError), ("weight_decay", -0.1, ValueError),
+    ("momentum", -0.5, ValueError), ("dampening", 1.5, ValueError),
+    ("betas", (1.0, 0.999), ValueError), ("betas", (0.9, 1.0), ValueError),
+    ("betas", (-0.1, 0.999), ValueError), ("betas", (0.9,), ValueError),
+    ("betas", (0.9, float("nan")), ValueError), ("betas", 0.9, ValueError),
+    ("rho", 1.5, ValueError), ("decay", -0.1, ValueError), ("decay", 1.1, ValueError),
+    ("lr_decay", -1.0, ValueError), ("alpha", -0.1, ValueError),
+    ("initial_accumulator_value", -1.0, ValueError), ("momentum_decay", -1.0, ValueError),
+    ("amsgrad", "yes", TypeError), ("nesterov", 1, TypeError), ("centered", None, TypeError),
+    ("maximize", "no", TypeError),
+]
+
+
+def _cases_for_bad_hyperparameters():
+    for name in ALL:
+        accepted = set(make(name, [np.ones(1)]).defaults)
+        for key, value, error in BAD_HYPERPARAMETERS:
+            if key in accepted:
+                yield pytest.param(name, key, value, error, id=f"{name}-{key}={value!r}")
+
+
+BAD_CASES = list(_cases_for_bad_hyperparameters())
+
+
+@pytest.mark.parametrize("name, key, value, error", BAD_CASES)
+def test_bad_hyperparameters_are_refused_at_construction(name, key, value, error):
+    if key == "betas" and not isinstance(value, tuple):
+        error, key = (TypeError, ValueError), None  # the constructor's tuple(betas) fails first
+    with pytest.raises(error, match=key):
+        make(name, [np.ones(2)], **{key or "betas": value})
+    with pytest.raises(error, match=key):
+        make(name, [{"params": [np.ones(2)]}, {"params": [np.ones(2)], key or "betas": value}])
+
+
+@pytest.mark.parametrize("name, key, value, error", BAD_CASES)
+def test_bad_hyperparameter_set_between_steps_raises_before_any_group_is_written(
+        name, key, value, error):
+    first, second = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt = make(name, [{"params": [first]}, {"params": [second]}], lr=0.1)
+    opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    opt.param_groups[1][key] = value
+    before = snapshot(opt)
+    with pytest.raises(error, match=key):
+        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("momentum, dampening", [(0.0, 0.0), (0.9, 0.1)])
+def test_nesterov_needs_momentum_and_no_dampening(momentum, dampening):
+    with pytest.raises(ValueError, match="nesterov"):
+        optim_core.SGD([np.ones(2)], momentum=momentum, dampening=dampening, nesterov=True)
+
+
+def test_unknown_hyperparameters_and_options_are_refused():
+    with pytest.raises(TypeError):
+        optim_core.Adam([np.ones(2)], learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        optim_core.Adam([{"params": [np.ones(2)], "momentum": 0.9}])
+    with pytest.raises(ValueError, match="nonfinite"):
+        optim_core.Adam([np.ones(2)], nonfinite="ignore")
+    with pytest.raises(ValueError, match="impl"):
+        optim_core.Adam([np.ones(2)], impl="fastest")
+
+
+# --------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize("params, error, match", [
+    ([np.ones(2, np.int32)], TypeError, "floating"),
+    ([np.ones(2, bool)], TypeError, "floating"),
+    ([np.ones(2, np.complex128)], TypeError, "floating"),
+    ([[1.0, 2.0]], TypeError, "array"),
+    ([], ValueError, "no parameter"),
+    ({}, ValueError, "no parameter"),
+    (np.ones(3), TypeError, "params"),
+    ("weights", TypeError, "params"),
+], ids=["int", "bool", "complex", "python-list", "empty-list", "empty-dict", "bare-array", "str"])
+def test_bad_params_are_refused(params, error, match):
+    with pytest.raises(error, match=match):
+        optim_core.Adam(params)
+
+
+def test_read_only_params_are_refused_at_construction():
+    frozen = np.ones(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        optim_core.SGD([np.ones(2), frozen])
+    with pytest.raises(ValueError, match="read-only"):
+        optim_core.SGD({"w": np.broadcast_to(np.ones(1), (3,))})
+
+
+def test_the_same_array_twice_is_refused():
+    w = np.ones(4)
+    with pytest.raises(ValueError, match="same array"):
+        optim_core.SGD([w, w])
+    with pytest.raises(ValueError, match="same array"):
+        optim_core.SGD({"a": w, "b": w[:]})
+    with pytest.raises(ValueError, match="same array"):
+        optim_core.SGD([{"params": [w]}, {"params": [w]}])
+    torch = pytest.importorskip("torch")
+    t = torch.ones(3)
+    with pytest.raises(ValueError, match="same array"):
+        optim_core.SGD([t, t])
+
+
+# --------------------------------------------------------------------------- edge inputs
+@pytest.mark.parametrize("name", ALL)
+def test_zero_d_params_step_like_one_element_arrays(name):
+    scalar, vector = np.array(0.5), np.array([0.5])
+    opt_s, opt_v = make(name, [scalar], lr=0.1), make(name, [vector], lr=0.1)
+    for g in (0.3, -1.2, 0.7):
+        opt_s.step([np.array(g)])
+        opt_v.step([np.array([g])])
+    assert scalar.shape == () and scalar.item() == vector.item() != 0.5
+    assert all(s.shape == () for s in opt_s.state[0][0].values())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_size_params_just_work(name):
+    empty, other = np.zeros((0, 3), np.float32), np.ones(2, np.float32)
+    opt = make(name, {"empty": empty, "other": other}, lr=0.1)
+    for _ in range(3):
+        opt.step({"empty": np.zeros((0, 3), np.float32), "other": np.ones(2, np.float32)})
+    assert empty.shape == (0, 3) and not np.array_equal(other, np.ones(2))
+    assert opt.group_state[0]["step"] == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strided_views_are_updated_in_place(name):
+    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+    original = base.copy()
+    view = base[1::2, ::3]  # rows 1 and 3, columns 0 and 3: not contiguous
+    reference = view.copy()
+    grads = [np.full((2, 2), 0.5), np.array([[1.0, -1.0], [2.0, 0.25]])]
+    opt, opt_ref = make(name, [view], lr=0.1), make(name, [reference], lr=0.1)
+    for g in grads:
+        assert opt.step([g])[0] is view
+        opt_ref.step([g])
+    assert np.array_equal(base[1::2, ::3], reference)
+    assert not np.array_equal(reference, original[1::2, ::3])
+    untouched = np.ones(base.shape, bool)
+    untouched[1::2, ::3] = False
+    assert np.array_equal(base[untouched], original[untouched])
+
+
+def test_strided_torch_views_are_updated_in_place():
+    torch = pytest.importorskip("torch")
+    base = torch.zeros(4, 4, dtype=torch.float64)
+    view = base[:, 1]
+    opt = optim_core.Adam([view], lr=0.1)
+    opt.step([torch.ones(4, dtype=torch.float64)])
+    assert torch.all(base[:, 1] < 0) and torch.all(base[:, [0, 2, 3]] == 0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_lr_zero_is_the_identity(name):
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)]
+    before = [p.copy() for p in params]
+    opt = make(name, params, lr=0.0)
+    for _ in range(4):
+        opt.step([rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)])
+    for p, b in zip(params, before, strict=True):
+        assert p.tobytes() == b.tobytes()
+
+
+# --------------------------------------------------------------------------- non-finite
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_skip_leaves_everything_untouched_and_counts(name, bad):
+    opt = stepped(name, nonfinite="skip")
+    clean = stepped(name)
+    before = snapshot(opt)
+    grads = good_grads()
+    grads["b"][1] = bad
+    opt.step(grads)
+    opt.step(grads)
+    values, state_dict, skipped = snapshot(opt)
+    assert skipped == 2 and opt.skipped_steps == 2
+    assert_unchanged(opt, (before[0], before[1], 2))
+    # Afterwards the run continues exactly as if the bad steps never came.
+    opt.step(good_grads())
+    clean.step(good_grads())
+    for a, b in zip(opt.params.values(), clean.params.values(), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_skip_before_the_first_step_creates_no_state(name):
+    w = np.ones(3)
+    opt = make(name, {"w": w}, nonfinite="skip")
+    opt.step({"w": np.array([1.0, np.nan, 1.0])})
+    assert opt.state == [[{}]] and opt.group_state[0]["step"] == 0 and opt.skipped_steps == 1
+    assert w.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_raise_names_the_parameter_and_writes_nothing(name):
+    opt = stepped(name, nonfinite="raise")
+    before = snapshot(opt)
+    grads = good_grads()
+    grads["b"][0] = np.nan
+    with pytest.raises(ValueError, match="'b'"):
+        opt.step(grads)
+    assert_unchanged(opt, before)
+
+
+def test_propagate_lets_nan_through_unchecked():
+    w = np.ones(3)
+    opt = optim_core.SGD([w], lr=0.1)
+    assert opt.nonfinite == "propagate"
+    opt.step([np.array([np.nan, 1.0, 1.0])])
+    assert np.isnan(w[0]) and w[1] == 0.9
+
+
+def test_nonfinite_policy_works_on_other_libraries(xp):
+    w = xp.asarray([1.0, 2.0])
+    opt = optim_core.Adam([w], nonfinite="skip")
+    out = opt.step([xp.asarray([float("nan"), 1.0])])
+    assert xp.to_numpy(out[0]).tolist() == [1.0, 2.0] and opt.skipped_steps == 1
+    opt = optim_core.Adam([w], nonfinite="raise")
+    with pytest.raises(ValueError, match="'0'"):
+        opt.step([xp.asarray([1.0, float("inf")])])
+
+
+# --------------------------------------------------------------------------- load_state_dict
+def _set(path, value):
+    def mutate(d):
+        target = d
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return mutate
+
+
+def _drop(path):
+    def mutate(d):
+        target = d
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+    return mutate
+
+
+BAD_STATE_DICTS = [
+    (_set(["format_version"], 99), ValueError, "format"),
+    (_set(["optimizer"], "Nonesuch"), ValueError, "Nonesuch"),
+    (_drop(["state"]), ValueError, "lacks"),
+    (_drop(["param_groups"]), ValueError, "lacks"),
+    (_drop(["group_state"]), ValueError, "lacks"),
+    (lambda d: d["param_groups"].append(d["param_groups"][0]), ValueError, "param groups"),
+    (lambda d: d["state"].pop(), ValueError, "state for"),
+    (_set(["param_groups", 0, "lr"], -1.0), ValueError, "lr"),
+    (_set(["param_groups", 0, "bogus"], 1.0), ValueError, "unknown hyperparameters"),
+    (_set(["group_state", 0, "step"], True), ValueError, "step"),
+    (_set(["group_state", 0, "step"], -1), ValueError, "step"),
+    (_set(["group_state", 0, "step"], 2.0), ValueError, "step"),
+    (_set(["group_state", 0, "extra"], 1.0), ValueError, "group_state"),
+    (_set(["state", 0], [1, 2]), TypeError, "dict"),
+    (_set(["state", 1, "bogus"], np.zeros(2)), ValueError, "unknown state"),
+]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("mutate, error, match", BAD_STATE_DICTS)
+def test_bad_state_dicts_raise_and_change_nothing(name, mutate, error, match):
+    source = stepped(name, steps=3)
+    target = stepped(name, steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    mutate(state_dict)
+    before = snapshot(target)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("GD", "DGD")])
+def test_state_of_the_wrong_shape_or_kind_is_refused(name):
+    source, target = stepped(name, steps=3), stepped(name, steps=1)
+    key = next(iter(source.state_dict()["state"][0]))
+    for value, error in [(np.zeros(7), ValueError), ([0.0] * 6, TypeError), (None, TypeError)]:
+        state_dict = copy.deepcopy(source.state_dict())
+        state_dict["state"][0][key] = value
+        before = snapshot(target)
+        with pytest.raises(error):
+            target.load_state_dict(state_dict)
+        assert_unchanged(target, before)
+
+
+def test_missing_scalar_group_state_is_refused():
+    for name, key in [("DGD", "decay_product"), ("NAdam", "mu_product")]:
+        source, target = stepped(name, steps=3), stepped(name, steps=1)
+        state_dict = source.state_dict()
+        del state_dict["group_state"][0][key]
+        with pytest.raises(ValueError, match=key):
+            target.load_state_dict(state_dict)
+
+
+def test_load_state_dict_refuses_a_non_dict():
+    with pytest.raises(TypeError):
+        stepped("Adam").load_state_dict([1, 2, 3])
