@@ -65,7 +65,8 @@ def pytest_collection_modifyitems(config, items):
 EOF
 export PYTHONPATH="$WORK/path:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
+# JAX would otherwise take 75% of the GPU's memory at start, starving CuPy and torch.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 cd "$WORK/path" || exit 1  # never the repository root: its optim_core/ has no backends/
 
 have() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }

@@ -30,7 +30,7 @@ import numpy as np
 from . import timing
 from .workloads import Workload
 
-__all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "HostData",
+__all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "WorkloadData",
            "build"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion")
@@ -65,24 +65,27 @@ class Runner:
     note: str = ""
 
 
-class HostData:
-    """Random parameters and gradients of a workload, made once and copied per runner.
+class WorkloadData:
+    """Random parameters and gradients of a workload, made once and copied for each runner.
 
     Values repeat a 2**20-element random block, so even 1e9-element tensors are
-    made at memory speed; the timing does not depend on the values.
+    made at memory speed; the timing does not depend on the values. On a GPU the
+    data is uploaded once (as CuPy arrays) and each runner gets device-to-device
+    copies.
     """
 
     BLOCK = 1 << 20
 
-    def __init__(self, workload: Workload, dtype: str, seed: int = 0) -> None:
+    def __init__(self, workload: Workload, dtype: str, device: str = "cpu", seed: int = 0
+                 ) -> None:
         rng = np.random.default_rng(seed)
-        self.workload = workload
-        self.dtype = np.dtype(dtype)
+        self.workload, self.dtype, self.device = workload, np.dtype(dtype), device
         # Two periods of the block, so any window of BLOCK elements is a plain slice.
         block_p = np.tile(rng.standard_normal(self.BLOCK, dtype=np.float32), 2)
         block_g = np.tile(1e-2 * rng.standard_normal(self.BLOCK, dtype=np.float32), 2)
         self.params = [self._filled(block_p, shape, rng) for shape in workload.shapes]
         self.grads = [self._filled(block_g, shape, rng) for shape in workload.shapes]
+        self._on_gpu: tuple[list, list] | None = None
 
     def _filled(self, block: np.ndarray, shape: tuple[int, ...], rng) -> np.ndarray:
         size = int(np.prod(shape))
@@ -91,8 +94,53 @@ class HostData:
         filled = window.astype(self.dtype) if size <= self.BLOCK else np.resize(window, size)
         return filled.astype(self.dtype, copy=False).reshape(shape)
 
+    def copies(self, library: str) -> tuple[list, list]:
+        """Fresh (params, grads) of ``library`` ("numpy", "cupy", "torch", "jax") on the device."""
+        if self.device == "cpu":
+            params, grads = [p.copy() for p in self.params], [g.copy() for g in self.grads]
+            if library == "torch":
+                import torch
 
-def build(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+                return [torch.from_numpy(p) for p in params], [torch.from_numpy(g) for g in grads]
+            if library == "jax":
+                import jax
+
+                cpu = jax.devices("cpu")[0]
+                return ([jax.device_put(p, cpu) for p in params],
+                        [jax.device_put(g, cpu) for g in grads])
+            return params, grads
+        return self._gpu_copies(library)  # pragma: no cover - GPU only
+
+    def _gpu_copies(self, library: str) -> tuple[list, list]:  # pragma: no cover - GPU only
+        import cupy
+
+        if self._on_gpu is None:
+            self._on_gpu = ([cupy.asarray(p) for p in self.params],
+                            [cupy.asarray(g) for g in self.grads])
+        sources = self._on_gpu
+        if library in ("cupy", "numpy"):
+            return tuple([a.copy() for a in arrays] for arrays in sources)
+        if library == "torch":
+            import torch
+
+            return tuple([torch.from_dlpack(a).clone() for a in arrays] for arrays in sources)
+        import jax
+        import jax.numpy as jnp
+
+        gpu = jax.devices("gpu")[0]
+        try:
+            return tuple([jnp.array(jax.dlpack.from_dlpack(a), copy=True) for a in arrays]
+                         for arrays in sources)
+        except Exception:  # noqa: BLE001 - DLPack exchange varies by version: upload instead
+            return tuple([jax.device_put(a, gpu) for a in arrays]
+                         for arrays in (self.params, self.grads))
+
+    def release(self) -> None:
+        """Drop the device copies (the host data stays)."""
+        self._on_gpu = None
+
+
+def build(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     """A runner of ``optimizer`` in ``impl`` on ``device`` ("cpu" or "cuda"), or NotAvailable."""
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
@@ -113,12 +161,11 @@ def _array_library(device: str):
     return cupy, timing.CupyEventClock()  # pragma: no cover
 
 
-def _build_ours(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+def _build_ours(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     from optim_core import optimizers
 
     xp, clock = _array_library(device)
-    params = [xp.array(p, copy=True) for p in data.params]
-    grads = [xp.array(g, copy=True) for g in data.grads]
+    params, grads = data.copies(xp.__name__)
     cls = getattr(optimizers, _CLASS_NAMES[optimizer])
     try:
         opt = cls(params, **HYPERPARAMETERS[optimizer], impl=impl.removeprefix("ours-"))
@@ -207,17 +254,16 @@ _NAIVE = {"adam": _NaiveAdam, "adamw": _NaiveAdamW, "sgd-momentum": _NaiveSGD,
           "adagrad": _NaiveAdagrad, "rmsprop": _NaiveRMSprop, "lion": _NaiveLion}
 
 
-def _build_naive(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+def _build_naive(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     xp, clock = _array_library(device)
-    params = [xp.array(p, copy=True) for p in data.params]
-    grads = [xp.array(g, copy=True) for g in data.grads]
+    params, grads = data.copies(xp.__name__)
     opt = _NAIVE[optimizer](xp, params, **HYPERPARAMETERS[optimizer])
     note = "article-style NumPy" if device == "cpu" else "article-style code on CuPy"
     return Runner(lambda: opt.step(grads), clock, note)
 
 
 # --------------------------------------------------------------------------- torch
-def _build_torch(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     if importlib.util.find_spec("torch") is None:
         raise NotAvailable("torch is not installed")
     import torch
@@ -229,9 +275,10 @@ def _build_torch(impl: str, optimizer: str, data: HostData, device: str) -> Runn
             "torch-fused": {"fused": True}}[impl]
     if next(iter(mode)) not in inspect.signature(cls).parameters:
         raise NotAvailable(f"torch.optim.{cls.__name__} has no {next(iter(mode))}= option")
-    params = [torch.from_numpy(p).to(device, copy=True).requires_grad_() for p in data.params]
-    for param, grad in zip(params, data.grads, strict=True):
-        param.grad = torch.from_numpy(grad).to(device, copy=True)
+    params, grads = data.copies("torch")
+    for param, grad in zip(params, grads, strict=True):
+        param.requires_grad_()
+        param.grad = grad
     try:
         opt = cls(params, **HYPERPARAMETERS[optimizer], **mode)
         opt.step()
@@ -261,7 +308,7 @@ def _optax_transformation(optax, optimizer: str):
                       weight_decay=h["weight_decay"])
 
 
-def _build_optax(impl: str, optimizer: str, data: HostData, device: str) -> Runner:
+def _build_optax(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
         raise NotAvailable("jax/optax are not installed")
     # JAX would otherwise reserve most of the GPU's memory at import, starving CuPy and torch.
@@ -271,12 +318,11 @@ def _build_optax(impl: str, optimizer: str, data: HostData, device: str) -> Runn
 
     backend = "cpu" if device == "cpu" else "gpu"
     try:
-        target = jax.devices(backend)[0]
+        jax.devices(backend)
     except RuntimeError as error:
         raise NotAvailable(f"JAX has no {backend} device: {error}") from error
     transformation = _optax_transformation(optax, optimizer)
-    params = [jax.device_put(p, target) for p in data.params]
-    grads = [jax.device_put(g, target) for g in data.grads]
+    params, grads = data.copies("jax")
 
     def update(params, state, grads):
         updates, state = transformation.update(grads, state, params)

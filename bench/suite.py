@@ -66,7 +66,7 @@ def run(config: Config, progress: Callable[[str], None] = print) -> dict[str, An
     floors = _measure_floor(config)
     best = max(floors, key=lambda b: b.bytes_per_s)
     progress(f"floor: {best.bytes_per_s / 1e9:.1f} GB/s ({best.kernel})")
-    data_cache: dict[str, impls.HostData] = {}
+    data_cache: dict[str, impls.WorkloadData] = {}
     results = []
     for optimizer in config.optimizers:
         for workload in config.workloads:
@@ -77,7 +77,8 @@ def run(config: Config, progress: Callable[[str], None] = print) -> dict[str, An
                                f"time limit {config.time_limit_s:g} s reached")
                 else:
                     if workload.name not in data_cache:
-                        data_cache[workload.name] = impls.HostData(workload, config.dtype)
+                        data_cache[workload.name] = impls.WorkloadData(
+                            workload, config.dtype, config.device)
                     row = _run_cell(config, optimizer, workload, impl,
                                     data_cache[workload.name], best)
                     progress(_progress_line(row))
@@ -114,7 +115,7 @@ def _row(config: Config, optimizer: str, workload: Workload, impl: str, status: 
 
 
 def _run_cell(config: Config, optimizer: str, workload: Workload, impl: str,
-              data: impls.HostData, best: floor.Bandwidth) -> dict[str, Any]:
+              data: impls.WorkloadData, best: floor.Bandwidth) -> dict[str, Any]:
     row = _row(config, optimizer, workload, impl, "ok")
     runner = None
     try:

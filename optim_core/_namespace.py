@@ -133,6 +133,8 @@ def to_numpy(x: Any) -> np.ndarray:
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_torch_array(x):
+        if str(x.dtype) == "torch.bfloat16":
+            return _torch_bfloat16_to_numpy(x)
         return x.detach().cpu().numpy().copy()
     try:
         return np.asarray(x).copy()
@@ -140,8 +142,24 @@ def to_numpy(x: Any) -> np.ndarray:
         return np.from_dlpack(array_api_compat.to_device(x, "cpu")).copy()
 
 
+def _torch_bfloat16_to_numpy(x: Any) -> np.ndarray:
+    """NumPy has no bfloat16: ml_dtypes' bfloat16 bit for bit, or float32 (exact) without it."""
+    import torch
+
+    x = x.detach().cpu()
+    try:
+        import ml_dtypes
+    except ImportError:
+        return x.to(torch.float32).numpy()
+    return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+
+
 def from_numpy(xp: Any, array: np.ndarray, *, like: Any) -> Any:
     """Put a host NumPy array on ``like``'s namespace and device, with ``like``'s dtype."""
+    if array.dtype.kind == "V" and not isinstance(like, np.ndarray):
+        # ml_dtypes types (bfloat16...) are NumPy-only: other libraries take float32,
+        # which holds every one of their values exactly.
+        array = array.astype(np.float32)
     # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d).
     out = xp.asarray(np.asarray(array, order="C"), device=device_of(like), copy=True)
     if out.dtype != like.dtype:
