@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report", "format_table", "format_targets"]
+__all__ = ["format_report", "format_table", "format_summary", "format_targets"]
 
 _HEADER = ("optimizer", "workload", "tensors", "impl", "median ms", "GB/s", "of floor",
            "vs torch-fused")
@@ -18,7 +18,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"{meta['dtype']}, load average {meta['load_average_start']} -> "
              f"{meta.get('load_average_end')}",
              f"floor: read-modify-write {best['GBps']:.1f} GB/s ({best['kernel']}, "
-             f"{best['numel']:.3g} elements)", "", format_table(report["results"])]
+             f"{best['numel']:.3g} elements)", "",
+             "Median step time in ms (fraction of the floor):", "",
+             format_summary(report["results"]), "", "All measurements:", "",
+             format_table(report["results"])]
     targets = format_targets(report["targets"])
     if targets:
         lines += ["", targets]
@@ -40,17 +43,44 @@ def format_table(results: list[dict[str, Any]]) -> str:
         else:
             cells = (r["status"], "", "", "")
         rows.append((r["optimizer"], r["workload"], str(r["n_tensors"]), r["impl"], *cells))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    numeric = range(4, len(_HEADER))
+    return _markdown(rows, numeric_from=4)
+
+
+def _markdown(rows: list[tuple[str, ...]], numeric_from: int) -> str:
+    """A Markdown table; columns from ``numeric_from`` on are right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
     def line(row: tuple[str, ...]) -> str:
-        padded = (cell.rjust(w) if i in numeric else cell.ljust(w)
+        padded = (cell.rjust(w) if i >= numeric_from else cell.ljust(w)
                   for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join("-" * (w + 1) + (":" if i in numeric else "-")
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i >= numeric_from else "-")
                           for i, w in enumerate(widths)) + "|"
     return "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]])
+
+
+def format_summary(results: list[dict[str, Any]]) -> str:
+    """One row per optimizer and workload, one column per implementation: "ms (floor %)"."""
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    keys = list(dict.fromkeys((r["optimizer"], r["workload"]) for r in results))
+    cells = {(r["optimizer"], r["workload"], r["impl"]): r for r in results}
+    rows = [("optimizer", "workload", "floor ms", *impls)]
+    for optimizer, workload in keys:
+        floor_ms = next((f"{r['floor_s'] * 1e3:.3g}" for r in results
+                         if (r["optimizer"], r["workload"]) == (optimizer, workload)
+                         and r["floor_s"] is not None), "")
+        row = [optimizer, workload, floor_ms]
+        for impl in impls:
+            r = cells.get((optimizer, workload, impl))
+            if r is None:
+                row.append("")
+            elif r["status"] != "ok":
+                row.append(r["status"])
+            else:
+                row.append(f"{r['median_s'] * 1e3:.3g} ({r['fraction_of_floor']:.2f})")
+        rows.append(tuple(row))
+    return _markdown(rows, numeric_from=2)
 
 
 def format_targets(targets: list[dict[str, Any]]) -> str:
