@@ -2,6 +2,9 @@
 
 * ``ours-fused``, ``ours-generic``: :mod:`optim_core` with ``impl="fused"`` or
   ``impl="generic"``, on NumPy arrays (CPU) or CuPy arrays (GPU).
+* ``ours-flat``: ``impl="fused", flat=True``: every tensor of the workload in one
+  buffer, one kernel per step; the gradients are written into the optimizer's
+  ``grad_views`` once, as a backward pass would write them, so the step copies nothing.
 * ``naive-numpy``: the founding article's style, correct math written with plain
   NumPy expressions: one Python loop over tensors, a new temporary array per
   operation, parameters rebound to new arrays. On the GPU the same code runs with
@@ -34,7 +37,7 @@ __all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "
            "build"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion")
-IMPLS = ("ours-fused", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
+IMPLS = ("ours-fused", "ours-flat", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
          "torch-fused", "optax-jit")
 
 #: The hyperparameters every implementation runs (``torch.optim``'s defaults; SGD with
@@ -167,11 +170,22 @@ def _build_ours(impl: str, optimizer: str, data: WorkloadData, device: str) -> R
     xp, clock = _array_library(device)
     params, grads = data.copies(xp.__name__)
     cls = getattr(optimizers, _CLASS_NAMES[optimizer])
+    options = {"impl": "generic" if impl == "ours-generic" else "fused"}
+    if impl == "ours-flat":
+        options["flat"] = True
     try:
-        opt = cls(params, **HYPERPARAMETERS[optimizer], impl=impl.removeprefix("ours-"))
-    except ValueError as error:
+        opt = cls(params, **HYPERPARAMETERS[optimizer], **options)
+    except (ValueError, TypeError) as error:
         raise NotAvailable(str(error)) from error
-    return Runner(lambda: opt.step(grads), clock, opt.implementation_reason)
+    note = opt.implementation_reason
+    if impl == "ours-flat":
+        # As a backward pass would: gradients written straight into the gradient buffer.
+        views = opt.grad_views
+        for view, grad in zip(views, grads, strict=True):
+            view[...] = grad
+        grads = views
+        note += "; flat buffers, gradients written into grad_views"
+    return Runner(lambda: opt.step(grads), clock, note)
 
 
 # --------------------------------------------------------------------------- naive
