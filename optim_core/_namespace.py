@@ -29,6 +29,10 @@ __all__ = [
     "is_cupy_namespace",
     "to_numpy",
     "from_numpy",
+    "is_dask_array",
+    "chunk_like",
+    "data_namespace",
+    "to_floats",
 ]
 
 
@@ -165,3 +169,46 @@ def from_numpy(xp: Any, array: np.ndarray, *, like: Any) -> Any:
     if out.dtype != like.dtype:
         out = xp.astype(out, like.dtype)
     return out
+
+
+def is_dask_array(x: Any) -> bool:
+    """Whether ``x`` is a Dask array (answered without importing Dask)."""
+    return bool(array_api_compat.is_dask_array(x))
+
+
+def chunk_like(x: Any) -> Any:
+    """``x`` itself, or for a Dask array an empty array of its chunks' library and dtype.
+
+    Parameters live in memory, in the library of the data's chunks (NumPy, CuPy),
+    never as Dask arrays; this is the array they are created and checked against.
+    """
+    if not is_dask_array(x):
+        return x
+    from . import dask_support  # imports Dask, or says how to install it
+
+    return dask_support.chunk_like(x)
+
+
+def data_namespace(param: Any, arrays: Sequence[Any], names: Sequence[str]) -> Any:
+    """The namespace to compute on ``arrays`` (data) with parameters like ``param``.
+
+    The data's namespace, which must be the parameter's, on its device; or the
+    Dask namespace, for Dask arrays whose chunks are in the parameter's library.
+    """
+    if any(is_dask_array(x) for x in arrays):
+        from . import dask_support
+
+        dask_support.require_dask()
+        xp = common_namespace(arrays, names, what="array")
+        check_same_library(chunk_like(arrays[0]), param, f"{names[0]}'s chunks")
+        return xp
+    return common_namespace([param, *arrays], ["the parameters", *names], what="array")
+
+
+def to_floats(*values: Any) -> tuple[float, ...]:
+    """Python floats of 0-d arrays; Dask ones computed together, in one pass over their data."""
+    if any(is_dask_array(v) for v in values):
+        from . import dask_support
+
+        values = dask_support.require_dask().compute(*values)
+    return tuple(float(v) for v in values)

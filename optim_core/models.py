@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _namespace as ns
+from . import dask_support
 from .regularization import dropout_key, dropout_mask
 
 __all__ = ["Model", "LinearRegression", "LogisticRegression", "SoftmaxRegression", "MLP",
@@ -132,6 +133,7 @@ class Model:
         dict
             The new :attr:`params`.
         """
+        like = ns.chunk_like(like)  # for Dask data: its chunks' library (NumPy, CuPy)
         xp = ns.namespace_of(like)
         device = ns.device_of(like)
         if dtype is None:
@@ -180,13 +182,16 @@ class Model:
                              rng: Any = None) -> tuple[Any, dict[str, Any]]:
         """As :meth:`loss_and_grad`, with the loss left as a 0-d array (no host sync)."""
         xp, X, y = self._prepare(X, y)
-        return self._loss_grad(xp, self._params, X, y, training=training,
-                               key=_dropout_key(rng) if training else None, need_grad=True)
+        key = _dropout_key(rng) if training else None
+        if ns.is_dask_array(X):  # each chunk's share where the chunk is, summed in a tree
+            return dask_support.loss_and_grad(self, X, y, training=training, key=key)
+        return self._loss_grad(xp, self._params, X, y, training=training, key=key,
+                               need_grad=True)
 
     def predict(self, X: Any) -> Any:
         """Predictions: values for regression, integer labels for classification."""
         xp, X, _ = self._prepare(X, None)
-        return self._predict(xp, self._outputs(xp, self._params, X))
+        return self._predict(xp, self._outputs(xp, self._lazy_safe_params(X), X))
 
     def score(self, X: Any, y: Any) -> float:
         """Accuracy for classifiers, :math:`R^2` for regression, as a Python float.
@@ -198,8 +203,8 @@ class Model:
         predictions = self._predict(xp, self._outputs(xp, self._params, X))
         if self.task == "classification":
             return float(xp.mean(xp.astype(predictions == y, X.dtype)))
-        residual = float(xp.sum((y - predictions) ** 2))
-        total = float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
+        residual, total = ns.to_floats(xp.sum((y - predictions) ** 2),
+                                       xp.sum((y - xp.mean(y, axis=0)) ** 2))
         if total == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
             return 1.0 if residual == 0 else 0.0
         return 1.0 - residual / total
@@ -210,6 +215,14 @@ class Model:
         return f"{type(self).__name__}({self._describe()}, params={state})"
 
     # ------------------------------------------------------------------ internals
+    def _lazy_safe_params(self, X: Any) -> dict[str, Any]:
+        """The parameters for a result returned to the caller uncomputed.
+
+        A Dask result is computed later, perhaps after training has changed the
+        arrays in place: it gets copies (small) of today's parameters.
+        """
+        return dask_support.snapshot(self._params) if ns.is_dask_array(X) else self._params
+
     def _describe(self) -> str:
         return f"n_features={self.n_features}"
 
@@ -229,9 +242,8 @@ class Model:
             raise RuntimeError(f"{type(self).__name__} has no parameters yet: call "
                                "init_params(X) or optim_core.fit first")
         first = next(iter(self._params.values()))
-        xp = ns.namespace_of(first)
-        named = [first, X] + ([] if y is None else [y])
-        ns.common_namespace(named, ["the parameters", "X", "y"][:len(named)], what="array")
+        data = [X] + ([] if y is None else [y])
+        xp = ns.data_namespace(first, data, ["X", "y"][:len(data)])
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"X must have shape (n_samples, {self.n_features}), "
                              f"got {tuple(X.shape)}")
@@ -375,7 +387,7 @@ class LogisticRegression(Model):
     def predict_proba(self, X: Any) -> Any:
         """Probabilities of classes 0 and 1, shape ``(n_samples, 2)``."""
         xp, X, _ = self._prepare(X, None)
-        p1 = _sigmoid(xp, self._outputs(xp, self._params, X))
+        p1 = _sigmoid(xp, self._outputs(xp, self._lazy_safe_params(X), X))
         return xp.stack([1.0 - p1, p1], axis=1)
 
     def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
@@ -427,7 +439,7 @@ class SoftmaxRegression(Model):
     def predict_proba(self, X: Any) -> Any:
         """Class probabilities, shape ``(n_samples, n_classes)``."""
         xp, X, _ = self._prepare(X, None)
-        return xp.exp(_log_softmax(xp, self._outputs(xp, self._params, X)))
+        return xp.exp(_log_softmax(xp, self._outputs(xp, self._lazy_safe_params(X), X)))
 
     def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
         loss, dZ = _softmax_cross_entropy(xp, self._outputs(xp, params, X), y, need_grad)
@@ -575,7 +587,7 @@ class MLP(Model):
         if self.task != "classification":
             raise AttributeError("predict_proba is for classification MLPs")
         xp, X, _ = self._prepare(X, None)
-        return xp.exp(_log_softmax(xp, self._outputs(xp, self._params, X)))
+        return xp.exp(_log_softmax(xp, self._outputs(xp, self._lazy_safe_params(X), X)))
 
     def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
         out, cache = self._forward(xp, params, X, key=key if training else None)

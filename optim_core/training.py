@@ -478,7 +478,8 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         model.init_params(X, seed=seed)
     if saved is not None:
         # Written into the existing arrays, so an optimizer instance built on them stays attached.
-        model.params = {name: _store(param, ns.from_numpy(xp, saved["params"][name], like=param))
+        model.params = {name: _store(param, ns.from_numpy(ns.namespace_of(param),
+                                                          saved["params"][name], like=param))
                         for name, param in model.params.items()}
     if not instance:
         try:

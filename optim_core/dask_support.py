@@ -1,0 +1,312 @@
+r"""Training on Dask arrays: data on a cluster (or on disk), parameters in memory.
+
+:func:`optim_core.fit` and the models accept Dask arrays for ``X`` and ``y``
+through the same array API code as every other library: the models' loss and
+gradient are written once, and on a Dask batch they build a lazy graph whose
+reductions (the mean loss, ``X.T @ dZ``, the bias sums) run where the chunks
+are. What changes is only where things live:
+
+* **Parameters and optimizer state** are small and stay in the driver's memory,
+  as arrays of the chunks' library (NumPy, or CuPy for CuPy chunks, with
+  dask-cuda). The optimizer steps them there with its usual (fused) path.
+* **Each step** puts the current parameters into the graph as small constants,
+  and computes the loss and every gradient together in one ``dask.compute`` (one
+  round trip to the scheduler). Each chunk contributes a partial product; only
+  the reduced gradients, of the parameters' size, come back. ``X`` is never
+  gathered on one machine.
+* **Nothing is persisted by fit.** ``X`` and ``y`` stay what they are: persisted
+  arrays (``X, y = dask.persist(X, y)`` or ``client.persist``) are read from the
+  workers' memory at every step; lazy arrays (generated, or read from Zarr or
+  ``.npy`` with :func:`read_npy`) are recomputed or re-read chunk by chunk at
+  every step, and a worker holds only the few chunks it is working on. Persist
+  when the data fits in the cluster's memory; leave it lazy when it does not
+  (out-of-core). Each epoch also reads the training data once more to score it
+  (``History.train_metric``), and the validation data twice.
+* **Where it runs** is Dask's choice: the ``distributed.Client`` that is active
+  (``Client("tcp://scheduler:8786")`` for a remote cluster, ``LocalCluster``
+  for worker processes on one machine), or Dask's local threads without one.
+
+Full-batch training (``batch_size=None``) computes the same sums as NumPy in
+another order, so results agree to rounding (float64: about 1e-15 relative per
+step). Mini-batches without ``shuffle`` are the same contiguous slices as with
+NumPy. Shuffled mini-batches are drawn **chunk by chunk**, not from one global
+permutation: each epoch visits the chunks in a random order and the rows of
+each chunk in a random order (both from ``(seed, epoch)``), and batches are
+consecutive runs of that order, so a batch touches one or two chunks
+(``batch_size`` / chunk rows + 1 at most) instead of every chunk. Rows of
+different chunks meet in a batch only at chunk boundaries, so chunks should hold
+rows in no particular order (shuffle once when writing the data, if it is sorted).
+
+Dask is an optional dependency: ``pip install 'optim-core[dask]'``. It is
+imported only when a Dask array appears (or a function here is called).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _namespace as ns
+from .regularization import dropout_key
+
+__all__ = ["INSTALL_HINT", "require_dask", "is_dask_array", "chunk_like", "epoch_order",
+           "read_npy", "synthetic"]
+
+#: The command that installs what this module needs.
+INSTALL_HINT = "pip install 'optim-core[dask]'"
+# array-api-compat's Dask namespace and the Generator API of dask.array.random need it.
+_MIN_DASK = (2024, 1)
+# Partial results summed per task of the reduction tree.
+_FAN_IN = 8
+# Mixed into a step's dropout key with the chunk's position.
+_CHUNK_STREAM = 3
+
+
+def require_dask() -> Any:
+    """Import and return ``dask.array``, or raise ImportError saying what to install."""
+    try:
+        import dask
+        import dask.array as da
+    except ImportError as exc:
+        raise ImportError(f"Dask arrays need Dask with its array extra: {INSTALL_HINT}") \
+            from exc
+    if _version(dask.__version__) < _MIN_DASK:
+        raise ImportError(f"Dask {dask.__version__} is too old (optim-core needs "
+                          f"{_MIN_DASK[0]}.{_MIN_DASK[1]} or newer): {INSTALL_HINT}")
+    return da
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for word in text.split(".")[:2]:
+        digits = "".join(ch for ch in word if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def is_dask_array(x: Any) -> bool:
+    """Whether ``x`` is a Dask array (without importing Dask)."""
+    return ns.is_dask_array(x)
+
+
+def chunk_like(x: Any) -> Any:
+    """An empty array of the library, device and dtype of ``x``'s chunks.
+
+    Models keep their parameters in this library (NumPy, or CuPy for CuPy chunks).
+    """
+    require_dask()
+    return x._meta
+
+
+def check_data(X: Any, y: Any, what: str = "") -> None:
+    """ValueError unless Dask ``X`` and ``y`` have known chunk sizes along the samples."""
+    require_dask()
+    for name, array in ((f"X{what}", X), (f"y{what}", y)):
+        if not is_dask_array(array):
+            raise TypeError(f"X{what} and y{what} must both be Dask arrays, or neither; "
+                            f"{name} is a {type(array).__module__}.{type(array).__name__}")
+        if any(np.isnan(extent) for extent in array.shape):
+            raise ValueError(f"{name} has chunks of unknown size (shape {array.shape}); "
+                             f"call {name}.compute_chunk_sizes() first")
+
+
+def _import_dask() -> Any:
+    require_dask()
+    import dask
+
+    return dask
+
+
+def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool,
+                  key: int | None) -> tuple[Any, dict[str, Any]]:
+    r"""The model's mean loss and gradients on Dask ``X``, ``y``, reduced over the chunks.
+
+    Each chunk is one task, which runs the model's own loss and gradient (its
+    array API code, on the chunk's library) where the chunk is, and returns them
+    weighted by its share of the rows, :math:`n_c / n`; a tree of additions sums
+    them. The losses are means over the samples, so the weighted sum is the mean
+    over all of them. One ``dask.compute`` per call; the parameters enter the
+    graph once, as one small constant.
+
+    Dropout masks are drawn per chunk, from ``key`` and the chunk's position, so
+    a model with dropout trains on other masks than the same batch held in NumPy.
+    """
+    dask = _import_dask()
+    like = next(iter(model.params.values()))
+    rows = X.chunks[0]
+    X = X.rechunk({1: -1}) if X.numblocks[1] > 1 else X
+    y = y.rechunk((rows,) + tuple(-1 for _ in y.shape[1:]))
+    # Model and parameters enter the graph once each, not once per chunk's task.
+    spec = copy.copy(model)
+    spec._params = None
+    spec = dask.delayed(spec, pure=True, traverse=False)
+    params = dask.delayed(dict(model.params), pure=True, traverse=False)
+    chunk = dask.delayed(_chunk_loss_grad, pure=True)
+    n_samples = X.shape[0]
+    parts = [chunk(spec, params, X_c, y_c, training,
+                   None if key is None else dropout_key(key, _CHUNK_STREAM, i), n_c / n_samples)
+             for i, (X_c, y_c, n_c) in enumerate(zip(X.to_delayed().ravel(),
+                                                       y.to_delayed().ravel(), rows))]
+    add = dask.delayed(_add, pure=True)
+    while len(parts) > 1:
+        parts = [add(*parts[i:i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
+    (loss, grads), = dask.compute(parts[0])
+    xp = ns.namespace_of(like)
+    device = ns.device_of(like)
+
+    def own(value: Any) -> Any:
+        return xp.asarray(value, dtype=like.dtype, device=device, copy=True)
+
+    return own(loss), {name: own(value) for name, value in grads.items()}
+
+
+def _chunk_loss_grad(model: Any, params: dict[str, Any], X: Any, y: Any, training: bool,
+                     key: int | None, weight: float) -> tuple[Any, dict[str, Any]]:
+    """One chunk's share of the loss and gradients (runs on a worker)."""
+    xp = ns.namespace_of(X)
+    loss, grads = model._loss_grad(xp, params, X, y, training=training, key=key,
+                                   need_grad=True)
+    return loss * weight, {name: grad * weight for name, grad in grads.items()}
+
+
+def _add(*parts: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    loss, grads = parts[0]
+    grads = dict(grads)
+    for other_loss, other_grads in parts[1:]:
+        loss = loss + other_loss
+        for name, grad in other_grads.items():
+            grads[name] = grads[name] + grad
+    return loss, grads
+
+
+def snapshot(params: dict[str, Any]) -> dict[str, Any]:
+    """Copies of the parameters, for a graph computed later (after steps change them)."""
+    return {name: ns.namespace_of(value).asarray(value, copy=True)
+            for name, value in params.items()}
+
+
+def epoch_order(rng: np.random.Generator, chunks: tuple[int, ...]) -> np.ndarray:
+    """The order of the rows in one epoch of shuffled mini-batches on chunked data.
+
+    The chunks in a random order, and within each chunk its rows in a random
+    order: a permutation of ``range(sum(chunks))`` in which each chunk's rows are
+    consecutive.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Draws the chunk order first, then each chunk's row order (in visiting order).
+    chunks : tuple of int
+        Rows per chunk (``X.chunks[0]``).
+    """
+    starts = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+    parts = [starts[i] + rng.permutation(chunks[i]) for i in rng.permutation(len(chunks))]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def batches(X: Any, y: Any, batch_size: int, shuffle: bool,
+            rng: np.random.Generator) -> Any:
+    """Mini-batches of Dask ``X`` and ``y`` (lazy slices; nothing is computed here).
+
+    Without ``shuffle``: contiguous slices, as for any other array library. With
+    it: consecutive runs of :func:`epoch_order`, each gathered with its row
+    indices sorted (the order of rows inside a batch does not change its mean
+    gradient, and sorted indices are plain slices of at most a few chunks).
+    """
+    n_samples = X.shape[0]
+    if not shuffle:
+        for start in range(0, n_samples, batch_size):
+            stop = min(start + batch_size, n_samples)
+            yield X[start:stop], y[start:stop]
+        return
+    order = epoch_order(rng, X.chunks[0])
+    for start in range(0, n_samples, batch_size):
+        index = np.sort(order[start:start + batch_size])
+        yield X[index], y[index]
+
+
+class _NpyRows:
+    """Rows of a ``.npy`` file, read on demand (what ``dask.array.from_array`` slices).
+
+    Pickles as its path alone, so a task sent to a worker carries no data; each
+    chunk is read by the worker that needs it, from a memory map of the file
+    (which must be at the same path on every worker: a shared file system).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        header = np.load(self.path, mmap_mode="r")
+        self.shape = tuple(header.shape)
+        self.dtype = header.dtype
+        self.ndim = header.ndim
+        stat = os.stat(self.path)
+        self._token = (self.path, stat.st_size, stat.st_mtime_ns, self.shape, str(self.dtype))
+        del header
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r")[key])
+
+    def __dask_tokenize__(self) -> Any:
+        return ("optim_core.dask_support._NpyRows",) + self._token
+
+    def __reduce__(self) -> Any:
+        return (_NpyRows, (self.path,))
+
+
+def read_npy(path: str | os.PathLike, *, chunk_rows: int) -> Any:
+    """A lazy Dask array over a ``.npy`` file, ``chunk_rows`` rows per chunk.
+
+    Nothing is read until a chunk is computed; each task reads its rows from the
+    file (memory-mapped), so a file larger than memory trains out-of-core. On a
+    multi-node cluster the file must be at the same path on every worker.
+    Zarr stores are read the same way with ``dask.array.from_zarr``.
+    """
+    da = require_dask()
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    rows = _NpyRows(path)
+    chunks = (int(chunk_rows),) + rows.shape[1:]
+    return da.from_array(rows, chunks=chunks, lock=False, asarray=False, fancy=False,
+                         meta=np.empty((0,) * rows.ndim, dtype=rows.dtype))
+
+
+def synthetic(n_samples: int, n_features: int, *, chunk_rows: int,
+              task: str = "regression", n_classes: int = 2, noise: float = 0.1,
+              seed: int = 0, dtype: Any = np.float64) -> tuple[Any, Any, np.ndarray]:
+    r"""A lazily generated data set of any size: nothing is held until computed.
+
+    Features are standard normal; a linear teacher :math:`W` (drawn from ``seed``,
+    returned) gives the targets: :math:`y = XW + \sigma\varepsilon` for regression,
+    :math:`y = \arg\max_k (XW + \sigma\varepsilon)_k` for classification (``W`` of
+    shape ``(n_features, n_classes)``). Each chunk is a pure function of ``seed``
+    and its position, so every computation of the array sees the same numbers,
+    and a chunk of ``y`` is computed from the same chunk of ``X``.
+
+    Returns
+    -------
+    (X, y, W)
+        Dask arrays chunked by ``chunk_rows`` rows, and the teacher as NumPy.
+    """
+    da = require_dask()
+    if task not in ("regression", "classification"):
+        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+    for name, value in (("n_samples", n_samples), ("n_features", n_features),
+                        ("chunk_rows", chunk_rows)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    teacher_rng = np.random.default_rng([seed, 0])
+    outputs = 1 if task == "regression" else n_classes
+    W = teacher_rng.normal(size=(n_features, outputs)) / np.sqrt(n_features)
+    rng = da.random.default_rng(seed)
+    X = rng.standard_normal((n_samples, n_features), chunks=(chunk_rows, n_features),
+                            dtype=np.float64)
+    scores = X @ W + noise * rng.standard_normal((n_samples, outputs),
+                                                 chunks=(chunk_rows, outputs))
+    X = X.astype(dtype)
+    if task == "regression":
+        return X, scores[:, 0].astype(dtype), W[:, 0]
+    return X, da.argmax(scores, axis=1), W
