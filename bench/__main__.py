@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -106,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           budget_s=args.budget, min_repeats=args.min_repeats,
                           time_limit_s=args.time_limit, floor_numel=args.floor_numel,
                           argv=list(sys.argv[1:] if argv is None else argv))
+    # A timeout's SIGTERM ends the run like Ctrl-C: the cells measured so far are written.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = suite.run(config, progress=lambda line: print(line, flush=True))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d-%H%M")
     out = args.out or RESULTS / f"{'gpu' if args.gpu else 'cpu'}-{stamp}.json"

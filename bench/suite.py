@@ -70,20 +70,29 @@ def run(config: Config, progress: Callable[[str], None] = print) -> dict[str, An
     progress(f"floor: {best.bytes_per_s / 1e9:.1f} GB/s ({best.kernel})")
     data_cache: dict[str, impls.WorkloadData] = {}
     results = []
+    stop_reason = None
     for optimizer in config.optimizers:
         for workload in config.workloads:
             for impl in config.impls:
                 elapsed = time.perf_counter() - started
-                if config.time_limit_s is not None and elapsed > config.time_limit_s:
-                    row = _row(config, optimizer, workload, impl, "skipped",
-                               f"time limit {config.time_limit_s:g} s reached")
-                else:
+                if stop_reason is None and config.time_limit_s is not None \
+                        and elapsed > config.time_limit_s:
+                    stop_reason = f"time limit {config.time_limit_s:g} s reached"
+                if stop_reason is not None:
+                    results.append(_row(config, optimizer, workload, impl, "skipped",
+                                        stop_reason))
+                    continue
+                try:
                     if workload.name not in data_cache:
                         data_cache[workload.name] = impls.WorkloadData(
                             workload, config.dtype, config.device)
                     row = _run_cell(config, optimizer, workload, impl,
                                     data_cache[workload.name], best)
-                    progress(_progress_line(row))
+                except KeyboardInterrupt:
+                    # Interrupted (SIGINT, or SIGTERM from a timeout): keep what was measured.
+                    stop_reason = "interrupted"
+                    row = _row(config, optimizer, workload, impl, "skipped", stop_reason)
+                progress(_progress_line(row))
                 results.append(row)
     _add_ratios(results)
     meta["load_average_end"] = _load_average()
