@@ -107,8 +107,9 @@ def select_implementation(impl: str, backend: Backend, rule: UpdateRule) -> tupl
 def _fused_for(backend: Backend, rule: UpdateRule) -> tuple[Any | None, str]:
     """The fused implementation of ``rule`` on ``backend``, or None and why not.
 
-    NumPy: numba's compiled loop, generated from ``rule.tree`` (numba is imported
-    here, on first use, never at import time).
+    NumPy: numba's compiled loop (numba is imported here, on first use, never at
+    import time). CuPy: a generated CUDA kernel (CuPy is already imported, since the
+    parameters are CuPy arrays). Both are generated from ``rule.tree``.
     """
     from ._lowering import unsupported_reason
 
@@ -117,6 +118,10 @@ def _fused_for(backend: Backend, rule: UpdateRule) -> tuple[Any | None, str]:
         return None, why_not
     if backend.name == "numpy":
         return _numba_implementation()
+    if backend.name == "cupy":
+        from ._cuda import CUDA
+
+        return CUDA, ""
     return None, f"no fused kernel exists for {backend.name} arrays"
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from . import _namespace as ns
 from . import backends
+from .flat import FlatStorage
 from .rule import UpdateRule
 
 __all__ = ["Optimizer", "STATE_DICT_VERSION"]
@@ -88,6 +89,13 @@ class Optimizer:
         and costs nothing; "skip" leaves parameters, state and step count untouched
         and counts the step in :attr:`skipped_steps`; "raise" raises ValueError
         naming the parameter before anything is written.
+    flat : bool
+        Store the parameters of each group and dtype in one contiguous buffer (with
+        state and gradient buffers alike), so a step is one kernel launch per group
+        and dtype however many tensors there are. The parameters are copied once:
+        use :attr:`params` (views into the buffer) from then on, and write gradients
+        into :attr:`grad_views` to pass them without a copy. NumPy, CuPy and torch
+        arrays only. See :mod:`optim_core.flat`.
     """
 
     rule: ClassVar[UpdateRule]
@@ -95,7 +103,8 @@ class Optimizer:
     initial_state: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto",
-                 backend: Any = "auto", nonfinite: str = "propagate") -> None:
+                 backend: Any = "auto", nonfinite: str = "propagate",
+                 flat: bool = False) -> None:
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
         self._check_group(defaults)
@@ -117,6 +126,8 @@ class Optimizer:
         self.impl = impl
         self.implementation, self.implementation_reason = backends.select_implementation(
             impl, self.backend, self.rule)
+        _check_bool("flat", flat)
+        self._flat = FlatStorage(self._xp, self.backend.name, self.param_groups) if flat else None
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.group_state: list[dict[str, Any]] = [self._initial_group_state() for _ in groups]
@@ -152,6 +163,22 @@ class Optimizer:
             return {n: p for g in self.param_groups for n, p in zip(g["names"], g["params"])}
         return [p for g in self.param_groups for p in g["params"]]
 
+    @property
+    def grad_views(self) -> list[Any] | dict[str, Any]:
+        """Arrays to write gradients into, in the structure of :attr:`params` (``flat=True``).
+
+        They are views into the optimizer's gradient buffer: ``step(opt.grad_views)``
+        copies nothing.
+        """
+        if self._flat is None:
+            raise ValueError("grad_views exist only with flat=True")
+        views = [v for i, g in enumerate(self.param_groups)
+                 for v in self._flat.grad_views(i, len(g["params"]))]
+        if self._keyed:
+            return dict(zip((n for g in self.param_groups for n in g["names"]), views,
+                            strict=True))
+        return views
+
     def step(self, grads: Sequence[Any] | Mapping[str, Any]) -> list[Any] | dict[str, Any]:
         """Apply one update.
 
@@ -169,14 +196,16 @@ class Optimizer:
             allows it, or new arrays for immutable libraries (JAX).
         """
         grouped = self._validated_grads(grads)
+        if self._flat is not None:
+            self._flat.check_params(self.param_groups)
         for group in self.param_groups:
             self._check_group(group)
         if self.nonfinite != "propagate" and not self._all_finite(grouped):
             self.skipped_steps += 1
             return self.params
-        for group, gstate, states, group_grads in zip(
-                self.param_groups, self.group_state, self.state, grouped):
-            self._step_group(group, gstate, states, group_grads)
+        for index, (group, gstate, states, group_grads) in enumerate(zip(
+                self.param_groups, self.group_state, self.state, grouped)):
+            self._step_group(group, gstate, states, group_grads, index)
         return self.params
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,7 +292,8 @@ class Optimizer:
         converted = [{name: ns.from_numpy(self._xp, value, like=param)
                       for name, value in st.items()} for param, st in zip(params, new_state)]
         it = iter(converted)
-        self.state = [[next(it) for _ in g["params"]] for g in self.param_groups]
+        state = [[next(it) for _ in g["params"]] for g in self.param_groups]
+        self.state = state if self._flat is None else self._flat.adopt(state)
         self.param_groups = new_groups
         self.group_state = group_state
 
@@ -322,10 +352,15 @@ class Optimizer:
         available.update(derived)
         return {name: available[name] for name in self.rule.scalars}
 
-    def _step_group(self, group: dict, gstate: dict, states: list[dict], grads: list) -> None:
+    def _step_group(self, group: dict, gstate: dict, states: list[dict], grads: list,
+                    index: int) -> None:
         active = (set(self.rule.states) - self.rule.optional_states) | self.active_states(group)
         new_states = frozenset(name for name in active if name not in states[0]) \
             if states else frozenset()
+        if self._flat is not None:
+            self._flat.allocate(index, states, {
+                name: group[self.initial_state[name]] if name in self.initial_state else 0
+                for name in new_states})
         for param, st in zip(group["params"], states):
             for name in active - set(st):
                 fill = self.initial_state.get(name)
@@ -336,6 +371,12 @@ class Optimizer:
         derived = self.scalars(group, gstate)
         derived.setdefault("first_step", bool(new_states))
         scalars = self._rule_scalars(group, derived)
+        if self._flat is not None:
+            # Whole buffers: one kernel launch per dtype; the views in group["params"]
+            # and in states see the update.
+            self.implementation.step(self.rule, self._xp, *self._flat.buffers(index, grads),
+                                     scalars)
+            return
         group["params"] = self.implementation.step(
             self.rule, self._xp, group["params"], grads, states, scalars)
 
