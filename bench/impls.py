@@ -138,10 +138,6 @@ class WorkloadData:
             return tuple([jax.device_put(a, gpu) for a in arrays]
                          for arrays in (self.params, self.grads))
 
-    def release(self) -> None:
-        """Drop the device copies (the host data stays)."""
-        self._on_gpu = None
-
 
 def build(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     """A runner of ``optimizer`` in ``impl`` on ``device`` ("cpu" or "cuda"), or NotAvailable."""
