@@ -33,7 +33,7 @@ from .regularization import (
     dropout_key,
 )
 
-__all__ = ["fit", "History", "OPTIMIZERS", "make_optimizer"]
+__all__ = ["fit", "History", "OPTIMIZERS", "make_optimizer", "epoch_order"]
 
 #: Optimizer classes by the (lower-case) names :func:`fit` accepts.
 OPTIMIZERS: dict[str, type[Optimizer]] = {
