@@ -346,3 +346,66 @@ def test_bfloat16_load_without_ml_dtypes_says_what_is_missing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")],
                          capture_output=True, text=True, check=True).stdout
     assert "ImportError" in out and "ml_dtypes" in out and "bfloat16" in out
+
+
+# --------------------------------------------------------------------------- resume
+RESUME_OPTIONS = {
+    "GD": {}, "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    "DGD": {"decay": 0.95}, "Adagrad": {"lr_decay": 0.01}, "RMSprop": {"centered": True,
+                                                                     "momentum": 0.5},
+    "Adadelta": {}, "Adam": {"amsgrad": True}, "AdamW": {}, "Adamax": {}, "NAdam": {},
+    "RAdam": {}, "Lion": {"weight_decay": 0.1},
+}
+RESUME_SCRIPT = """
+import sys
+import numpy as np
+import optim_core
+
+def grads_at(step, params):
+    rng = np.random.default_rng([7, step])
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+
+folder, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for name, options in OPTIONS.items():
+    tree = optim_core.load_checkpoint(f"{folder}/{name}.ckpt")
+    params = tree["params"]
+    opt = getattr(optim_core, name)(params, **options)
+    opt.load_state_dict(tree["optimizer"])
+    assert tree["step"] == first
+    for step in range(first, last):
+        opt.step(grads_at(step, params))
+    optim_core.save_checkpoint(f"{folder}/{name}.final",
+                               {"params": params, "optimizer": opt.state_dict(), "step": last})
+"""
+
+
+def _grads_at(step, params):
+    rng = np.random.default_rng([7, step])
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+
+
+def _fresh_params():
+    rng = np.random.default_rng(11)
+    return {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(3),
+            "s": np.array(0.25)}
+
+
+def test_resume_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
+    first, last = 4, 9
+    uninterrupted = {}
+    for name, options in RESUME_OPTIONS.items():
+        params = _fresh_params()
+        opt = getattr(optim_core, name)(params, **options)
+        for step in range(last):
+            if step == first:
+                save_checkpoint(tmp_path / f"{name}.ckpt",
+                                {"params": params, "optimizer": opt.state_dict(), "step": step})
+            opt.step(_grads_at(step, params))
+        uninterrupted[name] = {"params": params, "optimizer": opt.state_dict(), "step": last}
+    script = f"OPTIONS = {RESUME_OPTIONS!r}\n" + RESUME_SCRIPT
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(first), str(last)],
+                   check=True, capture_output=True, text=True)
+    for name, expected in uninterrupted.items():
+        resumed = load_checkpoint(tmp_path / f"{name}.final")
+        assert_same_tree(resumed, expected)
+        assert resumed["optimizer"]["group_state"][0]["step"] == last
