@@ -29,6 +29,20 @@ RICH = {
 }
 
 
+def fused_available() -> bool:
+    try:
+        optim_core.Adam([np.zeros(1)], impl="fused")
+    except ValueError:
+        return False
+    return True
+
+
+#: The checks live in the base class, but the edge inputs and the "nothing written"
+#: guarantees are checked on each implementation that writes.
+IMPLS = ["generic", pytest.param("fused", marks=pytest.mark.skipif(
+    not fused_available(), reason="no fused NumPy implementation"))]
+
+
 def make(name: str, params, **options) -> Optimizer:
     """The optimizer ``name`` with its rich options; generic path (checks are the base class's)."""
     return getattr(optim_core, name)(params, **{"impl": "generic", **RICH[name], **options})
@@ -84,6 +98,7 @@ def good_grads():
     return {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 # --------------------------------------------------------------------------- grads
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("mutate, error, match", [
@@ -100,8 +115,8 @@ def good_grads():
     (lambda g: {**g, "b": np.ones(2, np.complex64)}, TypeError, "floating"),
 ], ids=["list-for-dict", "missing-key", "extra-key", "broadcast-1", "broadcast-row",
         "transposed", "scalar", "int", "bool", "python-list", "complex"])
-def test_bad_grads_raise_and_change_nothing(name, mutate, error, match):
-    opt = stepped(name)
+def test_bad_grads_raise_and_change_nothing(name, mutate, error, match, impl):
+    opt = stepped(name, impl=impl)
     before = snapshot(opt)
     with pytest.raises(error, match=match):
         opt.step(mutate(good_grads()))
@@ -262,11 +277,12 @@ def test_the_same_array_twice_is_refused():
         optim_core.SGD([t, t])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 # --------------------------------------------------------------------------- edge inputs
 @pytest.mark.parametrize("name", ALL)
-def test_zero_d_params_step_like_one_element_arrays(name):
+def test_zero_d_params_step_like_one_element_arrays(name, impl):
     scalar, vector = np.array(0.5), np.array([0.5])
-    opt_s, opt_v = make(name, [scalar], lr=0.1), make(name, [vector], lr=0.1)
+    opt_s, opt_v = make(name, [scalar], lr=0.1, impl=impl), make(name, [vector], lr=0.1, impl=impl)
     for g in (0.3, -1.2, 0.7):
         opt_s.step([np.array(g)])
         opt_v.step([np.array([g])])
@@ -274,24 +290,26 @@ def test_zero_d_params_step_like_one_element_arrays(name):
     assert all(s.shape == () for s in opt_s.state[0][0].values())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ALL)
-def test_zero_size_params_just_work(name):
+def test_zero_size_params_just_work(name, impl):
     empty, other = np.zeros((0, 3), np.float32), np.ones(2, np.float32)
-    opt = make(name, {"empty": empty, "other": other}, lr=0.1)
+    opt = make(name, {"empty": empty, "other": other}, lr=0.1, impl=impl)
     for _ in range(3):
         opt.step({"empty": np.zeros((0, 3), np.float32), "other": np.ones(2, np.float32)})
     assert empty.shape == (0, 3) and not np.array_equal(other, np.ones(2))
     assert opt.group_state[0]["step"] == 3
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ALL)
-def test_strided_views_are_updated_in_place(name):
+def test_strided_views_are_updated_in_place(name, impl):
     base = np.arange(24, dtype=np.float64).reshape(4, 6)
     original = base.copy()
     view = base[1::2, ::3]  # rows 1 and 3, columns 0 and 3: not contiguous
     reference = view.copy()
     grads = [np.full((2, 2), 0.5), np.array([[1.0, -1.0], [2.0, 0.25]])]
-    opt, opt_ref = make(name, [view], lr=0.1), make(name, [reference], lr=0.1)
+    opt, opt_ref = make(name, [view], lr=0.1, impl=impl), make(name, [reference], lr=0.1, impl=impl)
     for g in grads:
         assert opt.step([g])[0] is view
         opt_ref.step([g])
@@ -311,24 +329,26 @@ def test_strided_torch_views_are_updated_in_place():
     assert torch.all(base[:, 1] < 0) and torch.all(base[:, [0, 2, 3]] == 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ALL)
-def test_lr_zero_is_the_identity(name):
+def test_lr_zero_is_the_identity(name, impl):
     rng = np.random.default_rng(5)
     params = [rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)]
     before = [p.copy() for p in params]
-    opt = make(name, params, lr=0.0)
+    opt = make(name, params, lr=0.0, impl=impl)
     for _ in range(4):
         opt.step([rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)])
     for p, b in zip(params, before, strict=True):
         assert p.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 # --------------------------------------------------------------------------- non-finite
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_skip_leaves_everything_untouched_and_counts(name, bad):
-    opt = stepped(name, nonfinite="skip")
-    clean = stepped(name)
+def test_skip_leaves_everything_untouched_and_counts(name, bad, impl):
+    opt = stepped(name, nonfinite="skip", impl=impl)
+    clean = stepped(name, impl=impl)
     before = snapshot(opt)
     grads = good_grads()
     grads["b"][1] = bad
@@ -344,18 +364,20 @@ def test_skip_leaves_everything_untouched_and_counts(name, bad):
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ALL)
-def test_skip_before_the_first_step_creates_no_state(name):
+def test_skip_before_the_first_step_creates_no_state(name, impl):
     w = np.ones(3)
-    opt = make(name, {"w": w}, nonfinite="skip")
+    opt = make(name, {"w": w}, nonfinite="skip", impl=impl)
     opt.step({"w": np.array([1.0, np.nan, 1.0])})
     assert opt.state == [[{}]] and opt.group_state[0]["step"] == 0 and opt.skipped_steps == 1
     assert w.tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ALL)
-def test_raise_names_the_parameter_and_writes_nothing(name):
-    opt = stepped(name, nonfinite="raise")
+def test_raise_names_the_parameter_and_writes_nothing(name, impl):
+    opt = stepped(name, nonfinite="raise", impl=impl)
     before = snapshot(opt)
     grads = good_grads()
     grads["b"][0] = np.nan
