@@ -14,6 +14,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import optim_core
 from optim_core import CheckpointError, load_checkpoint, save_checkpoint
@@ -62,6 +65,36 @@ def test_round_trip_keeps_structure_scalars_and_arrays_exactly(tmp_path):
     tree = sample_tree()
     save_checkpoint(tmp_path / "ckpt", tree)
     assert_same_tree(load_checkpoint(tmp_path / "ckpt"), tree)
+
+
+def _array_strategy():
+    dtypes = ["float16", "float32", "float64", "int8", "int64", "uint16", "bool", "complex64"]
+    shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
+    native = st.sampled_from(dtypes).flatmap(lambda dtype: hnp.arrays(dtype, shapes))
+    try:
+        import ml_dtypes
+    except ImportError:
+        return native
+    bfloat16 = hnp.arrays("uint16", shapes).map(lambda bits: bits.view(ml_dtypes.bfloat16))
+    return st.one_of(native, bfloat16)
+
+
+TREES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+              _array_strategy()),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=8), children, max_size=4)),
+    max_leaves=16)
+
+
+@settings(max_examples=80, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=TREES)
+def test_any_tree_round_trips_exactly(tmp_path, tree):
+    save_checkpoint(tmp_path / "c", tree)
+    assert_same_tree(load_checkpoint(tmp_path / "c"), tree)
 
 
 def test_saves_to_the_exact_path_and_leaves_no_temporary_files(tmp_path):
