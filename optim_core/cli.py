@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with a learning rate growing exponentially each step and record "
                     "the loss; print the suggested rate; write lr_find.csv, lr_find.json and "
                     "lr_finder.png to --out.")
-    lr_find.add_argument("--optimizer", default="adam", help="optimizer name (default: adam)")
+    lr_find.add_argument("--optimizer", default="adam",
+                         help="optimizer name, with options as name[:key=value...], e.g. "
+                              "sgd:momentum=0.9 (default: adam)")
     lr_find.add_argument("--start-lr", type=_positive_float, default=1e-6,
                          help="first learning rate (default: 1e-6)")
     lr_find.add_argument("--end-lr", type=_positive_float, default=10.0,
@@ -367,7 +369,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     from . import tools
 
-    name = parse_optimizer_spec(args.optimizer)["optimizer"]
+    spec = parse_optimizer_spec(args.optimizer)
+    if "lr" in spec:
+        raise UsageError(f"lr-find scans the learning rate itself; drop it from "
+                         f"--optimizer {args.optimizer!r}")
+    name, options = spec.pop("optimizer"), {k: v for k, v in spec.items() if k != "label"}
     if args.start_lr >= args.end_lr:
         raise UsageError(f"--start-lr ({args.start_lr:g}) must be below --end-lr "
                          f"({args.end_lr:g})")
@@ -380,7 +386,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     result = tools.lr_find(_model_factory(args, dataset), X, y, optimizer=name,
                            start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
                            batch_size=args.batch_size, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, **options)
     print()
     print(result.format())
     print(_written(result.to_csv(out / "lr_find.csv"), result.to_json(out / "lr_find.json"),
@@ -391,6 +397,10 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from . import tools
 
+    for name in args.optimizers:
+        if ":" in name:
+            raise UsageError(f"tune --optimizers takes names, got {name!r}; the learning "
+                             f"rates to try go in --lrs")
     names = [parse_optimizer_spec(name)["optimizer"] for name in args.optimizers]
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")

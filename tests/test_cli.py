@@ -93,7 +93,8 @@ def test_parse_optimizer_spec():
 # ----------------------------------------------------------------------------- lr-find
 
 def test_lr_find_prints_the_suggestion_and_writes_the_curve(capsys, tmp_path):
-    status, out, _ = run(capsys, "lr-find", *SMALL, "--optimizer", "sgd", "--steps", "40",
+    status, out, _ = run(capsys, "lr-find", *SMALL, "--optimizer", "sgd:momentum=0.5",
+                         "--steps", "40",
                          "--start-lr", "1e-4", "--end-lr", "100", "--out", str(tmp_path))
     assert status == 0
     data = json.loads((tmp_path / "lr_find.json").read_text())
@@ -161,6 +162,7 @@ def test_bench_without_a_checkout_explains_where_benchmarks_run(capsys, tmp_path
      "unknown optimizer 'sgdd'; known optimizers: adadelta, adagrad, adam, adamax, adamw, dgd, "
      "gd, lion, nadam, radam, rmsprop, sgd"),
     (["lr-find", "--optimizer", "nosuch"], "unknown optimizer 'nosuch'"),
+    (["lr-find", "--optimizer", "sgd:0.1"], "lr-find scans the learning rate itself"),
     (["tune", "--optimizers", "sgd,nosuch"], "unknown optimizer 'nosuch'"),
     (["compare", "--optimizers", "sgd:fast"], "bad learning rate in optimizer spec 'sgd:fast'"),
     (["compare", "--optimizers", "sgd,sgd"], "lists a spec twice"),
@@ -170,6 +172,7 @@ def test_bench_without_a_checkout_explains_where_benchmarks_run(capsys, tmp_path
     (["compare", "--lr", "-1"], "expected a positive finite number"),
     (["tune", "--lrs", "0.1,x"], "expected a positive number, got 'x'"),
     (["tune", "--folds", "1"], "--folds must be at least 2"),
+    (["tune", "--optimizers", "sgd:0.1"], "the learning rates to try go in --lrs"),
     (["lr-find", "--start-lr", "1", "--end-lr", "0.1"], "--start-lr (1) must be below --end-lr"),
     (["lr-find", "--steps", "1"], "--steps must be at least 2"),
     (["compare", "--dataset", "synthetic", "--n-classes", "1"], "--n-classes must be at least 2"),

@@ -241,3 +241,13 @@ def test_writers_make_plain_json_and_aligned_tables(tmp_path):
     assert text[0].split() == ["name", "value"]
     assert text[2].split() == ["a", "nan"] and text[3].split() == ["bb", "0.5000"]
     assert len({len(line) for line in text}) == 1
+
+
+def test_lr_find_passes_optimizer_options_on(classification):
+    d = classification
+    plain = tools.lr_find(SoftmaxRegression(6, 3), d.X_train, d.y_train, optimizer="sgd",
+                          num_steps=20)
+    heavy = tools.lr_find(SoftmaxRegression(6, 3), d.X_train, d.y_train, optimizer="sgd",
+                          num_steps=20, momentum=0.9)
+    assert plain.losses[:2] == heavy.losses[:2]  # same start, same first batch...
+    assert plain.losses[5:] != heavy.losses[5:]  # ...then momentum changes the path
