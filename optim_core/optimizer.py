@@ -199,6 +199,9 @@ class Optimizer:
         if self._flat is not None:
             self._flat.check_params(self.param_groups)
         for group in self.param_groups:
+            missing = set(self.defaults) - set(group)
+            if missing:
+                raise ValueError(f"a param group lacks hyperparameters {sorted(missing)}")
             self._check_group(group)
         if self.nonfinite != "propagate" and not self._all_finite(grouped):
             self.skipped_steps += 1

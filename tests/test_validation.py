@@ -221,6 +221,18 @@ def test_bad_hyperparameter_set_between_steps_raises_before_any_group_is_written
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_hyperparameter_removed_between_steps_raises_before_any_group_is_written(name):
+    first, second = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt = make(name, [{"params": [first]}, {"params": [second]}], lr=0.1)
+    opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    del opt.param_groups[1]["lr"]
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    assert_unchanged(opt, before)
+
+
 @pytest.mark.parametrize("momentum, dampening", [(0.0, 0.0), (0.9, 0.1)])
 def test_nesterov_needs_momentum_and_no_dampening(momentum, dampening):
     with pytest.raises(ValueError, match="nesterov"):
