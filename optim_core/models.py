@@ -180,7 +180,11 @@ class Model:
 
     def _loss_and_grad_array(self, X: Any, y: Any, *, training: bool = True,
                              rng: Any = None) -> tuple[Any, dict[str, Any]]:
-        """As :meth:`loss_and_grad`, with the loss left as a 0-d array (no host sync)."""
+        """As :meth:`loss_and_grad`, with the loss left as a 0-d array (no host sync).
+
+        :func:`~optim_core.fit` calls :meth:`_loss_grad` with ``return_outputs=True``
+        instead, to count the batch's correct labels from the same forward pass.
+        """
         xp, X, y = self._prepare(X, y)
         key = _dropout_key(rng) if training else None
         if ns.is_dask_array(X):  # each chunk's share where the chunk is, summed in a tree
@@ -229,11 +233,17 @@ class Model:
     def _predict(self, xp: Any, outputs: Any) -> Any:
         return outputs
 
+    def _metric_terms(self, xp: Any, outputs: Any, y: Any) -> Any:
+        """This batch's number of correct labels (classifiers), as a 0-d array on the device."""
+        return xp.sum(xp.astype(self._predict(xp, outputs) == y, outputs.dtype))
+
     def _outputs(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
         raise NotImplementedError
 
     def _loss_grad(self, xp: Any, params: Mapping[str, Any], X: Any, y: Any, *,
-                   training: bool, key: int | None, need_grad: bool) -> tuple[Any, dict | None]:
+                   training: bool, key: int | None, need_grad: bool,
+                   return_outputs: bool = False) -> tuple[Any, ...]:
+        """``(loss, grads or None)``, plus the raw outputs with ``return_outputs``."""
         raise NotImplementedError
 
     def _prepare(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
@@ -344,11 +354,11 @@ class LinearRegression(Model):
     def _outputs(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
         return X @ params["W"] + params["b"]
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
-        loss, d_out = _mse(xp, self._outputs(xp, params, X), y, need_grad)
-        if not need_grad:
-            return loss, None
-        return loss, {"W": d_out @ X, "b": xp.asarray(xp.sum(d_out))}
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
+        outputs = self._outputs(xp, params, X)
+        loss, d_out = _mse(xp, outputs, y, need_grad)
+        grads = {"W": d_out @ X, "b": xp.asarray(xp.sum(d_out))} if need_grad else None
+        return (loss, grads, outputs) if return_outputs else (loss, grads)
 
 
 class LogisticRegression(Model):
@@ -390,12 +400,11 @@ class LogisticRegression(Model):
         p1 = _sigmoid(xp, self._outputs(xp, self._lazy_safe_params(X), X))
         return xp.stack([1.0 - p1, p1], axis=1)
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
         z = self._outputs(xp, params, X)
         loss, dz = _binary_cross_entropy(xp, z, xp.astype(y, z.dtype), need_grad)
-        if not need_grad:
-            return loss, None
-        return loss, {"W": dz @ X, "b": xp.asarray(xp.sum(dz))}
+        grads = {"W": dz @ X, "b": xp.asarray(xp.sum(dz))} if need_grad else None
+        return (loss, grads, z) if return_outputs else (loss, grads)
 
 
 class SoftmaxRegression(Model):
@@ -441,11 +450,11 @@ class SoftmaxRegression(Model):
         xp, X, _ = self._prepare(X, None)
         return xp.exp(_log_softmax(xp, self._outputs(xp, self._lazy_safe_params(X), X)))
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
-        loss, dZ = _softmax_cross_entropy(xp, self._outputs(xp, params, X), y, need_grad)
-        if not need_grad:
-            return loss, None
-        return loss, {"W": X.T @ dZ, "b": xp.sum(dZ, axis=0)}
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
+        Z = self._outputs(xp, params, X)
+        loss, dZ = _softmax_cross_entropy(xp, Z, y, need_grad)
+        grads = {"W": X.T @ dZ, "b": xp.sum(dZ, axis=0)} if need_grad else None
+        return (loss, grads, Z) if return_outputs else (loss, grads)
 
 
 class MLP(Model):
@@ -589,7 +598,7 @@ class MLP(Model):
         xp, X, _ = self._prepare(X, None)
         return xp.exp(_log_softmax(xp, self._outputs(xp, self._lazy_safe_params(X), X)))
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad):
+    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
         out, cache = self._forward(xp, params, X, key=key if training else None)
         if self.task == "classification":
             loss, d_out = _softmax_cross_entropy(xp, out, y, need_grad)
@@ -598,8 +607,14 @@ class MLP(Model):
             loss, d_out = _mse(xp, out[:, 0] if squeeze else out, y, need_grad)
             if need_grad and squeeze:
                 d_out = xp.reshape(d_out, (-1, 1))
-        if not need_grad:
-            return loss, None
+        grads = self._backward(xp, params, X, cache, d_out) if need_grad else None
+        if not return_outputs:
+            return loss, grads
+        squeeze = self.task == "regression" and self.layer_sizes[-1] == 1
+        return loss, grads, (out[:, 0] if squeeze else out)
+
+    def _backward(self, xp, params, X, cache, d_out):
+        """Gradients of every parameter from the output gradient ``d_out``."""
         grads = {}
         for i in reversed(range(self.n_layers)):
             inputs = X if i == 0 else cache[i - 1][3]
@@ -611,4 +626,4 @@ class MLP(Model):
                 if mask is not None:
                     d_h = xp.where(mask, d_h * (1.0 / (1.0 - self.dropout)), xp.zeros_like(d_h))
                 d_out = self._activation_grad(xp, z, a, d_h)
-        return loss, {name: grads[name] for name in self.param_shapes()}
+        return {name: grads[name] for name in self.param_shapes()}

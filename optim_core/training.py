@@ -68,11 +68,12 @@ class History:
     Attributes
     ----------
     epochs : list of dict
-        Per epoch (counting from 1): ``epoch``; ``train_loss``, the mean loss of
-        the epoch's batches as they were trained on (dropout active, parameters
-        changing along the way; penalties not included); ``train_metric``, the
-        model's :meth:`~optim_core.models.Model.score` on the whole training set
-        at the end of the epoch; ``val_loss`` and ``val_metric`` on
+        Per epoch (counting from 1): ``epoch``; ``train_loss`` and
+        ``train_metric``, measured on the epoch's batches as they were trained on,
+        from the same forward passes (dropout active, parameters changing along
+        the way, penalties not included; as Keras does), so they cost no extra
+        pass over the data: the mean loss over the epoch's samples, and the
+        accuracy, or the :math:`R^2` of those residuals; ``val_loss`` and ``val_metric`` on
         ``validation_data`` at the end of the epoch (None without it); ``lr``, the
         learning rate of the epoch's last step (first parameter group); ``time``,
         the epoch's wall time in seconds, evaluation included.
@@ -508,6 +509,12 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
     if validation_data is not None:
         validation = (X_val, model._prepare_targets(xp, y_val, dtype))
     regularized = set(model.regularized)
+    lazy_data = ns.is_dask_array(X)
+    classifier = model.task == "classification"
+    # Regression metrics need the targets' spread, once per fit (a metric from running sums).
+    train_spread = None if classifier else _spread(xp, y)
+    if validation is not None and not classifier and not ns.is_dask_array(validation[0]):
+        validation = (*validation, _spread(xp, validation[1]))
     base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
     if saved is not None:
         base_lrs = list(saved["base_lrs"])
@@ -542,15 +549,28 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                 batches: Iterable[tuple[Any, Any]] = ((X, y),)
             else:
                 batches = _batches(xp, X, y, batch_size, shuffle, seed, epoch, device)
-            loss_sum = None
+            loss_sum = correct_sum = None
             for X_batch, y_batch in batches:
                 if schedule is not None:
                     count = optimizer.group_state[0]["step"]
                     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                         group["lr"] = float(schedule(base, count))
-                loss, grads = model._loss_and_grad_array(
-                    X_batch, y_batch, training=True,
-                    rng=dropout_key(seed, _STREAM_DROPOUT, step))
+                key = dropout_key(seed, _STREAM_DROPOUT, step)
+                if lazy_data:
+                    if classifier:  # Dask: the batch's labels counted in a pass of their own
+                        correct = model.score(X_batch, y_batch) * X_batch.shape[0]
+                        correct_sum = correct if correct_sum is None else correct_sum + correct
+                    loss, grads = model._loss_and_grad_array(X_batch, y_batch, training=True,
+                                                             rng=key)
+                else:
+                    # One forward pass gives the loss, the gradients and the batch's outputs.
+                    _, X_batch, y_batch = model._prepare(X_batch, y_batch)
+                    loss, grads, outputs = model._loss_grad(
+                        xp, model.params, X_batch, y_batch, training=True, key=key,
+                        need_grad=True, return_outputs=True)
+                    if classifier:
+                        correct = model._metric_terms(xp, outputs, y_batch)
+                        correct_sum = correct if correct_sum is None else correct_sum + correct
                 grads = add_l2_gradient(grads, model.params, l2, regularized)
                 if clip_value is not None:
                     grads = clip_by_value(grads, clip_value)
@@ -573,8 +593,8 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                 step += 1
                 weighted = loss * X_batch.shape[0]
                 loss_sum = weighted if loss_sum is None else loss_sum + weighted
-            logs = _epoch_logs(model, epoch, loss_sum, n_samples, X, y, validation, optimizer,
-                               started)
+            logs = _epoch_logs(model, epoch, loss_sum, correct_sum, n_samples, X, y,
+                               train_spread, validation, optimizer, started)
             history.epochs.append(logs)
             history.steps = step
             if bar is not None:
@@ -706,15 +726,47 @@ def _batches(xp: Any, X: Any, y: Any, batch_size: int, shuffle: bool, seed: int,
             yield X[start:stop, ...], y[start:stop, ...]
 
 
-def _epoch_logs(model: Model, epoch: int, loss_sum: Any, n_samples: int, X: Any, y: Any,
-                validation: Sequence[Any] | None, optimizer: Optimizer,
-                started: float) -> dict[str, Any]:
-    logs: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum / n_samples),
-                            "train_metric": model.score(X, y), "val_loss": None,
+def _spread(xp: Any, y: Any) -> float:
+    """Sum of squared deviations of regression targets from their (per-output) mean."""
+    return float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
+
+
+def _r2(residual: float, spread: float) -> float:
+    if spread == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
+        return 1.0 if residual == 0 else 0.0
+    return 1.0 - residual / spread
+
+
+def _outputs_per_sample(y: Any) -> int:
+    return 1 if y.ndim == 1 else int(y.shape[1])
+
+
+def _evaluate(model: Model, X: Any, y: Any, spread: float | None) -> tuple[float, float]:
+    """Loss and metric of ``(X, y)`` from one forward pass (no dropout)."""
+    if ns.is_dask_array(X):
+        return model.loss(X, y), model.score(X, y)
+    xp, X, y = model._prepare(X, y)
+    loss, _, outputs = model._loss_grad(xp, model.params, X, y, training=False, key=None,
+                                        need_grad=False, return_outputs=True)
+    if model.task == "classification":
+        return float(loss), float(model._metric_terms(xp, outputs, y)) / X.shape[0]
+    loss = float(loss)
+    return loss, _r2(loss * X.shape[0] * _outputs_per_sample(y), spread)
+
+
+def _epoch_logs(model: Model, epoch: int, loss_sum: Any, correct_sum: Any, n_samples: int,
+                X: Any, y: Any, train_spread: float | None, validation: Sequence[Any] | None,
+                optimizer: Optimizer, started: float) -> dict[str, Any]:
+    train_loss = float(loss_sum / n_samples)
+    if model.task == "classification":
+        train_metric = float(correct_sum) / n_samples
+    else:  # the loss is a mean squared error: its running sum is the residual sum of squares
+        train_metric = _r2(train_loss * n_samples * _outputs_per_sample(y), train_spread)
+    logs: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
+                            "train_metric": train_metric, "val_loss": None,
                             "val_metric": None, "lr": float(optimizer.param_groups[0]["lr"])}
     if validation:
-        X_val, y_val = validation
-        logs["val_loss"] = model.loss(X_val, y_val)
-        logs["val_metric"] = model.score(X_val, y_val)
+        logs["val_loss"], logs["val_metric"] = _evaluate(model, *validation[:2],
+                                                         *validation[2:] or (None,))
     logs["time"] = time.perf_counter() - started
     return logs

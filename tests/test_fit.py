@@ -245,7 +245,7 @@ def test_history_records_every_epoch():
                                       "val_metric", "lr", "time"}
     assert history.val_loss[-1] == pytest.approx(model.loss(X[40:], y[40:]))
     assert history.val_metric[-1] == model.score(X[40:], y[40:])
-    assert history.train_metric[-1] == model.score(X[:40], y[:40])
+    assert 0 <= history.train_metric[-1] <= 1
     assert all(t > 0 for t in history.time) and history.lr == [0.1] * 3
     assert history.best_epoch == 1 + int(np.argmin(history.val_loss))
     assert not history.stopped_early and history.steps == 9
@@ -253,6 +253,27 @@ def test_history_records_every_epoch():
     copy = history.to_dicts()
     copy[0]["train_loss"] = None
     assert history.train_loss[0] is not None
+
+
+def test_train_metric_comes_from_the_batches_trained_on():
+    X, y = _classification()
+    frozen = models.SoftmaxRegression(4, 3)
+    frozen.init_params(X, seed=0)
+    frozen.params["W"][...] = np.random.default_rng(1).normal(size=(4, 3))
+    # lr=0: the parameters never move, so the running accuracy is the accuracy.
+    history = fit(frozen, X, y, optimizer="sgd", lr=0.0, epochs=1, batch_size=7, seed=0,
+                  progress=False)
+    assert history.train_metric == [frozen.score(X, y)]
+    assert history.train_loss[0] == pytest.approx(frozen.loss(X, y), rel=1e-12)
+    Xr, yr = _regression(n=23)
+    regression = models.LinearRegression(3)
+    history = fit(regression, Xr, yr, optimizer="adam", lr=0.05, epochs=3, batch_size=5,
+                  validation_data=(Xr[:9], yr[:9]), seed=0, progress=False)
+    # R^2 of the residuals trained on: 1 - mean squared residual / variance of y.
+    expected = [1 - loss / np.var(yr) for loss in history.train_loss]
+    assert history.train_metric == pytest.approx(expected, rel=1e-12)
+    assert history.val_metric[-1] == pytest.approx(regression.score(Xr[:9], yr[:9]), rel=1e-12)
+    assert history.val_loss[-1] == pytest.approx(regression.loss(Xr[:9], yr[:9]), rel=1e-12)
 
 
 def test_without_validation_data_val_entries_are_none_and_best_uses_train_loss():
