@@ -91,6 +91,10 @@ class FlatStorage:
                 segments.append(segment)
             self.segments.append(segments)
             group["params"] = views
+        self._grouped_grad_views = [self.grad_views(i, len(g["params"]))
+                                    for i, g in enumerate(groups)]
+        self._all_grad_views = [v for views in self._grouped_grad_views for v in views]
+        self._names = [n for g in groups for n in g["names"]]
 
     # ----------------------------------------------------------------- layout
     def _segment(self, params: list[Any], dtype: Any, indices: list[int]) -> Segment:
@@ -118,6 +122,23 @@ class FlatStorage:
             for i, view in zip(segment.indices, segment.grad_views, strict=True):
                 views[i] = view
         return views
+
+    def own_grad_views(self, grads: Any, keyed: bool) -> list[list[Any]] | None:
+        """``grads`` grouped per param group if it holds exactly this storage's gradient
+        views (a dict by parameter name if ``keyed``, else a list), else None."""
+        if keyed != isinstance(grads, Mapping):
+            return None
+        if keyed:
+            if len(grads) != len(self._names):
+                return None
+            given = [grads.get(name) for name in self._names]
+        elif isinstance(grads, (list, tuple)) and len(grads) == len(self._all_grad_views):
+            given = grads
+        else:
+            return None
+        if all(a is b for a, b in zip(given, self._all_grad_views, strict=True)):
+            return self._grouped_grad_views
+        return None
 
     # ----------------------------------------------------------------- state
     def allocate(self, group_index: int, states: list[dict[str, Any]],

@@ -195,7 +195,12 @@ class Optimizer:
             The parameters: the same arrays, updated in place where the library
             allows it, or new arrays for immutable libraries (JAX).
         """
-        grouped = self._validated_grads(grads)
+        # The optimizer's own gradient views need no checks: hundreds of tensors cost
+        # one identity test each instead.
+        grouped = self._flat.own_grad_views(grads, self._keyed) if self._flat is not None \
+            else None
+        if grouped is None:
+            grouped = self._validated_grads(grads)
         if self._flat is not None:
             self._flat.check_params(self.param_groups)
         for group in self.param_groups:

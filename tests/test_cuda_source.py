@@ -151,3 +151,37 @@ def test_generated_cuda_arithmetic_matches_generic_on_the_host(tmp_path):
     assert offset == len(output)
     assert rules_seen == {r.name for r in rules.ALL_RULES}
     print(f"{len(records)} records, {len(kernels)} kernel instantiations", file=sys.stderr)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_generated_kernels_compile_for_the_device(tmp_path):
+    # One specialization of every rule (its first step, default options), both kernels,
+    # float and double: what NVRTC compiles on a GPU machine, here compiled by nvcc.
+    from optim_core.backends._cuda import COMPILE_OPTIONS
+
+    parts = []
+    for name, hyper in {name: hyper for name, hyper in reversed(CASES)}.items():
+        for dtype, ctype in CUDA_TYPES.items():
+            recorder = Recorder()
+            params = start_params(dtype)
+            opt = getattr(optim_core, name)(params, **hyper, impl="generic")
+            opt.implementation = recorder
+            opt.step({k: gradient(v, 0) for k, v in params.items()})
+            record = recorder.records[0]
+            _, _, kernel = lower(record["rule"], record["scalars"], frozenset(record["states"]))
+            source, kname = cuda_source(kernel), kernel_name(kernel)
+            if source not in parts:
+                parts.append(source)
+            for variant in (kname, f"{kname}_vec"):
+                signature = cuda_source(kernel).split(f"__global__ void {kname}(", 1)[1]
+                signature = signature.split(")", 1)[0].replace("T*", f"{ctype}*").replace(
+                    "T h", f"{ctype} h")
+                line = f"template __global__ void {variant}<{ctype}>({signature});"
+                if line not in parts:  # GD and SGD share kernels
+                    parts.append(line)
+    source = tmp_path / "kernels.cu"
+    source.write_text("\n".join(parts) + "\n")
+    result = subprocess.run(["nvcc", *COMPILE_OPTIONS, "-arch=sm_90", "-c", "-o",
+                             str(tmp_path / "kernels.o"), str(source)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

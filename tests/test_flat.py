@@ -161,3 +161,9 @@ def test_flat_needs_a_library_with_views():
 def test_flat_must_be_a_bool():
     with pytest.raises(TypeError, match="flat"):
         optim_core.SGD([np.ones(3)], flat="yes")
+
+
+def test_grad_views_in_the_wrong_structure_are_refused():
+    opt = optim_core.SGD({"a": np.ones(3), "b": np.ones(2)}, lr=0.1, flat=True)
+    with pytest.raises(TypeError, match="dict"):
+        opt.step(list(opt.grad_views.values()))
