@@ -28,8 +28,7 @@ import optim_core
 
 ALL = list(CASES)
 EXAMPLES = 40  # per optimizer and test: 12 x 40 = 480 examples per test function
-# Each new combination of flags and dtype compiles a kernel (about a second, cold).
-FUSED_EXAMPLES = 20
+FUSED_EXAMPLES = 25
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -75,8 +74,31 @@ HYPERPARAMETERS = {
 }
 
 
-def draw_case(data, name: str) -> dict:
+#: The fused tests' flags: every optional state and branch on. Each combination of
+#: flags (and of zero/nonzero weight decay or momentum) is a separately compiled kernel,
+#: about a second each on a cold cache, so these tests vary values, shapes and dtypes
+#: and keep one combination per optimizer; tests/test_fused_numpy.py covers the others.
+FUSED_FLAGS = {
+    "SGD": {"nesterov": True, "maximize": False, "dampening": 0.0},
+    "Adagrad": {"maximize": True},
+    "RMSprop": {"centered": True, "maximize": False},
+    "Adadelta": {"maximize": False},
+    "Adam": {"amsgrad": True, "maximize": False, "decoupled_weight_decay": False},
+    "AdamW": {"amsgrad": False, "maximize": True},
+    "Adamax": {"maximize": False},
+    "NAdam": {"decoupled_weight_decay": True, "maximize": False},
+    "RAdam": {"decoupled_weight_decay": False, "maximize": True},
+    "Lion": {"maximize": False},
+}
+#: Hyperparameters whose zero selects another branch: kept nonzero in the fused tests.
+BRANCHING = ("weight_decay", "momentum")
+
+
+def draw_case(data, name: str, *, fused: bool = False) -> dict:
     hyper = data.draw(HYPERPARAMETERS[name], label="hyperparameters")
+    if fused:
+        hyper.update(FUSED_FLAGS.get(name, {}))
+        hyper.update({k: max(hyper[k], 1e-3) for k in BRANCHING if k in hyper})
     if hyper.get("nesterov"):  # valid only with momentum and without dampening
         hyper["momentum"] = max(hyper["momentum"], 0.1)
         hyper["dampening"] = 0.0
@@ -164,7 +186,7 @@ def test_generic_matches_the_float64_reference(name, data):
 @settings(SETTINGS, max_examples=FUSED_EXAMPLES)
 @given(data=st.data())
 def test_fused_equals_generic_equals_the_float64_reference(name, data):
-    case = draw_case(data, name)
+    case = draw_case(data, name, fused=True)
     fused, generic = run(name, case, "fused"), run(name, case, "generic")
     start, expected = run_reference(name, case)
     for f, g, e, s in zip(fused, generic, expected, start, strict=True):
