@@ -192,6 +192,22 @@ def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = N
     return cls(dict(params), nonfinite=nonfinite, **kwargs)
 
 
+def _built_on(optimizer: Optimizer, params: Mapping[str, Any]) -> bool:
+    """Whether ``optimizer`` steps ``params``: the same arrays, or equal copies (``flat=True``)."""
+    ours = optimizer.params
+    if not isinstance(ours, Mapping) or list(ours) != list(params):
+        return False
+    for name, param in params.items():
+        other = ours[name]
+        if other is param:
+            continue
+        if tuple(other.shape) != tuple(param.shape) or other.dtype != param.dtype or \
+                ns.namespace_of(other) is not ns.namespace_of(param) or \
+                not bool(ns.namespace_of(param).all(other == param)):
+            return False
+    return True
+
+
 def _fit_applies_decay(optimizer: Optimizer) -> bool:
     """Whether fit must apply decoupled weight decay itself for this optimizer."""
     return not isinstance(optimizer, _DECOUPLED_NATIVE + _DECOUPLED_SWITCH)
@@ -429,11 +445,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         if model.params is None:
             raise ValueError("an optimizer instance must be built on model.params: initialize "
                              "the model first (model.init_params(X, seed))")
-        opt_params = optimizer.params
-        if not isinstance(opt_params, Mapping) or set(opt_params) != set(model.params) or any(
-                opt_params[name] is not model.params[name] for name in model.params):
+        if not _built_on(optimizer, model.params):
             raise ValueError("the optimizer instance must be built on model.params "
-                             "(the same dict of arrays)")
+                             "(the same dict of arrays, or copies of them with flat=True)")
         if lr is not None:
             _check_nonnegative("lr", lr)
     elif isinstance(optimizer, str):
@@ -496,6 +510,8 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                 group["lr"] = float(lr)
         if nonfinite is not None:
             optimizer.nonfinite = nonfinite
+    # The optimizer's arrays are the model's from now on (with flat=True, views of its buffer).
+    model._params = dict(optimizer.params)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         optimizer.skipped_steps = saved["skipped_steps"]

@@ -218,6 +218,25 @@ def test_an_optimizer_instance_continues_across_fits():
     assert not np.array_equal(split.params["W"], whole.params["W"])
 
 
+def test_flat_optimizers_train_the_same_numbers():
+    X, y = _classification()
+    runs = []
+    for flat in (False, True):
+        model = models.MLP([4, 8, 3], dropout=0.1)
+        history = fit(model, X, y, lr=0.01, epochs=3, batch_size=16, l1=1e-3,
+                      weight_decay=1e-2, seed=0, progress=False, flat=flat)
+        # The model holds the arrays the optimizer steps (with flat=True, buffer views).
+        assert all(history.optimizer.params[k] is model.params[k] for k in model.params)
+        runs.append((model.params["W0"].copy(), history.train_loss))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    model = models.MLP([4, 8, 3])
+    model.init_params(X, seed=0)
+    optimizer = Adam(model.params, lr=0.01, flat=True)  # copies the parameters once
+    fit(model, X, y, optimizer=optimizer, epochs=2, batch_size=16, seed=0, progress=False)
+    assert optimizer.params["W0"] is model.params["W0"]
+
+
 def test_an_optimizer_instance_must_be_built_on_the_models_params():
     X, y = _regression()
     model = models.LinearRegression(3)
