@@ -1,0 +1,36 @@
+"""The fused NumPy path runs small tensors on one thread and large ones on all, same numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import optim_core
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                reason="numba not installed")
+
+
+def test_small_and_large_tensors_match_the_generic_path_and_threads_are_restored():
+    import numba
+    from optim_core.backends import _numba
+
+    threads = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    sizes = (1000, _numba._PARALLEL_MIN_SIZE)  # one thread, then the parallel kernel
+    runs = {}
+    for impl in ("fused", "generic"):
+        params = [np.ones(n, dtype=np.float32) for n in sizes]
+        opt = optim_core.Adam(params, lr=0.01, impl=impl)
+        for step in range(3):
+            opt.step([np.asarray(rng.standard_normal(n), dtype=np.float32) + step
+                      for n in sizes])
+        runs[impl] = opt
+        rng = np.random.default_rng(0)
+    assert runs["fused"].implementation.name == "fused-numba"
+    assert runs["fused"].implementation.launches == 3 * len(sizes)
+    for got, want in zip(runs["fused"].params, runs["generic"].params, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert numba.get_num_threads() == threads
