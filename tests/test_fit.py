@@ -242,7 +242,7 @@ def test_an_optimizer_instance_must_be_built_on_the_models_params():
     model = models.LinearRegression(3)
     model.init_params(X)
     with pytest.raises(ValueError, match="built on model.params"):
-        fit(model, X, y, optimizer=SGD({"W": np.zeros(3), "b": np.array(0.0)}), epochs=1,
+        fit(model, X, y, optimizer=SGD({"W": np.ones(3), "b": np.array(0.0)}), epochs=1,
             progress=False)
     with pytest.raises(TypeError, match="instance"):
         fit(model, X, y, optimizer=SGD(model.params), momentum=0.9, epochs=1, progress=False)
