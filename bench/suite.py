@@ -145,7 +145,7 @@ def _run_cell(config: Config, optimizer: str, workload: Workload, impl: str,
                    fraction_of_floor=floor_s / m.median, note=runner.note)
     finally:
         del runner
-        _release_memory(config.device)
+        _release_memory(config.device, row["bytes"])
     return row
 
 
@@ -185,8 +185,11 @@ def _progress_line(row: dict[str, Any]) -> str:
     return f"  {where} {row['median_s'] * 1e3:10.3f} ms  ({row['repeats']} repeats)"
 
 
-def _release_memory(device: str) -> None:
-    gc.collect()
+def _release_memory(device: str, step_bytes: int) -> None:
+    # Runners hold no reference cycles, so their arrays go with them; a collection (tens
+    # of ms with torch and JAX loaded) is only worth it where stray cycles could pin GBs.
+    if step_bytes >= 1 << 28:
+        gc.collect()
     if device == "cuda":  # pragma: no cover - GPU only
         import cupy
 
