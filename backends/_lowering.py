@@ -127,6 +127,8 @@ class _Lowering:
     local_names: dict = field(default_factory=dict)
     loads: set = field(default_factory=set)
     versions: dict = field(default_factory=dict)
+    # Every host evaluation in order, so later steps can replay them (see _replay).
+    trace: list = field(default_factory=list)
 
     def run(self) -> None:
         self.env.update(self.scalars)
@@ -143,12 +145,14 @@ class _Lowering:
             if isinstance(statement, ast.If):
                 taken = bool(self.evaluate(statement.test))
                 self.decisions.append(taken)
+                self.trace.append(("test", statement.test, taken))
                 self.block(statement.body if taken else statement.orelse)
                 continue
             assert isinstance(statement, ast.Assign)
             target = statement.targets[0].id
             if self.is_scalar(statement.value):
                 self.env[target] = self.evaluate(statement.value)
+                self.trace.append(("assign", target, statement.value))
                 self.local_names.pop(target, None)
                 continue
             expr = self.expression(statement.value)
@@ -178,6 +182,7 @@ class _Lowering:
         if self.is_scalar(node):
             value = self.evaluate(node)
             self.hoisted.append(value)
+            self.trace.append(("hoist", None, node))
             return ("hoisted", len(self.hoisted) - 1)
         if isinstance(node, ast.Name):
             if self.env[node.id] is _ABSENT:
@@ -209,6 +214,7 @@ class _Lowering:
             raise NotImplementedError(f"rule {self.rule.name}: lerp needs a scalar weight")
         near_start = abs(self.evaluate(weight)) < 0.5
         self.decisions.append(near_start)
+        self.trace.append(("lerp", weight, near_start))
         expanded = _LERP_CACHE.get((id(node), near_start))
         if expanded is None or expanded[0] is not node:
             expanded = _LERP_CACHE[id(node), near_start] = (node, _lerp_tree(node, near_start))
@@ -253,6 +259,34 @@ def _analysis(node: ast.expr) -> tuple[ast.expr, frozenset[str], Any]:
     return entry
 
 
+#: (rule function, present states) -> [(key, trace)], most recently used first.
+_TRACES: dict[tuple[Any, frozenset[str]], list[tuple[tuple, list]]] = {}
+
+
+def _replay(trace: list, scalars: Mapping[str, Any]) -> list | None:
+    """The hoisted values of a step whose decisions match ``trace``'s, else None.
+
+    The walk of a rule evaluates the same host expressions in the same order for as
+    long as its branch outcomes are the same, so a recorded walk stands for it.
+    """
+    env = dict(scalars)
+    hoisted = []
+    try:
+        for kind, target, node in trace:
+            if kind == "hoist":
+                hoisted.append(eval(_analysis(node)[2], _HOST_GLOBALS, env))  # noqa: S307
+            elif kind == "assign":
+                env[target] = eval(_analysis(node)[2], _HOST_GLOBALS, env)  # noqa: S307
+            elif kind == "test":
+                if bool(eval(_analysis(target)[2], _HOST_GLOBALS, env)) != node:  # noqa: S307
+                    return None
+            elif (abs(eval(_analysis(target)[2], _HOST_GLOBALS, env)) < 0.5) != node:  # noqa: S307
+                return None
+    except NameError:
+        return None  # a missing scalar: the full walk reports it
+    return hoisted
+
+
 def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] | set[str],
           *, build: bool = True) -> tuple[tuple, list[float], Kernel | None]:
     """Specialize ``rule`` for this step's ``scalars`` and the ``present`` optional states.
@@ -278,10 +312,20 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
         The lowered body when ``build`` is true.
     """
     present = frozenset(present)
+    traces = _TRACES.setdefault((rule.function, present), [])
+    if not build:
+        for index, (key, trace) in enumerate(traces):
+            hoisted = _replay(trace, scalars)
+            if hoisted is not None:
+                if index:  # most recently used first: schedules flip keys rarely
+                    traces.insert(0, traces.pop(index))
+                return key, hoisted, None
     lowering = _Lowering(rule, scalars, present, build)
     lowering.run()
     states = tuple(s for s in rule.states if s in present)
     key = (tuple(lowering.decisions), states)
+    if all(k != key for k, _ in traces):
+        traces.insert(0, (key, lowering.trace))
     if not build:
         return key, lowering.hoisted, None
     stores, results = [], {}

@@ -366,15 +366,17 @@ class Optimizer:
         new_states = frozenset(name for name in active if name not in states[0]) \
             if states else frozenset()
         if self._flat is not None:
-            self._flat.allocate(index, states, {
-                name: group[self.initial_state[name]] if name in self.initial_state else 0
-                for name in new_states})
-        for param, st in zip(group["params"], states):
-            for name in active - set(st):
-                fill = self.initial_state.get(name)
-                value = group[fill] if fill else 0
-                st[name] = self._xp.full(param.shape, value, dtype=param.dtype,
-                                         device=ns.device_of(param))
+            if new_states:
+                self._flat.allocate(index, states, {
+                    name: group[self.initial_state[name]] if name in self.initial_state else 0
+                    for name in new_states})
+        else:
+            for param, st in zip(group["params"], states):
+                for name in active - set(st):
+                    fill = self.initial_state.get(name)
+                    value = group[fill] if fill else 0
+                    st[name] = self._xp.full(param.shape, value, dtype=param.dtype,
+                                             device=ns.device_of(param))
         gstate["step"] += 1
         derived = self.scalars(group, gstate)
         derived.setdefault("first_step", bool(new_states))

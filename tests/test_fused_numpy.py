@@ -151,3 +151,19 @@ def test_a_later_process_loads_compiled_kernels_from_disk(tmp_path):
     assert second == ["1", "0"]  # loaded: no compilation in the later process
     assert list((tmp_path / "numba_kernels").glob("optim_core_kernel_lion_float32_*.py"))
     assert list((tmp_path / "numba_kernels" / "__pycache__").glob("*.nbi"))
+
+
+def test_replayed_lowering_equals_a_full_walk():
+    from optim_core.backends._lowering import lower
+
+    present = {"exp_avg", "exp_avg_sq"}
+    for step in range(1, 30):
+        scalars = dict(lr=1e-3 * step, beta1=0.9 if step < 15 else 0.2, beta2=0.99, eps=1e-8,
+                       weight_decay=0.1 * (step % 3), decoupled_weight_decay=step % 2 == 0,
+                       maximize=False, bias_correction1=1 - 0.9**step,
+                       bias_correction2_sqrt=(1 - 0.99**step) ** 0.5, rectify=step > 5,
+                       rect=1.0 + step / 100)
+        replayed = lower(rules.radam, scalars, present, build=False)
+        walked = lower(rules.radam, scalars, present)
+        assert replayed[:2] == walked[:2]
+        assert walked[2].key == walked[0]
