@@ -167,3 +167,28 @@ def test_replayed_lowering_equals_a_full_walk():
         walked = lower(rules.radam, scalars, present)
         assert replayed[:2] == walked[:2]
         assert walked[2].key == walked[0]
+
+
+def test_numba_is_imported_only_when_a_numpy_optimizer_takes_the_fused_path():
+    script = textwrap.dedent("""
+        import sys, numpy as np, optim_core
+        assert "numba" not in sys.modules
+        optim_core.Adam([np.ones(3)], impl="generic").step([np.ones(3)])
+        assert "numba" not in sys.modules
+        optim_core.Adam([np.ones(3)])
+        assert "numba" in sys.modules and "cupy" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+
+
+def test_float16_tensors_take_the_generic_path_inside_a_fused_step():
+    params = [np.linspace(-1, 1, 50).astype(np.float16), np.linspace(-1, 1, 50)]
+    grads = [np.linspace(1, -1, 50).astype(np.float16), np.linspace(1, -1, 50)]
+    fused = optim_core.Adam([p.copy() for p in params], lr=0.1, impl="fused")
+    generic = optim_core.Adam([p.copy() for p in params], lr=0.1, impl="generic")
+    for _ in range(3):
+        fused.step(grads)
+        generic.step(grads)
+    for got, want in zip(fused.params, generic.params, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
