@@ -143,7 +143,20 @@ def to_numpy(x: Any) -> np.ndarray:
     try:
         return np.asarray(x).copy()
     except (TypeError, ValueError, RuntimeError):
-        return np.from_dlpack(array_api_compat.to_device(x, "cpu")).copy()
+        pass
+    # Off the host: move it to the library's CPU device, which not every library calls "cpu"
+    # (array_api_strict's is Device("CPU_DEVICE"); its first listed device).
+    errors = []
+    for cpu in ("cpu", *namespace_of(x).__array_namespace_info__().devices()[:1]):
+        try:
+            on_host = array_api_compat.to_device(x, cpu)
+            try:
+                return np.asarray(on_host).copy()
+            except (TypeError, ValueError, RuntimeError):
+                return np.from_dlpack(on_host).copy()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            errors.append(exc)
+    raise TypeError(f"cannot copy a {type(x).__name__} to the host: {errors[-1]}")
 
 
 def _torch_bfloat16_to_numpy(x: Any) -> np.ndarray:
