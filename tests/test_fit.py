@@ -536,3 +536,24 @@ def test_resume_refuses_a_different_run(tmp_path):
             progress=False)
     with pytest.raises(ValueError, match="checkpoint path"):
         fit(models.LinearRegression(3), X, y, resume=True, progress=False)
+
+
+def test_everything_stays_on_the_datas_device(tmp_path):
+    # array_api_strict refuses any operation mixing devices, so a parameter, batch, mask or
+    # state created on the default device instead of the data's would raise here.
+    xp = pytest.importorskip("array_api_strict")
+    device = xp.Device("device1")
+    X, y = _classification()
+    X, y = xp.asarray(X, device=device), xp.asarray(y, device=device)
+    arguments = dict(lr=0.01, epochs=3, batch_size=16, validation_data=(X, y), l1=1e-3,
+                     weight_decay=0.1, clip_norm=1.0, clip_value=3.0, l2=1e-3,
+                     schedule=schedules.cosine(10), seed=0, progress=False,
+                     checkpoint=tmp_path / "run.ckpt")
+    model = models.MLP([4, 8, 3], dropout=0.2)
+    fit(model, X, y, callbacks=[EarlyStopping(patience=1)], **arguments)
+    assert all(p.device == device for p in model.params.values())
+    assert model.predict(X).device == device
+    resumed = models.MLP([4, 8, 3], dropout=0.2)
+    fit(resumed, X, y, callbacks=[EarlyStopping(patience=1)], resume=True,
+        **{**arguments, "epochs": 5})
+    assert all(p.device == device for p in resumed.params.values())
