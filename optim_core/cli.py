@@ -168,6 +168,9 @@ def _data_flags() -> argparse.ArgumentParser:
                            "(default: numpy)")
     data.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                       help="floating dtype of data and parameters (default: float64)")
+    data.add_argument("--impl", choices=("auto", "fused", "generic"), default="auto",
+                      help="optimizer implementation: fused kernels where they exist, or "
+                           "the generic array API path (default: auto)")
     data.add_argument("--seed", type=int, default=0,
                       help="seeds the data split, the initial parameters and the batch order")
     run = parent.add_argument_group("training and output")
@@ -318,7 +321,7 @@ def _describe(args: argparse.Namespace, dataset: datasets.Dataset) -> str:
                                           dataset.n_classes or 1]))
              if args.model == "mlp" else "linear")
     return (f"{dataset.describe()}\nmodel: {model}, backend: {args.backend}, dtype: "
-            f"{args.dtype}, batch size: {args.batch_size}")
+            f"{args.dtype}, impl: {args.impl}, batch size: {args.batch_size}")
 
 
 def _prepare_out(path: Path) -> Path:
@@ -355,7 +358,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     result = tools.compare(_model_factory(args, dataset), X, y, optimizers=specs,
                            epochs=args.epochs, batch_size=args.batch_size,
                            validation_data=(X_test, y_test), seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, impl=args.impl)
     print(f"\n{args.epochs} epochs, validation on the {dataset.X_test.shape[0]}-sample test "
           f"split\n")
     print(result.format())
@@ -386,7 +389,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     result = tools.lr_find(_model_factory(args, dataset), X, y, optimizer=name,
                            start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
                            batch_size=args.batch_size, seed=args.seed,
-                           progress=not args.no_progress, **options)
+                           progress=not args.no_progress, impl=args.impl, **options)
     print()
     print(result.format())
     print(_written(result.to_csv(out / "lr_find.csv"), result.to_json(out / "lr_find.json"),
@@ -415,7 +418,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     factory = _model_factory(args, dataset)
     result = tools.tune(factory, X, y, optimizers=names, lrs=args.lrs,
                         batch_sizes=args.batch_sizes, k=args.folds, epochs=args.epochs,
-                        seed=args.seed, progress=not args.no_progress)
+                        seed=args.seed, progress=not args.no_progress, impl=args.impl)
     print(f"\n{args.folds}-fold cross-validation on the training split, {args.epochs} epochs "
           f"per fold\n")
     print(result.format())
@@ -424,7 +427,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     best = result.best_config
     model = factory()
-    fit(model, X, y, epochs=args.epochs, seed=args.seed, progress=False, **best)
+    fit(model, X, y, epochs=args.epochs, seed=args.seed, progress=False, impl=args.impl,
+        **best)
     test_score = float(model.score(X_test, y_test))
     print(f"best configuration retrained on the whole training split: test "
           f"{result.metric_name} {test_score:.4f}")

@@ -72,9 +72,11 @@ def test_compare_prints_a_table_and_writes_csv_json_and_loss_curves(capsys, tmp_
 def test_compare_on_regression_reports_r2_and_applies_lr_and_options(capsys, tmp_path):
     status, out, _ = run(capsys, "compare", "--dataset", "diabetes", "--model", "linear",
                          "--optimizers", "sgd,sgd:momentum=0.9", "--lr", "0.05",
-                         "--epochs", "2", "--no-progress", "--out", str(tmp_path))
+                         "--epochs", "2", "--impl", "generic", "--no-progress",
+                         "--out", str(tmp_path))
     assert status == 0
     assert "diabetes (regression): 332 train / 110 test samples, 10 features" in out
+    assert "impl: generic" in out
     rows = read_csv(tmp_path / "results.csv")
     assert [r["optimizer"] for r in rows] == ["sgd", "sgd:momentum=0.9"]
     assert [float(r["lr"]) for r in rows] == [0.05, 0.05]
@@ -168,6 +170,7 @@ def test_bench_without_a_checkout_explains_where_benchmarks_run(capsys, tmp_path
     (["compare", "--optimizers", "sgd,sgd"], "lists a spec twice"),
     (["compare", "--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["compare", "--backend", "jax"], "invalid choice: 'jax'"),
+    (["compare", "--impl", "cuda"], "invalid choice: 'cuda'"),
     (["compare", "--epochs", "0"], "expected a positive integer, got '0'"),
     (["compare", "--lr", "-1"], "expected a positive finite number"),
     (["tune", "--lrs", "0.1,x"], "expected a positive number, got 'x'"),
