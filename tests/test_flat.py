@@ -167,3 +167,20 @@ def test_grad_views_in_the_wrong_structure_are_refused():
     opt = optim_core.SGD({"a": np.ones(3), "b": np.ones(2)}, lr=0.1, flat=True)
     with pytest.raises(TypeError, match="dict"):
         opt.step(list(opt.grad_views.values()))
+
+
+def test_flat_on_torch_tensors():
+    torch = pytest.importorskip("torch")
+    given = {"a": torch.ones(3, 4), "b": torch.ones(5, dtype=torch.float64)}
+    opt = optim_core.Adam(given, lr=0.1, flat=True)
+    reference = optim_core.Adam({k: v.clone() for k, v in given.items()}, lr=0.1)
+    for step in range(3):
+        grads = {k: torch.full_like(v, 0.5 - step) for k, v in given.items()}
+        for name, view in opt.grad_views.items():
+            view[...] = grads[name]
+        opt.step(opt.grad_views)
+        reference.step(grads)
+    buffer = opt._flat.segments[0][0].param
+    assert opt.params["a"].data_ptr() == buffer.data_ptr()
+    for key, want in reference.params.items():
+        assert torch.equal(opt.params[key], want)
