@@ -32,7 +32,6 @@ __all__ = [
     "is_dask_array",
     "chunk_like",
     "data_namespace",
-    "to_floats",
 ]
 
 
@@ -217,11 +216,3 @@ def data_namespace(param: Any, arrays: Sequence[Any], names: Sequence[str]) -> A
         return xp
     return common_namespace([param, *arrays], ["the parameters", *names], what="array")
 
-
-def to_floats(*values: Any) -> tuple[float, ...]:
-    """Python floats of 0-d arrays; Dask ones computed together, in one pass over their data."""
-    if any(is_dask_array(v) for v in values):
-        from . import dask_support
-
-        values = dask_support.require_dask().compute(*values)
-    return tuple(float(v) for v in values)

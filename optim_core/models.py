@@ -151,6 +151,9 @@ class Model:
     def loss(self, X: Any, y: Any) -> float:
         """The loss on ``(X, y)`` (no dropout), as a Python float."""
         xp, X, y = self._prepare(X, y)
+        if ns.is_dask_array(X):
+            return float(dask_support.loss_and_grad(self, X, y, training=False, key=None,
+                                                    need_grad=False)[0])
         return float(self._loss_grad(xp, self._params, X, y, training=False, key=None,
                                      need_grad=False)[0])
 
@@ -204,14 +207,14 @@ class Model:
         together for a multi-output regression.
         """
         xp, X, y = self._prepare(X, y)
+        if ns.is_dask_array(X):  # one task a chunk, where the chunk is, and a tree of sums
+            return dask_support.score(self, X, y)
         predictions = self._predict(xp, self._outputs(xp, self._params, X))
         if self.task == "classification":
             return float(xp.mean(xp.astype(predictions == y, X.dtype)))
-        residual, total = ns.to_floats(xp.sum((y - predictions) ** 2),
-                                       xp.sum((y - xp.mean(y, axis=0)) ** 2))
-        if total == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
-            return 1.0 if residual == 0 else 0.0
-        return 1.0 - residual / total
+        residual = float(xp.sum((y - predictions) ** 2))
+        total = float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
+        return _r2(residual, total)
 
     def __repr__(self) -> str:
         state = "uninitialized" if self._params is None else \
@@ -269,6 +272,13 @@ class Model:
         if y.ndim != 1:
             raise ValueError(f"y must have shape (n_samples,), got {tuple(y.shape)}")
         return y if y.dtype == dtype else xp.astype(y, dtype)
+
+
+def _r2(residual: float, total: float) -> float:
+    """:math:`R^2` from the residual and total sums of squares."""
+    if total == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
+        return 1.0 if residual == 0 else 0.0
+    return 1.0 - residual / total
 
 
 def _dropout_key(rng: Any) -> int:
