@@ -167,7 +167,8 @@ class FlatStorage:
                 if any(n != names[0] for n in names):
                     raise ValueError("with flat=True, every parameter of a group and dtype must "
                                      "have the same state entries")
-                plans.append((group_index, segment, sorted(names[0])))
+                # The saved order, so state_dict() after a reload lists states as before.
+                plans.append((group_index, segment, list(group_state[segment.indices[0]])))
         adopted = [[{} for _ in group_state] for group_state in state]
         new_buffers = []
         for group_index, segment, names in plans:
