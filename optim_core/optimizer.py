@@ -369,10 +369,11 @@ class Optimizer:
             if new_states:
                 self._flat.allocate(index, states, {
                     name: group[self.initial_state[name]] if name in self.initial_state else 0
-                    for name in new_states})
+                    for name in self.rule.states if name in new_states})
         else:
             for param, st in zip(group["params"], states):
-                for name in active - set(st):
+                # The rule's order, not a set's: state_dict() is then the same in every process.
+                for name in [n for n in self.rule.states if n in active and n not in st]:
                     fill = self.initial_state.get(name)
                     value = group[fill] if fill else 0
                     st[name] = self._xp.full(param.shape, value, dtype=param.dtype,

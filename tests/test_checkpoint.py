@@ -451,3 +451,22 @@ def test_resume_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(tmp_
         # State entries are created in set order, which string hashing varies per process.
         assert_same_tree(resumed, expected, ordered=False)
         assert resumed["optimizer"]["group_state"][0]["step"] == last
+
+
+def test_the_same_run_in_two_processes_writes_identical_checkpoints(tmp_path):
+    """Nothing in a checkpoint depends on the process (string hashing, timestamps)."""
+    script = (
+        "import sys, numpy as np, optim_core\n"
+        "tree = {}\n"
+        "for name, options in [('Adam', {'amsgrad': True}),\n"
+        "                      ('RMSprop', {'centered': True, 'momentum': 0.5}),\n"
+        "                      ('SGD', {'momentum': 0.9, 'flat': True})]:\n"
+        "    opt = getattr(optim_core, name)({'w': np.ones(3), 'b': np.zeros(2)}, **options)\n"
+        "    for step in range(3):\n"
+        "        opt.step({'w': np.full(3, step + 0.5), 'b': np.full(2, -1.0)})\n"
+        "    tree[name] = {'params': opt.params, 'optimizer': opt.state_dict()}\n"
+        "optim_core.save_checkpoint(sys.argv[1], tree)\n")
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+    assert (tmp_path / "1").read_bytes() == (tmp_path / "2").read_bytes()
