@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _namespace as ns
+from . import dask_support
 from . import optimizers as _optimizers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .models import Model
@@ -32,6 +33,7 @@ from .regularization import (
     decay_weights,
     dropout_key,
 )
+from .schedules import ReduceOnPlateau
 
 __all__ = ["fit", "History", "OPTIMIZERS", "make_optimizer", "epoch_order"]
 
@@ -249,8 +251,6 @@ def _resolve_seed(seed: Any) -> int:
 def _check_data(X: Any, y: Any, what: str) -> Any:
     arrays = [X, y]
     if ns.is_dask_array(X) or ns.is_dask_array(y):
-        from . import dask_support
-
         dask_support.check_data(X, y, what)
     xp = ns.common_namespace(arrays, [f"X{what}", f"y{what}"], what="array")
     if X.ndim != 2:
@@ -423,6 +423,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
         raise TypeError("callbacks must be a sequence of callback objects")
     callbacks = list(callbacks)
+    if any(isinstance(hook, ReduceOnPlateau) for hook in callbacks):
+        raise ValueError("ReduceOnPlateau sets the learning rate: pass it as schedule=, "
+                         "not in callbacks")
     hooks = callbacks + ([schedule] if hasattr(schedule, "on_epoch_end") else [])
     for hook in hooks:
         monitor = _monitored(hook)
@@ -573,11 +576,13 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                         group["lr"] = float(schedule(base, count))
                 key = dropout_key(seed, _STREAM_DROPOUT, step)
                 if lazy_data:
-                    if classifier:  # Dask: the batch's labels counted in a pass of their own
-                        correct = model.score(X_batch, y_batch) * X_batch.shape[0]
+                    # Dask: loss, gradients and correct labels from one task per chunk.
+                    _, X_batch, y_batch = model._prepare(X_batch, y_batch)
+                    loss, grads, correct = dask_support.loss_and_grad(
+                        model, X_batch, y_batch, training=True, key=key,
+                        count_correct=classifier)
+                    if classifier:
                         correct_sum = correct if correct_sum is None else correct_sum + correct
-                    loss, grads = model._loss_and_grad_array(X_batch, y_batch, training=True,
-                                                             rng=key)
                 else:
                     # One forward pass gives the loss, the gradients and the batch's outputs.
                     _, X_batch, y_batch = model._prepare(X_batch, y_batch)
@@ -724,8 +729,6 @@ def _batches(xp: Any, X: Any, y: Any, batch_size: int, shuffle: bool, seed: int,
              device: Any) -> Iterable[tuple[Any, Any]]:
     if ns.is_dask_array(X):
         # Batches from one or two chunks each, never a gather from every chunk.
-        from . import dask_support
-
         rng = np.random.default_rng([seed, _STREAM_ORDER, epoch])
         yield from dask_support.batches(X, y, batch_size, shuffle, rng)
         return

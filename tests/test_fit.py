@@ -391,6 +391,8 @@ X_OK, Y_OK = _regression()
     ({"callbacks": [EarlyStopping()]}, ValueError, "validation_data"),
     ({"callbacks": [EarlyStopping(monitor="val_acc")]}, ValueError, "val_acc"),
     ({"schedule": schedules.ReduceOnPlateau()}, ValueError, "validation_data"),
+    ({"callbacks": [schedules.ReduceOnPlateau(monitor="train_loss")]}, ValueError,
+     "schedule="),
     ({"validation_data": (X_OK,)}, ValueError, "pair"),
     ({"validation_data": (X_OK[:, :2], Y_OK)}, ValueError, "features"),
     ({"dampening": 2.0}, ValueError, "dampening"),
