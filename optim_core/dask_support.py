@@ -121,7 +121,7 @@ def _import_dask() -> Any:
 
 
 def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None,
-                  need_grad: bool = True) -> tuple[Any, dict[str, Any] | None]:
+                  need_grad: bool = True, count_correct: bool = False) -> tuple[Any, ...]:
     r"""The model's mean loss (and gradients) on Dask ``X``, ``y``, reduced over the chunks.
 
     Each chunk is one task, which runs the model's own loss and gradient (its
@@ -134,17 +134,22 @@ def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None
     Dropout masks are drawn per chunk, from ``key`` and the chunk's position, so
     a model with dropout trains on other masks than the same batch held in NumPy.
 
+    With ``count_correct`` (classifiers), each task also counts the chunk's correct
+    labels from the same forward pass (as :func:`~optim_core.fit` does on the
+    batches it trains on), so the training metric costs no pass of its own.
+
     Returns
     -------
-    (loss, grads)
+    (loss, grads, correct)
         New arrays in the parameters' library, device and dtype (a 0-d loss); grads
-        is None without ``need_grad``.
+        is None without ``need_grad``; ``correct`` is a Python float, or None
+        without ``count_correct``.
     """
     def work(i: int) -> tuple[Any, ...]:
         chunk_key = None if key is None else dropout_key(key, _CHUNK_STREAM, i)
-        return (training, chunk_key, need_grad)
+        return (training, chunk_key, need_grad, count_correct)
 
-    loss, grads = _map_reduce(model, X, y, _chunk_loss_grad, _add_losses, work)
+    loss, grads, correct = _map_reduce(model, X, y, _chunk_loss_grad, _add_losses, work)
     like = next(iter(model.params.values()))
     xp = ns.namespace_of(like)
     device = ns.device_of(like)
@@ -152,8 +157,8 @@ def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None
     def own(value: Any) -> Any:
         return xp.asarray(value, dtype=like.dtype, device=device, copy=True)
 
-    return own(loss), (None if grads is None else
-                       {name: own(value) for name, value in grads.items()})
+    grads = None if grads is None else {name: own(value) for name, value in grads.items()}
+    return own(loss), grads, correct
 
 
 def score(model: Any, X: Any, y: Any) -> float:
@@ -198,22 +203,25 @@ def _map_reduce(model: Any, X: Any, y: Any, work: Any, combine: Any,
 
 # Tasks run on the workers, on one chunk each (any array library), and their merges.
 def _chunk_loss_grad(model: Any, params: dict[str, Any], X: Any, y: Any, weight: float,
-                     training: bool, key: int | None, need_grad: bool) -> tuple[Any, Any]:
+                     training: bool, key: int | None, need_grad: bool,
+                     count_correct: bool) -> tuple[Any, Any, float | None]:
     xp = ns.namespace_of(X)
-    loss, grads = model._loss_grad(xp, params, X, y, training=training, key=key,
-                                   need_grad=need_grad)
+    loss, grads, outputs = model._loss_grad(xp, params, X, y, training=training, key=key,
+                                            need_grad=need_grad, return_outputs=True)
+    correct = float(model._metric_terms(xp, outputs, y)) if count_correct else None
     return loss * weight, (None if grads is None else
-                           {name: grad * weight for name, grad in grads.items()})
+                           {name: grad * weight for name, grad in grads.items()}), correct
 
 
-def _add_losses(*parts: tuple[Any, Any]) -> tuple[Any, Any]:
-    loss, grads = parts[0]
+def _add_losses(*parts: tuple[Any, Any, float | None]) -> tuple[Any, Any, float | None]:
+    loss, grads, correct = parts[0]
     grads = None if grads is None else dict(grads)
-    for other_loss, other_grads in parts[1:]:
+    for other_loss, other_grads, other_correct in parts[1:]:
         loss = loss + other_loss
         for name, grad in (other_grads or {}).items():
             grads[name] = grads[name] + grad
-    return loss, grads
+        correct = None if correct is None else correct + other_correct
+    return loss, grads, correct
 
 
 def _chunk_predictions(model: Any, params: dict[str, Any], X: Any) -> tuple[Any, Any]:

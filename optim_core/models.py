@@ -191,7 +191,7 @@ class Model:
         xp, X, y = self._prepare(X, y)
         key = _dropout_key(rng) if training else None
         if ns.is_dask_array(X):  # each chunk's share where the chunk is, summed in a tree
-            return dask_support.loss_and_grad(self, X, y, training=training, key=key)
+            return dask_support.loss_and_grad(self, X, y, training=training, key=key)[:2]
         return self._loss_grad(xp, self._params, X, y, training=training, key=key,
                                need_grad=True)
 
