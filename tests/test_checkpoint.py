@@ -22,24 +22,20 @@ import optim_core
 from optim_core import CheckpointError, load_checkpoint, save_checkpoint
 
 
-def assert_same_tree(actual, expected, *, ordered: bool = True):
-    """Same structure and types; arrays equal bit for bit with the same dtype and shape.
-
-    ``ordered=False`` accepts dicts with the same keys in another order.
-    """
+def assert_same_tree(actual, expected):
+    """Same structure and types (dict order included); arrays equal bit for bit."""
     if isinstance(expected, np.ndarray):
         assert isinstance(actual, np.ndarray)
         assert actual.dtype == expected.dtype and actual.shape == expected.shape
         assert actual.tobytes() == np.ascontiguousarray(expected).tobytes()
     elif isinstance(expected, dict):
-        assert type(actual) is dict
-        assert list(actual) == list(expected) if ordered else set(actual) == set(expected)
+        assert type(actual) is dict and list(actual) == list(expected)
         for key in expected:
-            assert_same_tree(actual[key], expected[key], ordered=ordered)
+            assert_same_tree(actual[key], expected[key])
     elif isinstance(expected, (list, tuple)):
         assert type(actual) is type(expected) and len(actual) == len(expected)
         for a, e in zip(actual, expected, strict=True):
-            assert_same_tree(a, e, ordered=ordered)
+            assert_same_tree(a, e)
     elif isinstance(expected, float) and math.isnan(expected):
         assert type(actual) is float and math.isnan(actual)
     else:
@@ -448,8 +444,7 @@ def test_resume_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(tmp_
                    check=True, capture_output=True, text=True)
     for name, expected in uninterrupted.items():
         resumed = load_checkpoint(tmp_path / f"{name}.final")
-        # State entries are created in set order, which string hashing varies per process.
-        assert_same_tree(resumed, expected, ordered=False)
+        assert_same_tree(resumed, expected)
         assert resumed["optimizer"]["group_state"][0]["step"] == last
 
 
