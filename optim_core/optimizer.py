@@ -344,14 +344,18 @@ class Optimizer:
 
     def _all_finite(self, grouped: list[list[Any]]) -> bool:
         xp = self._xp
-        for group, grads in zip(self.param_groups, grouped):
-            for name, grad in zip(group["names"], grads):
-                if not bool(xp.all(xp.isfinite(grad))):
-                    if self.nonfinite == "raise":
-                        raise ValueError(f"non-finite gradient for parameter {name!r}; "
-                                         "nothing was updated")
-                    return False
-        return True
+        checks = [xp.all(xp.isfinite(grad)) for grads in grouped for grad in grads]
+        every = checks[0]
+        for check in checks[1:]:
+            every = xp.logical_and(every, check)
+        # One host synchronization a step however many parameters; names only on failure.
+        if bool(every):
+            return True
+        if self.nonfinite == "raise":
+            names = [name for group in self.param_groups for name in group["names"]]
+            name = next(n for n, check in zip(names, checks, strict=True) if not bool(check))
+            raise ValueError(f"non-finite gradient for parameter {name!r}; nothing was updated")
+        return False
 
     def _rule_scalars(self, group: Mapping[str, Any], derived: Mapping[str, Any]) -> dict:
         available = {k: v for k, v in group.items() if k not in _GROUP_KEYS}
