@@ -308,7 +308,7 @@ def _sigmoid(xp: Any, z: Any) -> Any:
 
 
 def _binary_cross_entropy(xp: Any, z: Any, y: Any, need_grad: bool) -> tuple[Any, Any]:
-    loss = xp.mean(xp.clip(z, 0.0, None) - y * z + xp.log1p(xp.exp(-xp.abs(z))))
+    loss = xp.mean(xp.maximum(z, 0.0) - y * z + xp.log1p(xp.exp(-xp.abs(z))))
     return loss, ((_sigmoid(xp, z) - y) / z.shape[0] if need_grad else None)
 
 
@@ -564,14 +564,14 @@ class MLP(Model):
 
     def _activate(self, xp, z):
         if self.activation == "relu":
-            return xp.clip(z, 0.0, None)
+            return xp.maximum(z, 0.0)
         if self.activation == "tanh":
             return xp.tanh(z)
         return _sigmoid(xp, z)
 
     def _activation_grad(self, xp, z, a, upstream):
         if self.activation == "relu":
-            return xp.where(z > 0, upstream, xp.zeros_like(upstream))
+            return xp.where(z > 0, upstream, 0.0)
         if self.activation == "tanh":
             return upstream * (1.0 - a * a)
         return upstream * a * (1.0 - a)
@@ -588,7 +588,7 @@ class MLP(Model):
             if key is not None and self.dropout > 0:
                 mask = dropout_mask(xp, tuple(a.shape), self.dropout, dropout_key(key, i),
                                     device=ns.device_of(a))
-                h = xp.where(mask, a * (1.0 / (1.0 - self.dropout)), xp.zeros_like(a))
+                h = xp.where(mask, a * (1.0 / (1.0 - self.dropout)), 0.0)
             else:
                 h = a
             cache.append((z, a, mask, h))
@@ -634,6 +634,6 @@ class MLP(Model):
                 z, a, mask, _ = cache[i - 1]
                 d_h = d_out @ params[f"W{i}"].T
                 if mask is not None:
-                    d_h = xp.where(mask, d_h * (1.0 / (1.0 - self.dropout)), xp.zeros_like(d_h))
+                    d_h = xp.where(mask, d_h * (1.0 / (1.0 - self.dropout)), 0.0)
                 d_out = self._activation_grad(xp, z, a, d_h)
         return {name: grads[name] for name in self.param_shapes()}

@@ -99,7 +99,7 @@ def clip_by_global_norm(grads: Mapping[str, Any], max_norm: float) -> tuple[dict
 def soft_threshold(x: Any, threshold: float) -> Any:
     """The proximal operator of :math:`t\\lVert x\\rVert_1`: ``sign(x) * max(|x| - t, 0)``."""
     xp = ns.namespace_of(x)
-    return xp.sign(x) * xp.clip(xp.abs(x) - threshold, 0.0, None)
+    return xp.sign(x) * xp.maximum(xp.abs(x) - threshold, 0.0)
 
 
 def _store(target: Any, value: Any) -> Any:
