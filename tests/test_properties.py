@@ -29,6 +29,7 @@ import optim_core
 ALL = list(CASES)
 EXAMPLES = 40  # per optimizer and test: 12 x 40 = 480 examples per test function
 FUSED_EXAMPLES = 25
+OTHER_LIBRARY_EXAMPLES = 10  # per optimizer, on torch and array_api_strict
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -207,3 +208,24 @@ def test_lr_zero_is_the_identity_for_any_other_hyperparameters(name, data):
     after = run(name, case, "generic")
     for a, b in zip(after, before, strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(SETTINGS, max_examples=OTHER_LIBRARY_EXAMPLES,
+          suppress_health_check=[*SETTINGS.suppress_health_check,
+                                 HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generic_on_other_libraries_matches_the_float64_reference(xp, name, data):
+    if xp.name == "numpy":
+        pytest.skip("NumPy is covered above")
+    case = draw_case(data, name)
+    params, grads = inputs(case)
+    arrays = [xp.asarray(p, dtype=case["dtype"]) for p in params]
+    opt = getattr(optim_core, name)(arrays, **case["hyper"], impl="generic")
+    for step_grads in grads:
+        opt.step([xp.asarray(g, dtype=case["dtype"]) for g in step_grads])
+    start, expected = run_reference(name, case)
+    for got, e, s in zip(opt.params, expected, start, strict=True):
+        got = xp.to_numpy(got)
+        assert got.dtype == np.dtype(case["dtype"]) and got.shape == e.shape
+        assert_close(got, e, s, case["dtype"])
