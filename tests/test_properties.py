@@ -158,7 +158,7 @@ def assert_close(actual, expected, start, dtype: str) -> None:
     both_nan = np.isnan(actual) & np.isnan(expected)
     error = np.where(both_nan, 0.0, np.abs(actual - expected))
     worst = np.argmax(error - tolerance) if error.size else None
-    assert error.size == 0 or np.all(error <= tolerance), (
+    assert error.size == 0 or np.all((error <= tolerance) | both_nan), (
         f"{actual.flat[worst]!r} != {expected.flat[worst]!r} (start {start.flat[worst]!r})")
 
 
