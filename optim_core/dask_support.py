@@ -286,12 +286,14 @@ def epoch_order(rng: np.random.Generator, chunks: tuple[int, ...]) -> np.ndarray
 
 def batches(X: Any, y: Any, batch_size: int, shuffle: bool,
             rng: np.random.Generator) -> Any:
-    """Mini-batches of Dask ``X`` and ``y`` (lazy slices; nothing is computed here).
+    """Mini-batches of Dask ``X`` and ``y`` (lazy; nothing is computed here).
 
     Without ``shuffle``: contiguous slices, as for any other array library. With
-    it: consecutive runs of :func:`epoch_order`, each gathered with its row
-    indices sorted (the order of rows inside a batch does not change its mean
-    gradient, and sorted indices are plain slices of at most a few chunks).
+    it: consecutive runs of :func:`epoch_order`. A batch is built from its source
+    chunks, one piece per chunk: the whole chunk where the batch holds all of its
+    rows, else the chunk's rows it holds (sorted: the order of the rows inside a
+    batch does not change its mean gradient). Each piece is a task on one chunk,
+    so computing a batch moves no rows between workers.
     """
     n_samples = X.shape[0]
     if not shuffle:
@@ -299,10 +301,23 @@ def batches(X: Any, y: Any, batch_size: int, shuffle: bool,
             stop = min(start + batch_size, n_samples)
             yield X[start:stop], y[start:stop]
         return
-    order = epoch_order(rng, X.chunks[0])
+    da = require_dask()
+    rows = X.chunks[0]
+    y = y.rechunk((rows,) + tuple(-1 for _ in y.shape[1:]))
+    starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    order = epoch_order(rng, rows)
     for start in range(0, n_samples, batch_size):
-        index = np.sort(order[start:start + batch_size])
-        yield X[index], y[index]
+        index = order[start:start + batch_size]
+        chunk_of = np.searchsorted(starts, index, side="right") - 1
+        X_pieces, y_pieces = [], []
+        for chunk in np.unique(chunk_of):
+            X_chunk, y_chunk = X.blocks[int(chunk)], y.blocks[int(chunk)]
+            local = np.sort(index[chunk_of == chunk] - starts[chunk])
+            if local.size < rows[chunk]:
+                X_chunk, y_chunk = X_chunk[local], y_chunk[local]
+            X_pieces.append(X_chunk)
+            y_pieces.append(y_chunk)
+        yield da.concatenate(X_pieces, axis=0), da.concatenate(y_pieces, axis=0)
 
 
 class _NpyRows:
