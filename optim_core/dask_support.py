@@ -1,30 +1,34 @@
 r"""Training on Dask arrays: data on a cluster (or on disk), parameters in memory.
 
-:func:`optim_core.fit` and the models accept Dask arrays for ``X`` and ``y``
-through the same array API code as every other library: the models' loss and
-gradient are written once, and on a Dask batch they build a lazy graph whose
-reductions (the mean loss, ``X.T @ dZ``, the bias sums) run where the chunks
-are. What changes is only where things live:
+:func:`optim_core.fit` and the models accept Dask arrays for ``X`` and ``y``. The
+math is the models' own array API code, written once: on Dask data each chunk
+runs it on its own library (NumPy, CuPy), and Dask sums the chunks' results.
+What changes is only where things live:
 
 * **Parameters and optimizer state** are small and stay in the driver's memory,
   as arrays of the chunks' library (NumPy, or CuPy for CuPy chunks, with
   dask-cuda). The optimizer steps them there with its usual (fused) path.
-* **Each step** puts the current parameters into the graph as small constants,
-  and computes the loss and every gradient together in one ``dask.compute`` (one
-  round trip to the scheduler). Each chunk contributes a partial product; only
+* **Each step** is one ``dask.compute``: the parameters enter the graph once, as
+  a small constant; one task per chunk of the batch computes the chunk's loss
+  and gradients (and, for classifiers, its correct labels) where the chunk is,
+  weighted by its share of the rows; a tree of additions reduces them, and only
   the reduced gradients, of the parameters' size, come back. ``X`` is never
-  gathered on one machine.
+  gathered on one machine. :meth:`~optim_core.models.Model.loss` and
+  :meth:`~optim_core.models.Model.score` work the same way;
+  :meth:`~optim_core.models.Model.predict` returns a lazy Dask array.
 * **Nothing is persisted by fit.** ``X`` and ``y`` stay what they are: persisted
   arrays (``X, y = dask.persist(X, y)`` or ``client.persist``) are read from the
   workers' memory at every step; lazy arrays (generated, or read from Zarr or
   ``.npy`` with :func:`read_npy`) are recomputed or re-read chunk by chunk at
   every step, and a worker holds only the few chunks it is working on. Persist
   when the data fits in the cluster's memory; leave it lazy when it does not
-  (out-of-core). Each epoch also reads the training data once more to score it
-  (``History.train_metric``), and the validation data twice.
+  (out-of-core). Besides the steps, a regression fit reads ``y`` once at the
+  start (the targets' spread, for :math:`R^2`), and validation data is read
+  twice per epoch (loss, then metric).
 * **Where it runs** is Dask's choice: the ``distributed.Client`` that is active
   (``Client("tcp://scheduler:8786")`` for a remote cluster, ``LocalCluster``
   for worker processes on one machine), or Dask's local threads without one.
+  Workers unpickle the model's class, so they need optim-core installed.
 
 Full-batch training (``batch_size=None``) computes the same sums as NumPy in
 another order, so results agree to rounding (float64: about 1e-15 relative per
@@ -36,6 +40,9 @@ consecutive runs of that order, so a batch touches one or two chunks
 (``batch_size`` / chunk rows + 1 at most) instead of every chunk. Rows of
 different chunks meet in a batch only at chunk boundaries, so chunks should hold
 rows in no particular order (shuffle once when writing the data, if it is sorted).
+Dropout masks are drawn per chunk, so a model with dropout does not train on
+NumPy's masks. Every step costs a round trip to the scheduler (milliseconds on
+one machine): use large batches.
 
 Dask is an optional dependency: ``pip install 'optim-core[dask]'``. It is
 imported only when a Dask array appears (or a function here is called).

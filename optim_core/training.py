@@ -294,7 +294,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         dtype (seeded by ``seed``) when it has none.
     X, y : arrays
         Training data, in one array library and on one device. Classifier labels
-        are integers ``0 .. n_classes - 1``.
+        are integers ``0 .. n_classes - 1``. Dask arrays (both) train on a Dask
+        cluster with the parameters in memory, in the chunks' library; mini-batches
+        are then shuffled chunk by chunk (see :mod:`optim_core.dask_support`).
     optimizer : str or Optimizer
         A name from :data:`OPTIMIZERS` (case-insensitive), or an optimizer already
         built on ``model.params`` (a dict, so gradients can be matched by name).
