@@ -15,8 +15,9 @@ here: one distributed reduction over every chunk, and the data is either
 For every size up to ``--numpy-max-mb`` the same data is also trained in this
 process with NumPy (one epoch = one NumPy gradient step) and the parameters are
 compared: the maximum relative difference is reported (float64). The peak
-resident memory of every worker process (``ru_maxrss``) is recorded, with the
-limit, so out-of-core runs show that they stayed under it.
+resident memory of every worker process (``VmHWM``, the largest since the
+worker started, so the largest of the sizes run so far on that cluster) is
+recorded, with the limit, so out-of-core runs show that they stayed under it.
 
 Run from the repository root: ``python -m bench.dask_scaling`` (defaults: sizes
 50,100,200,400 MB, workers 1,2) or for instance
@@ -42,6 +43,18 @@ import numpy as np
 
 
 def _peak_rss() -> int:
+    """The largest resident set size of this process, in bytes (Linux: VmHWM).
+
+    Not ``ru_maxrss``: across fork and exec it keeps the parent's peak, so a worker
+    spawned by a large process would report the parent's memory.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -79,7 +92,8 @@ def run_one(client, n_workers: int, size_mb: float, args: argparse.Namespace) ->
                  final_train_loss=history.train_loss[-1],
                  peak_worker_rss_mb=max(client.run(_peak_rss).values()) / 2**20)
     if X.nbytes <= args.numpy_max_mb * 1e6:
-        X_np, y_np = dask.compute(X, y)
+        # Computed in this process (threads), so the workers' peak memory stays theirs.
+        X_np, y_np = dask.compute(X, y, scheduler="threads")
         reference = models.LinearRegression(args.features)
         started = time.perf_counter()
         numpy_history = fit(reference, X_np, y_np, optimizer="gd", lr=args.lr,

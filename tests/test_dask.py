@@ -285,7 +285,23 @@ def client():
 
 def _peak_worker_memory(client):
     """The largest resident set size each worker process reached, in bytes."""
-    return client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # Defined here, so it is sent by value: the workers cannot import this module.
+    def _peak_rss() -> int:
+        """The largest resident set size of this process, in bytes (Linux: VmHWM).
+
+        Not ``ru_maxrss``: across fork and exec it keeps the parent's peak, so a worker
+        spawned by a large process would report the parent's memory.
+        """
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    return client.run(_peak_rss)
 
 
 def test_on_a_cluster_full_batch_gives_numpys_parameters(client):
