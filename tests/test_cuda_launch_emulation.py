@@ -1,0 +1,427 @@
+"""The generated CUDA kernels, launch loops included, compute what the generic path computes.
+
+Without a GPU, the exact text ``cuda_source`` emits is compiled by the host C++ compiler
+into a shared library whose entry points *emulate a launch*: they run the
+``__global__`` kernel (``name`` or ``name_vec``) once for every (block, thread) of a
+1-D grid, with ``blockIdx``/``threadIdx``/``blockDim``/``gridDim`` set as the device
+sets them. An elementwise kernel's threads share no data, so running them one after
+another gives the device's result; the emulator also runs the grid backwards, and
+every launch shape must agree bit for bit, so two threads touching the same element,
+or an element touched by none, shows up as a difference.
+
+This checks what ``test_cuda_source.py`` (the per-element arithmetic) cannot: the
+grid-stride indexing, the 16-byte pack loop and its tail, the ``Pack`` casts and the
+``const``-ness of the arrays, for every specialization of every rule, float32 and
+float64, at sizes below one pack, with a tail, beyond one sweep of the grid, 0 and 1.
+Guard bytes around every array catch a write outside it.
+
+It also runs :meth:`CudaImplementation.step` itself on stand-ins for CuPy arrays whose
+kernels are these emulated launches: which kernel it picks for which alignment, the
+grid it sizes, and the argument order and types it passes.
+
+The only host additions are in ``HOST_PRELUDE`` below: the CUDA qualifiers defined
+away, the four index variables as globals, and the emulating loop; the generated
+kernels are included unchanged. Skipped where no C++ compiler is found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from fused_cases import CASES, TOLERANCE, gradient, start_params
+from optim_core.backends._cuda import (
+    _THREADS,
+    CUDA_TYPES,
+    CudaImplementation,
+    cuda_source,
+    kernel_name,
+)
+from optim_core.backends._lowering import lower
+
+import optim_core
+from optim_core import rules
+from optim_core._generic import GENERIC
+
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which(
+    "c++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+
+STEPS = 12  # enough for RAdam to rectify and SGD to leave its first step (fused_cases)
+#: Sizes: empty, one element, below one pack (4 floats, 2 doubles), exactly packs,
+#: packs plus a tail, and beyond one sweep of all but the largest launch shape below.
+SIZES = (0, 1, 2, 3, 5, 8, 13, 1073)
+#: (blocks, threads per block, run the grid backwards): one thread doing everything,
+#: odd block sizes, a grid that sweeps 1073 elements several times, and one with more
+#: threads than elements.
+LAUNCH_SHAPES = ((1, 1, False), (2, 5, True), (3, 32, False), (5, 256, True))
+#: Bytes before and after every array, filled with GUARD_BYTE and checked afterwards.
+GUARD = 64
+GUARD_BYTE = 0xA5
+#: Host flags matching the device's: no contraction into FMAs (--fmad=false), IEEE math.
+CXXFLAGS = ("-std=c++14", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
+
+HOST_PRELUDE = r"""
+#include <math.h>
+// Host stand-ins for what CUDA provides. The execution-space qualifiers are no-ops,
+// so a __global__ kernel is an ordinary function; the built-in index variables are
+// globals that oc_emulate sets before each call, with the device's types.
+#define __host__
+#define __device__
+#define __global__
+struct oc_dim3 { unsigned int x, y, z; };
+static oc_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// One 1-D launch: every (block, thread) in turn, forwards or backwards.
+template <typename Kernel>
+static void oc_emulate(unsigned grid, unsigned block, int backwards, Kernel kernel) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        for (unsigned t = 0; t < block; ++t) {
+            blockIdx = {backwards ? grid - 1 - b : b, 0, 0};
+            threadIdx = {backwards ? block - 1 - t : t, 0, 0};
+            kernel();
+        }
+    }
+}
+"""
+
+
+# ----------------------------------------------------------------- what the path runs
+class StepRecorder:
+    """Runs the generic path, recording each call's inputs and outputs."""
+
+    name = "generic"
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def step(self, rule, xp, params, grads, states, scalars):
+        before = {"params": [p.copy() for p in params], "grads": [g.copy() for g in grads],
+                  "states": [{k: v.copy() for k, v in s.items()} for s in states]}
+        out = GENERIC.step(rule, xp, params, grads, states, scalars)
+        self.calls.append({"rule": rule, "scalars": dict(scalars), **before,
+                           "new_params": [p.copy() for p in out],
+                           "new_states": [{k: v.copy() for k, v in s.items()} for s in states]})
+        return out
+
+
+@pytest.fixture(scope="module")
+def steps() -> list[dict]:
+    """Every generic step of every case of fused_cases, float32 and float64."""
+    calls = []
+    for name, hyper in CASES:
+        for dtype in CUDA_TYPES:
+            params = start_params(dtype)
+            opt = getattr(optim_core, name)(params, **hyper, impl="generic")
+            opt.implementation = recorder = StepRecorder()
+            for step in range(STEPS):
+                opt.step({k: gradient(v, step) for k, v in params.items()})
+            for call in recorder.calls:
+                call["case"] = f"{name}{hyper}-{dtype}"
+            calls += recorder.calls
+    return calls
+
+
+@pytest.fixture(scope="module")
+def specializations(steps) -> dict[tuple[str, str], dict]:
+    """(kernel name, dtype) -> the kernel and its largest recorded tensor's inputs."""
+    found: dict[tuple[str, str], dict] = {}
+    for call in steps:
+        for param, grad, state in zip(call["params"], call["grads"], call["states"],
+                                      strict=True):
+            key, hoisted, kernel = lower(call["rule"], call["scalars"], frozenset(state))
+            entry = {"kernel": kernel, "key": key, "hoisted": hoisted, "rule": call["rule"],
+                     "scalars": call["scalars"], "param": param, "grad": grad,
+                     "state": state, "case": call["case"]}
+            slot = (kernel_name(kernel), param.dtype.name)
+            if slot not in found or param.size > found[slot]["param"].size:
+                found[slot] = entry
+    return found
+
+
+# ----------------------------------------------------------------- the emulated launch
+def library_source(specializations) -> tuple[str, dict]:
+    """The host library: every generated source, unchanged, and one entry per launch."""
+    parts, sources, symbols = [HOST_PRELUDE], {}, {}
+    for (name, _), entry in specializations.items():
+        sources.setdefault(name, cuda_source(entry["kernel"]))
+    parts += sources.values()
+    for (name, dtype), entry in specializations.items():
+        kernel, ctype = entry["kernel"], CUDA_TYPES[dtype]
+        arguments = ", ".join(["n", *(f"({ctype}*)a[{i}]" for i in range(len(kernel.arrays))),
+                               *(f"((const {ctype}*)h)[{i}]" for i in range(kernel.n_hoisted))])
+        for vectorized in (False, True):
+            symbol = f"oc_launch_{len(symbols)}"
+            symbols[name, dtype, vectorized] = symbol
+            function = f"{name}{'_vec' if vectorized else ''}<{ctype}>"
+            parts.append(
+                f'extern "C" void {symbol}(unsigned grid, unsigned block, int backwards, '
+                f"long long n, void* const* a, const void* h) {{\n"
+                f"    oc_emulate(grid, block, backwards, [&] {{ {function}({arguments}); }});\n"
+                f"}}")
+    return "\n".join(parts) + "\n", symbols
+
+
+class Launcher:
+    """Emulated launches of the compiled kernels, by (kernel name, dtype, vectorized)."""
+
+    def __init__(self, path, symbols) -> None:
+        self.library = ctypes.CDLL(str(path))
+        self.symbols = symbols
+        for symbol in symbols.values():
+            getattr(self.library, symbol).argtypes = [
+                ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_longlong,
+                ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+
+    def __call__(self, name, dtype, vectorized, grid, block, backwards, n, pointers, hoisted):
+        function = getattr(self.library, self.symbols[name, dtype, vectorized])
+        array_pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        scalars = np.ascontiguousarray(hoisted, dtype=dtype)
+        function(grid, block, int(backwards), n, array_pointers, scalars.ctypes.data)
+
+
+@pytest.fixture(scope="module")
+def launcher(specializations, tmp_path_factory) -> Launcher:
+    directory = tmp_path_factory.mktemp("cuda_launch_emulation")
+    source, symbols = library_source(specializations)
+    (directory / "kernels.cpp").write_text(source)
+    result = subprocess.run([CXX, *CXXFLAGS, "-o", str(directory / "kernels.so"),
+                             str(directory / "kernels.cpp")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Launcher(directory / "kernels.so", symbols)
+
+
+class Guarded:
+    """A host array at a chosen offset from 16-byte alignment, between guard bytes."""
+
+    def __init__(self, values: np.ndarray, misalign: int = 0) -> None:
+        self.nbytes = values.nbytes
+        self.raw = np.full(self.nbytes + 2 * GUARD + 16, GUARD_BYTE, dtype=np.uint8)
+        start = GUARD + (-(self.raw.ctypes.data + GUARD)) % 16 + misalign
+        self.start = start
+        self.array = self.raw[start:start + self.nbytes].view(values.dtype).reshape(values.shape)
+        self.array[...] = values
+        # (An empty view's own address is not always the slice's.)
+        self.pointer = self.raw.ctypes.data + start
+        assert (self.pointer % 16 == 0) == (misalign == 0)
+
+    def guards_intact(self) -> bool:
+        outside = np.concatenate([self.raw[:self.start], self.raw[self.start + self.nbytes:]])
+        return bool(np.all(outside == GUARD_BYTE))
+
+
+def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    unsigned = {4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
+    return a.shape == b.shape and bool(np.all(a.view(unsigned) == b.view(unsigned)))
+
+
+def generic_result(entry, n: int) -> dict[str, np.ndarray]:
+    """The generic path on the first ``n`` elements of the entry's inputs."""
+    param = entry["param"].reshape(-1)[:n].copy()
+    grad = entry["grad"].reshape(-1)[:n].copy()
+    state = {k: v.reshape(-1)[:n].copy() for k, v in entry["state"].items()}
+    [param] = GENERIC.step(entry["rule"], np, [param], [grad], [state], entry["scalars"])
+    return {"param": param, "grad": grad, **state}
+
+
+def inputs(entry, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` elements of the entry's arrays, by kernel argument name."""
+    return {"param": entry["param"].reshape(-1)[:n], "grad": entry["grad"].reshape(-1)[:n],
+            **{k: v.reshape(-1)[:n] for k, v in entry["state"].items()}}
+
+
+# ----------------------------------------------------------------- the tests
+def test_every_rule_and_dtype_is_covered(specializations):
+    assert {entry["rule"].name for entry in specializations.values()} == {
+        r.name for r in rules.ALL_RULES}
+    assert {dtype for _, dtype in specializations} == set(CUDA_TYPES)
+    # Each specialization's source is compiled once per dtype: float and double alike.
+    names = {name for name, _ in specializations}
+    assert all((name, dtype) in specializations for name in names for dtype in CUDA_TYPES)
+
+
+def test_both_kernels_match_generic_at_every_size_and_launch_shape(specializations, launcher):
+    launches = 0
+    for (name, dtype), entry in specializations.items():
+        kernel = entry["kernel"]
+        for n in SIZES:
+            want = generic_result(entry, n)
+            given = inputs(entry, n)
+            # Any alignment for the plain kernel (aligned, and one element off); the
+            # vectorized one only ever gets 16-byte aligned arrays (see the step test).
+            runs = [(vectorized, misalign, shape) for shape in LAUNCH_SHAPES
+                    for vectorized, misalign in ((False, 0), (True, 0))]
+            runs.append((False, np.dtype(dtype).itemsize, LAUNCH_SHAPES[2]))
+            first = None
+            for vectorized, misalign, (grid, block, backwards) in runs:
+                where = (f"{entry['case']} {name}{'_vec' if vectorized else ''}<{dtype}> "
+                         f"n={n} grid={grid} block={block} backwards={backwards} "
+                         f"misalign={misalign}")
+                buffers = {a: Guarded(given[a], misalign) for a in kernel.arrays}
+                launcher(name, dtype, vectorized, grid, block, backwards, n,
+                         [buffers[a].pointer for a in kernel.arrays], entry["hoisted"])
+                launches += 1
+                got = {a: buffer.array for a, buffer in buffers.items()}
+                assert all(b.guards_intact() for b in buffers.values()), f"{where}: wrote outside"
+                assert bitwise_equal(got["grad"], given["grad"]), f"{where}: grad changed"
+                for array in kernel.arrays:
+                    if array not in kernel.stores:
+                        assert bitwise_equal(got[array], given[array]), f"{where}: {array}"
+                for array, value in want.items():
+                    np.testing.assert_allclose(got[array], value, **TOLERANCE[dtype],
+                                               err_msg=f"{where}: {array}")
+                # Every launch applies the same element function once per element: the
+                # results agree bit for bit whatever the kernel, grid and order.
+                if first is None:
+                    first = got
+                for array in kernel.arrays:
+                    assert bitwise_equal(got[array], first[array]), f"{where}: {array} differs"
+    assert launches == len(specializations) * len(SIZES) * (2 * len(LAUNCH_SHAPES) + 1)
+
+
+# ----------------------------------------------------------------- the step, on stand-ins
+class DeviceStandIn:
+    """What ``CudaImplementation.step`` reads of a CuPy array, over guarded host memory."""
+
+    def __init__(self, values: np.ndarray, misalign: int, multiprocessors: int) -> None:
+        self.buffer = Guarded(np.asarray(values), misalign)
+        self.host = self.buffer.array
+        self.dtype, self.size, self.flags = self.host.dtype, self.host.size, self.host.flags
+        self.data = SimpleNamespace(ptr=self.buffer.pointer)
+        self.device = SimpleNamespace(id=0, attributes={"MultiProcessorCount": multiprocessors})
+
+
+class EmulatedKernel:
+    """Stands in for a ``cupy.RawKernel``: ``kernel((blocks,), (threads,), args)``."""
+
+    def __init__(self, launcher, kernel, dtype, vectorized, log) -> None:
+        self.launcher, self.kernel, self.dtype = launcher, kernel, np.dtype(dtype)
+        self.vectorized, self.log = vectorized, log
+
+    def __call__(self, grid, block, args):
+        (blocks,), (threads,) = grid, block
+        n, *rest = args
+        arrays, hoisted = rest[:len(self.kernel.arrays)], rest[len(self.kernel.arrays):]
+        # CuPy passes a NumPy scalar as its own C type: int64 n and the kernel's T.
+        assert type(n) is np.int64
+        assert len(hoisted) == self.kernel.n_hoisted
+        assert all(type(h) is self.dtype.type for h in hoisted)
+        assert all(isinstance(a, DeviceStandIn) and a.dtype == self.dtype for a in arrays)
+        assert all(a.size == n for a in arrays)
+        # The device faults on a misaligned 16-byte access.
+        assert not self.vectorized or all(a.data.ptr % 16 == 0 for a in arrays)
+        assert 1 <= blocks and threads == _THREADS
+        self.log.append(SimpleNamespace(vectorized=self.vectorized, blocks=blocks, n=int(n),
+                                        per_thread=16 // self.dtype.itemsize
+                                        if self.vectorized else 1))
+        self.launcher(kernel_name(self.kernel), self.dtype.name, self.vectorized, blocks,
+                      threads, False, int(n), [a.data.ptr for a in arrays],
+                      [float(h) for h in hoisted])
+
+
+def emulated_implementation(launcher, specializations, log) -> CudaImplementation:
+    """A CudaImplementation whose compiled kernels are the emulated launches."""
+    implementation = CudaImplementation()
+    for (_, dtype), entry in specializations.items():
+        implementation.compiled[entry["rule"].name, entry["key"], dtype] = tuple(
+            EmulatedKernel(launcher, entry["kernel"], dtype, vectorized, log)
+            for vectorized in (False, True))
+    return implementation
+
+
+def misalignment(pattern: int, arrays: int, itemsize: int) -> list[int]:
+    """All aligned (pattern 0), or one array one element off: param, grad, the last one."""
+    offsets = [0] * arrays
+    if pattern:
+        offsets[{1: 0, 2: 1, 3: arrays - 1}[pattern]] = itemsize
+    return offsets
+
+
+def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializations,
+                                                                launcher):
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log)
+    cap = 2 * 2048 // _THREADS * 4  # the implementation's documented cap, for 2 SMs
+    chosen = {True: 0, False: 0}
+    for index, call in enumerate(steps):
+        rule, itemsize = call["rule"], call["params"][0].dtype.itemsize
+        params, grads, states, expected_kinds = [], [], [], []
+        for tensor, (param, grad, state) in enumerate(
+                zip(call["params"], call["grads"], call["states"], strict=True)):
+            names = [s for s in rule.states if s in state]
+            offsets = misalignment((index + tensor) % 4, 2 + len(names), itemsize)
+            params.append(DeviceStandIn(param, offsets[0], 2))
+            grads.append(DeviceStandIn(grad, offsets[1], 2))
+            states.append({s: DeviceStandIn(state[s], o, 2)
+                           for s, o in zip(names, offsets[2:], strict=True)})
+            expected_kinds.append(not any(offsets))
+        # An empty tensor launches nothing.
+        params.append(DeviceStandIn(np.zeros(0, params[0].dtype), 0, 2))
+        grads.append(DeviceStandIn(np.zeros(0, params[0].dtype), 0, 2))
+        states.append({s: DeviceStandIn(np.zeros(0, params[0].dtype), 0, 2)
+                       for s in states[0]})
+        log.clear()
+        out = implementation.step(rule, None, params, grads, states, call["scalars"])
+        assert out is params
+        assert [entry.vectorized for entry in log] == expected_kinds, call["case"]
+        for entry in log:
+            chosen[entry.vectorized] += 1
+            # At most the cap; below it, enough blocks for one sweep and none idle.
+            per_block = _THREADS * entry.per_thread
+            assert entry.blocks <= cap and (entry.blocks - 1) * per_block < entry.n
+            assert entry.blocks == cap or entry.blocks * per_block >= entry.n
+        for tensor, new_param in enumerate(call["new_params"]):
+            where = f"{call['case']} step {index} tensor {tensor}"
+            tolerance = TOLERANCE[new_param.dtype.name]
+            np.testing.assert_allclose(params[tensor].host, new_param, **tolerance,
+                                       err_msg=f"{where} param")
+            assert bitwise_equal(grads[tensor].host, call["grads"][tensor]), where
+            for s, value in call["new_states"][tensor].items():
+                np.testing.assert_allclose(states[tensor][s].host, value, **tolerance,
+                                           err_msg=f"{where} {s}")
+            assert all(a.buffer.guards_intact() for a in
+                       [params[tensor], grads[tensor], *states[tensor].values()]), where
+    assert implementation.launches == sum(len(c["params"]) for c in steps)
+    assert chosen[True] and chosen[False]
+
+
+@pytest.mark.parametrize("dtype", list(CUDA_TYPES))
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "any-alignment"])
+def test_step_sweeps_a_tensor_larger_than_the_capped_grid(specializations, launcher, dtype,
+                                                          aligned):
+    # One SM caps the grid at 32 blocks of 256 threads: 70001 elements take several
+    # sweeps of the grid-stride loops (packs and plain), and leave a tail.
+    n, log = 70001, []
+    implementation = emulated_implementation(launcher, specializations, log)
+    checked = set()
+    for (name, kernel_dtype), entry in specializations.items():
+        rule = entry["rule"]
+        if kernel_dtype != dtype or rule.name in checked:
+            continue
+        checked.add(rule.name)
+        # The recorded values, repeated to n elements.
+        tile = {a: np.resize(v, n) for a, v in inputs(entry, entry["param"].size).items()}
+        offset = 0 if aligned else np.dtype(dtype).itemsize
+        param = DeviceStandIn(tile["param"], offset, 1)
+        grad = DeviceStandIn(tile["grad"], 0, 1)
+        state = {s: DeviceStandIn(tile[s], 0, 1) for s in rule.states if s in entry["state"]}
+        want = generic_result({**entry, "param": tile["param"], "grad": tile["grad"],
+                               "state": {s: tile[s] for s in state}}, n)
+        log.clear()
+        implementation.step(rule, None, [param], [grad], [state], entry["scalars"])
+        [launch] = log
+        assert launch.vectorized == aligned and launch.blocks == 32, name
+        assert launch.blocks * _THREADS * launch.per_thread < n  # more than one sweep
+        np.testing.assert_allclose(param.host, want["param"], **TOLERANCE[dtype], err_msg=name)
+        for s, array in state.items():
+            np.testing.assert_allclose(array.host, want[s], **TOLERANCE[dtype],
+                                       err_msg=f"{name} {s}")
+    assert checked == {r.name for r in rules.ALL_RULES}
