@@ -74,6 +74,7 @@ def run_one(client, n_workers: int, size_mb: float, args: argparse.Namespace) ->
     chunk_rows = max(1, int(args.chunk_mb * 1e6 // row_bytes))
     X, y, _ = dask_support.synthetic(n_samples, args.features, chunk_rows=chunk_rows,
                                      seed=args.seed)
+    lazy = (X, y)  # the NumPy reference is computed from these, in this process
     entry = {"workers": n_workers, "size_mb": X.nbytes / 1e6, "n_samples": n_samples,
              "chunks": X.numblocks[0], "mode": "persisted" if args.persist else "lazy"}
     if args.persist:
@@ -93,7 +94,7 @@ def run_one(client, n_workers: int, size_mb: float, args: argparse.Namespace) ->
                  peak_worker_rss_mb=max(client.run(_peak_rss).values()) / 2**20)
     if X.nbytes <= args.numpy_max_mb * 1e6:
         # Computed in this process (threads), so the workers' peak memory stays theirs.
-        X_np, y_np = dask.compute(X, y, scheduler="threads")
+        X_np, y_np = dask.compute(*lazy, scheduler="threads")
         reference = models.LinearRegression(args.features)
         started = time.perf_counter()
         numpy_history = fit(reference, X_np, y_np, optimizer="gd", lr=args.lr,
