@@ -27,7 +27,7 @@ import numpy as np
 from optim_core._generic import GENERIC
 from optim_core.rule import UpdateRule
 
-from ._lowering import Kernel, lower
+from ._lowering import Kernel, lower, render
 
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "COMPILE_OPTIONS",
            "CUDA_TYPES"]
@@ -63,22 +63,6 @@ def kernel_name(kernel: Kernel) -> str:
     return f"optim_core_{kernel.rule}_{kernel.digest}"
 
 
-def _expression(expr: tuple) -> str:
-    kind = expr[0]
-    if kind == "load":
-        return f"l_{expr[1]}"
-    if kind == "local":
-        return f"v_{expr[1]}"
-    if kind == "hoisted":
-        return f"h{expr[1]}"
-    if kind == "neg":
-        return f"(-{_expression(expr[1])})"
-    if kind == "bin":
-        return f"({_expression(expr[2])} {expr[1]} {_expression(expr[3])})"
-    if kind == "call":
-        return f"oc_{expr[1]}({', '.join(_expression(a) for a in expr[2])})"
-    raise AssertionError(kind)
-
 
 def _parameters(kernel: Kernel) -> str:
     arrays = [f"{'const ' if a not in kernel.stores else ''}T* __restrict__ a_{a}"
@@ -108,7 +92,7 @@ def cuda_source(kernel: Kernel) -> str:
     """
     name = kernel_name(kernel)
     body = [f"    const T l_{a} = a_{a}[i];" for a in kernel.loads]
-    body += [f"    const T v_{target} = {_expression(expr)};" for target, expr in kernel.body]
+    body += [f"    const T v_{target} = {render(expr, 'oc_')};" for target, expr in kernel.body]
     body += [f"    a_{a}[i] = v_{kernel.results[a]};" for a in kernel.stores]
     # The vectorized kernel moves 16-byte packs; each element of a pack goes through
     # the same element function, on the pack's registers instead of global memory.

@@ -34,7 +34,7 @@ from typing import Any
 
 from optim_core.rule import UpdateRule
 
-__all__ = ["Kernel", "lower", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
+__all__ = ["Kernel", "lower", "render", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "sign")
@@ -340,6 +340,30 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
                     stores=tuple(stores), arrays=arrays, n_hoisted=len(lowering.hoisted),
                     body=tuple(lowering.body), results=results)
     return key, lowering.hoisted, kernel
+
+
+def render(expr: tuple, call_prefix: str) -> str:
+    """Source text of a lowered expression, shared by the Python (numba) and C++ emitters.
+
+    Loads are ``l_<array>``, locals ``v_<name>``, hoisted scalars ``h<index>``, and an
+    operation ``op`` is called as ``<call_prefix>op``; every subexpression is
+    parenthesized, so both languages evaluate in the rule's order.
+    """
+    kind = expr[0]
+    if kind == "load":
+        return f"l_{expr[1]}"
+    if kind == "local":
+        return f"v_{expr[1]}"
+    if kind == "hoisted":
+        return f"h{expr[1]}"
+    if kind == "neg":
+        return f"(-{render(expr[1], call_prefix)})"
+    if kind == "bin":
+        return f"({render(expr[2], call_prefix)} {expr[1]} {render(expr[3], call_prefix)})"
+    if kind == "call":
+        args = ", ".join(render(a, call_prefix) for a in expr[2])
+        return f"{call_prefix}{expr[1]}({args})"
+    raise AssertionError(kind)
 
 
 def unsupported_reason(rule: UpdateRule) -> str | None:

@@ -33,7 +33,7 @@ import numpy as np
 from optim_core._generic import GENERIC
 from optim_core.rule import UpdateRule
 
-from ._lowering import Kernel, lower
+from ._lowering import Kernel, lower, render
 
 __all__ = ["NumbaImplementation", "cache_directory", "kernel_source"]
 
@@ -70,23 +70,6 @@ def cache_directory() -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     return directory
 
-
-def _expression(expr: tuple) -> str:
-    kind = expr[0]
-    if kind == "load":
-        return f"l_{expr[1]}"
-    if kind == "local":
-        return f"v_{expr[1]}"
-    if kind == "hoisted":
-        return f"h{expr[1]}"
-    if kind == "neg":
-        return f"(-{_expression(expr[1])})"
-    if kind == "bin":
-        return f"({_expression(expr[2])} {expr[1]} {_expression(expr[3])})"
-    if kind == "call":
-        args = ", ".join(_expression(a) for a in expr[2])
-        return f"_{expr[1]}({args})"
-    raise AssertionError(kind)
 
 
 def kernel_source(kernel: Kernel, dtype: str) -> str:
@@ -133,7 +116,7 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         "    for i in numba.prange(a_param.shape[0]):",
     ]
     lines += [f"        l_{a} = a_{a}[i]" for a in kernel.loads]
-    lines += [f"        v_{target} = {_expression(expr)}" for target, expr in kernel.body]
+    lines += [f"        v_{target} = {render(expr, '_')}" for target, expr in kernel.body]
     lines += [f"        a_{a}[i] = v_{kernel.results[a]}" for a in kernel.stores]
     return "\n".join(lines) + "\n"
 
