@@ -81,3 +81,19 @@ def xp(request) -> Namespace:
 def gpu() -> None:
     if not _gpu_present():
         pytest.skip("no CUDA GPU")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_source_tree(tmp_path_factory):
+    """Run every test from an empty folder.
+
+    The repository root holds optim_core/ without its backends/ (installed as
+    optim_core.backends), so a ``python -c`` started there would import the
+    incomplete source folder instead of the installed package.
+    """
+    import os
+
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
