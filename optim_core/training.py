@@ -22,7 +22,7 @@ from . import _namespace as ns
 from . import dask_support
 from . import optimizers as _optimizers
 from .checkpoint import load_checkpoint, save_checkpoint
-from .models import Model
+from .models import Model, _r2
 from .optimizer import Optimizer
 from .regularization import (
     _store,
@@ -750,12 +750,6 @@ def _batches(xp: Any, X: Any, y: Any, batch_size: int, shuffle: bool, seed: int,
 def _spread(xp: Any, y: Any) -> float:
     """Sum of squared deviations of regression targets from their (per-output) mean."""
     return float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
-
-
-def _r2(residual: float, spread: float) -> float:
-    if spread == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
-        return 1.0 if residual == 0 else 0.0
-    return 1.0 - residual / spread
 
 
 def _outputs_per_sample(y: Any) -> int:
