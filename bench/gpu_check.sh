@@ -15,6 +15,7 @@
 #   pytest-gpu.log   the GPU tests (CuPy-parametrized tests and those using the gpu fixture)
 #   bench-gpu.json   the benchmark's full results;  bench-gpu.md  its table and targets
 #   bench-gpu.log    the benchmark's progress output
+#   cuda-tuning.json, cuda-tuning.md  the launch-configuration sweep (bench/cuda_tuning.py)
 #   summary.txt      card, date, each part's exit status, the targets
 set -uo pipefail
 
@@ -25,9 +26,10 @@ PYTHON=${PYTHON:-python3}
 START=$(date +%s)
 # Seconds for each part; together well under 5 minutes. The benchmark starts no new cell
 # after BENCH_LIMIT seconds, and on the timeout's SIGTERM it still writes what it measured.
-TEST_TIMEOUT=${TEST_TIMEOUT:-100}
+TEST_TIMEOUT=${TEST_TIMEOUT:-90}
+TUNING_TIMEOUT=${TUNING_TIMEOUT:-40}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
-BENCH_LIMIT=${BENCH_LIMIT:-130}
+BENCH_LIMIT=${BENCH_LIMIT:-140}
 BENCH_BUDGET=${BENCH_BUDGET:-0.1}   # seconds of timed repeats per cell
 
 if [ "$DRY_RUN" = 0 ] && ! nvidia-smi -L >/dev/null 2>&1; then
@@ -130,12 +132,16 @@ else
     TESTS=missing
 fi
 
-# --- 4. The benchmark.
+# --- 4. The launch-configuration sweep, then the benchmark.
 if [ "$DRY_RUN" = 0 ]; then
+    timeout "$TUNING_TIMEOUT" "$PYTHON" -m bench.cuda_tuning --out "$OUTDIR/cuda-tuning.json" \
+        2>&1 | tail -n 80
+    TUNING=${PIPESTATUS[0]}
     timeout "$BENCH_TIMEOUT" "$PYTHON" -m bench --gpu --time-limit "$BENCH_LIMIT" \
         --budget "$BENCH_BUDGET" --out "$OUTDIR/bench-gpu.json" 2>&1 | tee "$OUTDIR/bench-gpu.log"
     BENCH=${PIPESTATUS[0]}
 else
+    TUNING=skipped
     echo "dry run: a tiny CPU benchmark instead of the GPU one"
     timeout "$BENCH_TIMEOUT" "$PYTHON" -m bench --quick --optimizers adam,lion \
         --impls ours-fused,ours-generic,naive-numpy,torch-fused \
@@ -147,6 +153,7 @@ fi
 {
     echo "optim-core GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), card: $CARD, dry run: $DRY_RUN"
     echo "GPU tests exit status: $TESTS ($(tail -n1 "$OUTDIR/pytest-gpu.log"))"
+    echo "launch sweep exit status: $TUNING"
     echo "benchmark exit status: $BENCH (124: timed out; the cells measured are still written)"
     if [ -f "$OUTDIR/bench-gpu.md" ]; then grep -E '^(floor|target)' "$OUTDIR/bench-gpu.md"; fi
     echo "total: $(( $(date +%s) - START )) s"

@@ -92,7 +92,7 @@ def run(config: Config, progress: Callable[[str], None] = print) -> dict[str, An
                     # Interrupted (SIGINT, or SIGTERM from a timeout): keep what was measured.
                     stop_reason = "interrupted"
                     row = _row(config, optimizer, workload, impl, "skipped", stop_reason)
-                progress(_progress_line(row))
+                progress(f"{_progress_line(row)}  [{time.perf_counter() - started:.0f} s]")
                 results.append(row)
     _add_ratios(results)
     meta["load_average_end"] = _load_average()

@@ -205,9 +205,10 @@ class FlatStorage:
         the gradient buffer (once).
         """
         params, flat_grads, states = [], [], []
+        own = grads is self._grouped_grad_views[group_index]
         for segment in self.segments[group_index]:
             for i, view in zip(segment.indices, segment.grad_views, strict=True):
-                if grads[i] is not view:
+                if not own and grads[i] is not view:
                     view[...] = grads[i]
             params.append(segment.param)
             flat_grads.append(segment.grad)
