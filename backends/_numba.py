@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,8 +38,9 @@ from ._lowering import Kernel, lower, render
 __all__ = ["NumbaImplementation", "cache_directory", "kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
-_GENERATOR_VERSION = 1
-#: Tensors with fewer elements run on one thread. Waking numba's (OpenMP) workers costs
+_GENERATOR_VERSION = 2
+#: Tensors with fewer elements run on the calling thread (the serial kernel, which never
+#: touches numba's thread pool). Waking numba's (OpenMP) workers costs
 #: more than such a pass takes, and workers left spinning slow down the BLAS threads of the
 #: matrix products around each step: an MLP 784-256-10 step took 34 ms instead of 1.6 ms
 #: on 16 cores, and a 4096-element SGD step after a matmul 166 ms instead of 45 ms on 2.
@@ -76,7 +77,8 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     """The Python source of the numba module for ``kernel`` on arrays of ``dtype``.
 
     The module defines ``kernel(param, grad, *states, h0, ..., h{n-1})`` over 1-D
-    contiguous arrays, updating them in place.
+    contiguous arrays, updating them in place on all of numba's threads, and
+    ``kernel_serial``, the same loop on the calling thread only.
     """
     arrays = ", ".join(f"a_{a}" for a in kernel.arrays)
     hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
@@ -110,15 +112,23 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         "    return T(1) if x > 0 else (T(-1) if x < 0 else (T(0) if x == 0 else x))",
         "",
         "",
-        "@numba.njit(parallel=True, cache=True, fastmath=False, error_model='numpy', "
-        "nogil=True, boundscheck=False)",
-        f"def kernel({arrays}{hoisted}):",
-        "    for i in numba.prange(a_param.shape[0]):",
     ]
-    lines += [f"        l_{a} = a_{a}[i]" for a in kernel.loads]
-    lines += [f"        v_{target} = {render(expr, '_')}" for target, expr in kernel.body]
-    lines += [f"        a_{a}[i] = v_{kernel.results[a]}" for a in kernel.stores]
-    return "\n".join(lines) + "\n"
+    body = [f"        l_{a} = a_{a}[i]" for a in kernel.loads]
+    body += [f"        v_{target} = {render(expr, '_')}" for target, expr in kernel.body]
+    body += [f"        a_{a}[i] = v_{kernel.results[a]}" for a in kernel.stores]
+    # The same loop twice: multi-threaded, and on the calling thread for small tensors.
+    for name, parallel, loop in (("kernel", True, "numba.prange"),
+                                 ("kernel_serial", False, "range")):
+        lines += [
+            f"@numba.njit(parallel={parallel}, cache=True, fastmath=False, error_model='numpy', "
+            "nogil=True, boundscheck=False)",
+            f"def {name}({arrays}{hoisted}):",
+            f"    for i in {loop}(a_param.shape[0]):",
+            *body,
+            "",
+            "",
+        ]
+    return "\n".join(lines[:-2]) + "\n"
 
 
 class NumbaImplementation:
@@ -168,24 +178,11 @@ class NumbaImplementation:
                 cast = param.dtype.type
                 entry = prepared[present, param.dtype] = (kernel, [cast(h) for h in hoisted])
             kernel, hoisted = entry
-            if param.size >= _PARALLEL_MIN_SIZE:
-                kernel(*(a.reshape(-1) for a in arrays), *hoisted)
-                self.launches += 1
-            elif param.size:
-                _on_one_thread(kernel, [a.reshape(-1) for a in arrays], hoisted)
+            if param.size:
+                (kernel.parallel if param.size >= _PARALLEL_MIN_SIZE else kernel.serial)(
+                    *(a.reshape(-1) for a in arrays), *hoisted)
                 self.launches += 1
         return params
-
-
-def _on_one_thread(kernel: Any, arrays: list[Any], hoisted: list[Any]) -> None:
-    import numba
-
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        kernel(*arrays, *hoisted)
-    finally:
-        numba.set_num_threads(threads)
 
 
 def _fusable(arrays: list[Any]) -> bool:
@@ -196,6 +193,13 @@ def _fusable(arrays: list[Any]) -> bool:
 
 
 _MODULES: dict[str, Any] = {}
+
+
+class _Kernels(NamedTuple):
+    """One specialization's compiled loops: on all threads, and on the calling thread."""
+
+    parallel: Any
+    serial: Any
 
 
 def _load(kernel: Kernel, dtype: str) -> Any:
@@ -217,4 +221,4 @@ def _load(kernel: Kernel, dtype: str) -> Any:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
         _MODULES[module_name] = module
-    return module.kernel
+    return _Kernels(module.kernel, module.kernel_serial)

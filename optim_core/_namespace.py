@@ -80,14 +80,17 @@ def common_namespace(arrays: Sequence[Any], names: Sequence[str], what: str = "p
 
 def check_same_library(x: Any, like: Any, what: str) -> None:
     """TypeError naming ``what`` unless ``x`` shares ``like``'s namespace and device."""
-    try:
-        xp = namespace_of(x)
-    except TypeError as exc:
-        raise TypeError(f"{what}: {exc}") from None
-    expected = namespace_of(like)
-    if xp is not expected:
-        raise TypeError(f"{what} is a {xp.__name__} array, but the parameter is a "
-                        f"{expected.__name__} array")
+    # One array type belongs to one library: the namespace lookup (several microseconds,
+    # paid per gradient per step) is needed only when the types differ.
+    if type(x) is not type(like):
+        try:
+            xp = namespace_of(x)
+        except TypeError as exc:
+            raise TypeError(f"{what}: {exc}") from None
+        expected = namespace_of(like)
+        if xp is not expected:
+            raise TypeError(f"{what} is a {xp.__name__} array, but the parameter is a "
+                            f"{expected.__name__} array")
     if device_of(x) != device_of(like):
         raise TypeError(f"{what} is on device {device_of(x)!r}, the parameter on "
                         f"{device_of(like)!r}")

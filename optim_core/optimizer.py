@@ -333,10 +333,12 @@ class Optimizer:
             if tuple(grad.shape) != tuple(param.shape):
                 raise ValueError(f"grad of {name!r} has shape {tuple(grad.shape)}, "
                                  f"the parameter {tuple(param.shape)}")
-            if not ns.is_floating(self._xp, grad):
-                raise TypeError(f"grad of {name!r} has dtype {grad.dtype}; gradients must be "
-                                "floating point")
+            # The parameter's dtype is floating (checked at construction): a gradient of
+            # the same dtype needs no dtype check.
             if grad.dtype != param.dtype:
+                if not ns.is_floating(self._xp, grad):
+                    raise TypeError(f"grad of {name!r} has dtype {grad.dtype}; gradients "
+                                    "must be floating point")
                 grad = self._xp.astype(grad, param.dtype)
             checked.append(grad)
         it = iter(checked)

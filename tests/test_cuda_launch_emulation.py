@@ -291,12 +291,11 @@ def test_both_kernels_match_generic_at_every_size_and_launch_shape(specializatio
 class DeviceStandIn:
     """What ``CudaImplementation.step`` reads of a CuPy array, over guarded host memory."""
 
-    def __init__(self, values: np.ndarray, misalign: int, multiprocessors: int) -> None:
+    def __init__(self, values: np.ndarray, misalign: int) -> None:
         self.buffer = Guarded(np.asarray(values), misalign)
         self.host = self.buffer.array
         self.dtype, self.size, self.flags = self.host.dtype, self.host.size, self.host.flags
         self.data = SimpleNamespace(ptr=self.buffer.pointer)
-        self.device = SimpleNamespace(id=0, attributes={"MultiProcessorCount": multiprocessors})
 
 
 class EmulatedKernel:
@@ -327,9 +326,9 @@ class EmulatedKernel:
                       [float(h) for h in hoisted])
 
 
-def emulated_implementation(launcher, specializations, log) -> CudaImplementation:
+def emulated_implementation(launcher, specializations, log, **options) -> CudaImplementation:
     """A CudaImplementation whose compiled kernels are the emulated launches."""
-    implementation = CudaImplementation()
+    implementation = CudaImplementation(**options)
     for (_, dtype), entry in specializations.items():
         implementation.compiled[entry["rule"].name, entry["key"], dtype] = tuple(
             EmulatedKernel(launcher, entry["kernel"], dtype, vectorized, log)
@@ -349,7 +348,6 @@ def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializ
                                                                 launcher):
     log: list = []
     implementation = emulated_implementation(launcher, specializations, log)
-    cap = 2 * 2048 // _THREADS * 4  # the implementation's documented cap, for 2 SMs
     chosen = {True: 0, False: 0}
     for index, call in enumerate(steps):
         rule, itemsize = call["rule"], call["params"][0].dtype.itemsize
@@ -358,15 +356,15 @@ def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializ
                 zip(call["params"], call["grads"], call["states"], strict=True)):
             names = [s for s in rule.states if s in state]
             offsets = misalignment((index + tensor) % 4, 2 + len(names), itemsize)
-            params.append(DeviceStandIn(param, offsets[0], 2))
-            grads.append(DeviceStandIn(grad, offsets[1], 2))
-            states.append({s: DeviceStandIn(state[s], o, 2)
+            params.append(DeviceStandIn(param, offsets[0]))
+            grads.append(DeviceStandIn(grad, offsets[1]))
+            states.append({s: DeviceStandIn(state[s], o)
                            for s, o in zip(names, offsets[2:], strict=True)})
             expected_kinds.append(not any(offsets))
         # An empty tensor launches nothing.
-        params.append(DeviceStandIn(np.zeros(0, params[0].dtype), 0, 2))
-        grads.append(DeviceStandIn(np.zeros(0, params[0].dtype), 0, 2))
-        states.append({s: DeviceStandIn(np.zeros(0, params[0].dtype), 0, 2)
+        params.append(DeviceStandIn(np.zeros(0, params[0].dtype), 0))
+        grads.append(DeviceStandIn(np.zeros(0, params[0].dtype), 0))
+        states.append({s: DeviceStandIn(np.zeros(0, params[0].dtype), 0)
                        for s in states[0]})
         log.clear()
         out = implementation.step(rule, None, params, grads, states, call["scalars"])
@@ -374,10 +372,9 @@ def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializ
         assert [entry.vectorized for entry in log] == expected_kinds, call["case"]
         for entry in log:
             chosen[entry.vectorized] += 1
-            # At most the cap; below it, enough blocks for one sweep and none idle.
+            # One thread per element (per pack): enough blocks for one sweep, none idle.
             per_block = _THREADS * entry.per_thread
-            assert entry.blocks <= cap and (entry.blocks - 1) * per_block < entry.n
-            assert entry.blocks == cap or entry.blocks * per_block >= entry.n
+            assert (entry.blocks - 1) * per_block < entry.n <= entry.blocks * per_block
         for tensor, new_param in enumerate(call["new_params"]):
             where = f"{call['case']} step {index} tensor {tensor}"
             tolerance = TOLERANCE[new_param.dtype.name]
@@ -397,10 +394,10 @@ def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializ
 @pytest.mark.parametrize("aligned", [True, False], ids=["vec", "any-alignment"])
 def test_step_sweeps_a_tensor_larger_than_the_capped_grid(specializations, launcher, dtype,
                                                           aligned):
-    # One SM caps the grid at 32 blocks of 256 threads: 70001 elements take several
-    # sweeps of the grid-stride loops (packs and plain), and leave a tail.
+    # A grid capped at 32 blocks of 256 threads: 70001 elements take several sweeps of
+    # the grid-stride loops (packs and plain), and leave a tail.
     n, log = 70001, []
-    implementation = emulated_implementation(launcher, specializations, log)
+    implementation = emulated_implementation(launcher, specializations, log, max_blocks=32)
     checked = set()
     for (name, kernel_dtype), entry in specializations.items():
         rule = entry["rule"]
@@ -410,9 +407,9 @@ def test_step_sweeps_a_tensor_larger_than_the_capped_grid(specializations, launc
         # The recorded values, repeated to n elements.
         tile = {a: np.resize(v, n) for a, v in inputs(entry, entry["param"].size).items()}
         offset = 0 if aligned else np.dtype(dtype).itemsize
-        param = DeviceStandIn(tile["param"], offset, 1)
-        grad = DeviceStandIn(tile["grad"], 0, 1)
-        state = {s: DeviceStandIn(tile[s], 0, 1) for s in rule.states if s in entry["state"]}
+        param = DeviceStandIn(tile["param"], offset)
+        grad = DeviceStandIn(tile["grad"], 0)
+        state = {s: DeviceStandIn(tile[s], 0) for s in rule.states if s in entry["state"]}
         want = generic_result({**entry, "param": tile["param"], "grad": tile["grad"],
                                "state": {s: tile[s] for s in state}}, n)
         log.clear()

@@ -1,4 +1,5 @@
-"""The fused NumPy path runs small tensors on one thread and large ones on all, same numbers."""
+"""The fused NumPy path runs small tensors on the calling thread and large ones on all, same
+numbers, and leaves numba's thread count alone."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_small_and_large_tensors_match_the_generic_path_and_threads_are_restored
 
     threads = numba.get_num_threads()
     rng = np.random.default_rng(0)
-    sizes = (1000, _numba._PARALLEL_MIN_SIZE)  # one thread, then the parallel kernel
+    sizes = (1000, _numba._PARALLEL_MIN_SIZE)  # the serial kernel, then the parallel one
     runs = {}
     for impl in ("fused", "generic"):
         params = [np.ones(n, dtype=np.float32) for n in sizes]
