@@ -1,9 +1,11 @@
-"""The fused CuPy path: one generated CUDA kernel launch per tensor (per buffer with flat=True).
+"""The fused CuPy path: generated CUDA kernels, one launch per large tensor (per buffer with
+flat=True), one per 32 small tensors.
 
 For each specialization of a rule (see :mod:`optim_core.backends._lowering`),
 :func:`cuda_source` emits CUDA C++ text: the rule's body as a ``__host__ __device__``
-per-element function template, and a grid-stride ``__global__`` kernel template
-applying it, instantiated for ``float`` and ``double``. The same text is compiled by
+per-element function template, and ``__global__`` kernel templates applying it to one
+tensor or to many (their sizes and addresses in a table passed by value), instantiated
+for ``float`` and ``double``. The same text is compiled by
 NVRTC through ``cupy.RawModule`` for the GPU and, in the tests, by ``nvcc`` into a
 host program that checks its arithmetic against the generic path without a GPU.
 
@@ -20,7 +22,7 @@ float32/float64) are stepped by the generic path instead, one by one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,14 +31,22 @@ from optim_core.rule import UpdateRule
 
 from ._lowering import Kernel, lower, render
 
-__all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "COMPILE_OPTIONS",
-           "CUDA_TYPES"]
+__all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
+           "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE"]
 
 #: NVRTC/nvcc options every generated kernel is compiled with.
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++14")
 #: NumPy dtype name -> CUDA C++ type of the kernel instantiations.
 CUDA_TYPES = {"float32": "float", "float64": "double"}
 _THREADS = 256
+#: Tensors per multi-tensor launch. The table of a launch is then at most
+#: 2 * 32 + 1 + 5 * 32 = 225 ``long long`` (1.8 KB, five arrays being the most a rule
+#: has), within the 4 KB CUDA allows for a kernel's parameters.
+MULTI_TENSORS = 32
+#: Tensors up to this many elements share launches. A larger tensor gets its own: its
+#: device time (over 7 microseconds for float32 Adam on an H200) already hides the host's
+#: cost of a launch.
+MULTI_MAX_SIZE = 1 << 20
 
 #: The operations every kernel may call, as overloads for each element type.
 _PRELUDE = """\
@@ -75,6 +85,11 @@ def _arguments(kernel: Kernel) -> str:
                      [f"h{i}" for i in range(kernel.n_hoisted)])
 
 
+def batch_length(kernel: Kernel) -> int:
+    """Number of ``long long`` in ``kernel``'s multi-tensor table (see :func:`cuda_source`)."""
+    return 2 * MULTI_TENSORS + 1 + len(kernel.arrays) * MULTI_TENSORS
+
+
 def cuda_source(kernel: Kernel) -> str:
     """CUDA C++ source of ``kernel``.
 
@@ -82,34 +97,61 @@ def cuda_source(kernel: Kernel) -> str:
 
     * ``template <typename T> __host__ __device__ void name_element(long long i,
       T* param, const T* grad, T* state..., T h0, ...)``: the rule on element ``i``;
+    * ``name_pack``, the same on the ``j``-th 16-byte pack (4 floats, 2 doubles) of
+      arrays that are all 16-byte aligned, through registers;
     * ``template <typename T> __global__ void name(long long n, <same arrays and
       scalars>)``: a grid-stride loop over ``n`` elements;
-    * ``name_vec``, the same for arrays that are all 16-byte aligned, moving 16-byte
-      packs (4 floats, 2 doubles) per thread and iteration,
+    * ``name_vec``, the same over 16-byte packs, then the tail;
+    * ``template <typename T, bool VEC> __global__ void name_multi(name_batch batch,
+      int count, <scalars>)``: up to :data:`MULTI_TENSORS` tensors in one launch. The
+      table ``batch.v`` (passed by value) holds each tensor's size at ``[t]``, the
+      first block of each at ``[K + t]`` (and the total at ``[K + count]``), and its
+      arrays' addresses at ``[2K + 1 + a K + t]`` in the kernel's array order.
+      Block ``b`` steps the tensor with the last first block ``<= b``, one thread per
+      element (per pack and then per tail element with ``VEC``),
 
     instantiated by the compiler for the type asked for (``name<float>``,
-    ``name<double>``).
+    ``name<double>``, ``name_multi<float, true>``, ...).
     """
     name = kernel_name(kernel)
+    k = MULTI_TENSORS
     body = [f"    const T l_{a} = a_{a}[i];" for a in kernel.loads]
     body += [f"    const T v_{target} = {render(expr, 'oc_')};" for target, expr in kernel.body]
     body += [f"    a_{a}[i] = v_{kernel.results[a]};" for a in kernel.stores]
-    # The vectorized kernel moves 16-byte packs; each element of a pack goes through
-    # the same element function, on the pack's registers instead of global memory.
-    packs = [f"        Pack p_{a};" for a in kernel.arrays if a not in kernel.loads]
-    packs += [f"        const Pack p_{a} = reinterpret_cast<const Pack*>(a_{a})[j];"
+    # A pack: each element goes through the same element function, on the pack's
+    # registers instead of global memory.
+    packs = [f"    Pack p_{a};" for a in kernel.arrays if a not in kernel.loads]
+    packs += [f"    const Pack p_{a} = reinterpret_cast<const Pack*>(a_{a})[j];"
               if a not in kernel.stores else
-              f"        Pack p_{a} = reinterpret_cast<const Pack*>(a_{a})[j];"
+              f"    Pack p_{a} = reinterpret_cast<const Pack*>(a_{a})[j];"
               for a in kernel.loads]
     pack_arguments = ", ".join([f"p_{a}.v" for a in kernel.arrays] +
                                [f"h{i}" for i in range(kernel.n_hoisted)])
-    pack_stores = [f"        reinterpret_cast<Pack*>(a_{a})[j] = p_{a};" for a in kernel.stores]
+    pack_stores = [f"    reinterpret_cast<Pack*>(a_{a})[j] = p_{a};" for a in kernel.stores]
+    # The multi-tensor kernel reads tensor t's arrays out of the table.
+    unpack = [f"    {'const ' if a not in kernel.stores else ''}T* __restrict__ a_{a} = "
+              f"reinterpret_cast<{'const ' if a not in kernel.stores else ''}T*>("
+              f"batch.v[{2 * k + 1 + index * k} + t]);"
+              for index, a in enumerate(kernel.arrays)]
+    hoisted_parameters = "".join(f", T h{i}" for i in range(kernel.n_hoisted))
     lines = [
         f"// Generated by optim_core from rule {kernel.rule!r}; key {kernel.key!r}.",
         _PRELUDE,
         "template <typename T>",
         f"__host__ __device__ inline void {name}_element(long long i, {_parameters(kernel)}) {{",
         *body,
+        "}",
+        "",
+        "template <typename T>",
+        f"__host__ __device__ inline void {name}_pack(long long j, {_parameters(kernel)}) {{",
+        "    constexpr int V = 16 / sizeof(T);",
+        "    struct alignas(16) Pack { T v[V]; };",
+        *packs,
+        "#pragma unroll",
+        "    for (int k = 0; k < V; ++k) {",
+        f"        {name}_element<T>(k, {pack_arguments});",
+        "    }",
+        *pack_stores,
         "}",
         "",
         "// Any alignment: one element per thread and iteration.",
@@ -126,20 +168,39 @@ def cuda_source(kernel: Kernel) -> str:
         "template <typename T>",
         f"__global__ void {name}_vec(long long n, {_parameters(kernel)}) {{",
         "    constexpr int V = 16 / sizeof(T);",
-        "    struct alignas(16) Pack { T v[V]; };",
         "    const long long stride = (long long)blockDim.x * gridDim.x;",
         "    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
         "    const long long n_packs = n / V;",
         "    for (long long j = start; j < n_packs; j += stride) {",
-        *packs,
-        "#pragma unroll",
-        "        for (int k = 0; k < V; ++k) {",
-        f"            {name}_element<T>(k, {pack_arguments});",
-        "        }",
-        *pack_stores,
+        f"        {name}_pack<T>(j, {_arguments(kernel)});",
         "    }",
         "    for (long long i = n_packs * V + start; i < n; i += stride) {",
         f"        {name}_element<T>(i, {_arguments(kernel)});",
+        "    }",
+        "}",
+        "",
+        "// Many tensors, one launch: the table of sizes, first blocks and addresses.",
+        f"struct {name}_batch {{ long long v[{batch_length(kernel)}]; }};",
+        "",
+        "template <typename T, bool VEC>",
+        f"__global__ void {name}_multi(const {name}_batch batch, int count"
+        f"{hoisted_parameters}) {{",
+        "    const long long block = blockIdx.x;",
+        "    int t = 0;",
+        f"    while (t + 1 < count && batch.v[{k} + t + 1] <= block) ++t;",
+        "    const long long n = batch.v[t];",
+        *unpack,
+        f"    const long long j = (block - batch.v[{k} + t]) * blockDim.x + threadIdx.x;",
+        "    if (VEC) {",
+        "        constexpr int V = 16 / sizeof(T);",
+        "        const long long n_packs = n / V;",
+        "        if (j < n_packs) {",
+        f"            {name}_pack<T>(j, {_arguments(kernel)});",
+        "        } else if (n_packs * V + (j - n_packs) < n) {",
+        f"            {name}_element<T>(n_packs * V + (j - n_packs), {_arguments(kernel)});",
+        "        }",
+        "    } else if (j < n) {",
+        f"        {name}_element<T>(j, {_arguments(kernel)});",
         "    }",
         "}",
     ]
@@ -147,22 +208,29 @@ def cuda_source(kernel: Kernel) -> str:
 
 
 class CudaImplementation:
-    """The fused CuPy implementation: one generated kernel launch per contiguous tensor.
+    """The fused CuPy implementation: generated kernels, in place, a few launches a step.
+
+    A tensor of more than ``multi_max_size`` elements gets a launch of its own; smaller
+    ones share launches, :data:`MULTI_TENSORS` at a time, by specialization, dtype and
+    alignment. Every launch has one thread per element, or per 16-byte pack where all
+    of a tensor's arrays are 16-byte aligned.
 
     Parameters
     ----------
     threads : int, default 256
         Threads per block.
     max_blocks : int, default 2**31 - 1 (CUDA's limit)
-        Most blocks a launch may have. Below it, a launch has one thread per element
-        (per 16-byte pack where every array is aligned); above it, the kernels'
+        Most blocks a single-tensor launch may have; beyond it, the kernels'
         grid-stride loops cover the rest.
+    multi_max_size : int, default :data:`MULTI_MAX_SIZE`
+        The largest tensor that shares a launch (0: none do).
 
     Attributes
     ----------
     compiled : dict
-        ``(rule name, key, dtype) -> (kernel, vectorized kernel)`` for every
-        specialization this process has compiled; a new ``lr`` adds none.
+        ``(rule name, key, dtype) -> kernels`` (single-tensor, vectorized, and the
+        multi-tensor pair) for every specialization this process has compiled; a new
+        ``lr`` adds none.
     launches : int
         Number of kernel launches made, for tests and benchmarks.
 
@@ -177,57 +245,103 @@ class CudaImplementation:
 
     name = "fused-cuda"
 
-    def __init__(self, threads: int = _THREADS, max_blocks: int = 2**31 - 1) -> None:
-        self.threads, self.max_blocks = threads, max_blocks
+    def __init__(self, threads: int = _THREADS, max_blocks: int = 2**31 - 1,
+                 multi_max_size: int = MULTI_MAX_SIZE) -> None:
+        self.threads, self.max_blocks, self.multi_max_size = threads, max_blocks, multi_max_size
         self.compiled: dict[tuple, Any] = {}
         self.launches = 0
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
-                   dtype: np.dtype) -> tuple[Any, list[float]]:
-        """The compiled kernels (any alignment, 16-byte aligned) and the hoisted values."""
+                   dtype: np.dtype) -> tuple[_Kernels, list[float]]:
+        """The compiled kernels of this step's specialization and the hoisted values."""
         key, hoisted, _ = lower(rule, scalars, present, build=False)
         cache_key = (rule.name, key, dtype.name)
-        function = self.compiled.get(cache_key)
-        if function is None:
+        kernels = self.compiled.get(cache_key)
+        if kernels is None:
             import cupy
 
             _, _, lowered = lower(rule, scalars, present)
             name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
-            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>"]
+            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>",
+                           f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
             module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
                                     name_expressions=expressions)
-            function = tuple(module.get_function(e) for e in expressions)
-            self.compiled[cache_key] = function
-        return function, hoisted
+            batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
+            kernels = _Kernels(*(module.get_function(e) for e in expressions), batch)
+            self.compiled[cache_key] = kernels
+        return kernels, hoisted
 
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
         """Update ``params`` and ``states`` in place; return the parameters."""
         prepared: dict[tuple, tuple] = {}
-        threads = self.threads
+        # (specialization, dtype, 16-byte aligned) -> the small tensors' sizes and addresses.
+        small: dict[tuple, list[tuple[int, list[int]]]] = {}
         for param, grad, state in zip(params, grads, states, strict=True):
             present = frozenset(n for n in rule.states if n in state)
             arrays = [param, grad, *(state[n] for n in rule.states if n in state)]
             if not _fusable(arrays):
                 GENERIC.step(rule, xp, [param], [grad], [state], scalars)
                 continue
+            n = param.size
+            if not n:
+                continue
             dtype = np.dtype(param.dtype)
             entry = prepared.get((present, dtype))
             if entry is None:
-                function, hoisted = self.kernel_for(rule, scalars, present, dtype)
-                entry = prepared[present, dtype] = (function, [dtype.type(h) for h in hoisted])
-            (unaligned, aligned), hoisted = entry
-            n = param.size
-            if n:
-                if all(a.data.ptr % 16 == 0 for a in arrays):
-                    function, per_thread = aligned, 16 // dtype.itemsize
-                else:
-                    function, per_thread = unaligned, 1
-                per_block = threads * per_thread
-                blocks = min((n + per_block - 1) // per_block, self.max_blocks)
-                function((blocks,), (threads,), (np.int64(n), *arrays, *hoisted))
-                self.launches += 1
+                kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
+                entry = prepared[present, dtype] = (kernels, [dtype.type(h) for h in hoisted])
+            addresses = [a.data.ptr for a in arrays]
+            aligned = all(address % 16 == 0 for address in addresses)
+            if n <= self.multi_max_size:
+                small.setdefault((present, dtype, aligned), []).append((n, addresses))
+                continue
+            kernels, hoisted = entry
+            function, per_thread = ((kernels.vec, 16 // dtype.itemsize) if aligned
+                                    else (kernels.any, 1))
+            per_block = self.threads * per_thread
+            blocks = min((n + per_block - 1) // per_block, self.max_blocks)
+            function((blocks,), (self.threads,), (np.int64(n), *arrays, *hoisted))
+            self.launches += 1
+        for (present, dtype, aligned), tensors in small.items():
+            kernels, hoisted = prepared[present, dtype]
+            for first in range(0, len(tensors), MULTI_TENSORS):
+                self._launch_many(kernels, hoisted, tensors[first:first + MULTI_TENSORS],
+                                  16 // dtype.itemsize if aligned else 0)
         return params
+
+    def _launch_many(self, kernels: _Kernels, hoisted: list[Any],
+                     tensors: list[tuple[int, list[int]]], pack: int) -> None:
+        """One launch of the multi-tensor kernel over ``tensors`` (sizes, addresses);
+        ``pack`` elements a 16-byte pack, or 0 for element-wise access."""
+        k, count = MULTI_TENSORS, len(tensors)
+        sizes, first_blocks, total = [], [], 0
+        for n, _ in tensors:
+            # With packs, the threads past the last pack take the tail, one element each.
+            units = n // pack + n % pack if pack else n
+            sizes.append(n)
+            first_blocks.append(total)
+            total += (units + self.threads - 1) // self.threads
+        first_blocks.append(total)
+        table = np.zeros(kernels.batch.itemsize // 8, dtype=np.int64)
+        table[:count] = sizes
+        table[k:k + count + 1] = first_blocks
+        for a, column in enumerate(zip(*(addresses for _, addresses in tensors))):
+            table[2 * k + 1 + a * k:2 * k + 1 + a * k + count] = column
+        function = kernels.multi_vec if pack else kernels.multi
+        # A size-one NumPy array of the table's struct type is passed by value.
+        function((total,), (self.threads,), (table.view(kernels.batch), np.int32(count), *hoisted))
+        self.launches += 1
+
+
+class _Kernels(NamedTuple):
+    """One specialization's compiled kernels, and its multi-tensor table's NumPy type."""
+
+    any: Any
+    vec: Any
+    multi: Any
+    multi_vec: Any
+    batch: np.dtype
 
 
 def _fusable(arrays: list[Any]) -> bool:

@@ -142,8 +142,9 @@ def sweep(sizes: list[int]) -> dict:
             state = opt.state[0][0]
             arrays = [p, g, *(state[s] for s in opt.rule.states if s in state)]
             present = frozenset(s for s in opt.rule.states if s in state)
-            (scalar_fn, vec_fn), hoisted = CUDA.kernel_for(opt.rule, _rule_scalars(opt), present,
-                                                          np.dtype("float32"))
+            kernels, hoisted = CUDA.kernel_for(opt.rule, _rule_scalars(opt), present,
+                                               np.dtype("float32"))
+            scalar_fn, vec_fn = kernels.any, kernels.vec
             hoisted = [np.float32(h) for h in hoisted]
             flat_p = cupy.asarray(host_p)
             flat = cls([flat_p], impl="fused", flat=True)

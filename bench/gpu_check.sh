@@ -33,6 +33,7 @@ TUNING_TIMEOUT=${TUNING_TIMEOUT:-35}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 BENCH_LIMIT=${BENCH_LIMIT:-185}
 BENCH_BUDGET=${BENCH_BUDGET:-0.1}   # seconds of timed repeats per cell
+BENCH_ARGS=${BENCH_ARGS:-}          # e.g. "--optimizers adam --workloads resnet50"
 
 if [ "$DRY_RUN" = 0 ] && ! nvidia-smi -L >/dev/null 2>&1; then
     echo "no GPU found (nvidia-smi -L failed): running as --dry-run"
@@ -142,8 +143,10 @@ if [ "$DRY_RUN" = 0 ]; then
     timeout "$TUNING_TIMEOUT" "$PYTHON" -m bench.cuda_tuning --out "$OUTDIR/cuda-tuning.json" \
         2>&1 | tail -n 80
     TUNING=${PIPESTATUS[0]}
+    # shellcheck disable=SC2086  # BENCH_ARGS: extra benchmark flags, split on spaces
     timeout "$BENCH_TIMEOUT" "$PYTHON" -m bench --gpu --time-limit "$BENCH_LIMIT" \
-        --budget "$BENCH_BUDGET" --out "$OUTDIR/bench-gpu.json" 2>&1 | tee "$OUTDIR/bench-gpu.log"
+        --budget "$BENCH_BUDGET" ${BENCH_ARGS:-} --out "$OUTDIR/bench-gpu.json" 2>&1 \
+        | tee "$OUTDIR/bench-gpu.log"
     BENCH=${PIPESTATUS[0]}
 else
     TUNING=skipped

@@ -38,7 +38,11 @@ from fused_cases import CASES, TOLERANCE, gradient, start_params
 from optim_core.backends._cuda import (
     _THREADS,
     CUDA_TYPES,
+    MULTI_MAX_SIZE,
+    MULTI_TENSORS,
     CudaImplementation,
+    _Kernels,
+    batch_length,
     cuda_source,
     kernel_name,
 )
@@ -166,6 +170,20 @@ def library_source(specializations) -> tuple[str, dict]:
                 f"long long n, void* const* a, const void* h) {{\n"
                 f"    oc_emulate(grid, block, backwards, [&] {{ {function}({arguments}); }});\n"
                 f"}}")
+        # The multi-tensor kernel takes its table by value, as the device does.
+        scalars = "".join(f", ((const {ctype}*)h)[{i}]" for i in range(kernel.n_hoisted))
+        for vectorized in (False, True):
+            symbol = f"oc_launch_{len(symbols)}"
+            symbols[name, dtype, "multi", vectorized] = symbol
+            function = f"{name}_multi<{ctype}, {'true' if vectorized else 'false'}>"
+            parts.append(
+                f'extern "C" void {symbol}(unsigned grid, unsigned block, int backwards, '
+                f"const long long* table, int count, const void* h) {{\n"
+                f"    {name}_batch batch;\n"
+                f"    for (int i = 0; i < {batch_length(kernel)}; ++i) batch.v[i] = table[i];\n"
+                f"    oc_emulate(grid, block, backwards,\n"
+                f"               [&] {{ {function}(batch, count{scalars}); }});\n"
+                f"}}")
     return "\n".join(parts) + "\n", symbols
 
 
@@ -175,10 +193,19 @@ class Launcher:
     def __init__(self, path, symbols) -> None:
         self.library = ctypes.CDLL(str(path))
         self.symbols = symbols
-        for symbol in symbols.values():
+        for key, symbol in symbols.items():
             getattr(self.library, symbol).argtypes = [
                 ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_longlong,
-                ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+                ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p] if len(key) == 3 else [
+                ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_void_p]
+
+    def multi(self, name, dtype, vectorized, grid, block, backwards, table, count, hoisted):
+        """An emulated launch of ``name_multi<dtype, vectorized>`` over ``table``."""
+        function = getattr(self.library, self.symbols[name, dtype, "multi", vectorized])
+        table = np.ascontiguousarray(table, dtype=np.int64)
+        scalars = np.ascontiguousarray(hoisted, dtype=dtype)
+        function(grid, block, int(backwards), table.ctypes.data, count, scalars.ctypes.data)
 
     def __call__(self, name, dtype, vectorized, grid, block, backwards, n, pointers, hoisted):
         function = getattr(self.library, self.symbols[name, dtype, vectorized])
@@ -287,6 +314,85 @@ def test_both_kernels_match_generic_at_every_size_and_launch_shape(specializatio
     assert launches == len(specializations) * len(SIZES) * (2 * len(LAUNCH_SHAPES) + 1)
 
 
+#: (threads per block, run the grid backwards) for the multi-tensor kernel, whose grid
+#: always has one thread per element or pack.
+MULTI_SHAPES = ((1, False), (5, True), (32, False), (256, True))
+
+
+def test_multi_tensor_kernel_matches_generic_for_every_size_in_one_launch(specializations,
+                                                                          launcher):
+    # Every size of SIZES (0 and 1 included) as its own tensor of one launch, through the
+    # implementation's own table builder; each tensor's arrays between guard bytes.
+    launches = 0
+    for (name, dtype), entry in specializations.items():
+        kernel, log = entry["kernel"], []
+        want = {n: generic_result(entry, n) for n in SIZES}
+        first = None
+        for vectorized, misalign in ((False, 0), (True, 0), (False, np.dtype(dtype).itemsize)):
+            for threads, backwards in MULTI_SHAPES:
+                implementation = emulated_implementation(launcher, specializations, log,
+                                                         backwards, threads=threads)
+                kernels = implementation.compiled[entry["rule"].name, entry["key"], dtype]
+                hoisted = [np.dtype(dtype).type(h) for h in entry["hoisted"]]
+                buffers = {n: {a: Guarded(inputs(entry, n)[a], misalign) for a in kernel.arrays}
+                           for n in SIZES}
+                tensors = [(n, [buffers[n][a].pointer for a in kernel.arrays]) for n in SIZES]
+                implementation._launch_many(kernels, hoisted, tensors,
+                                            16 // np.dtype(dtype).itemsize if vectorized else 0)
+                launches += 1
+                where = (f"{entry['case']} {name}_multi<{dtype}, {vectorized}> threads={threads} "
+                         f"backwards={backwards} misalign={misalign}")
+                got = {n: {a: b.array for a, b in buffers[n].items()} for n in SIZES}
+                for n in SIZES:
+                    assert all(b.guards_intact() for b in buffers[n].values()), f"{where} n={n}"
+                    for array in kernel.arrays:
+                        if array not in kernel.stores:
+                            assert bitwise_equal(got[n][array], inputs(entry, n)[array]), where
+                    for array, value in want[n].items():
+                        np.testing.assert_allclose(got[n][array], value, **TOLERANCE[dtype],
+                                                   err_msg=f"{where} n={n} {array}")
+                # The same element function once per element: bit for bit the same
+                # whatever the kernel, block size and order.
+                if first is None:
+                    first = got
+                for n in SIZES:
+                    for array in kernel.arrays:
+                        assert bitwise_equal(got[n][array], first[n][array]), f"{where} n={n}"
+        assert [entry.count for entry in log] == [len(SIZES)] * len(MULTI_SHAPES) * 3
+    assert launches == len(specializations) * 3 * len(MULTI_SHAPES)
+
+
+def test_step_shares_launches_between_small_tensors_32_at_a_time(specializations, launcher):
+    # 70 small tensors, every third one misaligned, and one larger than the limit:
+    # aligned ones in launches of 32 + 15, misaligned in one of 23, the large alone.
+    entry = next(e for (_, dtype), e in specializations.items()
+                 if e["rule"].name == "adam" and dtype == "float32"
+                 and set(e["state"]) == {"exp_avg", "exp_avg_sq"})
+    rule, log = entry["rule"], []
+    implementation = emulated_implementation(launcher, specializations, log, multi_max_size=64)
+    rng = np.random.default_rng(0)
+    sizes = [int(rng.integers(1, 65)) for _ in range(70)] + [65]
+    params, grads, states, wants = [], [], [], []
+    for index, n in enumerate(sizes):
+        tile = {a: np.resize(v, n) for a, v in inputs(entry, entry["param"].size).items()}
+        offset = 4 if index % 3 == 2 else 0
+        params.append(DeviceStandIn(tile["param"], offset))
+        grads.append(DeviceStandIn(tile["grad"], offset))
+        states.append({s: DeviceStandIn(tile[s], offset) for s in ("exp_avg", "exp_avg_sq")})
+        wants.append(generic_result({**entry, "param": tile["param"], "grad": tile["grad"],
+                                     "state": {s: tile[s] for s in states[-1]}}, n))
+    implementation.step(rule, None, params, grads, states, entry["scalars"])
+    shared = sorted((e.vectorized, e.count) for e in log if e.multi)
+    assert shared == [(False, 23), (True, 15), (True, 32)]
+    assert [(e.multi, e.n) for e in log if not e.multi] == [(False, 65)]
+    assert implementation.launches == 4
+    for param, state, want in zip(params, states, wants, strict=True):
+        np.testing.assert_allclose(param.host, want["param"], **TOLERANCE["float32"])
+        for name, array in state.items():
+            np.testing.assert_allclose(array.host, want[name], **TOLERANCE["float32"])
+        assert param.buffer.guards_intact()
+
+
 # ----------------------------------------------------------------- the step, on stand-ins
 class DeviceStandIn:
     """What ``CudaImplementation.step`` reads of a CuPy array, over guarded host memory."""
@@ -301,38 +407,76 @@ class DeviceStandIn:
 class EmulatedKernel:
     """Stands in for a ``cupy.RawKernel``: ``kernel((blocks,), (threads,), args)``."""
 
-    def __init__(self, launcher, kernel, dtype, vectorized, log) -> None:
+    def __init__(self, launcher, kernel, dtype, vectorized, log, backwards=False) -> None:
         self.launcher, self.kernel, self.dtype = launcher, kernel, np.dtype(dtype)
-        self.vectorized, self.log = vectorized, log
+        self.vectorized, self.log, self.backwards = vectorized, log, backwards
+
+    def _check_scalars(self, hoisted) -> None:
+        # CuPy passes a NumPy scalar as its own C type: the kernel's T.
+        assert len(hoisted) == self.kernel.n_hoisted
+        assert all(type(h) is self.dtype.type for h in hoisted)
 
     def __call__(self, grid, block, args):
         (blocks,), (threads,) = grid, block
         n, *rest = args
         arrays, hoisted = rest[:len(self.kernel.arrays)], rest[len(self.kernel.arrays):]
-        # CuPy passes a NumPy scalar as its own C type: int64 n and the kernel's T.
         assert type(n) is np.int64
-        assert len(hoisted) == self.kernel.n_hoisted
-        assert all(type(h) is self.dtype.type for h in hoisted)
+        self._check_scalars(hoisted)
         assert all(isinstance(a, DeviceStandIn) and a.dtype == self.dtype for a in arrays)
         assert all(a.size == n for a in arrays)
         # The device faults on a misaligned 16-byte access.
         assert not self.vectorized or all(a.data.ptr % 16 == 0 for a in arrays)
-        assert 1 <= blocks and threads == _THREADS
-        self.log.append(SimpleNamespace(vectorized=self.vectorized, blocks=blocks, n=int(n),
+        assert 1 <= blocks and threads >= 1
+        self.log.append(SimpleNamespace(multi=False, vectorized=self.vectorized, blocks=blocks,
+                                        threads=threads, n=int(n),
                                         per_thread=16 // self.dtype.itemsize
                                         if self.vectorized else 1))
         self.launcher(kernel_name(self.kernel), self.dtype.name, self.vectorized, blocks,
-                      threads, False, int(n), [a.data.ptr for a in arrays],
+                      threads, self.backwards, int(n), [a.data.ptr for a in arrays],
                       [float(h) for h in hoisted])
 
 
-def emulated_implementation(launcher, specializations, log, **options) -> CudaImplementation:
+class EmulatedMultiKernel(EmulatedKernel):
+    """Stands in for ``name_multi``: ``kernel((blocks,), (threads,), (table, count, *h))``."""
+
+    def __call__(self, grid, block, args):
+        (blocks,), (threads,) = grid, block
+        batch, count, *hoisted = args
+        self._check_scalars(hoisted)
+        # The table goes by value: a size-one NumPy array of the kernel's struct type.
+        assert isinstance(batch, np.ndarray) and batch.size == 1
+        assert batch.dtype.itemsize == 8 * batch_length(self.kernel)
+        assert type(count) is np.int32 and 1 <= count <= MULTI_TENSORS
+        table = batch.view(np.int64).copy()
+        k, pack = MULTI_TENSORS, 16 // self.dtype.itemsize if self.vectorized else 0
+        sizes, first = table[:count], table[k:k + count + 1]
+        # Each tensor gets exactly the blocks its elements (packs, then tail) need.
+        units = [int(n) // pack + int(n) % pack if pack else int(n) for n in sizes]
+        assert first[0] == 0 and blocks == first[-1] >= 1 and threads >= 1
+        assert list(np.diff(first)) == [-(-u // threads) for u in units]
+        addresses = [table[2 * k + 1 + a * k:2 * k + 1 + a * k + count]
+                     for a in range(len(self.kernel.arrays))]
+        assert not self.vectorized or all(int(x) % 16 == 0 for column in addresses
+                                          for x in column)
+        self.log.append(SimpleNamespace(multi=True, vectorized=self.vectorized, blocks=blocks,
+                                        threads=threads, count=int(count),
+                                        sizes=[int(n) for n in sizes]))
+        self.launcher.multi(kernel_name(self.kernel), self.dtype.name, self.vectorized, blocks,
+                            threads, self.backwards, table, int(count),
+                            [float(h) for h in hoisted])
+
+
+def emulated_implementation(launcher, specializations, log, backwards=False,
+                            **options) -> CudaImplementation:
     """A CudaImplementation whose compiled kernels are the emulated launches."""
     implementation = CudaImplementation(**options)
     for (_, dtype), entry in specializations.items():
-        implementation.compiled[entry["rule"].name, entry["key"], dtype] = tuple(
-            EmulatedKernel(launcher, entry["kernel"], dtype, vectorized, log)
-            for vectorized in (False, True))
+        kernels = [cls(launcher, entry["kernel"], dtype, vectorized, log, backwards)
+                   for cls in (EmulatedKernel, EmulatedMultiKernel)
+                   for vectorized in (False, True)]
+        batch = np.dtype([("v", np.int64, (batch_length(entry["kernel"]),))])
+        implementation.compiled[entry["rule"].name, entry["key"], dtype] = _Kernels(
+            *kernels, batch)
     return implementation
 
 
@@ -344,11 +488,15 @@ def misalignment(pattern: int, arrays: int, itemsize: int) -> list[int]:
     return offsets
 
 
+@pytest.mark.parametrize("multi_max_size", [0, MULTI_MAX_SIZE],
+                         ids=["launch-per-tensor", "shared-launches"])
 def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializations,
-                                                                launcher):
+                                                                launcher, multi_max_size):
     log: list = []
-    implementation = emulated_implementation(launcher, specializations, log)
+    implementation = emulated_implementation(launcher, specializations, log,
+                                             multi_max_size=multi_max_size)
     chosen = {True: 0, False: 0}
+    launches = 0
     for index, call in enumerate(steps):
         rule, itemsize = call["rule"], call["params"][0].dtype.itemsize
         params, grads, states, expected_kinds = [], [], [], []
@@ -369,12 +517,23 @@ def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializ
         log.clear()
         out = implementation.step(rule, None, params, grads, states, call["scalars"])
         assert out is params
-        assert [entry.vectorized for entry in log] == expected_kinds, call["case"]
-        for entry in log:
-            chosen[entry.vectorized] += 1
-            # One thread per element (per pack): enough blocks for one sweep, none idle.
-            per_block = _THREADS * entry.per_thread
-            assert (entry.blocks - 1) * per_block < entry.n <= entry.blocks * per_block
+        launches += len(log)
+        if multi_max_size == 0:
+            assert [entry.vectorized for entry in log] == expected_kinds, call["case"]
+            for entry in log:
+                chosen[entry.vectorized] += 1
+                # One thread per element (per pack): enough blocks for one sweep, none idle.
+                per_block = _THREADS * entry.per_thread
+                assert (entry.blocks - 1) * per_block < entry.n <= entry.blocks * per_block
+        else:
+            # Every tensor of a step is small: one shared launch per alignment, in order.
+            assert all(entry.multi for entry in log), call["case"]
+            assert {entry.vectorized: entry.count for entry in log} == {
+                kind: expected_kinds.count(kind) for kind in set(expected_kinds)}, call["case"]
+            for entry in log:
+                chosen[entry.vectorized] += entry.count
+                assert entry.sizes == [p.size for p, kind in zip(params, expected_kinds)
+                                       if kind == entry.vectorized]
         for tensor, new_param in enumerate(call["new_params"]):
             where = f"{call['case']} step {index} tensor {tensor}"
             tolerance = TOLERANCE[new_param.dtype.name]
@@ -386,7 +545,8 @@ def test_step_picks_the_kernel_by_alignment_and_matches_generic(steps, specializ
                                            err_msg=f"{where} {s}")
             assert all(a.buffer.guards_intact() for a in
                        [params[tensor], grads[tensor], *states[tensor].values()]), where
-    assert implementation.launches == sum(len(c["params"]) for c in steps)
+    assert implementation.launches == launches
+    assert sum(chosen.values()) == sum(len(c["params"]) for c in steps)
     assert chosen[True] and chosen[False]
 
 
@@ -397,7 +557,8 @@ def test_step_sweeps_a_tensor_larger_than_the_capped_grid(specializations, launc
     # A grid capped at 32 blocks of 256 threads: 70001 elements take several sweeps of
     # the grid-stride loops (packs and plain), and leave a tail.
     n, log = 70001, []
-    implementation = emulated_implementation(launcher, specializations, log, max_blocks=32)
+    implementation = emulated_implementation(launcher, specializations, log, max_blocks=32,
+                                             multi_max_size=0)
     checked = set()
     for (name, kernel_dtype), entry in specializations.items():
         rule = entry["rule"]

@@ -105,3 +105,40 @@ def test_flat_group_is_one_launch(gpu):
     before = opt.implementation.launches
     opt.step(opt.grad_views)
     assert opt.implementation.launches - before == 1
+
+
+def test_small_tensors_share_launches_and_equal_generic(gpu):
+    import cupy
+
+    # 100 small tensors, every fourth one a view one float off 16-byte alignment, and one
+    # tensor above MULTI_MAX_SIZE with a launch of its own.
+    from optim_core.backends._cuda import MULTI_MAX_SIZE, MULTI_TENSORS
+
+    rng = np.random.default_rng(0)
+    sizes = [int(rng.integers(1, 300)) for _ in range(100)] + [MULTI_MAX_SIZE + 3]
+    pool = rng.standard_normal(sum(sizes) + 4 * len(sizes)).astype(np.float32)
+
+    def make_params():
+        out, at = [], 0
+        for index, n in enumerate(sizes):
+            if index % 4 == 3:
+                storage = cupy.asarray(pool[at:at + n + 1])
+                out.append(storage[1:])  # 4 bytes past the allocation's alignment
+            else:
+                out.append(cupy.asarray(pool[at:at + n]))
+            at += n + 1
+        return out
+
+    grads = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    fused = optim_core.Adam(make_params(), lr=0.01, amsgrad=True, impl="fused")
+    generic = optim_core.Adam(make_params(), lr=0.01, amsgrad=True, impl="generic")
+    for _ in range(3):
+        before = fused.implementation.launches
+        fused.step(grads)
+        generic.step(grads)
+        misaligned = sum(1 for index in range(100) if index % 4 == 3)
+        expected = -(-(100 - misaligned) // MULTI_TENSORS) + -(-misaligned // MULTI_TENSORS) + 1
+        assert fused.implementation.launches - before == expected
+    for got, want in zip(fused.params, generic.params, strict=True):
+        np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want),
+                                   **TOLERANCE["float32"])
