@@ -94,9 +94,6 @@ done
     echo "host: $(hostname)  cpus: $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
     echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
          "$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo '(with local changes)')"
-    # The commit alone can mislead where .git was copied separately from the tree.
-    echo "source sha256 (optim_core, backends, bench): $(cd "$ROOT" && find optim_core backends \
-        bench -name '*.py' -o -name '*.sh' | sort | xargs sha256sum | sha256sum | cut -c1-16)"
     echo "python: $("$PYTHON" --version 2>&1) at $(command -v "$PYTHON")"
     "$PYTHON" - <<'EOF'
 import importlib.metadata as md
