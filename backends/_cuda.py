@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from optim_core._generic import GENERIC
 from optim_core.rule import UpdateRule
 
+from ._fused import FusedImplementation
 from ._lowering import Kernel, lower, render
 
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
@@ -207,7 +207,7 @@ def cuda_source(kernel: Kernel) -> str:
     return "\n".join(lines) + "\n"
 
 
-class CudaImplementation:
+class CudaImplementation(FusedImplementation):
     """The fused CuPy implementation: generated kernels, in place, a few launches a step.
 
     A tensor of more than ``multi_max_size`` elements gets a launch of its own; smaller
@@ -247,9 +247,8 @@ class CudaImplementation:
 
     def __init__(self, threads: int = _THREADS, max_blocks: int = 2**31 - 1,
                  multi_max_size: int = MULTI_MAX_SIZE) -> None:
+        super().__init__()
         self.threads, self.max_blocks, self.multi_max_size = threads, max_blocks, multi_max_size
-        self.compiled: dict[tuple, Any] = {}
-        self.launches = 0
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
                    dtype: np.dtype) -> tuple[_Kernels, list[float]]:
@@ -274,41 +273,36 @@ class CudaImplementation:
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
         """Update ``params`` and ``states`` in place; return the parameters."""
-        prepared: dict[tuple, tuple] = {}
-        # (specialization, dtype, 16-byte aligned) -> the small tensors' sizes and addresses.
-        small: dict[tuple, list[tuple[int, list[int]]]] = {}
-        for param, grad, state in zip(params, grads, states, strict=True):
-            present = frozenset(n for n in rule.states if n in state)
-            arrays = [param, grad, *(state[n] for n in rule.states if n in state)]
-            if not _fusable(arrays):
-                GENERIC.step(rule, xp, [param], [grad], [state], scalars)
-                continue
-            n = param.size
-            if not n:
-                continue
-            dtype = np.dtype(param.dtype)
-            entry = prepared.get((present, dtype))
-            if entry is None:
-                kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
-                entry = prepared[present, dtype] = (kernels, [dtype.type(h) for h in hoisted])
+        # (id of the kernels, 16-byte aligned) -> kernels, hoisted values, elements per pack
+        # (0: element-wise), and the small tensors' sizes and addresses. There is one kernels
+        # object per specialization and dtype.
+        small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
+        for kernels, hoisted, arrays in self.fused_tensors(rule, xp, params, grads, states,
+                                                           scalars):
+            n = arrays[0].size
             addresses = [a.data.ptr for a in arrays]
             aligned = all(address % 16 == 0 for address in addresses)
+            pack = 16 // arrays[0].dtype.itemsize
             if n <= self.multi_max_size:
-                small.setdefault((present, dtype, aligned), []).append((n, addresses))
+                small.setdefault((id(kernels), aligned),
+                                 (kernels, hoisted, pack if aligned else 0, []))[3].append(
+                                     (n, addresses))
                 continue
-            kernels, hoisted = entry
-            function, per_thread = ((kernels.vec, 16 // dtype.itemsize) if aligned
-                                    else (kernels.any, 1))
-            per_block = self.threads * per_thread
+            per_block = self.threads * (pack if aligned else 1)
             blocks = min((n + per_block - 1) // per_block, self.max_blocks)
+            function = kernels.vec if aligned else kernels.any
             function((blocks,), (self.threads,), (np.int64(n), *arrays, *hoisted))
             self.launches += 1
-        for (present, dtype, aligned), tensors in small.items():
-            kernels, hoisted = prepared[present, dtype]
+        for kernels, hoisted, pack, tensors in small.values():
             for first in range(0, len(tensors), MULTI_TENSORS):
-                self._launch_many(kernels, hoisted, tensors[first:first + MULTI_TENSORS],
-                                  16 // dtype.itemsize if aligned else 0)
+                self._launch_many(kernels, hoisted, tensors[first:first + MULTI_TENSORS], pack)
         return params
+
+    def fusable(self, arrays: list[Any]) -> bool:
+        """C-contiguous CuPy arrays of one dtype, float32 or float64."""
+        first = arrays[0]
+        return np.dtype(first.dtype).name in CUDA_TYPES and all(
+            a.dtype == first.dtype and a.flags.c_contiguous for a in arrays)
 
     def _launch_many(self, kernels: _Kernels, hoisted: list[Any],
                      tensors: list[tuple[int, list[int]]], pack: int) -> None:
@@ -342,12 +336,6 @@ class _Kernels(NamedTuple):
     multi: Any
     multi_vec: Any
     batch: np.dtype
-
-
-def _fusable(arrays: list[Any]) -> bool:
-    first = arrays[0]
-    return np.dtype(first.dtype).name in CUDA_TYPES and all(
-        a.dtype == first.dtype and a.flags.c_contiguous for a in arrays)
 
 
 CUDA = CudaImplementation()

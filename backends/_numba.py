@@ -30,9 +30,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from optim_core._generic import GENERIC
 from optim_core.rule import UpdateRule
 
+from ._fused import FusedImplementation
 from ._lowering import Kernel, lower, render
 
 __all__ = ["NumbaImplementation", "cache_directory", "kernel_source"]
@@ -131,14 +131,16 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     return "\n".join(lines[:-2]) + "\n"
 
 
-class NumbaImplementation:
-    """The fused NumPy implementation: one compiled, multi-threaded pass per tensor.
+class NumbaImplementation(FusedImplementation):
+    """The fused NumPy implementation: one compiled pass per tensor, multi-threaded for
+    tensors of 2**20 elements or more.
 
     Attributes
     ----------
     compiled : dict
-        ``(rule name, key, dtype) -> kernel`` for every specialization this process
-        has loaded; its size counts compilations (a new ``lr`` adds none).
+        ``(rule name, key, dtype) -> kernels`` (parallel and serial) for every
+        specialization this process has loaded; its size counts compilations (a new
+        ``lr`` adds none).
     launches : int
         Number of kernel calls made, for tests and benchmarks counting launches.
     """
@@ -148,12 +150,12 @@ class NumbaImplementation:
     def __init__(self) -> None:
         import numba  # noqa: F401 - fail here, at selection, if numba is broken
 
-        self.compiled: dict[tuple, Any] = {}
-        self.launches = 0
+        super().__init__()
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
                    dtype: np.dtype) -> tuple[Any, list[float]]:
-        """The compiled kernel for this step's specialization and the hoisted values."""
+        """The compiled kernels (parallel, serial) of this step's specialization and the
+        hoisted values."""
         key, hoisted, _ = lower(rule, scalars, present, build=False)
         cache_key = (rule.name, key, _DTYPES[dtype])
         kernel = self.compiled.get(cache_key)
@@ -165,31 +167,25 @@ class NumbaImplementation:
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
         """Update ``params`` and ``states`` in place; return the parameters."""
-        prepared: dict[tuple, tuple] = {}
-        for param, grad, state in zip(params, grads, states, strict=True):
-            present = frozenset(n for n in rule.states if n in state)
-            arrays = [param, grad, *(state[n] for n in rule.states if n in state)]
-            if not _fusable(arrays):
-                GENERIC.step(rule, xp, [param], [grad], [state], scalars)
-                continue
-            entry = prepared.get((present, param.dtype))
-            if entry is None:
-                kernel, hoisted = self.kernel_for(rule, scalars, present, param.dtype)
-                cast = param.dtype.type
-                entry = prepared[present, param.dtype] = (kernel, [cast(h) for h in hoisted])
-            kernel, hoisted = entry
-            if param.size:
-                (kernel.parallel if param.size >= _PARALLEL_MIN_SIZE else kernel.serial)(
-                    *(a.reshape(-1) for a in arrays), *hoisted)
-                self.launches += 1
+        for kernels, hoisted, arrays in self.fused_tensors(rule, xp, params, grads, states,
+                                                           scalars):
+            kernel = kernels.parallel if arrays[0].size >= _PARALLEL_MIN_SIZE else kernels.serial
+            kernel(*(a if a.ndim == 1 else a.reshape(-1) for a in arrays), *hoisted)
+            self.launches += 1
         return params
 
-
-def _fusable(arrays: list[Any]) -> bool:
-    first = arrays[0]
-    return first.dtype in _DTYPES and all(
-        isinstance(a, np.ndarray) and a.dtype == first.dtype and a.flags.c_contiguous
-        and a.flags.writeable for a in arrays)
+    def fusable(self, arrays: list[Any]) -> bool:
+        """C-contiguous, writeable NumPy arrays of one dtype, float32 or float64."""
+        dtype = arrays[0].dtype
+        if dtype not in _DTYPES:
+            return False
+        for a in arrays:
+            if not isinstance(a, np.ndarray) or a.dtype != dtype:
+                return False
+            flags = a.flags
+            if not (flags.c_contiguous and flags.writeable):
+                return False
+        return True
 
 
 _MODULES: dict[str, Any] = {}
