@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import itertools
 import json
 import math
@@ -305,6 +306,24 @@ def _fit() -> Callable[..., Any]:
     return fit
 
 
+def _check_grid_options(optimizers: Sequence[str], lrs: Sequence[float],
+                        fit: Callable[..., Any], fit_kwargs: Mapping[str, Any]) -> None:
+    """TypeError/ValueError, before anything trains, if an optimizer of the grid rejects
+    the optimizer keywords shared by every run (``momentum`` given to Adam, say)."""
+    from .training import make_optimizer
+
+    fit_parameters = inspect.signature(fit).parameters
+    shared = {key: value for key, value in fit_kwargs.items() if key not in fit_parameters}
+    for name in optimizers:
+        for lr in lrs:
+            try:
+                make_optimizer(name, {"w": np.zeros(1)}, lr=lr,
+                               weight_decay=fit_kwargs.get("weight_decay"), **shared)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"optimizer {name!r} of the grid, lr={lr!r}, with "
+                                  f"{sorted(shared)}: {error}") from None
+
+
 def _check_optimizer_name(name: Any) -> None:
     from .training import OPTIMIZERS
 
@@ -390,7 +409,9 @@ def compare(model: Any, X: Any, y: Any, *,
     validation_data : (X_val, y_val), optional
         Scored after every epoch; the final validation metric picks :attr:`~CompareResult.best`.
     **fit_kwargs
-        Further :func:`~optim_core.fit` arguments shared by every run.
+        Further :func:`~optim_core.fit` arguments shared by every run; optimizer
+        keywords among them must suit every optimizer of the grid (checked before any
+        training).
 
     Returns
     -------
@@ -476,7 +497,9 @@ def tune(model: Any, X: Any, y: Any, *, optimizers: Sequence[str] = ("sgd", "ada
     progress : bool, default False
         A progress bar over the configurations.
     **fit_kwargs
-        Further :func:`~optim_core.fit` arguments shared by every run.
+        Further :func:`~optim_core.fit` arguments shared by every run; optimizer
+        keywords among them must suit every optimizer of the grid (checked before any
+        training).
 
     Returns
     -------
@@ -503,12 +526,13 @@ def tune(model: Any, X: Any, y: Any, *, optimizers: Sequence[str] = ("sgd", "ada
     n = int(X.shape[0])
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
         raise ValueError(f"k must be an integer in [2, {n}], got {k!r}")
+    fit = _fit()
+    _check_grid_options(optimizers, lrs, fit, fit_kwargs)
     probe = _fresh_model(model)
     metric_name = getattr(probe, "metric_name", "score")
     labels = ns.to_numpy(y) if getattr(probe, "task", None) == "classification" else None
     folds = _kfold(n, k, labels, np.random.default_rng(seed))
     splits = [(np.setdiff1d(np.arange(n), held_out), held_out) for held_out in folds]
-    fit = _fit()
     grid = list(itertools.product(optimizers, lrs, batch_sizes))
     fit_kwargs.setdefault("nonfinite", "propagate")
     bar = _bar(len(grid), "tune", "config", progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 
@@ -207,6 +208,32 @@ def test_tune_rejects_bad_grids(classification, kwargs, message):
     d = classification
     with pytest.raises(ValueError, match=message):
         tools.tune(SoftmaxRegression(6, 3), d.X_train, d.y_train, **kwargs)
+
+
+def test_tune_rejects_an_optimizer_keyword_one_of_its_optimizers_lacks_before_training(
+        classification, monkeypatch):
+    d = classification
+    trained = []
+    monkeypatch.setattr(tools, "_fit", lambda: _recording_fit(trained))
+    with pytest.raises(TypeError, match="'adam' of the grid.*momentum"):
+        tools.tune(SoftmaxRegression(6, 3), d.X_train, d.y_train, optimizers=["sgd", "adam"],
+                   momentum=0.9)
+    assert trained == []
+    with pytest.raises(ValueError, match="'sgd' of the grid"):
+        tools.tune(SoftmaxRegression(6, 3), d.X_train, d.y_train, optimizers=["sgd"],
+                   nesterov=True)  # Nesterov needs momentum
+    assert trained == []
+
+
+def _recording_fit(calls):
+    from optim_core.training import fit
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return fit(*args, **kwargs)
+
+    recording.__signature__ = inspect.signature(fit)
+    return recording
 
 
 def test_tune_ranks_a_run_that_overflows_to_nan_last(regression):
