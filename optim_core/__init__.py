@@ -4,6 +4,8 @@ Every optimizer is written once against the Python array API standard and runs
 on NumPy, CuPy, torch, array_api_strict, JAX and any other compliant library.
 """
 
+# First: in a source checkout it maps optim_core.backends to the checkout's backends/.
+from . import _source_tree  # noqa: F401, I001
 from . import models, regularization, schedules
 from .callbacks import EarlyStopping
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
