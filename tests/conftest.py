@@ -87,9 +87,10 @@ def gpu() -> None:
 def outside_the_source_tree(tmp_path_factory):
     """Run every test from an empty folder.
 
-    The repository root holds optim_core/ without its backends/ (installed as
-    optim_core.backends), so a ``python -c`` started there would import the
-    incomplete source folder instead of the installed package.
+    A ``python -c`` started in the repository root would import the source folder
+    optim_core/ (whose backends/ sits beside it and is mapped in by
+    ``optim_core/_source_tree.py``) instead of the installed package, which is what
+    the tests check.
     """
     import os
 
