@@ -314,6 +314,13 @@ def test_both_kernels_match_generic_at_every_size_and_launch_shape(specializatio
     assert launches == len(specializations) * len(SIZES) * (2 * len(LAUNCH_SHAPES) + 1)
 
 
+def test_every_multi_tensor_launch_fits_cudas_4_kb_of_kernel_parameters(specializations):
+    for (name, dtype), entry in specializations.items():
+        table = 8 * batch_length(entry["kernel"])
+        scalars = entry["kernel"].n_hoisted * np.dtype(dtype).itemsize
+        assert table + 4 + scalars <= 4096, name
+
+
 #: (threads per block, run the grid backwards) for the multi-tensor kernel, whose grid
 #: always has one thread per element or pack.
 MULTI_SHAPES = ((1, False), (5, True), (32, False), (256, True))
