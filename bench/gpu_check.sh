@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_check.sh [--dry-run] [OUTDIR]
 #
-# OUTDIR defaults to $OUT if set, else bench/results/gpu-<date>-<card>. The project need not
+# OUTDIR defaults to $OUT if set, else bench/results/gpu-<date>-<card>. OPTIM_CORE_COMMIT, if
+# set, is recorded as the commit (a device's copy of the tree may carry a stale .git). The project need not
 # be installed: the script builds a throwaway import path (optim_core with backends/ inside it
 # as optim_core.backends) and installs array-api-compat / array-api-strict from bench/wheels
 # into it when the machine lacks them. --dry-run (or no GPU) skips the GPU parts and checks
@@ -92,8 +93,14 @@ done
     echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "card: $CARD"
     echo "host: $(hostname)  cpus: $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
-    echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
-         "$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo '(with local changes)')"
+    # A copied working tree may carry a stale .git: the caller can name the commit.
+    if [ -n "${OPTIM_CORE_COMMIT:-}" ]; then
+        echo "commit: $OPTIM_CORE_COMMIT (given by the caller)"
+    else
+        echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
+             "$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . \
+                && echo '(with local changes)')"
+    fi
     echo "python: $("$PYTHON" --version 2>&1) at $(command -v "$PYTHON")"
     "$PYTHON" - <<'EOF'
 import importlib.metadata as md
