@@ -11,6 +11,8 @@ times, in the same process and interleaved over several rounds:
 * our optimizer's ``step`` as users call it (per tensor, and ``flat=True`` with
   ``grad_views``), which launches with the defaults of ``optim_core.backends._cuda``;
 * ``torch.optim`` with ``fused=True``;
+* Adam over 1000 tensors of 1000 elements, per tensor (small tensors sharing
+  launches), flat, and torch fused: the host's cost per tensor;
 * two bandwidth references: ``torch add_`` (the read-modify-write floor of the
   benchmark) and a copy kernel with Adam's traffic (read 4 arrays, write 3, 16-byte
   accesses), the most any Adam kernel could reach on this card.
@@ -110,6 +112,34 @@ def _references(cupy, torch, traffic, host_p, host_g, record) -> None:
                    _torch_time(torch, partial(ta.add_, tb, alpha=1e-6)))
 
 
+def _many_small_tensors(cupy, torch, record, count: int = 1000, size: int = 1000) -> None:
+    """Adam over ``count`` tensors of ``size`` elements: the host's cost per tensor."""
+    from optim_core import Adam
+
+    rng = np.random.default_rng(1)
+    host = [rng.standard_normal(size, dtype=np.float32) for _ in range(count)]
+    grads = [cupy.asarray(1e-2 * h) for h in host]
+    shared = Adam([cupy.asarray(h) for h in host], impl="fused")
+    flat = Adam([cupy.asarray(h) for h in host], impl="fused", flat=True)
+    for view, grad in zip(flat.grad_views, grads, strict=True):
+        view[...] = grad
+    views = flat.grad_views
+    if torch is not None:
+        tparams = [torch.from_dlpack(cupy.asarray(h)).requires_grad_() for h in host]
+        for param, grad in zip(tparams, grads, strict=True):
+            param.grad = torch.from_dlpack(grad)
+        topt = torch.optim.Adam(tparams, fused=True)
+    what = f"optimizer.step, {count} tensors of {size}"
+    for _ in range(ROUNDS):
+        record(("adam", count * size, what, "shared launches", 0, ""),
+               _cupy_time(cupy, partial(shared.step, grads), launches=5))
+        record(("adam", count * size, what, "flat+grad_views", 0, ""),
+               _cupy_time(cupy, partial(flat.step, views), launches=5))
+        if torch is not None:
+            record(("adam", count * size, what, "torch fused", 0, ""),
+                   _torch_time(torch, topt.step, launches=5))
+
+
 def sweep(sizes: list[int]) -> dict:
     import cupy
     from optim_core.backends._cuda import CUDA
@@ -181,6 +211,7 @@ def sweep(sizes: list[int]) -> dict:
             cupy.get_default_memory_pool().free_all_blocks()
         # Bandwidth references on the same size.
         _references(cupy, torch if has_torch else None, traffic, host_p, host_g, record)
+    _many_small_tensors(cupy, torch if has_torch else None, record)
 
     results = []
     for (what, n, kind, variant, threads, grid), times in rows.items():
