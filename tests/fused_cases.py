@@ -7,7 +7,15 @@ generic path somewhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+
+import optim_core
+from optim_core._generic import GENERIC
+
+#: Steps each case runs: enough for RAdam to rectify and SGD to leave its first step.
+STEPS = 12
 
 CASES: list[tuple[str, dict]] = [
     ("GD", {}),
@@ -71,3 +79,43 @@ def gradient(param: np.ndarray, step: int) -> np.ndarray:
     if g.size > 3:
         g.reshape(-1)[::7] = 0
     return g
+
+
+class GenericStepRecorder:
+    """An implementation that runs the generic path and records each call's inputs and
+    outputs (copies)."""
+
+    name = "generic"
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def step(self, rule, xp, params, grads, states, scalars):
+        before = {"params": [p.copy() for p in params], "grads": [g.copy() for g in grads],
+                  "states": [{k: v.copy() for k, v in s.items()} for s in states]}
+        out = GENERIC.step(rule, xp, params, grads, states, scalars)
+        self.calls.append({"rule": rule, "scalars": dict(scalars), **before,
+                           "new_params": [p.copy() for p in out],
+                           "new_states": [{k: v.copy() for k, v in s.items()} for s in states]})
+        return out
+
+
+def recorded_generic_steps(dtypes: Iterable[str], cases: Iterable[tuple[str, dict]] = CASES,
+                           steps: int = STEPS) -> list[dict]:
+    """Every generic step call of every case, for each dtype, in order.
+
+    Each call: ``rule``, ``scalars``, ``params``, ``grads``, ``states`` (before),
+    ``new_params``, ``new_states`` (one entry per tensor) and ``case``.
+    """
+    calls = []
+    for name, hyper in cases:
+        for dtype in dtypes:
+            params = start_params(dtype)
+            opt = getattr(optim_core, name)(params, **hyper, impl="generic")
+            opt.implementation = recorder = GenericStepRecorder()
+            for step in range(steps):
+                opt.step({k: gradient(v, step) for k, v in params.items()})
+            for call in recorder.calls:
+                call["case"] = f"{name}{hyper}-{dtype}"
+            calls += recorder.calls
+    return calls

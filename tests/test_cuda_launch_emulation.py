@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fused_cases import CASES, TOLERANCE, gradient, start_params
+from fused_cases import TOLERANCE, recorded_generic_steps
 from optim_core.backends._cuda import (
     _THREADS,
     CUDA_TYPES,
@@ -48,7 +48,6 @@ from optim_core.backends._cuda import (
 )
 from optim_core.backends._lowering import lower
 
-import optim_core
 from optim_core import rules
 from optim_core._generic import GENERIC
 
@@ -56,7 +55,6 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or
     "c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 
-STEPS = 12  # enough for RAdam to rectify and SGD to leave its first step (fused_cases)
 #: Sizes: empty, one element, below one pack (4 floats, 2 doubles), exactly packs,
 #: packs plus a tail, and beyond one sweep of all but the largest launch shape below.
 SIZES = (0, 1, 2, 3, 5, 8, 13, 1073)
@@ -98,39 +96,10 @@ static void oc_emulate(unsigned grid, unsigned block, int backwards, Kernel kern
 
 
 # ----------------------------------------------------------------- what the path runs
-class StepRecorder:
-    """Runs the generic path, recording each call's inputs and outputs."""
-
-    name = "generic"
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-
-    def step(self, rule, xp, params, grads, states, scalars):
-        before = {"params": [p.copy() for p in params], "grads": [g.copy() for g in grads],
-                  "states": [{k: v.copy() for k, v in s.items()} for s in states]}
-        out = GENERIC.step(rule, xp, params, grads, states, scalars)
-        self.calls.append({"rule": rule, "scalars": dict(scalars), **before,
-                           "new_params": [p.copy() for p in out],
-                           "new_states": [{k: v.copy() for k, v in s.items()} for s in states]})
-        return out
-
-
 @pytest.fixture(scope="module")
 def steps() -> list[dict]:
     """Every generic step of every case of fused_cases, float32 and float64."""
-    calls = []
-    for name, hyper in CASES:
-        for dtype in CUDA_TYPES:
-            params = start_params(dtype)
-            opt = getattr(optim_core, name)(params, **hyper, impl="generic")
-            opt.implementation = recorder = StepRecorder()
-            for step in range(STEPS):
-                opt.step({k: gradient(v, step) for k, v in params.items()})
-            for call in recorder.calls:
-                call["case"] = f"{name}{hyper}-{dtype}"
-            calls += recorder.calls
-    return calls
+    return recorded_generic_steps(CUDA_TYPES)
 
 
 @pytest.fixture(scope="module")

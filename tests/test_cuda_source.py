@@ -14,49 +14,22 @@ import sys
 
 import numpy as np
 import pytest
-from fused_cases import CASES, TOLERANCE, gradient, start_params
+from fused_cases import CASES, TOLERANCE, recorded_generic_steps
 from optim_core.backends._cuda import CUDA_TYPES, cuda_source, kernel_name
 from optim_core.backends._lowering import lower
 
-import optim_core
 from optim_core import rules
-from optim_core._generic import GENERIC
-
-STEPS = 12
-
-
-class Recorder:
-    """Runs the generic path and records each tensor's inputs and outputs."""
-
-    name = "generic"
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def step(self, rule, xp, params, grads, states, scalars):
-        before = [(p.copy(), g.copy(), {k: v.copy() for k, v in s.items()})
-                  for p, g, s in zip(params, grads, states, strict=True)]
-        out = GENERIC.step(rule, xp, params, grads, states, scalars)
-        for (p, g, s), new_p, new_s in zip(before, out, states, strict=True):
-            self.records.append({"rule": rule, "scalars": dict(scalars), "param": p, "grad": g,
-                                 "states": s, "new_param": new_p.copy(),
-                                 "new_states": {k: v.copy() for k, v in new_s.items()}})
-        return out
 
 
 def record_trajectories() -> list[dict]:
-    records = []
-    for name, hyper in CASES:
-        for dtype in CUDA_TYPES:
-            params = start_params(dtype)
-            opt = getattr(optim_core, name)(params, **hyper, impl="generic")
-            opt.implementation = recorder = Recorder()
-            for step in range(STEPS):
-                opt.step({k: gradient(v, step) for k, v in params.items()})
-            for record in recorder.records:
-                record["case"] = f"{name}{hyper}-{dtype}"
-            records += recorder.records
-    return records
+    """Each tensor of every recorded generic step: its inputs and outputs."""
+    return [{"rule": call["rule"], "scalars": call["scalars"], "case": call["case"],
+             "param": param, "grad": grad, "states": states, "new_param": new_param,
+             "new_states": new_states}
+            for call in recorded_generic_steps(CUDA_TYPES)
+            for param, grad, states, new_param, new_states in zip(
+                call["params"], call["grads"], call["states"], call["new_params"],
+                call["new_states"], strict=True)]
 
 
 def harness_source(kernels: dict[tuple[str, str], tuple[int, object]]) -> str:
@@ -155,20 +128,16 @@ def test_generated_cuda_arithmetic_matches_generic_on_the_host(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_generated_kernels_compile_for_the_device(tmp_path):
-    # One specialization of every rule (its first step, default options), both kernels,
-    # float and double: what NVRTC compiles on a GPU machine, here compiled by nvcc.
+    # One specialization of every rule (its first step, default options), the single- and
+    # multi-tensor kernels, float and double: what NVRTC compiles on a GPU machine, here
+    # compiled by nvcc.
     from optim_core.backends._cuda import COMPILE_OPTIONS
 
     parts = []
     for name, hyper in {name: hyper for name, hyper in reversed(CASES)}.items():
         for dtype, ctype in CUDA_TYPES.items():
-            recorder = Recorder()
-            params = start_params(dtype)
-            opt = getattr(optim_core, name)(params, **hyper, impl="generic")
-            opt.implementation = recorder
-            opt.step({k: gradient(v, 0) for k, v in params.items()})
-            record = recorder.records[0]
-            _, _, kernel = lower(record["rule"], record["scalars"], frozenset(record["states"]))
+            [call] = recorded_generic_steps([dtype], [(name, hyper)], steps=1)
+            _, _, kernel = lower(call["rule"], call["scalars"], frozenset(call["states"][0]))
             source, kname = cuda_source(kernel), kernel_name(kernel)
             if source not in parts:
                 parts.append(source)
@@ -178,6 +147,12 @@ def test_generated_kernels_compile_for_the_device(tmp_path):
                     "T h", f"{ctype} h")
                 line = f"template __global__ void {variant}<{ctype}>({signature});"
                 if line not in parts:  # GD and SGD share kernels
+                    parts.append(line)
+            scalars = "".join(f", {ctype}" for _ in range(kernel.n_hoisted))
+            for vectorized in ("false", "true"):
+                line = (f"template __global__ void {kname}_multi<{ctype}, {vectorized}>("
+                        f"const {kname}_batch, int{scalars});")
+                if line not in parts:
                     parts.append(line)
     source = tmp_path / "kernels.cu"
     source.write_text("\n".join(parts) + "\n")
