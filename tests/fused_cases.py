@@ -50,6 +50,19 @@ CASES: list[tuple[str, dict]] = [
     ("Lion", {"lr": 1e-3, "betas": (0.3, 0.98), "weight_decay": 0.5, "maximize": True}),
 ]
 
+#: Every optimizer, by class name.
+ALL = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
+       "NAdam", "RAdam", "Lion"]
+#: Options that switch on every optional state and branch, for each optimizer.
+RICH = {
+    "GD": {}, "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+    "DGD": {}, "Adagrad": {"lr_decay": 0.1, "weight_decay": 0.1},
+    "RMSprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
+    "Adadelta": {"weight_decay": 0.1}, "Adam": {"amsgrad": True, "weight_decay": 0.1},
+    "AdamW": {"amsgrad": True}, "Adamax": {"weight_decay": 0.1},
+    "NAdam": {"weight_decay": 0.1}, "RAdam": {"weight_decay": 0.1}, "Lion": {"weight_decay": 0.1},
+}
+
 
 def case_id(name: str, hyper: dict) -> str:
     return name + ("-" + ",".join(f"{k}={v}" for k, v in hyper.items()) if hyper else "")

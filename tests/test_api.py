@@ -7,17 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+from fused_cases import ALL
 from optim_core.backends import select_backend
 from reference import adam as reference_adam
 
 import optim_core
 
-OPTIMIZERS = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-              "NAdam", "RAdam", "Lion"]
-
 
 def test_every_optimizer_is_public():
-    for name in OPTIMIZERS:
+    for name in ALL:
         assert issubclass(getattr(optim_core, name), optim_core.Optimizer)
         assert name in optim_core.__all__
 
@@ -74,7 +72,7 @@ def test_invalid_hyperparameter_set_between_steps_raises_before_writing():
     assert opt.group_state[0]["step"] == 0
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", ALL)
 def test_state_dict_round_trip_resumes_exactly(name):
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(4) for _ in range(8)]

@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fused_cases import ALL, RICH
 
 import optim_core
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-ALL = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-       "NAdam", "RAdam", "Lion"]
-#: Options that switch on every optional state and branch, for each optimizer.
-RICH = {
-    "GD": {}, "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
-    "DGD": {}, "Adagrad": {"lr_decay": 0.1, "weight_decay": 0.1},
-    "RMSprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
-    "Adadelta": {"weight_decay": 0.1}, "Adam": {"amsgrad": True, "weight_decay": 0.1},
-    "AdamW": {"amsgrad": True}, "Adamax": {"weight_decay": 0.1},
-    "NAdam": {"weight_decay": 0.1}, "RAdam": {"weight_decay": 0.1}, "Lion": {"weight_decay": 0.1},
-}
 NUMPY_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 #: Optimizers whose defaults change a parameter even with a zero gradient.
 DECAYS_BY_DEFAULT = {"AdamW"}

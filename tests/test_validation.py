@@ -12,21 +12,10 @@ import math
 
 import numpy as np
 import pytest
+from fused_cases import ALL, RICH
 
 import optim_core
 from optim_core import Optimizer
-
-ALL = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-       "NAdam", "RAdam", "Lion"]
-#: Options that switch on every optional state and branch, for each optimizer.
-RICH = {
-    "GD": {}, "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
-    "DGD": {}, "Adagrad": {"lr_decay": 0.1, "weight_decay": 0.1},
-    "RMSprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
-    "Adadelta": {"weight_decay": 0.1}, "Adam": {"amsgrad": True, "weight_decay": 0.1},
-    "AdamW": {"amsgrad": True}, "Adamax": {"weight_decay": 0.1},
-    "NAdam": {"weight_decay": 0.1}, "RAdam": {"weight_decay": 0.1}, "Lion": {"weight_decay": 0.1},
-}
 
 
 def fused_available() -> bool:
