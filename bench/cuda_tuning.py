@@ -17,9 +17,9 @@ times, in the same process and interleaved over several rounds:
   benchmark) and a copy kernel with Adam's traffic (read 4 arrays, write 3, 16-byte
   accesses), the most any Adam kernel could reach on this card.
 
-Each time is the mean of back-to-back launches between two CUDA events, after
-warm-up; a configuration's figure is the median over rounds. bench/gpu_check.sh
-runs it and stores the table with the other GPU results.
+Each time is the median of back-to-back launches, each between CUDA events
+(:mod:`bench.timing`), after warm-up; a configuration's figure is the median over
+rounds. bench/gpu_check.sh runs it and stores the table with the other GPU results.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from . import timing
 
 THREADS = (128, 256, 512, 1024)
 GRIDS = ("wave", "wave4", "full")
@@ -56,28 +58,10 @@ extern "C" __global__ void adam_traffic(long long n_packs, float4* p, const floa
 """
 
 
-def _cupy_time(cupy, fn, launches: int = LAUNCHES, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(launches):
-        fn()
-    end.record()
-    end.synchronize()
-    return cupy.cuda.get_elapsed_time(start, end) / launches / 1e3
-
-
-def _torch_time(torch, fn, launches: int = LAUNCHES, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(launches):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / launches / 1e3
+def _time(clock: timing.Clock, fn, launches: int = LAUNCHES) -> float:
+    """Median of ``launches`` back-to-back calls of ``fn``, each between CUDA events."""
+    return timing.measure(fn, clock, warmup=3, min_repeats=launches,
+                          max_repeats=launches).median
 
 
 def _grid(grid: str, threads: int, per_thread: int, n: int, sms: int) -> int:
@@ -105,11 +89,11 @@ def _references(cupy, torch, traffic, host_p, host_g, record) -> None:
             launch = partial(traffic, (-(-packs // threads),), (threads,),
                              (np.int64(packs), a, b, c, d))
             record(("reference", n, "adam traffic (4 reads, 3 writes)", "float4", threads,
-                    "full"), _cupy_time(cupy, launch))
+                    "full"), _time(timing.CupyEventClock(), launch))
         if torch is not None:
             ta, tb = torch.from_dlpack(a), torch.from_dlpack(b)
             record(("reference", n, "torch add_ (2 reads, 1 write)", "", 0, ""),
-                   _torch_time(torch, partial(ta.add_, tb, alpha=1e-6)))
+                   _time(timing.TorchEventClock(), partial(ta.add_, tb, alpha=1e-6)))
 
 
 def _many_small_tensors(cupy, torch, record, count: int = 1000, size: int = 1000) -> None:
@@ -132,12 +116,12 @@ def _many_small_tensors(cupy, torch, record, count: int = 1000, size: int = 1000
     what = f"optimizer.step, {count} tensors of {size}"
     for _ in range(ROUNDS):
         record(("adam", count * size, what, "shared launches", 0, ""),
-               _cupy_time(cupy, partial(shared.step, grads), launches=5))
+               _time(timing.CupyEventClock(), partial(shared.step, grads), launches=5))
         record(("adam", count * size, what, "flat+grad_views", 0, ""),
-               _cupy_time(cupy, partial(flat.step, views), launches=5))
+               _time(timing.CupyEventClock(), partial(flat.step, views), launches=5))
         if torch is not None:
             record(("adam", count * size, what, "torch fused", 0, ""),
-                   _torch_time(torch, topt.step, launches=5))
+                   _time(timing.TorchEventClock(), topt.step, launches=5))
 
 
 def sweep(sizes: list[int]) -> dict:
@@ -194,16 +178,16 @@ def sweep(sizes: list[int]) -> dict:
                             blocks = _grid(grid, threads, per_thread, n, sms)
                             launch = partial(function, (blocks,), (threads,),
                                              (np.int64(n), *arrays, *hoisted))
-                            seconds = _cupy_time(cupy, launch)
+                            seconds = _time(timing.CupyEventClock(), launch)
                             record((name, n, "kernel", "vec" if vec else "scalar", threads, grid),
                                    seconds)
                 record((name, n, "optimizer.step", "per-tensor", 0, ""),
-                       _cupy_time(cupy, partial(opt.step, [g])))
+                       _time(timing.CupyEventClock(), partial(opt.step, [g])))
                 record((name, n, "optimizer.step", "flat+grad_views", 0, ""),
-                       _cupy_time(cupy, partial(flat.step, views)))
+                       _time(timing.CupyEventClock(), partial(flat.step, views)))
                 if has_torch:
                     record((name, n, "torch fused", "", 0, ""),
-                           _torch_time(torch, topt.step))
+                           _time(timing.TorchEventClock(), topt.step))
             del opt, flat, p, g, arrays, flat_p, views
             if has_torch:
                 del topt, tp
