@@ -306,8 +306,8 @@ def _fit() -> Callable[..., Any]:
     return fit
 
 
-def _check_grid_options(optimizers: Sequence[str], lrs: Sequence[float],
-                        fit: Callable[..., Any], fit_kwargs: Mapping[str, Any]) -> None:
+def _check_grid_options(optimizers: Sequence[str], fit: Callable[..., Any],
+                        fit_kwargs: Mapping[str, Any]) -> None:
     """TypeError/ValueError, before anything trains, if an optimizer of the grid rejects
     the optimizer keywords shared by every run (``momentum`` given to Adam, say)."""
     from .training import make_optimizer
@@ -315,13 +315,12 @@ def _check_grid_options(optimizers: Sequence[str], lrs: Sequence[float],
     fit_parameters = inspect.signature(fit).parameters
     shared = {key: value for key, value in fit_kwargs.items() if key not in fit_parameters}
     for name in optimizers:
-        for lr in lrs:
-            try:
-                make_optimizer(name, {"w": np.zeros(1)}, lr=lr,
-                               weight_decay=fit_kwargs.get("weight_decay"), **shared)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"optimizer {name!r} of the grid, lr={lr!r}, with "
-                                  f"{sorted(shared)}: {error}") from None
+        try:
+            make_optimizer(name, {"w": np.zeros(1)},
+                           weight_decay=fit_kwargs.get("weight_decay"), **shared)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"optimizer {name!r} of the grid, with {sorted(shared)}: "
+                              f"{error}") from None
 
 
 def _check_optimizer_name(name: Any) -> None:
@@ -527,7 +526,7 @@ def tune(model: Any, X: Any, y: Any, *, optimizers: Sequence[str] = ("sgd", "ada
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
         raise ValueError(f"k must be an integer in [2, {n}], got {k!r}")
     fit = _fit()
-    _check_grid_options(optimizers, lrs, fit, fit_kwargs)
+    _check_grid_options(optimizers, fit, fit_kwargs)
     probe = _fresh_model(model)
     metric_name = getattr(probe, "metric_name", "score")
     labels = ns.to_numpy(y) if getattr(probe, "task", None) == "classification" else None
