@@ -27,6 +27,12 @@ def _decay(p, h):
     return p
 
 
+def _moments(g, s, b1, b2):
+    """Adam's running averages of the gradient and its square, in ``s["m"]`` and ``s["v"]``."""
+    s["m"] = b1 * s.get("m", np.zeros_like(g)) + (1 - b1) * g
+    s["v"] = b2 * s.get("v", np.zeros_like(g)) + (1 - b2) * g**2
+
+
 def gd(p, g, s, h):
     return p - h["lr"] * g
 
@@ -91,8 +97,7 @@ def adam(p, g, s, h):
     eps = h.get("eps", 1e-8)
     p = _decay(p, h)
     g = _grad(p, g, h)
-    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
-    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    _moments(g, s, b1, b2)
     m_hat = s["m"] / (1 - b1**t)
     v = s["v"]
     if h.get("amsgrad", False):
@@ -125,8 +130,7 @@ def nadam(p, g, s, h):
     mu = b1 * (1 - 0.5 * 0.96 ** (t * psi))
     mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * psi))
     s["prod"] = s.get("prod", 1.0) * mu
-    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
-    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    _moments(g, s, b1, b2)
     v_hat = s["v"] / (1 - b2**t)
     update = (1 - mu) * g / (1 - s["prod"]) + mu_next * s["m"] / (1 - s["prod"] * mu_next)
     return p - h["lr"] * update / (np.sqrt(v_hat) + eps)
@@ -138,8 +142,7 @@ def radam(p, g, s, h):
     eps = h.get("eps", 1e-8)
     p = _decay(p, h)
     g = _grad(p, g, h)
-    s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
-    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    _moments(g, s, b1, b2)
     m_hat = s["m"] / (1 - b1**t)
     rho_inf = 2 / (1 - b2) - 1
     rho_t = rho_inf - 2 * t * b2**t / (1 - b2**t)
