@@ -13,13 +13,18 @@ CuPy is never imported by this package unless the parameters are CuPy arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optim_core import _namespace as ns
-from optim_core._generic import GENERIC
-from optim_core.rule import UpdateRule
 
-__all__ = ["Backend", "select_backend", "select_implementation", "IMPLEMENTATIONS"]
+from ._generic import GENERIC
+from ._operations import OPERATIONS, generic_operations
+
+if TYPE_CHECKING:
+    from optim_core.optim.language import UpdateRule
+
+__all__ = ["Backend", "select_backend", "select_implementation", "IMPLEMENTATIONS", "OPERATIONS",
+           "generic_operations"]
 
 IMPLEMENTATIONS = ("auto", "fused", "generic")
 

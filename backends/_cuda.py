@@ -22,14 +22,15 @@ float32/float64) are stepped by the generic path instead, one by one.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from optim_core.rule import UpdateRule
-
 from ._fused import FusedImplementation
 from ._lowering import Kernel, lower, render
+
+if TYPE_CHECKING:
+    from optim_core.optim.language import UpdateRule
 
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
            "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE"]

@@ -11,12 +11,14 @@ values looked up once per step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optim_core._generic import GENERIC
-from optim_core.rule import UpdateRule
+from ._generic import GENERIC
+
+if TYPE_CHECKING:
+    from optim_core.optim.language import UpdateRule
 
 __all__ = ["FusedImplementation"]
 

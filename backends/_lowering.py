@@ -16,8 +16,9 @@ For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
   parameter dtype. Kernels therefore contain no literals and never promote float32
   math to float64, and a new ``lr`` is only a new argument value.
 * ``lerp`` with a scalar weight is expanded into torch's two-sided formula, the side
-  chosen on the host (``abs(weight) < 0.5``) as :func:`optim_core.rule.generic_operations`
-  does, so the emitters only implement ``sqrt``, ``abs``, ``maximum`` and ``sign``.
+  chosen on the host (``abs(weight) < 0.5``) as the generic ``lerp`` of
+  :mod:`._operations` does, so the emitters only implement ``sqrt``, ``abs``,
+  ``maximum`` and ``sign``.
 
 The result, a :class:`Kernel`, lists which arrays are read and written and the body as
 nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
@@ -27,12 +28,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optim_core.rule import UpdateRule
+from ._operations import HOST_OPERATIONS as _HOST_OPERATIONS
+
+if TYPE_CHECKING:
+    from optim_core.optim.language import UpdateRule
 
 __all__ = ["Kernel", "lower", "render", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
 
@@ -40,33 +43,6 @@ __all__ = ["Kernel", "lower", "render", "unsupported_reason", "ELEMENTWISE_OPERA
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "sign")
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
-def _host_maximum(a: float, b: float) -> float:
-    if a != a:  # NaN propagates, as in xp.maximum
-        return a
-    if b != b:
-        return b
-    return a if a >= b else b
-
-
-def _host_sign(a: float) -> float:
-    if a > 0:
-        return 1.0
-    if a < 0:
-        return -1.0
-    return 0.0 if a == 0 else a
-
-
-def _host_lerp(start: float, end: float, weight: float) -> float:
-    if abs(weight) < 0.5:
-        return start + weight * (end - start)
-    return end - (end - start) * (1 - weight)
-
-
-#: Scalar versions of the operations, for hoisted subexpressions (host float64 math).
-_HOST_OPERATIONS = {"sqrt": math.sqrt, "abs": abs, "maximum": _host_maximum,
-                    "sign": _host_sign, "lerp": _host_lerp}
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from optim_core.rule import UpdateRule
-
 from ._fused import FusedImplementation
 from ._lowering import Kernel, lower, render
+
+if TYPE_CHECKING:
+    from optim_core.optim.language import UpdateRule
 
 __all__ = ["NumbaImplementation", "cache_directory", "kernel_source"]
 

@@ -161,7 +161,7 @@ def _array_library(device: str):
 
 
 def _build_ours(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
-    from optim_core import optimizers
+    from optim_core.optim import algorithms as optimizers
 
     xp, clock = _array_library(device)
     params, grads = data.copies(xp.__name__)

@@ -70,8 +70,9 @@ def _time_epochs(run_epoch: Callable[[], None], repeats: int) -> list[float]:
 
 def optim_core_epoch(X: np.ndarray, y: np.ndarray, seed: int = 0, impl: str = "auto"
                      ) -> Callable[[], None]:
-    from optim_core import fit
     from optim_core.models import MLP
+
+    from optim_core import fit
 
     model = MLP(LAYERS)
     state = {"epoch": 0}

@@ -2,15 +2,22 @@
 
 Every optimizer is written once against the Python array API standard and runs
 on NumPy, CuPy, torch, array_api_strict, JAX and any other compliant library.
+
+The package is layered, each layer importing only those before it:
+
+* :mod:`optim_core._namespace`: array-library helpers;
+* :mod:`optim_core.backends`: implementation selection, the generic path, the
+  lowering of a rule and its numba and CUDA emitters;
+* :mod:`optim_core.optim`: the rule language, the rules, the optimizers;
+* :mod:`optim_core.train`: fit, models, schedules, regularization, checkpoints;
+* :mod:`optim_core.tools`: compare, lr_find, tune, data sets, plots, the CLI.
 """
 
 # First: in a source checkout it maps optim_core.backends to the checkout's backends/.
 from . import _source_tree  # noqa: F401, I001
-from . import models, regularization, schedules
-from .callbacks import EarlyStopping
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .optimizer import Optimizer
-from .optimizers import (
+import sys as _sys
+
+from .optim import (
     DGD,
     GD,
     SGD,
@@ -22,14 +29,38 @@ from .optimizers import (
     Lion,
     NAdam,
     RAdam,
+    Optimizer,
     RMSprop,
+    update_rule,
 )
-from .training import History, fit
+from .train import (
+    CheckpointError,
+    EarlyStopping,
+    History,
+    checkpoint,
+    fit,
+    load_checkpoint,
+    models,
+    regularization,
+    save_checkpoint,
+    schedules,
+)
+from .train import dask_data as dask_support
+from .tools import datasets
 
 __version__ = "0.1.0"
 
+# The modules users import by their flat names (optim_core.models, ...) live in the
+# subpackages; these names keep `from optim_core.models import MLP` working.
+for _name, _module in {"models": models, "schedules": schedules,
+                       "regularization": regularization, "checkpoint": checkpoint,
+                       "datasets": datasets, "dask_support": dask_support}.items():
+    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
+del _name, _module
+
 __all__ = [
     "Optimizer",
+    "update_rule",
     "GD",
     "SGD",
     "DGD",

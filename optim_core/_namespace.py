@@ -206,7 +206,7 @@ def chunk_like(x: Any) -> Any:
     """
     if not is_dask_array(x):
         return x
-    from . import dask_support  # imports Dask, or says how to install it
+    from .train import dask_data as dask_support  # imports Dask, or says how to install it
 
     return dask_support.chunk_like(x)
 
@@ -218,7 +218,7 @@ def data_namespace(param: Any, arrays: Sequence[Any], names: Sequence[str]) -> A
     Dask namespace, for Dask arrays whose chunks are in the parameter's library.
     """
     if any(is_dask_array(x) for x in arrays):
-        from . import dask_support
+        from .train import dask_data as dask_support
 
         dask_support.require_dask()
         xp = common_namespace(arrays, names, what="array")

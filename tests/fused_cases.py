@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from optim_core.backends._generic import GENERIC
 
 import optim_core
-from optim_core._generic import GENERIC
 
 #: Steps each case runs: enough for RAdam to rectify and SGD to leave its first step.
 STEPS = 12

@@ -1,6 +1,6 @@
 """Float64 reference implementations, written from the documented algorithms.
 
-These are deliberately independent of ``optim_core.rules``: plain NumPy, one
+These are deliberately independent of ``optim_core.optim.rules``: plain NumPy, one
 function per optimizer, following the pseudo-code in torch.optim's documentation
 (and the papers for DGD and Lion). Each ``step`` function takes the parameter,
 gradient, a mutable ``state`` dict and the hyperparameters, and returns the new

@@ -95,7 +95,7 @@ def test_state_dict_is_backend_neutral(xp):
     opt = optim_core.Adam(params, amsgrad=True)
     opt.step({"w": xp.asarray(np.ones((2, 2)))})
     sd = opt.state_dict()
-    assert sd["format_version"] == optim_core.optimizer.STATE_DICT_VERSION
+    assert sd["format_version"] == optim_core.optim.base.STATE_DICT_VERSION
     assert sd["group_state"] == [{"step": 1}]
     assert sd["param_groups"][0]["names"] == ["w"]
     assert set(sd["state"][0]) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}

@@ -9,7 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 import optim_core
-from optim_core.demo import ARTICLE_ITERATIONS, ARTICLE_LR, ARTICLE_X, ARTICLE_Y, main, train
+from optim_core.tools.article import (
+    ARTICLE_ITERATIONS,
+    ARTICLE_LR,
+    ARTICLE_X,
+    ARTICLE_Y,
+    main,
+    train,
+)
 
 # --- the article's code, verbatim ---------------------------------------------
 X = np.array([[1, 2], [2, 3], [3, 4], [4, 5]])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from optim_core import cli
+from optim_core.tools import cli
 
 # Small, fast settings shared by the tests: a 4-class synthetic problem and a linear model.
 SMALL = ["--dataset", "synthetic", "--n-samples", "240", "--n-features", "8", "--n-classes", "4",

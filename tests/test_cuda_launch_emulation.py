@@ -46,10 +46,10 @@ from optim_core.backends._cuda import (
     cuda_source,
     kernel_name,
 )
+from optim_core.backends._generic import GENERIC
 from optim_core.backends._lowering import lower
 
-from optim_core import rules
-from optim_core._generic import GENERIC
+from optim_core.optim import rules
 
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which(
     "c++")

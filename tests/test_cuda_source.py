@@ -18,7 +18,7 @@ from fused_cases import CASES, TOLERANCE, recorded_generic_steps
 from optim_core.backends._cuda import CUDA_TYPES, cuda_source, kernel_name
 from optim_core.backends._lowering import lower
 
-from optim_core import rules
+from optim_core.optim import rules
 
 
 def record_trajectories() -> list[dict]:

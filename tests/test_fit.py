@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from optim_core import SGD, Adam, EarlyStopping, History, fit, models, schedules
-from optim_core.training import OPTIMIZERS, epoch_order
+from optim_core.train.fit import OPTIMIZERS, epoch_order
 
 
 # --------------------------------------------------------------------------- data

@@ -13,7 +13,7 @@ import pytest
 from fused_cases import CASES, IDS, TOLERANCE, gradient, start_params
 
 import optim_core
-from optim_core import rules
+from optim_core.optim import rules
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                 reason="numba not installed")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from optim_core.backends import OPERATIONS, generic_operations
 
-from optim_core import rules
-from optim_core.rule import OPERATIONS, generic_operations, update_rule
+from optim_core.optim import rules
+from optim_core.optim.language import update_rule
 
 
 def test_every_rule_is_parsed_with_its_states_and_scalars():

@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
+from optim_core.models import LinearRegression, SoftmaxRegression
 
 from optim_core import datasets, tools
-from optim_core.models import LinearRegression, SoftmaxRegression
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_tune_rejects_an_optimizer_keyword_one_of_its_optimizers_lacks_before_tr
         classification, monkeypatch):
     d = classification
     trained = []
-    monkeypatch.setattr(tools, "_fit", lambda: _recording_fit(trained))
+    monkeypatch.setattr(tools.experiments, "_fit", lambda: _recording_fit(trained))
     with pytest.raises(TypeError, match="'adam' of the grid.*momentum"):
         tools.tune(SoftmaxRegression(6, 3), d.X_train, d.y_train, optimizers=["sgd", "adam"],
                    momentum=0.9)
@@ -226,7 +226,7 @@ def test_tune_rejects_an_optimizer_keyword_one_of_its_optimizers_lacks_before_tr
 
 
 def _recording_fit(calls):
-    from optim_core.training import fit
+    from optim_core.train.fit import fit
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
@@ -247,7 +247,7 @@ def test_tune_ranks_a_run_that_overflows_to_nan_last(regression):
 
 def test_kfold_is_a_stratified_partition():
     labels = np.repeat([0, 1, 2], [30, 12, 6])
-    folds = tools._kfold(labels.size, 3, labels, np.random.default_rng(0))
+    folds = tools.experiments._kfold(labels.size, 3, labels, np.random.default_rng(0))
     assert sorted(np.concatenate(folds).tolist()) == list(range(labels.size))
     for fold in folds:
         # Each class splits evenly across the folds.

@@ -90,7 +90,7 @@ def _hidden_layers(text: str) -> list[int]:
 
 
 def _known_optimizers() -> dict[str, Any]:
-    from .training import OPTIMIZERS
+    from ..train.fit import OPTIMIZERS
 
     return OPTIMIZERS
 
@@ -184,7 +184,7 @@ def _data_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``optim-core`` argument parser."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="optim-core",
@@ -301,7 +301,7 @@ def _on_device(xp: Any, *arrays: Any) -> list[Any]:
 
 def _model_factory(args: argparse.Namespace, dataset: datasets.Dataset) -> Any:
     """A callable building a fresh model; ``fit`` draws its parameters from ``--seed``."""
-    from . import models
+    from ..train import models
 
     n_in = dataset.n_features
     if args.model == "mlp":
@@ -339,7 +339,7 @@ def _written(*paths: Path) -> str:
 # ----------------------------------------------------------------------------- commands
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from . import tools
+    from .. import tools
 
     specs = [parse_optimizer_spec(s) for s in args.optimizers.split(",") if s.strip()]
     if not specs:
@@ -370,7 +370,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
-    from . import tools
+    from .. import tools
 
     spec = parse_optimizer_spec(args.optimizer)
     if "lr" in spec:
@@ -398,7 +398,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from . import tools
+    from .. import tools
 
     for name in args.optimizers:
         if ":" in name:
@@ -423,7 +423,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           f"per fold\n")
     print(result.format())
     # The held-out test split has not been seen by the search: score the winner on it.
-    from .training import fit
+    from ..train.fit import fit
 
     best = result.best_config
     model = factory()
@@ -434,7 +434,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           f"{result.metric_name} {test_score:.4f}")
     summary = result.to_dict()
     summary["test_" + result.metric_name] = test_score
-    from .tools import write_json
+    from .experiments import write_json
 
     print(_written(result.to_csv(out / "tune.csv"), write_json(summary, out / "tune.json")))
     return 0
@@ -442,7 +442,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _bench_root(explicit: Path | None) -> Path | None:
     candidates = [explicit] if explicit is not None else \
-        [Path.cwd(), Path(__file__).resolve().parent.parent]
+        [Path.cwd(), Path(__file__).resolve().parents[2]]
     for root in candidates:
         if (root / "bench" / "__main__.py").is_file():
             return root
@@ -490,7 +490,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_article(args: argparse.Namespace) -> int:
-    from .demo import main as article_main
+    from .article import main as article_main
 
     return article_main(["--iterations", str(args.iterations)])
 

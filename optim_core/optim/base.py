@@ -11,10 +11,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from . import _namespace as ns
-from . import backends
+from .. import _namespace as ns
+from .. import backends
 from .flat import FlatStorage
-from .rule import UpdateRule
+from .language import UpdateRule
 
 __all__ = ["Optimizer", "STATE_DICT_VERSION"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import optimizers
+from ..optim import algorithms as optimizers
 
 #: The article's data, section 4.2.
 ARTICLE_X = np.array([[1, 2], [2, 3], [3, 4], [4, 5]], dtype=np.float64)

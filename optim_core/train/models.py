@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _namespace as ns
-from . import dask_support
+from .. import _namespace as ns
+from . import dask_data
 from .regularization import dropout_key, dropout_mask
 
 __all__ = ["Model", "LinearRegression", "LogisticRegression", "SoftmaxRegression", "MLP",
@@ -152,7 +152,7 @@ class Model:
         """The loss on ``(X, y)`` (no dropout), as a Python float."""
         xp, X, y = self._prepare(X, y)
         if ns.is_dask_array(X):
-            return float(dask_support.loss_and_grad(self, X, y, training=False, key=None,
+            return float(dask_data.loss_and_grad(self, X, y, training=False, key=None,
                                                     need_grad=False)[0])
         return float(self._loss_grad(xp, self._params, X, y, training=False, key=None,
                                      need_grad=False)[0])
@@ -191,7 +191,7 @@ class Model:
         xp, X, y = self._prepare(X, y)
         key = _dropout_key(rng) if training else None
         if ns.is_dask_array(X):  # each chunk's share where the chunk is, summed in a tree
-            return dask_support.loss_and_grad(self, X, y, training=training, key=key)[:2]
+            return dask_data.loss_and_grad(self, X, y, training=training, key=key)[:2]
         return self._loss_grad(xp, self._params, X, y, training=training, key=key,
                                need_grad=True)
 
@@ -208,7 +208,7 @@ class Model:
         """
         xp, X, y = self._prepare(X, y)
         if ns.is_dask_array(X):  # one task a chunk, where the chunk is, and a tree of sums
-            return dask_support.score(self, X, y)
+            return dask_data.score(self, X, y)
         predictions = self._predict(xp, self._outputs(xp, self._params, X))
         if self.task == "classification":
             return float(xp.mean(xp.astype(predictions == y, X.dtype)))
@@ -228,7 +228,7 @@ class Model:
         A Dask result is computed later, perhaps after training has changed the
         arrays in place: it gets copies (small) of today's parameters.
         """
-        return dask_support.snapshot(self._params) if ns.is_dask_array(X) else self._params
+        return dask_data.snapshot(self._params) if ns.is_dask_array(X) else self._params
 
     def _describe(self) -> str:
         return f"n_features={self.n_features}"

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _namespace as ns
+from .. import _namespace as ns
 
 __all__ = ["lr_find", "tune", "compare", "LRFinderResult", "TuneResult", "CompareResult",
            "write_csv", "write_json", "format_table"]
@@ -301,7 +301,7 @@ def _fresh_model(model: Any) -> Any:
 
 
 def _fit() -> Callable[..., Any]:
-    from .training import fit
+    from ..train.fit import fit
 
     return fit
 
@@ -310,7 +310,7 @@ def _check_grid_options(optimizers: Sequence[str], fit: Callable[..., Any],
                         fit_kwargs: Mapping[str, Any]) -> None:
     """TypeError/ValueError, before anything trains, if an optimizer of the grid rejects
     the optimizer keywords shared by every run (``momentum`` given to Adam, say)."""
-    from .training import make_optimizer
+    from ..train.fit import make_optimizer
 
     fit_parameters = inspect.signature(fit).parameters
     shared = {key: value for key, value in fit_kwargs.items() if key not in fit_parameters}
@@ -324,7 +324,7 @@ def _check_grid_options(optimizers: Sequence[str], fit: Callable[..., Any],
 
 
 def _check_optimizer_name(name: Any) -> None:
-    from .training import OPTIMIZERS
+    from ..train.fit import OPTIMIZERS
 
     if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
@@ -625,7 +625,7 @@ def lr_find(model: Any, X: Any, y: Any, *, optimizer: str = "adam", start_lr: fl
     ValueError
         For an unknown optimizer or a bad range, count or factor, before anything runs.
     """
-    from .training import epoch_order, make_optimizer
+    from ..train.fit import epoch_order, make_optimizer
 
     _check_optimizer_name(optimizer)
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _namespace as ns
+from .. import _namespace as ns
 
 __all__ = ["FlatStorage", "Segment"]
 

@@ -9,7 +9,7 @@ sizes) are computed by each optimizer's ``scalars`` method.
 
 from __future__ import annotations
 
-from .rule import update_rule
+from .language import update_rule
 
 # The names below are bound per backend by UpdateRule.bind; these placeholders only
 # make the module importable and let linters see the names.

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _namespace as ns
+from .. import _namespace as ns
 from .regularization import _store
 
 __all__ = ["Callback", "EarlyStopping"]

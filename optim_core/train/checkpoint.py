@@ -35,7 +35,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import _namespace as ns
+from .. import _namespace as ns
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import rules
-from .optimizer import Optimizer
+from .base import Optimizer
 
 __all__ = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "Lion"]

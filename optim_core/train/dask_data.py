@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _namespace as ns
+from .. import _namespace as ns
 from .regularization import dropout_key
 
 __all__ = ["INSTALL_HINT", "require_dask", "is_dask_array", "chunk_like", "epoch_order",

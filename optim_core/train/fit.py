@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _namespace as ns
-from . import dask_support
-from . import optimizers as _optimizers
+from .. import _namespace as ns
+from ..optim import algorithms as _optimizers
+from ..optim.base import Optimizer
+from . import dask_data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .models import Model, _r2
-from .optimizer import Optimizer
 from .regularization import (
     _store,
     add_l2_gradient,
@@ -251,7 +251,7 @@ def _resolve_seed(seed: Any) -> int:
 def _check_data(X: Any, y: Any, what: str) -> Any:
     arrays = [X, y]
     if ns.is_dask_array(X) or ns.is_dask_array(y):
-        dask_support.check_data(X, y, what)
+        dask_data.check_data(X, y, what)
     xp = ns.common_namespace(arrays, [f"X{what}", f"y{what}"], what="array")
     if X.ndim != 2:
         raise ValueError(f"X{what} must have shape (n_samples, n_features), got {tuple(X.shape)}")
@@ -580,7 +580,7 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                 if lazy_data:
                     # Dask: loss, gradients and correct labels from one task per chunk.
                     _, X_batch, y_batch = model._prepare(X_batch, y_batch)
-                    loss, grads, correct = dask_support.loss_and_grad(
+                    loss, grads, correct = dask_data.loss_and_grad(
                         model, X_batch, y_batch, training=True, key=key,
                         count_correct=classifier)
                     if classifier:
@@ -732,7 +732,7 @@ def _batches(xp: Any, X: Any, y: Any, batch_size: int, shuffle: bool, seed: int,
     if ns.is_dask_array(X):
         # Batches from one or two chunks each, never a gather from every chunk.
         rng = np.random.default_rng([seed, _STREAM_ORDER, epoch])
-        yield from dask_support.batches(X, y, batch_size, shuffle, rng)
+        yield from dask_data.batches(X, y, batch_size, shuffle, rng)
         return
     n_samples = X.shape[0]
     if shuffle:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import _namespace as ns
+from .. import _namespace as ns
 
 __all__ = [
     "add_l2_gradient",

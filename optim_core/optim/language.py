@@ -39,12 +39,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OPERATIONS", "UpdateRule", "update_rule", "generic_operations"]
+from optim_core.backends import OPERATIONS, generic_operations
 
-#: The only functions a rule may call. Each backend supplies one implementation of
-#: each; their semantics are those of the array API standard functions of the same
-#: name (NaN propagates through ``maximum``), and ``lerp`` is ``torch.lerp``'s.
-OPERATIONS = ("sqrt", "abs", "maximum", "sign", "lerp")
+__all__ = ["OPERATIONS", "UpdateRule", "update_rule"]
+
 
 _ALLOWED_NODES = (
     ast.Module, ast.FunctionDef, ast.arguments, ast.arg, ast.Expr, ast.Constant,
@@ -151,16 +149,3 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
         raise TypeError(f"rule {name}: must end with 'return {', '.join(returned)}'")
     if any(isinstance(n, ast.Return) for n in ast.walk(tree) if n is not last):
         raise TypeError(f"rule {name}: only one return, at the end")
-
-
-def generic_operations(xp: Any) -> dict[str, Callable]:
-    """The rule operations on array API namespace ``xp``."""
-
-    def lerp(start: Any, end: Any, weight: float) -> Any:
-        # torch.lerp's two-sided formula: exact at both ends of the interval.
-        if abs(weight) < 0.5:
-            return start + weight * (end - start)
-        return end - (end - start) * (1 - weight)
-
-    return {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "sign": xp.sign,
-            "lerp": lerp}

@@ -1,17 +1,21 @@
 """The generic implementation: an update rule run with array API calls, on any namespace.
 
 It allocates temporaries for each operation (it is written for portability, not
-speed); the fused implementations in :mod:`optim_core.backends` are the fast path.
+speed); the fused implementations beside it are the fast path.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _namespace as ns
-from .rule import UpdateRule, generic_operations
+from optim_core import _namespace as ns
+
+from ._operations import generic_operations
+
+if TYPE_CHECKING:
+    from optim_core.optim.language import UpdateRule
 
 
 class GenericImplementation:
