@@ -37,6 +37,35 @@ def _doc(cls: type) -> type:
 
 
 @_doc
+class GD(Optimizer):
+    r"""Gradient descent, the article's section 3.1: :math:`\theta_t = \theta_{t-1} - \gamma g_t`.
+
+    "Full batch" is a property of the gradient the caller passes (the whole data
+    set's), not of the update, which is :class:`SGD` without momentum; both run the
+    same rule.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 0.01
+        Learning rate :math:`\gamma` (the article's ``learning_rate = 0.01``).
+    {common}
+    """
+
+    cli_name = "gd"
+    weight_decay_kind = "none"
+
+    rule = rules.sgd
+
+    def __init__(self, params: Any, lr: float = 0.01, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr), **options)
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        return dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                    maximize=False, first_step=False)
+
+
+@_doc
 class SGD(Optimizer):
     r"""Stochastic gradient descent, with optional (Nesterov) momentum.
 
@@ -75,6 +104,9 @@ class SGD(Optimizer):
     whatever the caller passes; :func:`optim_core.fit` averages over the actual batch.
     """
 
+    cli_name = "sgd"
+    weight_decay_kind = "l2"
+
     rule = rules.sgd
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -91,32 +123,6 @@ class SGD(Optimizer):
 
     def active_states(self, group: Mapping[str, Any]) -> set[str]:
         return {"momentum_buffer"} if group["momentum"] != 0 else set()
-
-
-@_doc
-class GD(Optimizer):
-    r"""Gradient descent, the article's section 3.1: :math:`\theta_t = \theta_{t-1} - \gamma g_t`.
-
-    "Full batch" is a property of the gradient the caller passes (the whole data
-    set's), not of the update, which is :class:`SGD` without momentum; both run the
-    same rule.
-
-    Parameters
-    ----------
-    params : list or dict of arrays, or list of param groups
-    lr : float, default 0.01
-        Learning rate :math:`\gamma` (the article's ``learning_rate = 0.01``).
-    {common}
-    """
-
-    rule = rules.sgd
-
-    def __init__(self, params: Any, lr: float = 0.01, **options: Any) -> None:
-        super().__init__(params, dict(lr=lr), **options)
-
-    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
-        return dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                    maximize=False, first_step=False)
 
 
 @_doc
@@ -151,6 +157,9 @@ class DGD(Optimizer):
         Factor :math:`d` applied to the step size after every step (``alpha_decay``).
     {common}
     """
+
+    cli_name = "dgd"
+    weight_decay_kind = "none"
 
     rule = rules.dgd
 
@@ -202,6 +211,9 @@ class Adagrad(Optimizer):
     a few dozen steps. Use ``lr_decay`` or a schedule for a decaying step.
     """
 
+    cli_name = "adagrad"
+    weight_decay_kind = "l2"
+
     rule = rules.adagrad
     initial_state = {"sum": "initial_accumulator_value"}
 
@@ -245,6 +257,9 @@ class RMSprop(Optimizer):
     {common}
     """
 
+    cli_name = "rmsprop"
+    weight_decay_kind = "l2"
+
     rule = rules.rmsprop
 
     def __init__(self, params: Any, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8,
@@ -282,6 +297,9 @@ class Adadelta(Optimizer):
     maximize : bool, default False
     {common}
     """
+
+    cli_name = "adadelta"
+    weight_decay_kind = "l2"
 
     rule = rules.adadelta
 
@@ -333,6 +351,9 @@ class Adam(Optimizer):
     applies no bias correction, and multiplies its step size by 0.9 every step.
     """
 
+    cli_name = "adam"
+    weight_decay_kind = "switchable"
+
     rule = rules.adam
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -371,6 +392,9 @@ class AdamW(Adam):
     {common}
     """
 
+    cli_name = "adamw"
+    weight_decay_kind = "decoupled"
+
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, **options: Any) -> None:
@@ -400,6 +424,9 @@ class Adamax(Optimizer):
     maximize : bool, default False
     {common}
     """
+
+    cli_name = "adamax"
+    weight_decay_kind = "l2"
 
     rule = rules.adamax
 
@@ -439,6 +466,9 @@ class NAdam(Optimizer):
     maximize : bool, default False
     {common}
     """
+
+    cli_name = "nadam"
+    weight_decay_kind = "switchable"
 
     rule = rules.nadam
 
@@ -494,6 +524,9 @@ class RAdam(Optimizer):
     {common}
     """
 
+    cli_name = "radam"
+    weight_decay_kind = "switchable"
+
     rule = rules.radam
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -539,6 +572,9 @@ class Lion(Optimizer):
     maximize : bool, default False
     {common}
     """
+
+    cli_name = "lion"
+    weight_decay_kind = "decoupled"
 
     rule = rules.lion
 

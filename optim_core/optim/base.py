@@ -15,6 +15,7 @@ from .. import _namespace as ns
 from .. import backends
 from .flat import FlatStorage
 from .language import UpdateRule
+from .registry import register
 
 __all__ = ["Optimizer", "STATE_DICT_VERSION"]
 
@@ -101,6 +102,16 @@ class Optimizer:
     rule: ClassVar[UpdateRule]
     #: Initial value of each state buffer (zero when not listed).
     initial_state: ClassVar[Mapping[str, str]] = {}
+    #: The lower-case name fit, the CLI and the tools know it by; a class that defines
+    #: one joins :data:`optim_core.optim.registry.OPTIMIZERS`.
+    cli_name: ClassVar[str | None] = None
+    #: How ``weight_decay`` is applied; see :data:`optim_core.optim.registry.WEIGHT_DECAY_KINDS`.
+    weight_decay_kind: ClassVar[str] = "none"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "cli_name" in cls.__dict__:
+            register(cls)
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto",
                  backend: Any = "auto", nonfinite: str = "propagate",

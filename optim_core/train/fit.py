@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import _namespace as ns
-from ..optim import algorithms as _optimizers
+from ..optim import registry as _registry
 from ..optim.base import Optimizer
 from . import dask_data
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -37,25 +37,8 @@ from .schedules import ReduceOnPlateau
 
 __all__ = ["fit", "History", "OPTIMIZERS", "make_optimizer", "epoch_order"]
 
-#: Optimizer classes by the (lower-case) names :func:`fit` accepts.
-OPTIMIZERS: dict[str, type[Optimizer]] = {
-    "gd": _optimizers.GD,
-    "sgd": _optimizers.SGD,
-    "dgd": _optimizers.DGD,
-    "adagrad": _optimizers.Adagrad,
-    "rmsprop": _optimizers.RMSprop,
-    "adadelta": _optimizers.Adadelta,
-    "adam": _optimizers.Adam,
-    "adamw": _optimizers.AdamW,
-    "adamax": _optimizers.Adamax,
-    "nadam": _optimizers.NAdam,
-    "radam": _optimizers.RAdam,
-    "lion": _optimizers.Lion,
-}
-
-# Optimizers whose weight_decay already is decoupled, and those with a switch for it.
-_DECOUPLED_NATIVE = (_optimizers.AdamW, _optimizers.Lion)
-_DECOUPLED_SWITCH = (_optimizers.Adam, _optimizers.NAdam, _optimizers.RAdam)
+#: Optimizer classes by the (lower-case) names :func:`fit` accepts (the optimizers' registry).
+OPTIMIZERS = _registry.OPTIMIZERS
 
 # Stream identifiers mixed into the seed, so no two uses share random numbers.
 _STREAM_ORDER = 1
@@ -170,26 +153,22 @@ def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = N
     :func:`fit`, so it is not passed here. None keeps the optimizer's default
     (AdamW's 0.01).
     """
-    if not isinstance(name, str):
-        raise TypeError(f"optimizer must be a name or an Optimizer, got {type(name).__name__}")
-    cls = OPTIMIZERS.get(name.lower())
-    if cls is None:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    cls = _registry.optimizer_class(name)
     if "weight_decay" in kwargs:
         raise TypeError("give weight_decay as fit's weight_decay (decoupled decay); "
                         "use l2= for an L2 penalty")
     if lr is not None:
         kwargs["lr"] = lr
     if weight_decay:
-        if issubclass(cls, _DECOUPLED_NATIVE):
+        if cls.weight_decay_kind == "decoupled":
             kwargs["weight_decay"] = weight_decay
-        elif issubclass(cls, _DECOUPLED_SWITCH):
+        elif cls.weight_decay_kind == "switchable":
             if kwargs.get("decoupled_weight_decay") is False:
                 raise ValueError("weight_decay is decoupled decay; it cannot be combined with "
                                  "decoupled_weight_decay=False (use l2= for an L2 penalty)")
             kwargs["weight_decay"] = weight_decay
             kwargs["decoupled_weight_decay"] = True
-    elif weight_decay is not None and issubclass(cls, _DECOUPLED_NATIVE):
+    elif weight_decay is not None and cls.weight_decay_kind == "decoupled":
         kwargs["weight_decay"] = 0.0
     return cls(dict(params), nonfinite=nonfinite, **kwargs)
 
@@ -212,7 +191,7 @@ def _built_on(optimizer: Optimizer, params: Mapping[str, Any]) -> bool:
 
 def _fit_applies_decay(optimizer: Optimizer) -> bool:
     """Whether fit must apply decoupled weight decay itself for this optimizer."""
-    return not isinstance(optimizer, _DECOUPLED_NATIVE + _DECOUPLED_SWITCH)
+    return optimizer.weight_decay_kind not in ("decoupled", "switchable")
 
 
 def _check_nonnegative(name: str, value: Any) -> float:
