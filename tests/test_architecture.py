@@ -14,13 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Each layer may import itself and the layers listed for it, nothing else of the project.
+_BASE = {"optim_core._namespace", "optim_core._checks"}
 ALLOWED = {
+    "optim_core._checks": set(),
     "optim_core._namespace": set(),
-    "optim_core.backends": {"optim_core._namespace"},
-    "optim_core.optim": {"optim_core._namespace", "optim_core.backends"},
-    "optim_core.train": {"optim_core._namespace", "optim_core.backends", "optim_core.optim"},
-    "optim_core.tools": {"optim_core._namespace", "optim_core.backends", "optim_core.optim",
-                         "optim_core.train"},
+    "optim_core.backends": _BASE,
+    "optim_core.optim": _BASE | {"optim_core.backends"},
+    "optim_core.train": _BASE | {"optim_core.backends", "optim_core.optim"},
+    "optim_core.tools": _BASE | {"optim_core.backends", "optim_core.optim", "optim_core.train"},
 }
 
 
