@@ -30,8 +30,6 @@ __all__ = [
     "to_numpy",
     "from_numpy",
     "is_dask_array",
-    "chunk_like",
-    "data_namespace",
 ]
 
 
@@ -196,33 +194,3 @@ def from_numpy(xp: Any, array: np.ndarray, *, like: Any) -> Any:
 def is_dask_array(x: Any) -> bool:
     """Whether ``x`` is a Dask array (answered without importing Dask)."""
     return bool(array_api_compat.is_dask_array(x))
-
-
-def chunk_like(x: Any) -> Any:
-    """``x`` itself, or for a Dask array an empty array of its chunks' library and dtype.
-
-    Parameters live in memory, in the library of the data's chunks (NumPy, CuPy),
-    never as Dask arrays; this is the array they are created and checked against.
-    """
-    if not is_dask_array(x):
-        return x
-    from .train import dask_data as dask_support  # imports Dask, or says how to install it
-
-    return dask_support.chunk_like(x)
-
-
-def data_namespace(param: Any, arrays: Sequence[Any], names: Sequence[str]) -> Any:
-    """The namespace to compute on ``arrays`` (data) with parameters like ``param``.
-
-    The data's namespace, which must be the parameter's, on its device; or the
-    Dask namespace, for Dask arrays whose chunks are in the parameter's library.
-    """
-    if any(is_dask_array(x) for x in arrays):
-        from .train import dask_data as dask_support
-
-        dask_support.require_dask()
-        xp = common_namespace(arrays, names, what="array")
-        check_same_library(chunk_like(arrays[0]), param, f"{names[0]}'s chunks")
-        return xp
-    return common_namespace([param, *arrays], ["the parameters", *names], what="array")
-

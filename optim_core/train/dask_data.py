@@ -56,11 +56,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks as checks
 from .. import _namespace as ns
+from .metrics import r2
 from .regularization import dropout_key
 
-__all__ = ["INSTALL_HINT", "require_dask", "is_dask_array", "chunk_like", "epoch_order",
-           "read_npy", "synthetic"]
+__all__ = ["INSTALL_HINT", "require_dask", "is_dask_array", "chunk_like", "DaskData",
+           "epoch_order", "read_npy", "synthetic"]
 
 #: The command that installs what this module needs.
 INSTALL_HINT = "pip install 'optim-core[dask]'"
@@ -108,16 +110,103 @@ def chunk_like(x: Any) -> Any:
     return x._meta
 
 
-def check_data(X: Any, y: Any, what: str = "") -> None:
-    """ValueError unless Dask ``X`` and ``y`` have known chunk sizes along the samples."""
+def check_data(X: Any, y: Any = None, what: str = "") -> None:
+    """ValueError unless Dask ``X`` (and ``y``) have known chunk sizes along the samples.
+
+    TypeError unless both are Dask arrays (``y`` may be None).
+    """
     require_dask()
-    for name, array in ((f"X{what}", X), (f"y{what}", y)):
+    pairs = [(f"X{what}", X)] + ([] if y is None else [(f"y{what}", y)])
+    for name, array in pairs:
         if not is_dask_array(array):
             raise TypeError(f"X{what} and y{what} must both be Dask arrays, or neither; "
                             f"{name} is a {type(array).__module__}.{type(array).__name__}")
         if any(np.isnan(extent) for extent in array.shape):
             raise ValueError(f"{name} has chunks of unknown size (shape {array.shape}); "
                              f"call {name}.compute_chunk_sizes() first")
+
+
+class DaskData:
+    """Dask features ``X`` and targets ``y`` (optional): the data adapter of Dask arrays.
+
+    The same methods as :class:`optim_core.train.data.ArrayData`; every computation
+    is one ``dask.compute`` of a task per chunk and a tree of sums (see the module).
+
+    Parameters
+    ----------
+    X, y : Dask arrays
+        With known chunk sizes along the samples (checked), chunks of one library.
+    what : str
+        Suffix naming them in messages.
+    """
+
+    lazy = True
+
+    def __init__(self, X: Any, y: Any = None, *, what: str = "", xp: Any = None) -> None:
+        if xp is None:
+            check_data(X, y, what)
+            arrays = [X] if y is None else [X, y]
+            xp = ns.common_namespace(arrays, [f"X{what}", f"y{what}"][:len(arrays)],
+                                     what="array")
+        self.X, self.y, self.xp, self.what = X, y, xp, what
+        self.device = ns.device_of(X)
+        self._spread: float | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    def param_like(self) -> Any:
+        """An empty array of the chunks' library: parameters live there, in memory."""
+        return chunk_like(self.X)
+
+    def check_library(self, param: Any) -> None:
+        """TypeError unless ``param`` is of the chunks' library and on their device."""
+        ns.check_same_library(chunk_like(self.X), param, f"X{self.what}'s chunks")
+
+    def in_dtype(self, model: Any, dtype: Any) -> DaskData:
+        """The same data with ``X`` in ``dtype`` and ``y`` as ``model`` computes on it (lazy)."""
+        X = self.X if self.X.dtype == dtype else self.xp.astype(self.X, dtype)
+        y = None if self.y is None else model.prepare_targets(self.xp, self.y, dtype)
+        return DaskData(X, y, what=self.what, xp=self.xp)
+
+    def batches(self, batch_size: int | None, shuffle: bool,
+                rng: np.random.Generator) -> Any:
+        """The whole data, or :func:`batches` (chunk by chunk when shuffled)."""
+        if batch_size is None or batch_size >= self.n_samples:
+            yield self.X, self.y
+            return
+        yield from batches(self.X, self.y, batch_size, shuffle, rng)
+
+    def loss_and_grad(self, model: Any, params: dict[str, Any], X: Any, y: Any, *,
+                      key: int | None, need_grad: bool = True,
+                      count_correct: bool = False) -> tuple[Any, ...]:
+        """:func:`loss_and_grad` of a batch of this data."""
+        return loss_and_grad(model, params, X, y, key=key, need_grad=need_grad,
+                             count_correct=count_correct)
+
+    def loss(self, model: Any, params: dict[str, Any]) -> float:
+        return float(loss_and_grad(model, params, self.X, self.y, key=None,
+                                   need_grad=False)[0])
+
+    def outputs(self, model: Any, params: dict[str, Any]) -> Any:
+        """The model's outputs as a lazy Dask array, computed with copies of today's
+        parameters (training may change the arrays in place before it is computed)."""
+        return model.forward(self.xp, snapshot(params), self.X)
+
+    def score(self, model: Any, params: dict[str, Any]) -> float:
+        return score(model, params, self.X, self.y)
+
+    def evaluate(self, model: Any, params: dict[str, Any]) -> tuple[float, float]:
+        """``(loss, metric)``: two passes over the chunks (loss, then metric)."""
+        return self.loss(model, params), self.score(model, params)
+
+    def spread(self) -> float:
+        """Sum of squared deviations of the targets from their mean (reads ``y`` once)."""
+        if self._spread is None:
+            xp, y = self.xp, self.y
+            self._spread = float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
+        return self._spread
 
 
 def _import_dask() -> Any:
@@ -127,7 +216,7 @@ def _import_dask() -> Any:
     return dask
 
 
-def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None,
+def loss_and_grad(model: Any, params: dict[str, Any], X: Any, y: Any, *, key: int | None,
                   need_grad: bool = True, count_correct: bool = False) -> tuple[Any, ...]:
     r"""The model's mean loss (and gradients) on Dask ``X``, ``y``, reduced over the chunks.
 
@@ -138,8 +227,9 @@ def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None
     over all of them. One ``dask.compute`` per call; the parameters enter the
     graph once, as one small constant.
 
-    Dropout masks are drawn per chunk, from ``key`` and the chunk's position, so
-    a model with dropout trains on other masks than the same batch held in NumPy.
+    Dropout masks (``key`` not None) are drawn per chunk, from ``key`` and the chunk's
+    position, so a model with dropout trains on other masks than the same batch held
+    in NumPy.
 
     With ``count_correct`` (classifiers), each task also counts the chunk's correct
     labels from the same forward pass (as :func:`~optim_core.fit` does on the
@@ -154,10 +244,10 @@ def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None
     """
     def work(i: int) -> tuple[Any, ...]:
         chunk_key = None if key is None else dropout_key(key, _CHUNK_STREAM, i)
-        return (training, chunk_key, need_grad, count_correct)
+        return (chunk_key, need_grad, count_correct)
 
-    loss, grads, correct = _map_reduce(model, X, y, _chunk_loss_grad, _add_losses, work)
-    like = next(iter(model.params.values()))
+    loss, grads, correct = _map_reduce(model, params, X, y, _chunk_loss_grad, _add_losses, work)
+    like = next(iter(params.values()))
     xp = ns.namespace_of(like)
     device = ns.device_of(like)
 
@@ -168,23 +258,22 @@ def loss_and_grad(model: Any, X: Any, y: Any, *, training: bool, key: int | None
     return own(loss), grads, correct
 
 
-def score(model: Any, X: Any, y: Any) -> float:
+def score(model: Any, params: dict[str, Any], X: Any, y: Any) -> float:
     r"""The model's :meth:`~optim_core.models.Model.score` on Dask ``X``, ``y``.
 
     Accuracy from each chunk's count of correct labels; :math:`R^2` from each
     chunk's residual sum of squares, target mean and sum of squared deviations,
     merged pairwise (Chan, Golub & LeVeque, 1979), so no chunk is read twice.
     """
-    from .models import _r2
-
     if model.task == "classification":
-        n, correct = _map_reduce(model, X, y, _chunk_correct, _add_counts)
+        n, correct = _map_reduce(model, params, X, y, _chunk_correct, _add_counts)
         return float(correct) / n
-    _, residual, _, deviations = _map_reduce(model, X, y, _chunk_squares, _merge_squares)
-    return _r2(float(residual), float(np.sum(deviations)))
+    _, residual, _, deviations = _map_reduce(model, params, X, y, _chunk_squares,
+                                             _merge_squares)
+    return r2(float(residual), float(np.sum(deviations)))
 
 
-def _map_reduce(model: Any, X: Any, y: Any, work: Any, combine: Any,
+def _map_reduce(model: Any, params: dict[str, Any], X: Any, y: Any, work: Any, combine: Any,
                 arguments: Any = lambda i: ()) -> Any:
     """``combine`` over a tree of ``work(model, params, X_c, y_c, n_c / n, *arguments(i))``."""
     dask = _import_dask()
@@ -193,9 +282,9 @@ def _map_reduce(model: Any, X: Any, y: Any, work: Any, combine: Any,
     y = y.rechunk((rows,) + tuple(-1 for _ in y.shape[1:]))
     # Model and parameters enter the graph once each, not once per chunk's task.
     spec = copy.copy(model)
-    spec._params = None
+    spec.params = None
     spec = dask.delayed(spec, pure=True, traverse=False)
-    params = dask.delayed(dict(model.params), pure=True, traverse=False)
+    params = dask.delayed(dict(params), pure=True, traverse=False)
     task = dask.delayed(work, pure=True)
     n_samples = X.shape[0]
     parts = [task(spec, params, X_c, y_c, n_c / n_samples, *arguments(i))
@@ -210,12 +299,11 @@ def _map_reduce(model: Any, X: Any, y: Any, work: Any, combine: Any,
 
 # Tasks run on the workers, on one chunk each (any array library), and their merges.
 def _chunk_loss_grad(model: Any, params: dict[str, Any], X: Any, y: Any, weight: float,
-                     training: bool, key: int | None, need_grad: bool,
+                     key: int | None, need_grad: bool,
                      count_correct: bool) -> tuple[Any, Any, float | None]:
     xp = ns.namespace_of(X)
-    loss, grads, outputs = model._loss_grad(xp, params, X, y, training=training, key=key,
-                                            need_grad=need_grad, return_outputs=True)
-    correct = float(model._metric_terms(xp, outputs, y)) if count_correct else None
+    loss, grads, outputs = model.loss_terms(xp, params, X, y, key=key, need_grad=need_grad)
+    correct = float(model.count_correct(xp, outputs, y)) if count_correct else None
     return loss * weight, (None if grads is None else
                            {name: grad * weight for name, grad in grads.items()}), correct
 
@@ -233,7 +321,7 @@ def _add_losses(*parts: tuple[Any, Any, float | None]) -> tuple[Any, Any, float 
 
 def _chunk_predictions(model: Any, params: dict[str, Any], X: Any) -> tuple[Any, Any]:
     xp = ns.namespace_of(X)
-    return xp, model._predict(xp, model._outputs(xp, params, X))
+    return xp, model.predictions(xp, model.forward(xp, params, X))
 
 
 def _chunk_correct(model: Any, params: dict[str, Any], X: Any, y: Any,
@@ -349,7 +437,7 @@ class _NpyRows:
         return np.array(np.load(self.path, mmap_mode="r")[key])
 
     def __dask_tokenize__(self) -> Any:
-        return ("optim_core.dask_support._NpyRows",) + self._token
+        return ("optim_core.train.dask_data._NpyRows",) + self._token
 
     def __reduce__(self) -> Any:
         return (_NpyRows, (self.path,))
@@ -364,9 +452,7 @@ def read_npy(path: str | os.PathLike, *, chunk_rows: int) -> Any:
     Zarr stores are read the same way with ``dask.array.from_zarr``.
     """
     da = require_dask()
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
-            or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    chunk_rows = checks.integer("chunk_rows", chunk_rows, minimum=1)
     rows = _NpyRows(path)
     chunks = (int(chunk_rows),) + rows.shape[1:]
     return da.from_array(rows, chunks=chunks, lock=False, asarray=False, fancy=False,
@@ -392,12 +478,10 @@ def synthetic(n_samples: int, n_features: int, *, chunk_rows: int,
         Dask arrays chunked by ``chunk_rows`` rows, and the teacher as NumPy.
     """
     da = require_dask()
-    if task not in ("regression", "classification"):
-        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
-    for name, value in (("n_samples", n_samples), ("n_features", n_features),
-                        ("chunk_rows", chunk_rows)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    checks.choice("task", task, ("regression", "classification"))
+    n_samples = checks.integer("n_samples", n_samples, minimum=1)
+    n_features = checks.integer("n_features", n_features, minimum=1)
+    chunk_rows = checks.integer("chunk_rows", chunk_rows, minimum=1)
     teacher_rng = np.random.default_rng([seed, 0])
     outputs = 1 if task == "regression" else n_classes
     W = teacher_rng.normal(size=(n_features, outputs)) / np.sqrt(n_features)

@@ -1,11 +1,22 @@
 r"""Training: :func:`fit` runs an optimizer over mini-batches and records a :class:`History`.
 
+``fit`` is a short sequence of named steps:
+
+1. :func:`_checked_run`: every argument checked, the data's kind decided once (a data
+   adapter of :mod:`optim_core.train.data`), before anything changes;
+2. :func:`_read_checkpoint`: with ``resume``, the whole checkpoint checked against the
+   model, the callbacks and the schedule, still before anything changes;
+3. :func:`_set_up`: the parameters created (or taken), the optimizer built (or taken),
+   the checkpoint restored; a failure there leaves model, optimizer and callbacks as
+   they were;
+4. :func:`_train`: the epochs, each step a chain of gradient transforms
+   (:func:`optim_core.train.pipeline.training_step`).
+
 Everything stays on the data's array library and device: parameters are created
-there, batches are gathered there (``xp.take`` with an index array moved to the
-device once per epoch), and the only host transfers per epoch are a few scalars
-(the losses and metrics of the epoch). Runs are deterministic for a given seed:
-the initial parameters, each epoch's order and each step's dropout masks are pure
-functions of ``(seed, epoch)`` and ``(seed, step)``.
+there, batches are gathered there, and the only host transfers per epoch are a few
+scalars (the losses and metrics of the epoch). Runs are deterministic for a given
+seed: the initial parameters, each epoch's order and each step's dropout masks are
+pure functions of ``(seed, epoch)`` and ``(seed, step)``.
 """
 
 from __future__ import annotations
@@ -13,26 +24,23 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .. import _checks as checks
 from .. import _namespace as ns
 from ..optim import registry as _registry
 from ..optim.base import Optimizer
-from . import dask_data
+from . import data as data_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
-from .models import Model, _r2
-from .regularization import (
-    _store,
-    add_l2_gradient,
-    apply_soft_threshold,
-    clip_by_global_norm,
-    clip_by_value,
-    decay_weights,
-    dropout_key,
-)
+from .extras import progress_bar
+from .metrics import outputs_per_sample, r2
+from .models import Model
+from .pipeline import TrainedParams, training_step
+from .regularization import dropout_key
 from .schedules import ReduceOnPlateau
 
 __all__ = ["fit", "History", "OPTIMIZERS", "make_optimizer", "epoch_order"]
@@ -45,6 +53,7 @@ _STREAM_ORDER = 1
 _STREAM_DROPOUT = 2
 
 _LOG_KEYS = ("epoch", "train_loss", "train_metric", "val_loss", "val_metric", "lr", "time")
+_NONFINITE = ("raise", "skip", "propagate")
 
 
 class History:
@@ -189,61 +198,69 @@ def _built_on(optimizer: Optimizer, params: Mapping[str, Any]) -> bool:
     return True
 
 
-def _fit_applies_decay(optimizer: Optimizer) -> bool:
-    """Whether fit must apply decoupled weight decay itself for this optimizer."""
-    return optimizer.weight_decay_kind not in ("decoupled", "switchable")
+def _nonnegative(name: str, value: Any) -> float:
+    return checks.number(name, value, low=0.0)
 
 
-def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_positive_or_none(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
-    return int(value)
+def _positive_or_none(name: str, value: Any) -> float | None:
+    return None if value is None else checks.number(name, value, low=0.0, low_open=True)
 
 
 def _resolve_seed(seed: Any) -> int:
     if seed is None:
         return int(np.random.SeedSequence().entropy % (1 << 63))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
-    return int(seed)
-
-
-def _check_data(X: Any, y: Any, what: str) -> Any:
-    arrays = [X, y]
-    if ns.is_dask_array(X) or ns.is_dask_array(y):
-        dask_data.check_data(X, y, what)
-    xp = ns.common_namespace(arrays, [f"X{what}", f"y{what}"], what="array")
-    if X.ndim != 2:
-        raise ValueError(f"X{what} must have shape (n_samples, n_features), got {tuple(X.shape)}")
-    if y.shape[0] != X.shape[0]:
-        raise ValueError(f"X{what} has {X.shape[0]} samples but y{what} has {y.shape[0]}")
-    if X.shape[0] == 0:
-        raise ValueError(f"X{what} has no samples")
-    return xp
+    return checks.integer("seed", seed, minimum=0)
 
 
 def _monitored(obj: Any) -> str | None:
     monitor = getattr(obj, "monitor", None)
     return monitor if isinstance(monitor, str) else None
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator that orders epoch ``epoch`` (from 1) of a run seeded by ``seed``."""
+    return np.random.default_rng([seed, _STREAM_ORDER, epoch])
+
+
+def epoch_order(seed: int, epoch: int, n_samples: int) -> np.ndarray:
+    """The order :func:`fit` visits the samples in, in ``epoch`` (from 1), under ``seed``.
+
+    (In-memory data; Dask data is shuffled chunk by chunk from the same generator, see
+    :func:`optim_core.train.dask_data.epoch_order`.)
+    """
+    return _epoch_rng(seed, epoch).permutation(n_samples)
+
+
+@dataclass
+class _Run:
+    """One call's checked arguments: what :func:`_set_up` and :func:`_train` work from."""
+
+    data: Any  # a data adapter (optim_core.train.data)
+    validation: Any  # a data adapter, or None
+    optimizer: str | Optimizer
+    optimizer_kwargs: dict[str, Any]
+    lr: float | None
+    epochs: int
+    batch_size: int | None
+    shuffle: bool
+    schedule: Callable[[float, int], float] | None
+    weight_decay: float | None
+    l1: float
+    l2: float
+    clip_norm: float | None
+    clip_value: float | None
+    callbacks: list[Any]
+    hooks: list[Any]  # the callbacks, then a schedule with on_epoch_end
+    seed: int | None
+    progress: bool
+    nonfinite: str | None
+    checkpoint: str | None
+    checkpoint_every: int
+    resume: bool
+
+    @property
+    def instance(self) -> bool:
+        return isinstance(self.optimizer, Optimizer)
 
 
 def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
@@ -275,7 +292,7 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         Training data, in one array library and on one device. Classifier labels
         are integers ``0 .. n_classes - 1``. Dask arrays (both) train on a Dask
         cluster with the parameters in memory, in the chunks' library; mini-batches
-        are then shuffled chunk by chunk (see :mod:`optim_core.dask_support`).
+        are then shuffled chunk by chunk (see :mod:`optim_core.train.dask_data`).
     optimizer : str or Optimizer
         A name from :data:`OPTIMIZERS` (case-insensitive), or an optimizer already
         built on ``model.params`` (a dict, so gradients can be matched by name).
@@ -368,39 +385,64 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
     ...               schedule=schedules.cosine(30 * 22), validation_data=(X_val, y_val),
     ...               seed=0, progress=False)  # doctest: +SKIP
     """
-    # ---------------------------------------------------------------- validate everything
+    run = _checked_run(model, X, y, optimizer=optimizer, lr=lr, epochs=epochs,
+                       batch_size=batch_size, shuffle=shuffle, validation_data=validation_data,
+                       schedule=schedule, weight_decay=weight_decay, l1=l1, l2=l2,
+                       clip_norm=clip_norm, clip_value=clip_value, callbacks=callbacks,
+                       seed=seed, progress=progress, nonfinite=nonfinite,
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                       resume=resume, optimizer_kwargs=optimizer_kwargs)
+    saved = _read_checkpoint(run, model)
+    seed = _resolve_seed(run.seed if saved is None else saved["seed"])
+    settings = _run_settings(model, run, seed)
+    if saved is not None and saved["settings"] != settings:
+        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
+        raise ValueError(f"cannot resume {run.checkpoint!r}: these settings differ from the "
+                         f"saved run's: {', '.join(changed)}")
+    params, data, validation = _set_up(run, model, seed, saved)
+    return _train(run, model, params, data, validation, seed, settings, saved)
+
+
+# ---------------------------------------------------------------------------- 1. arguments
+def _checked_run(model: Any, X: Any, y: Any, *, optimizer: Any, lr: Any, epochs: Any,
+                 batch_size: Any, shuffle: Any, validation_data: Any, schedule: Any,
+                 weight_decay: Any, l1: Any, l2: Any, clip_norm: Any, clip_value: Any,
+                 callbacks: Any, seed: Any, progress: Any, nonfinite: Any, checkpoint: Any,
+                 checkpoint_every: Any, resume: Any,
+                 optimizer_kwargs: dict[str, Any]) -> _Run:
+    """Every argument of :func:`fit` checked (TypeError/ValueError); nothing is changed."""
     if not isinstance(model, Model):
         raise TypeError(f"model must be an optim_core.models.Model, got {type(model).__name__}")
-    xp = _check_data(X, y, "")
-    epochs = _check_count("epochs", epochs, minimum=0)
-    batch_size = _check_count("batch_size", batch_size, minimum=1, allow_none=True)
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {progress!r}")
-    if X.shape[1] != model.n_features:
-        raise ValueError(f"X has {X.shape[1]} features, the model expects {model.n_features}")
+    data = data_adapters.adapter(X, y)
+    model.check_inputs(data.X, data.y)
+    if data.n_samples == 0:
+        raise ValueError("X has no samples")
+    epochs = checks.integer("epochs", epochs, minimum=0)
+    batch_size = None if batch_size is None else \
+        checks.integer("batch_size", batch_size, minimum=1)
+    shuffle = checks.boolean("shuffle", shuffle)
+    progress = checks.boolean("progress", progress)
+    validation = None
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("validation_data must be a pair (X_val, y_val)")
-        X_val, y_val = validation_data
-        if _check_data(X_val, y_val, "_val") is not xp or \
-                ns.device_of(X_val) != ns.device_of(X):
+        validation = data_adapters.adapter(*validation_data, what="_val")
+        if validation.xp is not data.xp or validation.device != data.device:
             raise TypeError("validation_data must be in the training data's array library "
                             "and on its device")
-        if X_val.shape[1] != model.n_features:
-            raise ValueError(f"X_val has {X_val.shape[1]} features, the model expects "
-                             f"{model.n_features}")
+        model.check_inputs(validation.X, validation.y, "_val")
+        if validation.n_samples == 0:
+            raise ValueError("X_val has no samples")
     if weight_decay is not None:
-        weight_decay = _check_nonnegative("weight_decay", weight_decay)
-    l1 = _check_nonnegative("l1", l1)
-    l2 = _check_nonnegative("l2", l2)
-    clip_norm = _check_positive_or_none("clip_norm", clip_norm)
-    clip_value = _check_positive_or_none("clip_value", clip_value)
+        weight_decay = _nonnegative("weight_decay", weight_decay)
+    l1 = _nonnegative("l1", l1)
+    l2 = _nonnegative("l2", l2)
+    clip_norm = _positive_or_none("clip_norm", clip_norm)
+    clip_value = _positive_or_none("clip_value", clip_value)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be callable (base_lr, step) -> lr, got {schedule!r}")
-    if nonfinite is not None and nonfinite not in ("raise", "skip", "propagate"):
-        raise ValueError(f"nonfinite must be 'raise', 'skip' or 'propagate', got {nonfinite!r}")
+    if nonfinite is not None:
+        checks.choice("nonfinite", nonfinite, _NONFINITE)
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
         raise TypeError("callbacks must be a sequence of callback objects")
     callbacks = list(callbacks)
@@ -418,8 +460,7 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         if monitor.startswith("val_") and validation_data is None:
             raise ValueError(f"{type(hook).__name__} monitors {monitor!r}, which needs "
                              "validation_data")
-    instance = isinstance(optimizer, Optimizer)
-    if instance:
+    if isinstance(optimizer, Optimizer):
         if optimizer_kwargs:
             raise TypeError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} apply to "
                             "an optimizer given by name, not to an instance")
@@ -433,18 +474,16 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
             raise ValueError("the optimizer instance must be built on model.params "
                              "(the same dict of arrays, or copies of them with flat=True)")
         if lr is not None:
-            _check_nonnegative("lr", lr)
+            lr = _nonnegative("lr", lr)
     elif isinstance(optimizer, str):
-        if optimizer.lower() not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        _registry.optimizer_class(optimizer)  # ValueError listing the known names
         if "weight_decay" in optimizer_kwargs:
             raise TypeError("give weight_decay as fit's weight_decay (decoupled decay); "
                             "use l2= for an L2 penalty")
     else:
         raise TypeError(f"optimizer must be a name or an Optimizer, got {type(optimizer).__name__}")
-    checkpoint_every = _check_count("checkpoint_every", checkpoint_every, minimum=1)
-    if not isinstance(resume, bool):
-        raise TypeError(f"resume must be a bool, got {resume!r}")
+    checkpoint_every = checks.integer("checkpoint_every", checkpoint_every, minimum=1)
+    resume = checks.boolean("resume", resume)
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         folder = os.path.dirname(os.path.abspath(checkpoint))
@@ -452,79 +491,212 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
             raise ValueError(f"checkpoint folder {folder!r} does not exist")
     elif resume:
         raise ValueError("resume=True needs a checkpoint path")
-    saved = load_checkpoint(checkpoint) if resume and os.path.exists(checkpoint) else None
-    if saved is not None:
-        _check_saved_run(saved, seed, hooks)
-        seed = saved["seed"]
-    seed = _resolve_seed(seed)
-    settings = _run_settings(model, optimizer, X.shape[0], batch_size, shuffle, lr,
-                             weight_decay, l1, l2, clip_norm, clip_value, seed)
-    if saved is not None and saved["settings"] != settings:
-        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
-        raise ValueError(f"cannot resume {checkpoint!r}: these settings differ from the "
-                         f"saved run's: {', '.join(changed)}")
+    if seed is not None:
+        seed = checks.integer("seed", seed, minimum=0)
     if model.params is not None:
-        first = next(iter(model.params.values()))
-        like = ns.chunk_like(X)  # for Dask data, its chunks: parameters live there
-        if ns.namespace_of(first) is not ns.namespace_of(like) or \
-                ns.device_of(first) != ns.device_of(like):
-            raise TypeError("the model's parameters and the data must share one array library "
-                            "and device")
+        data.check_library(next(iter(model.params.values())))
+    return _Run(data=data, validation=validation, optimizer=optimizer,
+                optimizer_kwargs=dict(optimizer_kwargs), lr=lr, epochs=epochs,
+                batch_size=batch_size, shuffle=shuffle, schedule=schedule,
+                weight_decay=weight_decay, l1=l1, l2=l2, clip_norm=clip_norm,
+                clip_value=clip_value, callbacks=callbacks, hooks=hooks, seed=seed,
+                progress=progress, nonfinite=nonfinite, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, resume=resume)
 
-    # ---------------------------------------------------------------- set up
-    created = model.params is None
-    if created:
-        model.init_params(X, seed=seed)
-    if saved is not None:
-        # Written into the existing arrays, so an optimizer instance built on them stays attached.
-        model.params = {name: _store(param, ns.from_numpy(ns.namespace_of(param),
-                                                          saved["params"][name], like=param))
-                        for name, param in model.params.items()}
-    if not instance:
+
+# ---------------------------------------------------------------------------- 2. checkpoint
+_CHECKPOINT_FORMAT = "optim-core-fit"
+_CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = ("settings", "epoch", "step", "seed", "base_lrs", "stopped_early",
+                    "skipped_steps", "params", "optimizer", "history", "hooks")
+
+
+def _stateful(hooks: list[Any]) -> list[Any]:
+    """The callbacks and schedule whose state a checkpoint keeps."""
+    return [hook for hook in hooks
+            if hasattr(hook, "state_dict") and hasattr(hook, "load_state_dict")]
+
+
+def _run_settings(model: Model, run: _Run, seed: int) -> dict[str, Any]:
+    """What must match between an interrupted run and its continuation."""
+    optimizer = run.optimizer
+    return {
+        "model": type(model).__name__,
+        "param_shapes": {name: list(shape) for name, shape in model.param_shapes().items()},
+        "optimizer": (type(optimizer).__name__ if isinstance(optimizer, Optimizer)
+                      else _registry.optimizer_class(optimizer).__name__),
+        "n_samples": run.data.n_samples, "batch_size": run.batch_size, "shuffle": run.shuffle,
+        "lr": run.lr, "weight_decay": run.weight_decay, "l1": run.l1, "l2": run.l2,
+        "clip_norm": run.clip_norm, "clip_value": run.clip_value, "seed": seed,
+    }
+
+
+def _run_state(settings: dict[str, Any], epoch: int, step: int, seed: int,
+               base_lrs: list[float], params: TrainedParams, history: History,
+               hooks: list[Any]) -> dict[str, Any]:
+    optimizer = params.optimizer
+    return {
+        "format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "settings": settings,
+        "epoch": epoch, "step": step, "seed": seed, "base_lrs": list(base_lrs),
+        "stopped_early": history.stopped_early, "skipped_steps": optimizer.skipped_steps,
+        "params": dict(params.arrays), "optimizer": optimizer.state_dict(),
+        "history": history.to_dicts(), "hooks": [hook.state_dict() for hook in _stateful(hooks)],
+    }
+
+
+def _read_checkpoint(run: _Run, model: Model) -> dict[str, Any] | None:
+    """With ``resume`` and an existing file, its run state, checked against this call.
+
+    Everything that can be checked without the optimizer is checked here, before
+    anything changes: the format, the seed, the number of stateful callbacks, the
+    counters and history, and every saved parameter's name, shape and dtype against the
+    model's (a parameter of another shape is an error, never broadcast).
+    """
+    if not run.resume or not os.path.exists(run.checkpoint):
+        return None
+    path = run.checkpoint
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"the checkpoint {path!r} was not written by optim_core.fit")
+    if saved.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"unsupported fit checkpoint version {saved.get('version')!r}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in saved]
+    if missing:
+        raise ValueError(f"cannot resume {path!r}: the checkpoint lacks {missing}")
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"cannot resume {path!r}: {what}")
+
+    try:
+        seed = checks.integer("the saved seed", saved["seed"], minimum=0)
+        for key in ("epoch", "step", "skipped_steps"):
+            checks.integer(f"the saved {key}", saved[key], minimum=0)
+        checks.boolean("the saved stopped_early", saved["stopped_early"])
+        if not isinstance(saved["base_lrs"], list):
+            raise bad("base_lrs is not a list")
+        for i, value in enumerate(saved["base_lrs"]):
+            checks.number(f"the saved base_lrs[{i}]", value, low=0.0)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if run.seed is not None and run.seed != seed:
+        raise ValueError(f"cannot resume: seed={run.seed} but the saved run used {seed}")
+    stateful = _stateful(run.hooks)
+    if not isinstance(saved["hooks"], list) or len(saved["hooks"]) != len(stateful):
+        count = len(saved["hooks"]) if isinstance(saved["hooks"], list) else "?"
+        raise ValueError(f"cannot resume: the saved run had {count} stateful "
+                         f"callbacks/schedules, this call has {len(stateful)}")
+    if not isinstance(saved["settings"], dict):
+        raise bad("its settings are not a dict")
+    history = saved["history"]
+    if not isinstance(history, list) or not all(
+            isinstance(entry, dict) and set(entry) == set(_LOG_KEYS) for entry in history):
+        raise bad(f"its history must be a list of epoch logs with the keys {list(_LOG_KEYS)}")
+    if not isinstance(saved["optimizer"], dict):
+        raise bad("its optimizer state is not a dict")
+    shapes = model.param_shapes()
+    params = saved["params"]
+    if not isinstance(params, dict) or list(params) != list(shapes):
+        names = list(params) if isinstance(params, dict) else type(params).__name__
+        raise bad(f"it holds the parameters {names}, the model {list(shapes)}")
+    for name, shape in shapes.items():
+        value = params[name]
+        if not isinstance(value, np.ndarray):
+            raise bad(f"parameter {name!r} is a {type(value).__name__}, not an array")
+        if tuple(value.shape) != shape:
+            raise bad(f"parameter {name!r} has shape {tuple(value.shape)}, the model's "
+                      f"{shape}")
+        if value.dtype.kind != "f" and not (value.dtype.kind == "V"
+                                            and "float" in value.dtype.name):
+            raise bad(f"parameter {name!r} has dtype {value.dtype}, not a floating dtype")
+    return saved
+
+
+# ---------------------------------------------------------------------------- 3. set up
+def _set_up(run: _Run, model: Model, seed: int,
+            saved: dict[str, Any] | None) -> tuple[TrainedParams, Any, Any]:
+    """Parameters, optimizer, restored state and the data in the parameters' dtype.
+
+    A failure leaves the model (its parameters, None or the arrays it had), an
+    optimizer instance (its state and settings) and the callbacks as they were.
+    """
+    previous = model.params
+    instance = run.optimizer if run.instance else None
+    before = None if instance is None else (instance.state_dict(), instance.nonfinite)
+    try:
+        if previous is None:
+            model.init_params(run.data.param_like(), seed=seed)
+        if instance is None:
+            optimizer = make_optimizer(run.optimizer, model.params, lr=run.lr,
+                                       weight_decay=run.weight_decay,
+                                       nonfinite=run.nonfinite or "raise",
+                                       **run.optimizer_kwargs)
+        else:
+            optimizer = instance
+            if run.lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = run.lr
+            if run.nonfinite is not None:
+                optimizer.nonfinite = run.nonfinite
+        params = TrainedParams(model, optimizer)
+        if saved is not None:
+            _restore(saved, params, run.hooks, run.checkpoint)
+        dtype = next(iter(params.arrays.values())).dtype
+        data = run.data.in_dtype(model, dtype)
+        validation = None if run.validation is None else run.validation.in_dtype(model, dtype)
+    except BaseException:
+        model.params = previous
+        if before is not None:
+            instance.load_state_dict(before[0])
+            instance.nonfinite = before[1]
+        raise
+    return params, data, validation
+
+
+def _restore(saved: dict[str, Any], params: TrainedParams, hooks: list[Any],
+             path: str) -> None:
+    """Put a checked checkpoint (:func:`_read_checkpoint`) into the run.
+
+    Each stateful callback's saved state is tried on it and its own put back (they are
+    loaded by :func:`_train`, after ``on_train_begin``); then the optimizer's state is
+    loaded (its ``load_state_dict`` checks everything before writing), and last the
+    parameters, whose names, shapes and dtypes were checked already.
+    """
+    optimizer = params.optimizer
+    if len(saved["base_lrs"]) != len(optimizer.param_groups):
+        raise ValueError(f"cannot resume {path!r}: it has {len(saved['base_lrs'])} base "
+                         f"learning rates, the optimizer {len(optimizer.param_groups)} groups")
+    for hook, state in zip(_stateful(hooks), saved["hooks"], strict=True):
+        # Checked now, loaded by _train after on_train_begin (which may reset the hook).
+        before = hook.state_dict()
         try:
-            optimizer = make_optimizer(optimizer, model.params, lr=lr, weight_decay=weight_decay,
-                                       nonfinite=nonfinite or "raise", **optimizer_kwargs)
-        except (TypeError, ValueError):
-            if created:  # a bad hyperparameter leaves the model as it was given
-                model.params = None
-            raise
-    else:
-        if lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr)
-        if nonfinite is not None:
-            optimizer.nonfinite = nonfinite
-    # The optimizer's arrays are the model's from now on (with flat=True, views of its buffer).
-    model._params = dict(optimizer.params)
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        optimizer.skipped_steps = saved["skipped_steps"]
-    decay_by_fit = bool(weight_decay) and _fit_applies_decay(optimizer)
-    dtype = next(iter(model.params.values())).dtype
-    X = X if X.dtype == dtype else xp.astype(X, dtype)
-    if validation_data is not None:
-        X_val = X_val if X_val.dtype == dtype else xp.astype(X_val, dtype)
-    y = model._prepare_targets(xp, y, dtype)
-    validation = None
-    if validation_data is not None:
-        validation = (X_val, model._prepare_targets(xp, y_val, dtype))
-    regularized = set(model.regularized)
-    lazy_data = ns.is_dask_array(X)
-    classifier = model.task == "classification"
-    # Regression metrics need the targets' spread, once per fit (a metric from running sums).
-    train_spread = None if classifier else _spread(xp, y)
-    if validation is not None and not classifier and not ns.is_dask_array(validation[0]):
-        validation = (*validation, _spread(xp, validation[1]))
-    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-    if saved is not None:
-        base_lrs = list(saved["base_lrs"])
+            hook.load_state_dict(state)
+        finally:
+            hook.load_state_dict(before)
+    optimizer.load_state_dict(saved["optimizer"])
+    arrays = params.arrays
+    for group, names in enumerate(params.group_names):
+        # Written into the arrays in place (an optimizer instance built on them stays attached).
+        params.write(group, names, [ns.from_numpy(params.xp, saved["params"][name],
+                                                  like=arrays[name]) for name in names])
+    optimizer.skipped_steps = saved["skipped_steps"]
 
+
+# ---------------------------------------------------------------------------- 4. train
+def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation: Any,
+           seed: int, settings: dict[str, Any], saved: dict[str, Any] | None) -> History:
+    """The epochs: batches, the step chain, the epoch's logs, callbacks, checkpoints."""
+    optimizer = params.optimizer
+    arrays = params.arrays
+    classifier = model.task == "classification"
+    step_chain = training_step(params, model.regularized, l2=run.l2, clip_value=run.clip_value,
+                               clip_norm=run.clip_norm, weight_decay=run.weight_decay,
+                               l1=run.l1)
+    schedule, hooks, epochs = run.schedule, run.hooks, run.epochs
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups] if saved is None \
+        else [float(lr) for lr in saved["base_lrs"]]
     history = History(model.metric_name, seed)
     history.optimizer = optimizer
-    n_samples = X.shape[0]
-    full_batch = batch_size is None or batch_size >= n_samples
-    device = ns.device_of(X)
-    for hook in callbacks:
+    for hook in run.callbacks:
         if hasattr(hook, "on_train_begin"):
             hook.on_train_begin(model, history)
     first_epoch, step = 1, 0
@@ -537,66 +709,35 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
             hook.load_state_dict(state)
     if history.stopped_early:
         first_epoch = epochs + 1
-    bar = _progress_bar(epochs, progress)
+    bar = progress_bar(epochs, "fit", "epoch", run.progress)
     if bar is not None and first_epoch > 1:
         bar.update(min(first_epoch - 1, epochs))
-
-    # ---------------------------------------------------------------- train
     try:
         for epoch in range(first_epoch, epochs + 1):
             started = time.perf_counter()
-            if full_batch:
-                batches: Iterable[tuple[Any, Any]] = ((X, y),)
-            else:
-                batches = _batches(xp, X, y, batch_size, shuffle, seed, epoch, device)
             loss_sum = correct_sum = None
-            for X_batch, y_batch in batches:
+            for X_batch, y_batch in data.batches(run.batch_size, run.shuffle,
+                                                 _epoch_rng(seed, epoch)):
                 if schedule is not None:
                     count = optimizer.group_state[0]["step"]
                     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                         group["lr"] = float(schedule(base, count))
-                key = dropout_key(seed, _STREAM_DROPOUT, step)
-                if lazy_data:
-                    # Dask: loss, gradients and correct labels from one task per chunk.
-                    _, X_batch, y_batch = model._prepare(X_batch, y_batch)
-                    loss, grads, correct = dask_data.loss_and_grad(
-                        model, X_batch, y_batch, training=True, key=key,
-                        count_correct=classifier)
-                    if classifier:
-                        correct_sum = correct if correct_sum is None else correct_sum + correct
-                else:
-                    # One forward pass gives the loss, the gradients and the batch's outputs.
-                    _, X_batch, y_batch = model._prepare(X_batch, y_batch)
-                    loss, grads, outputs = model._loss_grad(
-                        xp, model.params, X_batch, y_batch, training=True, key=key,
-                        need_grad=True, return_outputs=True)
-                    if classifier:
-                        correct = model._metric_terms(xp, outputs, y_batch)
-                        correct_sum = correct if correct_sum is None else correct_sum + correct
-                grads = add_l2_gradient(grads, model.params, l2, regularized)
-                if clip_value is not None:
-                    grads = clip_by_value(grads, clip_value)
-                if clip_norm is not None:
-                    grads, _ = clip_by_global_norm(grads, clip_norm)
-                skipped = optimizer.skipped_steps
-                if decay_by_fit:
-                    _for_each_group(optimizer, regularized, lambda params, names, lr:
-                                    decay_weights(params, names, 1.0 - lr * weight_decay))
+                loss, grads, correct = data.loss_and_grad(
+                    model, arrays, X_batch, y_batch,
+                    key=dropout_key(seed, _STREAM_DROPOUT, step), count_correct=classifier)
                 try:
-                    optimizer.step(grads)
+                    step_chain(grads)
                 except ValueError as exc:
                     if "non-finite" in str(exc):
                         raise ValueError(f"epoch {epoch}, step {step + 1}: {exc}") from exc
                     raise
-                if l1 and optimizer.skipped_steps == skipped:
-                    _for_each_group(optimizer, regularized, lambda params, names, lr:
-                                    apply_soft_threshold(params, names, lr * l1))
-                model._params = dict(optimizer.params)
                 step += 1
                 weighted = loss * X_batch.shape[0]
                 loss_sum = weighted if loss_sum is None else loss_sum + weighted
-            logs = _epoch_logs(model, epoch, loss_sum, correct_sum, n_samples, X, y,
-                               train_spread, validation, optimizer, started)
+                if classifier:
+                    correct_sum = correct if correct_sum is None else correct_sum + correct
+            logs = _epoch_logs(model, epoch, loss_sum, correct_sum, data, validation, params,
+                               started)
             history.epochs.append(logs)
             history.steps = step
             if bar is not None:
@@ -609,158 +750,38 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
                     stop = bool(hook.on_epoch_end(epoch, dict(logs), model)) or stop
             if stop:
                 history.stopped_early = epoch < epochs
-            if checkpoint is not None and (stop or epoch == epochs
-                                           or epoch % checkpoint_every == 0):
-                save_checkpoint(checkpoint, _run_state(
-                    settings, epoch, step, seed, base_lrs, model, optimizer, history, hooks))
+            if run.checkpoint is not None and (stop or epoch == epochs
+                                               or epoch % run.checkpoint_every == 0):
+                save_checkpoint(run.checkpoint, _run_state(
+                    settings, epoch, step, seed, base_lrs, params, history, hooks))
             if stop:
                 break
     finally:
         if bar is not None:
             bar.close()
     history.best_epoch = history._lowest_loss_epoch()
-    for hook in callbacks:
+    for hook in run.callbacks:
         if hasattr(hook, "on_train_end"):
             hook.on_train_end(model, history)
     if model.params is not None:
-        # A callback may have restored other values into the arrays: keep the optimizer's view.
-        for group in optimizer.param_groups:
-            group["params"] = [model.params[name] for name in group["names"]]
+        # A callback may have put other arrays into the model: the optimizer follows them.
+        params.reattach(model.params)
     return history
 
 
-_CHECKPOINT_FORMAT = "optim-core-fit"
-_CHECKPOINT_VERSION = 1
-
-
-def _stateful(hooks: list[Any]) -> list[Any]:
-    """The callbacks and schedule whose state a checkpoint keeps."""
-    return [hook for hook in hooks
-            if hasattr(hook, "state_dict") and hasattr(hook, "load_state_dict")]
-
-
-def _run_settings(model: Model, optimizer: Any, n_samples: int, batch_size: int | None,
-                  shuffle: bool, lr: float | None, weight_decay: float | None, l1: float,
-                  l2: float, clip_norm: float | None, clip_value: float | None,
-                  seed: int) -> dict[str, Any]:
-    """What must match between an interrupted run and its continuation."""
-    return {
-        "model": type(model).__name__,
-        "param_shapes": {name: list(shape) for name, shape in model.param_shapes().items()},
-        "optimizer": (type(optimizer).__name__ if isinstance(optimizer, Optimizer)
-                      else OPTIMIZERS[optimizer.lower()].__name__),
-        "n_samples": int(n_samples), "batch_size": batch_size, "shuffle": shuffle, "lr": lr,
-        "weight_decay": weight_decay, "l1": l1, "l2": l2, "clip_norm": clip_norm,
-        "clip_value": clip_value, "seed": seed,
-    }
-
-
-def _run_state(settings: dict[str, Any], epoch: int, step: int, seed: int,
-               base_lrs: list[float], model: Model, optimizer: Optimizer, history: History,
-               hooks: list[Any]) -> dict[str, Any]:
-    return {
-        "format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "settings": settings,
-        "epoch": epoch, "step": step, "seed": seed, "base_lrs": list(base_lrs),
-        "stopped_early": history.stopped_early, "skipped_steps": optimizer.skipped_steps,
-        "params": dict(model.params), "optimizer": optimizer.state_dict(),
-        "history": history.to_dicts(), "hooks": [hook.state_dict() for hook in _stateful(hooks)],
-    }
-
-
-def _check_saved_run(saved: Any, seed: int | None, hooks: list[Any]) -> None:
-    """ValueError unless ``saved`` is a fit checkpoint this call can continue."""
-    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError("the checkpoint was not written by optim_core.fit")
-    if saved.get("version") != _CHECKPOINT_VERSION:
-        raise ValueError(f"unsupported fit checkpoint version {saved.get('version')!r}")
-    if seed is not None and seed != saved["seed"]:
-        raise ValueError(f"cannot resume: seed={seed} but the saved run used {saved['seed']}")
-    stateful = _stateful(hooks)
-    if len(saved["hooks"]) != len(stateful):
-        raise ValueError(f"cannot resume: the saved run had {len(saved['hooks'])} stateful "
-                         f"callbacks/schedules, this call has {len(stateful)}")
-
-
-def _progress_bar(epochs: int, progress: bool) -> Any:
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=epochs, desc="fit", unit="epoch")
-
-
-def _for_each_group(optimizer: Optimizer, names: set[str],
-                    action: Callable[[dict[str, Any], list[str], float], None]) -> None:
-    """Run ``action(params, names, lr)`` on each group's regularized parameters, in place."""
-    for group in optimizer.param_groups:
-        params = dict(zip(group["names"], group["params"], strict=True))
-        chosen = [name for name in group["names"] if name in names]
-        if not chosen:
-            continue
-        action(params, chosen, float(group["lr"]))
-        group["params"] = [params[name] for name in group["names"]]
-
-
-def epoch_order(seed: int, epoch: int, n_samples: int) -> np.ndarray:
-    """The order :func:`fit` visits the samples in, in ``epoch`` (from 1), under ``seed``."""
-    return np.random.default_rng([seed, _STREAM_ORDER, epoch]).permutation(n_samples)
-
-
-def _batches(xp: Any, X: Any, y: Any, batch_size: int, shuffle: bool, seed: int, epoch: int,
-             device: Any) -> Iterable[tuple[Any, Any]]:
-    if ns.is_dask_array(X):
-        # Batches from one or two chunks each, never a gather from every chunk.
-        rng = np.random.default_rng([seed, _STREAM_ORDER, epoch])
-        yield from dask_data.batches(X, y, batch_size, shuffle, rng)
-        return
-    n_samples = X.shape[0]
-    if shuffle:
-        # One host-to-device transfer per epoch; each batch is gathered on the device.
-        order = xp.asarray(epoch_order(seed, epoch, n_samples), dtype=xp.int64, device=device)
-        for start in range(0, n_samples, batch_size):
-            index = order[start:min(start + batch_size, n_samples)]
-            yield xp.take(X, index, axis=0), xp.take(y, index, axis=0)
-    else:
-        for start in range(0, n_samples, batch_size):
-            stop = min(start + batch_size, n_samples)
-            yield X[start:stop, ...], y[start:stop, ...]
-
-
-def _spread(xp: Any, y: Any) -> float:
-    """Sum of squared deviations of regression targets from their (per-output) mean."""
-    return float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
-
-
-def _outputs_per_sample(y: Any) -> int:
-    return 1 if y.ndim == 1 else int(y.shape[1])
-
-
-def _evaluate(model: Model, X: Any, y: Any, spread: float | None) -> tuple[float, float]:
-    """Loss and metric of ``(X, y)`` from one forward pass (no dropout)."""
-    if ns.is_dask_array(X):
-        return model.loss(X, y), model.score(X, y)
-    xp, X, y = model._prepare(X, y)
-    loss, _, outputs = model._loss_grad(xp, model.params, X, y, training=False, key=None,
-                                        need_grad=False, return_outputs=True)
-    if model.task == "classification":
-        return float(loss), float(model._metric_terms(xp, outputs, y)) / X.shape[0]
-    loss = float(loss)
-    return loss, _r2(loss * X.shape[0] * _outputs_per_sample(y), spread)
-
-
-def _epoch_logs(model: Model, epoch: int, loss_sum: Any, correct_sum: Any, n_samples: int,
-                X: Any, y: Any, train_spread: float | None, validation: Sequence[Any] | None,
-                optimizer: Optimizer, started: float) -> dict[str, Any]:
+def _epoch_logs(model: Model, epoch: int, loss_sum: Any, correct_sum: Any, data: Any,
+                validation: Any, params: TrainedParams, started: float) -> dict[str, Any]:
+    n_samples = data.n_samples
     train_loss = float(loss_sum / n_samples)
     if model.task == "classification":
         train_metric = float(correct_sum) / n_samples
     else:  # the loss is a mean squared error: its running sum is the residual sum of squares
-        train_metric = _r2(train_loss * n_samples * _outputs_per_sample(y), train_spread)
+        train_metric = r2(train_loss * n_samples * outputs_per_sample(data.y), data.spread())
     logs: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
                             "train_metric": train_metric, "val_loss": None,
-                            "val_metric": None, "lr": float(optimizer.param_groups[0]["lr"])}
-    if validation:
-        logs["val_loss"], logs["val_metric"] = _evaluate(model, *validation[:2],
-                                                         *validation[2:] or (None,))
+                            "val_metric": None,
+                            "lr": float(params.optimizer.param_groups[0]["lr"])}
+    if validation is not None:
+        logs["val_loss"], logs["val_metric"] = validation.evaluate(model, params.arrays)
     logs["time"] = time.perf_counter() - started
     return logs

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks as checks
 from .. import _namespace as ns
-from . import dask_data
+from . import data as data_adapters
 from .regularization import dropout_key, dropout_mask
 
 __all__ = ["Model", "LinearRegression", "LogisticRegression", "SoftmaxRegression", "MLP",
@@ -39,18 +40,18 @@ __all__ = ["Model", "LinearRegression", "LogisticRegression", "SoftmaxRegression
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class Model:
     """Base class: parameters, validation, and the public loss/predict/score API.
 
     Subclasses define :meth:`param_shapes`, :meth:`_initial_values` (host
-    arrays), :meth:`_outputs` (raw outputs: predictions or logits) and
-    :meth:`_loss_grad`.
+    arrays), :meth:`forward` (raw outputs: predictions or logits) and
+    :meth:`loss_terms`.
+
+    The methods :meth:`prepare`, :meth:`check_inputs`, :meth:`prepare_targets`,
+    :meth:`forward`, :meth:`predictions`, :meth:`count_correct` and :meth:`loss_terms`
+    are what training code (:func:`~optim_core.fit`, the data adapters of
+    :mod:`optim_core.train.data`) computes with: pure functions of the parameters
+    they are given, in the namespace ``xp`` they are given, checking nothing.
 
     Attributes
     ----------
@@ -120,8 +121,8 @@ class Model:
         ----------
         like : array
             Typically the training inputs ``X``; the parameters take its namespace
-            and device, and its dtype when it is floating point (else the
-            namespace's default floating dtype).
+            and device (for Dask data, its chunks'), and its dtype when it is
+            floating point (else the namespace's default floating dtype).
         seed : int, optional
             Seed of the NumPy generator drawing the initial values (on the host,
             once, then moved to the device).
@@ -133,7 +134,7 @@ class Model:
         dict
             The new :attr:`params`.
         """
-        like = ns.chunk_like(like)  # for Dask data: its chunks' library (NumPy, CuPy)
+        like = data_adapters.param_like(like)
         xp = ns.namespace_of(like)
         device = ns.device_of(like)
         if dtype is None:
@@ -150,12 +151,7 @@ class Model:
     # ------------------------------------------------------------------ public API
     def loss(self, X: Any, y: Any) -> float:
         """The loss on ``(X, y)`` (no dropout), as a Python float."""
-        xp, X, y = self._prepare(X, y)
-        if ns.is_dask_array(X):
-            return float(dask_data.loss_and_grad(self, X, y, training=False, key=None,
-                                                    need_grad=False)[0])
-        return float(self._loss_grad(xp, self._params, X, y, training=False, key=None,
-                                     need_grad=False)[0])
+        return self.prepare(X, y).loss(self, self._params)
 
     def loss_and_grad(self, X: Any, y: Any, training: bool = True,
                       rng: Any = None) -> tuple[float, dict[str, Any]]:
@@ -178,27 +174,15 @@ class Model:
             The loss, and the gradients keyed like :attr:`params` (same namespace,
             device and dtype).
         """
-        loss, grads = self._loss_and_grad_array(X, y, training=training, rng=rng)
-        return float(loss), grads
-
-    def _loss_and_grad_array(self, X: Any, y: Any, *, training: bool = True,
-                             rng: Any = None) -> tuple[Any, dict[str, Any]]:
-        """As :meth:`loss_and_grad`, with the loss left as a 0-d array (no host sync).
-
-        :func:`~optim_core.fit` calls :meth:`_loss_grad` with ``return_outputs=True``
-        instead, to count the batch's correct labels from the same forward pass.
-        """
-        xp, X, y = self._prepare(X, y)
+        data = self.prepare(X, y)
         key = _dropout_key(rng) if training else None
-        if ns.is_dask_array(X):  # each chunk's share where the chunk is, summed in a tree
-            return dask_data.loss_and_grad(self, X, y, training=training, key=key)[:2]
-        return self._loss_grad(xp, self._params, X, y, training=training, key=key,
-                               need_grad=True)
+        loss, grads, _ = data.loss_and_grad(self, self._params, data.X, data.y, key=key)
+        return float(loss), grads
 
     def predict(self, X: Any) -> Any:
         """Predictions: values for regression, integer labels for classification."""
-        xp, X, _ = self._prepare(X, None)
-        return self._predict(xp, self._outputs(xp, self._lazy_safe_params(X), X))
+        data = self.prepare(X)
+        return self.predictions(data.xp, data.outputs(self, self._params))
 
     def score(self, X: Any, y: Any) -> float:
         """Accuracy for classifiers, :math:`R^2` for regression, as a Python float.
@@ -206,79 +190,77 @@ class Model:
         :math:`R^2 = 1 - \\sum (y - \\hat y)^2 / \\sum (y - \\bar y)^2`, over all outputs
         together for a multi-output regression.
         """
-        xp, X, y = self._prepare(X, y)
-        if ns.is_dask_array(X):  # one task a chunk, where the chunk is, and a tree of sums
-            return dask_data.score(self, X, y)
-        predictions = self._predict(xp, self._outputs(xp, self._params, X))
-        if self.task == "classification":
-            return float(xp.mean(xp.astype(predictions == y, X.dtype)))
-        residual = float(xp.sum((y - predictions) ** 2))
-        total = float(xp.sum((y - xp.mean(y, axis=0)) ** 2))
-        return _r2(residual, total)
+        return self.prepare(X, y).score(self, self._params)
 
     def __repr__(self) -> str:
         state = "uninitialized" if self._params is None else \
             f"{ns.namespace_of(self._params[next(iter(self._params))]).__name__}"
         return f"{type(self).__name__}({self._describe()}, params={state})"
 
-    # ------------------------------------------------------------------ internals
-    def _lazy_safe_params(self, X: Any) -> dict[str, Any]:
-        """The parameters for a result returned to the caller uncomputed.
+    # ------------------------------------------------------------------ for training code
+    def prepare(self, X: Any, y: Any = None) -> Any:
+        """``X`` (and ``y``) checked against the parameters, as a data adapter.
 
-        A Dask result is computed later, perhaps after training has changed the
-        arrays in place: it gets copies (small) of today's parameters.
+        The adapter (:mod:`optim_core.train.data`) holds ``X`` in the parameters'
+        dtype and ``y`` as :meth:`prepare_targets` makes it.
+
+        Raises
+        ------
+        RuntimeError
+            Before the parameters exist.
+        TypeError, ValueError
+            For data of another library or device, or of the wrong shape.
         """
-        return dask_data.snapshot(self._params) if ns.is_dask_array(X) else self._params
-
-    def _describe(self) -> str:
-        return f"n_features={self.n_features}"
-
-    def _predict(self, xp: Any, outputs: Any) -> Any:
-        return outputs
-
-    def _metric_terms(self, xp: Any, outputs: Any, y: Any) -> Any:
-        """This batch's number of correct labels (classifiers), as a 0-d array on the device."""
-        return xp.sum(xp.astype(self._predict(xp, outputs) == y, outputs.dtype))
-
-    def _outputs(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
-        raise NotImplementedError
-
-    def _loss_grad(self, xp: Any, params: Mapping[str, Any], X: Any, y: Any, *,
-                   training: bool, key: int | None, need_grad: bool,
-                   return_outputs: bool = False) -> tuple[Any, ...]:
-        """``(loss, grads or None)``, plus the raw outputs with ``return_outputs``."""
-        raise NotImplementedError
-
-    def _prepare(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
-        """Check the inputs against the parameters; cast X (and regression y) to their dtype."""
         if self._params is None:
             raise RuntimeError(f"{type(self).__name__} has no parameters yet: call "
                                "init_params(X) or optim_core.fit first")
         first = next(iter(self._params.values()))
-        data = [X] + ([] if y is None else [y])
-        xp = ns.data_namespace(first, data, ["X", "y"][:len(data)])
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"X must have shape (n_samples, {self.n_features}), "
-                             f"got {tuple(X.shape)}")
-        if X.dtype != first.dtype:
-            X = xp.astype(X, first.dtype)
-        if y is not None:
-            if y.shape[0] != X.shape[0]:
-                raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
-            y = self._prepare_targets(xp, y, first.dtype)
-        return xp, X, y
+        data = data_adapters.adapter(X, y)
+        data.check_library(first)
+        self.check_inputs(data.X, data.y)
+        return data.in_dtype(self, first.dtype)
 
-    def _prepare_targets(self, xp: Any, y: Any, dtype: Any) -> Any:
+    def check_inputs(self, X: Any, y: Any = None, what: str = "") -> None:
+        """ValueError unless ``X`` is ``(n_samples, n_features)`` and ``y`` has as many rows."""
+        if X.ndim != 2:
+            raise ValueError(f"X{what} must have shape (n_samples, {self.n_features}), "
+                             f"got {tuple(X.shape)}")
+        if X.shape[1] != self.n_features:
+            raise ValueError(f"X{what} must have shape (n_samples, {self.n_features}): it has "
+                             f"{X.shape[1]} features, the model expects {self.n_features}")
+        if y is not None and y.shape[0] != X.shape[0]:
+            raise ValueError(f"X{what} has {X.shape[0]} samples but y{what} has {y.shape[0]}")
+
+    def prepare_targets(self, xp: Any, y: Any, dtype: Any) -> Any:
+        """``y`` as the loss takes it: cast to ``dtype`` (regression) or integer labels."""
         if y.ndim != 1:
             raise ValueError(f"y must have shape (n_samples,), got {tuple(y.shape)}")
         return y if y.dtype == dtype else xp.astype(y, dtype)
 
+    def forward(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
+        """The raw outputs on ``X``: predictions (regression) or logits, no dropout."""
+        raise NotImplementedError
 
-def _r2(residual: float, total: float) -> float:
-    """:math:`R^2` from the residual and total sums of squares."""
-    if total == 0:  # constant targets: as scikit-learn, 1 when predicted exactly, else 0
-        return 1.0 if residual == 0 else 0.0
-    return 1.0 - residual / total
+    def predictions(self, xp: Any, outputs: Any) -> Any:
+        """Predictions from :meth:`forward`'s outputs (class labels for classifiers)."""
+        return outputs
+
+    def count_correct(self, xp: Any, outputs: Any, y: Any) -> Any:
+        """The number of correct labels in ``outputs`` (classifiers), a 0-d array on the device."""
+        return xp.sum(xp.astype(self.predictions(xp, outputs) == y, outputs.dtype))
+
+    def loss_terms(self, xp: Any, params: Mapping[str, Any], X: Any, y: Any, *,
+                   key: int | None, need_grad: bool = True) -> tuple[Any, Any, Any]:
+        """``(loss, grads or None, outputs)`` of a batch, from one forward pass.
+
+        The mean loss (a 0-d array), the exact gradients keyed like ``params`` (None
+        without ``need_grad``) and the raw outputs (as :meth:`forward`'s). Dropout is
+        active when ``key`` is given: its masks are a pure function of the key.
+        """
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        return f"n_features={self.n_features}"
 
 
 def _dropout_key(rng: Any) -> int:
@@ -356,19 +338,19 @@ class LinearRegression(Model):
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
-        self._n_features = _check_positive_int("n_features", n_features)
+        self._n_features = checks.integer("n_features", n_features, minimum=1)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"W": (self.n_features,), "b": ()}
 
-    def _outputs(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
+    def forward(self, xp: Any, params: Mapping[str, Any], X: Any) -> Any:
         return X @ params["W"] + params["b"]
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
-        outputs = self._outputs(xp, params, X)
+    def loss_terms(self, xp, params, X, y, *, key, need_grad=True):
+        outputs = self.forward(xp, params, X)
         loss, d_out = _mse(xp, outputs, y, need_grad)
         grads = {"W": d_out @ X, "b": xp.asarray(xp.sum(d_out))} if need_grad else None
-        return (loss, grads, outputs) if return_outputs else (loss, grads)
+        return loss, grads, outputs
 
 
 class LogisticRegression(Model):
@@ -390,31 +372,31 @@ class LogisticRegression(Model):
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
-        self._n_features = _check_positive_int("n_features", n_features)
+        self._n_features = checks.integer("n_features", n_features, minimum=1)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"W": (self.n_features,), "b": ()}
 
-    def _prepare_targets(self, xp, y, dtype):
+    def prepare_targets(self, xp, y, dtype):
         return _class_labels(xp, y, 2)
 
-    def _outputs(self, xp, params, X):
+    def forward(self, xp, params, X):
         return X @ params["W"] + params["b"]
 
-    def _predict(self, xp, outputs):
+    def predictions(self, xp, outputs):
         return xp.astype(outputs > 0, xp.int64)
 
     def predict_proba(self, X: Any) -> Any:
         """Probabilities of classes 0 and 1, shape ``(n_samples, 2)``."""
-        xp, X, _ = self._prepare(X, None)
-        p1 = _sigmoid(xp, self._outputs(xp, self._lazy_safe_params(X), X))
-        return xp.stack([1.0 - p1, p1], axis=1)
+        data = self.prepare(X)
+        p1 = _sigmoid(data.xp, data.outputs(self, self._params))
+        return data.xp.stack([1.0 - p1, p1], axis=1)
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
-        z = self._outputs(xp, params, X)
+    def loss_terms(self, xp, params, X, y, *, key, need_grad=True):
+        z = self.forward(xp, params, X)
         loss, dz = _binary_cross_entropy(xp, z, xp.astype(y, z.dtype), need_grad)
         grads = {"W": dz @ X, "b": xp.asarray(xp.sum(dz))} if need_grad else None
-        return (loss, grads, z) if return_outputs else (loss, grads)
+        return loss, grads, z
 
 
 class SoftmaxRegression(Model):
@@ -435,10 +417,8 @@ class SoftmaxRegression(Model):
 
     def __init__(self, n_features: int, n_classes: int) -> None:
         super().__init__()
-        self._n_features = _check_positive_int("n_features", n_features)
-        self.n_classes = _check_positive_int("n_classes", n_classes)
-        if self.n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+        self._n_features = checks.integer("n_features", n_features, minimum=1)
+        self.n_classes = checks.integer("n_classes", n_classes, minimum=2)
 
     def _describe(self) -> str:
         return f"n_features={self.n_features}, n_classes={self.n_classes}"
@@ -446,25 +426,25 @@ class SoftmaxRegression(Model):
     def param_shapes(self):
         return {"W": (self.n_features, self.n_classes), "b": (self.n_classes,)}
 
-    def _prepare_targets(self, xp, y, dtype):
+    def prepare_targets(self, xp, y, dtype):
         return _class_labels(xp, y, self.n_classes)
 
-    def _outputs(self, xp, params, X):
+    def forward(self, xp, params, X):
         return X @ params["W"] + params["b"]
 
-    def _predict(self, xp, outputs):
+    def predictions(self, xp, outputs):
         return xp.argmax(outputs, axis=1)
 
     def predict_proba(self, X: Any) -> Any:
         """Class probabilities, shape ``(n_samples, n_classes)``."""
-        xp, X, _ = self._prepare(X, None)
-        return xp.exp(_log_softmax(xp, self._outputs(xp, self._lazy_safe_params(X), X)))
+        data = self.prepare(X)
+        return data.xp.exp(_log_softmax(data.xp, data.outputs(self, self._params)))
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
-        Z = self._outputs(xp, params, X)
+    def loss_terms(self, xp, params, X, y, *, key, need_grad=True):
+        Z = self.forward(xp, params, X)
         loss, dZ = _softmax_cross_entropy(xp, Z, y, need_grad)
         grads = {"W": X.T @ dZ, "b": xp.sum(dZ, axis=0)} if need_grad else None
-        return (loss, grads, Z) if return_outputs else (loss, grads)
+        return loss, grads, Z
 
 
 class MLP(Model):
@@ -502,22 +482,18 @@ class MLP(Model):
                 or len(layer_sizes) < 2:
             raise ValueError(f"layer_sizes must list at least an input and an output size, "
                              f"got {layer_sizes!r}")
-        self.layer_sizes = tuple(_check_positive_int(f"layer_sizes[{i}]", s)
+        self.layer_sizes = tuple(checks.integer(f"layer_sizes[{i}]", s, minimum=1)
                                  for i, s in enumerate(layer_sizes))
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-                or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
-        if task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+        self.activation = checks.choice("activation", activation, ACTIVATIONS)
+        self.dropout = checks.number("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        self.task = checks.choice("task", task, ("classification", "regression"))
         if task == "classification" and self.layer_sizes[-1] < 2:
             raise ValueError("a classification MLP needs at least 2 outputs (one per class)")
-        self.activation = activation
-        self.dropout = float(dropout)
-        self.task = task
         self.metric_name = "accuracy" if task == "classification" else "r2"
         self._n_features = self.layer_sizes[0]
+        # Names by layer, made once (the hot path formats no strings).
+        self._layer_names = tuple((f"W{i}", f"b{i}") for i in range(self.n_layers))
+        self._names = tuple(self.param_shapes())
 
     @property
     def n_classes(self) -> int:
@@ -553,7 +529,7 @@ class MLP(Model):
                 values[name] = rng.uniform(-limit, limit, size=shape)
         return values
 
-    def _prepare_targets(self, xp, y, dtype):
+    def prepare_targets(self, xp, y, dtype):
         if self.task == "classification":
             return _class_labels(xp, y, self.n_classes)
         expected = 1 if self.layer_sizes[-1] == 1 else 2
@@ -576,12 +552,13 @@ class MLP(Model):
             return upstream * (1.0 - a * a)
         return upstream * a * (1.0 - a)
 
-    def _forward(self, xp, params, X, *, key):
-        """Outputs, plus per hidden layer (pre-activation, activation, keep-mask)."""
+    def _layers(self, xp, params, X, *, key):
+        """Outputs, plus per hidden layer (pre-activation, activation, keep-mask, output)."""
         h, cache = X, []
-        for i in range(self.n_layers):
-            z = h @ params[f"W{i}"] + params[f"b{i}"]
-            if i == self.n_layers - 1:
+        last = self.n_layers - 1
+        for i, (weight, bias) in enumerate(self._layer_names):
+            z = h @ params[weight] + params[bias]
+            if i == last:
                 return z, cache
             a = self._activate(xp, z)
             mask = None
@@ -594,46 +571,46 @@ class MLP(Model):
             cache.append((z, a, mask, h))
         raise AssertionError("unreachable")
 
-    def _outputs(self, xp, params, X):
-        out, _ = self._forward(xp, params, X, key=None)
+    def _squeezed(self, out):
         return out[:, 0] if self.task == "regression" and self.layer_sizes[-1] == 1 else out
 
-    def _predict(self, xp, outputs):
+    def forward(self, xp, params, X):
+        return self._squeezed(self._layers(xp, params, X, key=None)[0])
+
+    def predictions(self, xp, outputs):
         return xp.argmax(outputs, axis=1) if self.task == "classification" else outputs
 
     def predict_proba(self, X: Any) -> Any:
         """Class probabilities, shape ``(n_samples, n_classes)``."""
         if self.task != "classification":
             raise AttributeError("predict_proba is for classification MLPs")
-        xp, X, _ = self._prepare(X, None)
-        return xp.exp(_log_softmax(xp, self._outputs(xp, self._lazy_safe_params(X), X)))
+        data = self.prepare(X)
+        return data.xp.exp(_log_softmax(data.xp, data.outputs(self, self._params)))
 
-    def _loss_grad(self, xp, params, X, y, *, training, key, need_grad, return_outputs=False):
-        out, cache = self._forward(xp, params, X, key=key if training else None)
+    def loss_terms(self, xp, params, X, y, *, key, need_grad=True):
+        out, cache = self._layers(xp, params, X, key=key)
+        outputs = self._squeezed(out)
         if self.task == "classification":
             loss, d_out = _softmax_cross_entropy(xp, out, y, need_grad)
         else:
-            squeeze = self.layer_sizes[-1] == 1
-            loss, d_out = _mse(xp, out[:, 0] if squeeze else out, y, need_grad)
-            if need_grad and squeeze:
+            loss, d_out = _mse(xp, outputs, y, need_grad)
+            if need_grad and outputs is not out:
                 d_out = xp.reshape(d_out, (-1, 1))
         grads = self._backward(xp, params, X, cache, d_out) if need_grad else None
-        if not return_outputs:
-            return loss, grads
-        squeeze = self.task == "regression" and self.layer_sizes[-1] == 1
-        return loss, grads, (out[:, 0] if squeeze else out)
+        return loss, grads, outputs
 
     def _backward(self, xp, params, X, cache, d_out):
         """Gradients of every parameter from the output gradient ``d_out``."""
         grads = {}
         for i in reversed(range(self.n_layers)):
+            weight, bias = self._layer_names[i]
             inputs = X if i == 0 else cache[i - 1][3]
-            grads[f"W{i}"] = inputs.T @ d_out
-            grads[f"b{i}"] = xp.sum(d_out, axis=0)
+            grads[weight] = inputs.T @ d_out
+            grads[bias] = xp.sum(d_out, axis=0)
             if i > 0:
                 z, a, mask, _ = cache[i - 1]
-                d_h = d_out @ params[f"W{i}"].T
+                d_h = d_out @ params[weight].T
                 if mask is not None:
                     d_h = xp.where(mask, d_h * (1.0 / (1.0 - self.dropout)), 0.0)
                 d_out = self._activation_grad(xp, z, a, d_h)
-        return {name: grads[name] for name in self.param_shapes()}
+        return {name: grads[name] for name in self._names}

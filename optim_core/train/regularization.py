@@ -56,21 +56,28 @@ def add_l2_gradient(grads: Mapping[str, Any], params: Mapping[str, Any], l2: flo
     return {name: (g + l2 * params[name] if name in names else g) for name, g in grads.items()}
 
 
-def clip_by_value(grads: Mapping[str, Any], clip_value: float) -> dict[str, Any]:
-    """Clip every gradient element to ``[-clip_value, clip_value]``."""
+def clip_by_value(grads: Mapping[str, Any], clip_value: float, *,
+                  xp: Any = None) -> dict[str, Any]:
+    """Clip every gradient element to ``[-clip_value, clip_value]``.
+
+    ``xp``, when given, is the gradients' namespace (saves looking it up per array).
+    """
     out = {}
     for name, g in grads.items():
-        xp = ns.namespace_of(g)
-        out[name] = xp.clip(g, -clip_value, clip_value)
+        out[name] = (xp or ns.namespace_of(g)).clip(g, -clip_value, clip_value)
     return out
 
 
-def global_norm(grads: Mapping[str, Any]) -> Any:
-    """The 2-norm of all gradients taken together, as a 0-d array on their device."""
+def global_norm(grads: Mapping[str, Any], *, xp: Any = None) -> Any:
+    """The 2-norm of all gradients taken together, as a 0-d array on their device.
+
+    Without ``xp`` the gradients are checked to share one namespace and device.
+    """
     if not grads:
         raise ValueError("no gradients given")
     arrays = list(grads.values())
-    xp = ns.common_namespace(arrays, list(grads), what="gradient")
+    if xp is None:
+        xp = ns.common_namespace(arrays, list(grads), what="gradient")
     total = None
     for g in arrays:
         squares = xp.sum(g * g)
@@ -78,7 +85,8 @@ def global_norm(grads: Mapping[str, Any]) -> Any:
     return xp.sqrt(total)
 
 
-def clip_by_global_norm(grads: Mapping[str, Any], max_norm: float) -> tuple[dict[str, Any], Any]:
+def clip_by_global_norm(grads: Mapping[str, Any], max_norm: float, *,
+                        xp: Any = None) -> tuple[dict[str, Any], Any]:
     """Scale all gradients together so their global norm is at most ``max_norm``.
 
     As ``torch.nn.utils.clip_grad_norm_``: every gradient is multiplied by
@@ -90,15 +98,15 @@ def clip_by_global_norm(grads: Mapping[str, Any], max_norm: float) -> tuple[dict
     (dict, array)
         The clipped gradients and the global norm before clipping.
     """
-    norm = global_norm(grads)
-    xp = ns.namespace_of(norm)
+    norm = global_norm(grads, xp=xp)
+    xp = xp or ns.namespace_of(norm)
     scale = xp.minimum(max_norm / (norm + _NORM_EPS), xp.ones_like(norm))
     return {name: g * scale for name, g in grads.items()}, norm
 
 
-def soft_threshold(x: Any, threshold: float) -> Any:
+def soft_threshold(x: Any, threshold: float, *, xp: Any = None) -> Any:
     """The proximal operator of :math:`t\\lVert x\\rVert_1`: ``sign(x) * max(|x| - t, 0)``."""
-    xp = ns.namespace_of(x)
+    xp = xp or ns.namespace_of(x)
     return xp.sign(x) * xp.maximum(xp.abs(x) - threshold, 0.0)
 
 
