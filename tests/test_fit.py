@@ -559,3 +559,72 @@ def test_everything_stays_on_the_datas_device(tmp_path):
     fit(resumed, X, y, callbacks=[EarlyStopping(patience=1)], resume=True,
         **{**arguments, "epochs": 5})
     assert all(p.device == device for p in resumed.params.values())
+
+
+def _corrupt_params(tree):
+    tree["params"]["W"] = tree["params"]["W"][:1]  # (1,): would broadcast into (3,)
+
+
+def _corrupt_optimizer_state(tree):
+    state = tree["optimizer"]["state"][0]
+    state["exp_avg"] = state["exp_avg"][:1]
+
+
+def _corrupt_callback_state(tree):
+    del tree["hooks"][0]["wait"]
+
+
+def _same_tree(a, b):
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same_tree(a[k], b[k])
+                                                                  for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_tree(x, z) for x, z in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_params, _corrupt_optimizer_state,
+                                     _corrupt_callback_state])
+def test_resume_checks_the_whole_checkpoint_before_changing_anything(tmp_path, corrupt):
+    from optim_core import load_checkpoint, save_checkpoint
+
+    X, y = _regression()
+    path = tmp_path / "run.ckpt"
+
+    def run(model, optimizer, stopper, epochs=4, **kwargs):
+        return fit(model, X, y, optimizer=optimizer, epochs=epochs, batch_size=10, seed=1,
+                   checkpoint=path, callbacks=[stopper], progress=False, **kwargs)
+
+    saved_model = models.LinearRegression(3)
+    saved_model.init_params(X, seed=0)
+    run(saved_model, Adam(saved_model.params, lr=0.05),
+        EarlyStopping(monitor="train_loss", patience=5), epochs=2)
+    tree = load_checkpoint(path)
+    corrupt(tree)
+    save_checkpoint(path, tree)
+
+    # A model, optimizer and callback with state of their own, which must survive.
+    model = models.LinearRegression(3)
+    model.init_params(X, seed=3)
+    optimizer = Adam(model.params, lr=0.05)
+    optimizer.step({"W": np.ones(3), "b": np.array(0.5)})
+    stopper = EarlyStopping(monitor="train_loss", patience=5)
+    stopper.on_epoch_end(1, {"train_loss": 2.0}, model)
+    params = {name: p.copy() for name, p in model.params.items()}
+    arrays = dict(model.params)
+    optimizer_state, stopper_state = optimizer.state_dict(), stopper.state_dict()
+    with pytest.raises(ValueError):
+        run(model, optimizer, stopper, resume=True)
+    assert all(model.params[name] is arrays[name] for name in arrays)
+    assert all(np.array_equal(model.params[name], params[name]) for name in params)
+    assert _same_tree(optimizer.state_dict(), optimizer_state)
+    assert _same_tree(stopper.state_dict(), stopper_state)
+    if corrupt is _corrupt_params:
+        fresh = models.LinearRegression(3)
+        with pytest.raises(ValueError, match=r"parameter 'W' has shape \(1,\)"):
+            fit(fresh, X, y, optimizer="adam", epochs=4, batch_size=10, seed=1,
+                checkpoint=path, resume=True, progress=False,
+                callbacks=[EarlyStopping(monitor="train_loss", patience=5)])
+        assert fresh.params is None
