@@ -8,8 +8,10 @@
 * ``"synthetic"``: a regression or classification problem of any size, drawn
   from a seed: standard normal features and a random linear teacher.
 
-scikit-learn is imported only for the two real data sets, and both ship inside
-its wheel, so loading them needs no network.
+Splits are scikit-learn's ``train_test_split`` (stratified by class for digits),
+holding out ``round(test_size * n)`` samples. scikit-learn (the ``[train]`` extra) is
+imported when a data set is loaded; both real sets ship inside its wheel, so loading
+them needs no network.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .. import _checks as checks
+from ..train.extras import require
 
 __all__ = ["Dataset", "load", "DATASETS", "TASKS"]
 
@@ -62,29 +67,22 @@ class Dataset:
                 f"{self.X_test.shape[0]} test samples, {self.n_features} features")
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _split(n: int, test_size: float, seed: int | None, labels: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, stratified by ``labels`` when given.
 
-
-def _stratified_split(y: np.ndarray, test_size: float, rng: np.random.Generator
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a split keeping each class's share (rounded) in both parts."""
-    train, test = [], []
-    for label in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == label))
-        n_test = int(round(test_size * members.size))
-        test.append(members[:n_test])
-        train.append(members[n_test:])
-    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
-
-
-def _random_split(n: int, test_size: float, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(n)
-    n_test = int(round(test_size * n))
-    return order[n_test:], order[:n_test]
+    scikit-learn's :func:`~sklearn.model_selection.train_test_split`, holding out
+    :math:`\\sum_c \\mathrm{round}(t\\, n_c)` samples (:math:`n_c` the size of class
+    :math:`c`, one class without labels); a stratified split keeps each class's share
+    in both parts to within one sample.
+    """
+    counts = [n] if labels is None else np.unique(labels, return_counts=True)[1]
+    n_test = sum(int(round(test_size * int(count))) for count in counts)
+    if n_test < 1 or n_test >= n:
+        raise ValueError(f"n_samples={n} is too small to hold out test_size={test_size}")
+    model_selection = require("sklearn.model_selection", "splitting a data set")
+    return model_selection.train_test_split(np.arange(n), test_size=n_test, random_state=seed,
+                                            stratify=labels)
 
 
 def load(name: str, *, task: str = "classification", n_samples: int = 1000,
@@ -105,8 +103,9 @@ def load(name: str, *, task: str = "classification", n_samples: int = 1000,
         output (regression targets or class scores).
     test_size : float, default 0.25
         Share of the samples held out, in (0, 1).
-    seed : int, default 0
-        Seeds the split and the synthetic draw; the same seed gives the same arrays.
+    seed : int or None, default 0
+        Seeds the split and the synthetic draw; the same seed gives the same arrays
+        (None: fresh randomness).
     dtype : NumPy floating dtype, default float64
         dtype of the features (and of regression targets).
 
@@ -121,60 +120,57 @@ def load(name: str, *, task: str = "classification", n_samples: int = 1000,
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    if not (isinstance(test_size, (int, float)) and 0 < test_size < 1):
-        raise ValueError(f"test_size must be in (0, 1), got {test_size!r}")
+    test_size = checks.number("test_size", test_size, low=0.0, high=1.0, low_open=True,
+                              high_open=True)
+    if seed is not None:
+        seed = checks.integer("seed", seed, minimum=0)
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    rng = np.random.default_rng(seed)
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        X, y = load_digits(return_X_y=True)
-        train, test = _stratified_split(y, test_size, rng)
+        X, y = require("sklearn.datasets", "the digits data set").load_digits(return_X_y=True)
+        train, test = _split(y.size, test_size, seed, labels=y)
         X = (X / 16.0).astype(dtype)
         return Dataset(name, "classification", X[train], y[train].astype(np.int64),
                        X[test], y[test].astype(np.int64), n_classes=10)
     if name == "diabetes":
-        from sklearn.datasets import load_diabetes
-
-        X, y = load_diabetes(return_X_y=True, scaled=False)
-        train, test = _random_split(y.size, test_size, rng)
+        X, y = require("sklearn.datasets", "the diabetes data set").load_diabetes(
+            return_X_y=True, scaled=False)
+        train, test = _split(y.size, test_size, seed)
         # Statistics of the training part only, so nothing leaks from the test part.
         x_mean, x_std = X[train].mean(axis=0), X[train].std(axis=0)
         y_mean, y_std = y[train].mean(), y[train].std()
         X = ((X - x_mean) / x_std).astype(dtype)
         y = ((y - y_mean) / y_std).astype(dtype)
         return Dataset(name, "regression", X[train], y[train], X[test], y[test])
-    return _synthetic(task, n_samples, n_features, n_classes, noise, test_size, rng, dtype)
+    return _synthetic(task, n_samples, n_features, n_classes, noise, test_size, seed, dtype)
 
 
 def _synthetic(task: str, n_samples: int, n_features: int, n_classes: int, noise: float,
-               test_size: float, rng: np.random.Generator, dtype: np.dtype) -> Dataset:
+               test_size: float, seed: int | None, dtype: np.dtype) -> Dataset:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    n_samples = _check_positive_int("n_samples", n_samples, 2)
-    n_features = _check_positive_int("n_features", n_features)
-    if not (isinstance(noise, (int, float)) and np.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    n_samples = checks.integer("n_samples", n_samples, minimum=2)
+    n_features = checks.integer("n_features", n_features, minimum=1)
+    noise = checks.number("noise", noise, low=0.0)
     if task == "classification":
-        n_classes = _check_positive_int("n_classes", n_classes, 2)
-    n_test = int(round(test_size * n_samples))
-    if n_test < 1 or n_test >= n_samples:
+        n_classes = checks.integer("n_classes", n_classes, minimum=2)
+    if not 1 <= int(round(test_size * n_samples)) < n_samples:
         raise ValueError(f"n_samples={n_samples} is too small to hold out test_size={test_size}")
+    rng = np.random.default_rng(seed)
     # Drawn directly in float32 when asked: a 60000 x 784 set then never exists in float64.
     X = rng.standard_normal((n_samples, n_features),
                             dtype=np.float32 if dtype == np.float32 else np.float64)
     if task == "regression":
         teacher = rng.standard_normal(n_features) / np.sqrt(n_features)
         y = X @ teacher + noise * rng.standard_normal(n_samples)
-        train, test = _random_split(n_samples, test_size, rng)
+        train, test = _split(n_samples, test_size, seed)
         X, y = X.astype(dtype), y.astype(dtype)
         return Dataset("synthetic", "regression", X[train], y[train], X[test], y[test])
     teacher = rng.standard_normal((n_features, n_classes)) / np.sqrt(n_features)
     scores = X @ teacher + noise * rng.standard_normal((n_samples, n_classes))
     y = np.argmax(scores, axis=1).astype(np.int64)
-    train, test = _random_split(n_samples, test_size, rng)
+    train, test = _split(n_samples, test_size, seed)
     X = X.astype(dtype)
     return Dataset("synthetic", "classification", X[train], y[train], X[test], y[test],
                    n_classes=n_classes)

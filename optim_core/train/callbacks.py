@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks as checks
 from .. import _namespace as ns
 from .regularization import _store
 
@@ -73,20 +74,12 @@ class EarlyStopping(Callback):
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
                  restore_best: bool = True, *, mode: str = "auto") -> None:
         if not isinstance(monitor, str):
-            raise TypeError(f"monitor must be a string, got {monitor!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive integer, got {patience!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) \
-                or not math.isfinite(min_delta) or min_delta < 0:
-            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-        if not isinstance(restore_best, bool):
-            raise TypeError(f"restore_best must be a bool, got {restore_best!r}")
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+            raise checks.WrongTypeError(f"monitor must be a string, got {monitor!r:.80}")
+        self.patience = checks.integer("patience", patience, minimum=1)
+        self.min_delta = checks.number("min_delta", min_delta, low=0.0)
+        self.restore_best = checks.boolean("restore_best", restore_best)
+        checks.choice("mode", mode, ("auto", "min", "max"))
         self.monitor = monitor
-        self.patience = patience
-        self.min_delta = float(min_delta)
-        self.restore_best = restore_best
         self.mode = ("min" if "loss" in monitor else "max") if mode == "auto" else mode
         self._reset()
 
@@ -149,18 +142,30 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (best parameters stay on the host until restored)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"EarlyStopping state must be a dict, got {type(state).__name__}")
         missing = {"best", "best_epoch", "wait", "stopped_epoch", "last_epoch",
                    "best_params"} - set(state)
         if missing:
             raise ValueError(f"EarlyStopping state lacks {sorted(missing)}")
+
+        def epoch_or_none(key: str) -> int | None:
+            value = state[key]
+            return None if value is None else checks.integer(key, value, minimum=1)
+
+        # Everything checked and converted before anything is written.
+        best = None if state["best"] is None else checks.number("best", state["best"])
+        best_epoch, stopped_epoch = epoch_or_none("best_epoch"), epoch_or_none("stopped_epoch")
+        last_epoch = epoch_or_none("last_epoch")
+        wait = checks.integer("wait", state["wait"], minimum=0)
         best_params = state["best_params"]
         if best_params is not None:
+            if not isinstance(best_params, dict) or not all(
+                    isinstance(value, np.ndarray) for value in best_params.values()):
+                raise TypeError("EarlyStopping best_params must be a dict of NumPy arrays")
             best_params = {name: np.array(value, copy=True) for name, value in best_params.items()}
-        self.best = state["best"]
-        self.best_epoch = state["best_epoch"]
-        self.wait = int(state["wait"])
-        self.stopped_epoch = state["stopped_epoch"]
-        self._last_epoch = state["last_epoch"]
+        self.best, self.best_epoch, self.wait = best, best_epoch, wait
+        self.stopped_epoch, self._last_epoch = stopped_epoch, last_epoch
         self._best_params = best_params
 
     def __repr__(self) -> str:

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _checks as checks
+
 __all__ = [
     "Schedule",
     "Constant",
@@ -60,25 +62,19 @@ Schedule = Callable[[float, int], float]
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    return step
+    # Called at every step: the common case (a Python int >= 0) costs one type test.
+    if type(step) is int and step >= 0:
+        return step
+    return checks.integer("step", step, minimum=0)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    checks.integer(name, value, minimum=1)
 
 
 def _check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
                   low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and \
-             (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+    checks.number(name, value, low=low, high=high, low_open=low_open, high_open=high_open)
 
 
 @dataclass(frozen=True)
@@ -210,8 +206,7 @@ class OneCycle:
         _check_number("pct_start", self.pct_start, high=1.0, low_open=True, high_open=True)
         _check_number("div_factor", self.div_factor, low_open=True)
         _check_number("final_div_factor", self.final_div_factor, low_open=True)
-        if self.anneal not in ("cos", "linear"):
-            raise ValueError(f"anneal must be 'cos' or 'linear', got {self.anneal!r}")
+        checks.choice("anneal", self.anneal, ("cos", "linear"))
         if float(self.pct_start * self.total_steps) - 1 <= 0 or \
                 self.total_steps - 1 <= float(self.pct_start * self.total_steps) - 1:
             raise ValueError(f"total_steps={self.total_steps} with pct_start={self.pct_start} "
@@ -302,17 +297,16 @@ class ReduceOnPlateau:
     def __init__(self, factor: float = 0.1, patience: int = 10, *, monitor: str = "val_loss",
                  mode: str = "auto", threshold: float = 1e-4, threshold_mode: str = "rel",
                  cooldown: int = 0, min_lr: float = 0.0, schedule: Schedule | None = None) -> None:
-        _check_number("factor", factor, low_open=True, high=1.0, high_open=True)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
-        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
-            raise ValueError(f"cooldown must be an integer >= 0, got {cooldown!r}")
-        _check_number("threshold", threshold)
-        _check_number("min_lr", min_lr)
-        if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        factor = checks.number("factor", factor, low=0.0, low_open=True, high=1.0,
+                               high_open=True)
+        patience = checks.integer("patience", patience, minimum=0)
+        cooldown = checks.integer("cooldown", cooldown, minimum=0)
+        threshold = checks.number("threshold", threshold, low=0.0)
+        min_lr = checks.number("min_lr", min_lr, low=0.0)
+        checks.choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        checks.choice("mode", mode, ("auto", "min", "max"))
+        if not isinstance(monitor, str):
+            raise checks.WrongTypeError(f"monitor must be a string, got {monitor!r:.80}")
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be callable (base_lr, step) -> lr, got {schedule!r}")
         self.factor = factor
@@ -377,13 +371,18 @@ class ReduceOnPlateau:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
+        if not isinstance(state, dict):
+            raise TypeError(f"ReduceOnPlateau state must be a dict, got {type(state).__name__}")
         missing = {"scale", "best", "num_bad_epochs", "cooldown_counter"} - set(state)
         if missing:
             raise ValueError(f"ReduceOnPlateau state lacks {sorted(missing)}")
-        self.scale = float(state["scale"])
-        self.best = None if state["best"] is None else float(state["best"])
-        self.num_bad_epochs = int(state["num_bad_epochs"])
-        self.cooldown_counter = int(state["cooldown_counter"])
+        # Everything checked before anything is written.
+        scale = checks.number("scale", state["scale"], low=0.0)
+        best = None if state["best"] is None else checks.number("best", state["best"])
+        bad_epochs = checks.integer("num_bad_epochs", state["num_bad_epochs"], minimum=0)
+        cooldown = checks.integer("cooldown_counter", state["cooldown_counter"], minimum=0)
+        self.scale, self.best = scale, best
+        self.num_bad_epochs, self.cooldown_counter = bad_epochs, cooldown
 
     def __repr__(self) -> str:
         return (f"ReduceOnPlateau(factor={self.factor}, patience={self.patience}, "
