@@ -91,3 +91,76 @@ def test_a_source_checkout_maps_its_backends_into_the_package(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "optim_core", "--help"], cwd=checkout,
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0 and "compare" in cli.stdout, cli.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- extras
+TOOLKIT_EXTRAS = {"tqdm", "scikit-learn", "matplotlib"}
+
+
+def _requirements(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+    return [line.split(":", 1)[1].strip() for line in text.splitlines()
+            if line.startswith("Requires-Dist:")]
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+
+
+def test_the_core_install_is_numpy_array_api_compat_and_numba_alone(wheel):
+    requirements = _requirements(wheel)
+    core = {_name(r) for r in requirements if "extra ==" not in r}
+    assert core == {"numpy", "array-api-compat", "numba"}
+    train = {_name(r) for r in requirements if "extra == \"train\"" in r}
+    assert train == TOOLKIT_EXTRAS
+    # CI installs ".[test,torch]": the test extra brings the toolkit's extras too.
+    test = {_name(r) for r in requirements if "extra == \"test\"" in r}
+    assert TOOLKIT_EXTRAS <= test
+
+
+def test_without_the_train_extra_the_optimizers_work_and_the_toolkit_says_what_to_install():
+    # As if tqdm, scikit-learn and matplotlib were not installed.
+    script = """
+import sys
+for name in ("tqdm", "sklearn", "matplotlib"):
+    sys.modules[name] = None
+import numpy as np
+import optim_core
+from optim_core import datasets, fit, models, tools
+from optim_core.optim.registry import OPTIMIZERS
+from optim_core.tools import cli
+
+for name, cls in OPTIMIZERS.items():
+    params = {"w": np.ones(3, np.float32), "b": np.zeros((), np.float32)}
+    before = params["w"].copy()
+    cls(params).step({"w": np.full(3, 0.5, np.float32), "b": np.array(0.5, np.float32)})
+    assert not np.array_equal(params["w"], before), name
+X = np.random.default_rng(0).normal(size=(40, 3))
+y = X.sum(axis=1)
+history = fit(models.LinearRegression(3), X, y, optimizer="adam", lr=0.1, epochs=3,
+              progress=False, seed=0)
+assert history.train_loss[-1] < history.train_loss[0]
+for call in (lambda: fit(models.LinearRegression(3), X, y, epochs=1, seed=0),
+             lambda: datasets.load("digits"),
+             lambda: datasets.load("synthetic"),
+             lambda: tools.tune(models.LinearRegression(3), X, y, optimizers=["sgd"],
+                                lrs=[0.1], batch_sizes=[8], k=2, epochs=1)):
+    try:
+        call()
+    except ImportError as exc:
+        assert "pip install 'optim-core[train]'" in str(exc), exc
+    else:
+        raise AssertionError("no ImportError")
+assert cli.main(["compare", "--no-progress"]) == 1
+assert not [m for m in ("tqdm", "sklearn", "matplotlib") if sys.modules.get(m)]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+    assert "scikit-learn, which is not installed" in result.stderr

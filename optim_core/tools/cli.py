@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..train.extras import MissingExtraError
 from . import datasets
 
 __all__ = ["main", "build_parser", "parse_optimizer_spec", "DEFAULT_COMPARE"]
@@ -502,7 +503,8 @@ _COMMANDS = {"compare": _cmd_compare, "lr-find": _cmd_lr_find, "tune": _cmd_tune
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``optim-core`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
 
-    Exit status 0 on success, 2 for a bad flag or value (with a message on stderr).
+    Exit status 0 on success, 2 for a bad flag or value, 1 when an optional dependency
+    of the command is not installed (with a message on stderr naming the extra).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -516,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _COMMANDS[args.command](args)
     except UsageError as exc:
         args.subparser.error(str(exc))  # prints usage and the message, exits with 2
+    except MissingExtraError as exc:
+        print(f"optim-core {args.command}: {exc}", file=sys.stderr)
+        return 1
     if args.command in ("compare", "lr-find", "tune"):
         print(f"done in {time.perf_counter() - start:.1f} s")
     return status

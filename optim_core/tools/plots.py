@@ -1,7 +1,8 @@
 """PNG plots of training runs: loss curves per optimizer and the LR finder curve.
 
-matplotlib is imported when a plot is drawn, never with the package, and each
-figure gets its own Agg canvas, so no global matplotlib backend is changed.
+matplotlib (the ``[train]`` extra) is imported when a plot is drawn, never with the
+package, and each figure gets its own Agg canvas, so no global matplotlib backend is
+changed.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..train.extras import require
+
 __all__ = ["plot_loss_curves", "plot_lr_finder"]
 
 
 def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    Figure = require("matplotlib.figure", "a plot").Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "a plot").FigureCanvasAgg
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     return figure

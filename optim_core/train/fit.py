@@ -343,7 +343,8 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         Seeds the initial parameters, the order of the samples and dropout; None
         draws one from the operating system (recorded in :attr:`History.seed`).
     progress : bool
-        Show a tqdm progress bar over the epochs.
+        Show a tqdm progress bar over the epochs (on stderr). tqdm comes with the
+        ``[train]`` extra; without it ``progress=True`` raises an ImportError saying so.
     nonfinite : {"raise", "skip", "propagate"}, optional
         The optimizer's policy for NaN or infinite gradients (see
         :class:`~optim_core.Optimizer`); None means "raise" for an optimizer built
