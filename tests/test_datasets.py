@@ -14,12 +14,11 @@ def test_digits_is_a_stratified_75_25_split_scaled_to_unit_interval():
     assert data.X_train.shape == (1347, 64) and data.X_test.shape == (450, 64)
     assert data.X_train.min() == 0.0 and data.X_train.max() == 1.0
     assert data.y_train.dtype == np.int64
-    # Each class keeps (to rounding, a tie either way) a quarter of its samples in the test
-    # part: scikit-learn's stratified split.
+    # Each class keeps (to rounding) a quarter of its samples in the test part.
     for label in range(10):
         n_test = np.sum(data.y_test == label)
         n_all = n_test + np.sum(data.y_train == label)
-        assert abs(n_test - 0.25 * n_all) <= 0.5
+        assert n_test == round(0.25 * n_all)
     from sklearn.datasets import load_digits
 
     original = load_digits().data / 16.0

@@ -146,7 +146,6 @@ history = fit(models.LinearRegression(3), X, y, optimizer="adam", lr=0.1, epochs
 assert history.train_loss[-1] < history.train_loss[0]
 for call in (lambda: fit(models.LinearRegression(3), X, y, epochs=1, seed=0),
              lambda: datasets.load("digits"),
-             lambda: datasets.load("synthetic"),
              lambda: tools.tune(models.LinearRegression(3), X, y, optimizers=["sgd"],
                                 lrs=[0.1], batch_sizes=[8], k=2, epochs=1)):
     try:
@@ -155,6 +154,7 @@ for call in (lambda: fit(models.LinearRegression(3), X, y, epochs=1, seed=0),
         assert "pip install 'optim-core[train]'" in str(exc), exc
     else:
         raise AssertionError("no ImportError")
+assert datasets.load("synthetic", n_samples=40).X_train.shape == (30, 20)
 assert cli.main(["compare", "--no-progress"]) == 1
 assert not [m for m in ("tqdm", "sklearn", "matplotlib") if sys.modules.get(m)]
 print("ok")

@@ -8,10 +8,10 @@
 * ``"synthetic"``: a regression or classification problem of any size, drawn
   from a seed: standard normal features and a random linear teacher.
 
-Splits are scikit-learn's ``train_test_split`` (stratified by class for digits),
-holding out ``round(test_size * n)`` samples. scikit-learn (the ``[train]`` extra) is
-imported when a data set is loaded; both real sets ship inside its wheel, so loading
-them needs no network.
+scikit-learn (the ``[train]`` extra) is imported only for the two real data sets,
+and both ship inside its wheel, so loading them needs no network. The splits are
+drawn here from the seed, not by scikit-learn's ``train_test_split``: its split is
+another one, and the notebooks' measured conclusions were drawn on this one.
 """
 
 from __future__ import annotations
@@ -67,22 +67,23 @@ class Dataset:
                 f"{self.X_test.shape[0]} test samples, {self.n_features} features")
 
 
-def _split(n: int, test_size: float, seed: int | None, labels: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test indices, stratified by ``labels`` when given.
+def _stratified_split(y: np.ndarray, test_size: float, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a split keeping each class's share (rounded) in both parts."""
+    train, test = [], []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        n_test = int(round(test_size * members.size))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
-    scikit-learn's :func:`~sklearn.model_selection.train_test_split`, holding out
-    :math:`\\sum_c \\mathrm{round}(t\\, n_c)` samples (:math:`n_c` the size of class
-    :math:`c`, one class without labels); a stratified split keeps each class's share
-    in both parts to within one sample.
-    """
-    counts = [n] if labels is None else np.unique(labels, return_counts=True)[1]
-    n_test = sum(int(round(test_size * int(count))) for count in counts)
-    if n_test < 1 or n_test >= n:
-        raise ValueError(f"n_samples={n} is too small to hold out test_size={test_size}")
-    model_selection = require("sklearn.model_selection", "splitting a data set")
-    return model_selection.train_test_split(np.arange(n), test_size=n_test, random_state=seed,
-                                            stratify=labels)
+
+def _random_split(n: int, test_size: float, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    n_test = int(round(test_size * n))
+    return order[n_test:], order[:n_test]
 
 
 def load(name: str, *, task: str = "classification", n_samples: int = 1000,
@@ -127,27 +128,28 @@ def load(name: str, *, task: str = "classification", n_samples: int = 1000,
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    rng = np.random.default_rng(seed)
     if name == "digits":
         X, y = require("sklearn.datasets", "the digits data set").load_digits(return_X_y=True)
-        train, test = _split(y.size, test_size, seed, labels=y)
+        train, test = _stratified_split(y, test_size, rng)
         X = (X / 16.0).astype(dtype)
         return Dataset(name, "classification", X[train], y[train].astype(np.int64),
                        X[test], y[test].astype(np.int64), n_classes=10)
     if name == "diabetes":
         X, y = require("sklearn.datasets", "the diabetes data set").load_diabetes(
             return_X_y=True, scaled=False)
-        train, test = _split(y.size, test_size, seed)
+        train, test = _random_split(y.size, test_size, rng)
         # Statistics of the training part only, so nothing leaks from the test part.
         x_mean, x_std = X[train].mean(axis=0), X[train].std(axis=0)
         y_mean, y_std = y[train].mean(), y[train].std()
         X = ((X - x_mean) / x_std).astype(dtype)
         y = ((y - y_mean) / y_std).astype(dtype)
         return Dataset(name, "regression", X[train], y[train], X[test], y[test])
-    return _synthetic(task, n_samples, n_features, n_classes, noise, test_size, seed, dtype)
+    return _synthetic(task, n_samples, n_features, n_classes, noise, test_size, rng, dtype)
 
 
 def _synthetic(task: str, n_samples: int, n_features: int, n_classes: int, noise: float,
-               test_size: float, seed: int | None, dtype: np.dtype) -> Dataset:
+               test_size: float, rng: np.random.Generator, dtype: np.dtype) -> Dataset:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     n_samples = checks.integer("n_samples", n_samples, minimum=2)
@@ -157,20 +159,19 @@ def _synthetic(task: str, n_samples: int, n_features: int, n_classes: int, noise
         n_classes = checks.integer("n_classes", n_classes, minimum=2)
     if not 1 <= int(round(test_size * n_samples)) < n_samples:
         raise ValueError(f"n_samples={n_samples} is too small to hold out test_size={test_size}")
-    rng = np.random.default_rng(seed)
     # Drawn directly in float32 when asked: a 60000 x 784 set then never exists in float64.
     X = rng.standard_normal((n_samples, n_features),
                             dtype=np.float32 if dtype == np.float32 else np.float64)
     if task == "regression":
         teacher = rng.standard_normal(n_features) / np.sqrt(n_features)
         y = X @ teacher + noise * rng.standard_normal(n_samples)
-        train, test = _split(n_samples, test_size, seed)
+        train, test = _random_split(n_samples, test_size, rng)
         X, y = X.astype(dtype), y.astype(dtype)
         return Dataset("synthetic", "regression", X[train], y[train], X[test], y[test])
     teacher = rng.standard_normal((n_features, n_classes)) / np.sqrt(n_features)
     scores = X @ teacher + noise * rng.standard_normal((n_samples, n_classes))
     y = np.argmax(scores, axis=1).astype(np.int64)
-    train, test = _split(n_samples, test_size, seed)
+    train, test = _random_split(n_samples, test_size, rng)
     X = X.astype(dtype)
     return Dataset("synthetic", "classification", X[train], y[train], X[test], y[test],
                    n_classes=n_classes)
