@@ -69,6 +69,22 @@ def test_compare_starts_every_run_from_the_same_parameters_and_batches(classific
         np.testing.assert_array_equal(p, before[name])
 
 
+def test_compare_warms_each_run_up_on_a_copy_before_timing_it(classification):
+    # Compilation happens in the warm-up, apart from time_s; the timed run is the plain fit.
+    from optim_core import fit
+
+    d = classification
+    result = tools.compare(SoftmaxRegression(6, 3), d.X_train, d.y_train,
+                           optimizers=["sgd", "adam"], epochs=2, batch_size=16, seed=3)
+    assert list(result.warmup_s) == ["sgd", "adam"]
+    assert all(seconds > 0 for seconds in result.warmup_s.values())
+    assert result.to_dict()["warmup_s"] == result.warmup_s
+    assert "warm-up" in result.format()
+    alone = fit(SoftmaxRegression(6, 3), d.X_train, d.y_train, optimizer="adam", epochs=2,
+                batch_size=16, seed=3, progress=False, nonfinite="propagate")
+    assert result.histories["adam"].train_loss == alone.train_loss
+
+
 def test_compare_reports_a_diverging_optimizer_instead_of_failing(regression):
     d = regression
     result = tools.compare(LinearRegression(5), d.X_train, d.y_train,
