@@ -207,7 +207,7 @@ def _write_module(folder: Path, module_name: str, source: bytes) -> Path:
     differs: an unchanged file keeps its timestamp."""
     path = folder / f"{module_name}.py"
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         current = None
     else:

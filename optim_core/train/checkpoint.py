@@ -152,12 +152,13 @@ def save_checkpoint(path: str | os.PathLike[str], tree: Any) -> None:
 
 
 def _mode_to_keep(path: str) -> int | None:
-    """The permission bits of the regular file ``path`` will replace, if there is one."""
+    """The permission bits (rwx only: never set-id bits on new contents) of the regular
+    file ``path`` will replace, if there is one."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+    return st.st_mode & 0o777 if stat.S_ISREG(st.st_mode) else None
 
 
 def _write_zip(f: Any, manifest_bytes: bytes, arrays: list[tuple[np.ndarray, str]]) -> None:
