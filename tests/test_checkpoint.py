@@ -8,8 +8,13 @@ import math
 import os
 import pickle
 import re
+import stat
+import struct
 import subprocess
 import sys
+import threading
+import time
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -38,6 +43,7 @@ def assert_same_tree(actual, expected):
             assert_same_tree(a, e)
     elif isinstance(expected, float) and math.isnan(expected):
         assert type(actual) is float and math.isnan(actual)
+        assert struct.pack("<d", actual) == struct.pack("<d", expected)  # sign and payload
     else:
         assert type(actual) is type(expected)
         assert actual == expected
@@ -269,12 +275,12 @@ def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
 
 
-def _forge(path, members: dict[str, bytes]) -> None:
+def _forge(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> None:
     """A file with a valid checksum trailer around arbitrary members: what an attacker can make."""
     from optim_core import checkpoint
 
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
         zf.comment = checkpoint._CHECKSUM_PREFIX + b"0" * 64
         for name, data in members.items():
             zf.writestr(name, data)
@@ -379,6 +385,320 @@ def test_bfloat16_load_without_ml_dtypes_says_what_is_missing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")],
                          capture_output=True, text=True, check=True).stdout
     assert "ImportError" in out and "ml_dtypes" in out and "bfloat16" in out
+
+
+# --------------------------------------------------------------------------- bounded loading
+def _npy(array) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def _npy_header(shape, descr="<f8") -> bytes:
+    """A .npy header alone, declaring ``shape``: no data follows."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return out.getvalue()
+
+
+def _peak_bytes_of(call) -> int:
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+BOMB = 32 << 20  # 32 MiB of zeros; the reported file inflated 3 KB into 7.7 GB the same way
+
+
+@pytest.mark.parametrize("member", ["manifest", "array"])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_DEFLATED],
+                         ids=["bzip2", "deflate"])
+def test_a_compressed_member_is_refused_before_it_is_inflated(tmp_path, member, compression):
+    count = BOMB // 8
+    manifest = _manifest([{"dtype": "<f8", "storage": "<f8", "shape": [count]}])
+    if member == "manifest":  # valid JSON padded with spaces to 32 MiB
+        members = {"manifest.json": manifest + b" " * BOMB}
+    else:
+        members = {"manifest.json": manifest, "array_0.npy": _npy(np.zeros(count))}
+    _forge(tmp_path / "bomb", members, compression)
+    assert (tmp_path / "bomb").stat().st_size < 200_000
+
+    def load():
+        with pytest.raises(CheckpointError, match="compressed") as info:
+            load_checkpoint(tmp_path / "bomb")
+        assert str(tmp_path / "bomb") in str(info.value)
+
+    assert _peak_bytes_of(load) < 2 << 20  # nothing inflated, nothing allocated
+
+
+@pytest.mark.parametrize("shape", [[10**12], [2**62, 2**62], [2**40, 0, 2**40], [3, 10**15]])
+def test_declared_sizes_beyond_the_file_are_refused_before_allocating(tmp_path, shape):
+    _forge(tmp_path / "f", {"manifest.json": _manifest([{"dtype": "<f8", "storage": "<f8",
+                                                         "shape": shape}]),
+                            "array_0.npy": _npy_header(shape) + b"\0" * 64})
+
+    def load():
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "f"))):
+            load_checkpoint(tmp_path / "f")
+
+    assert _peak_bytes_of(load) < 1 << 20
+
+
+@pytest.mark.parametrize("tree, match", [
+    ("[" * 100_000 + "]" * 100_000, "nests"),
+    ('{"dict": {"a": ' * 50_000 + "null" + "}}" * 50_000, "nests"),
+    ("[" * 150 + "]" * 150, "deeper than 100"),
+    ('{"array": 0}, "extra": 1', "malformed|the tree holds"),
+])
+def test_deep_or_odd_manifests_raise_checkpoint_error(tmp_path, tree, match):
+    manifest = ('{"format": "optim-core-checkpoint", "version": 1, "tree": ' + tree
+                + ', "arrays": []}').encode()
+    _forge(tmp_path / "f", {"manifest.json": manifest})
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "f")
+
+
+@pytest.mark.parametrize("dtype, storage", [
+    ("finfo", "<u8"), ("iinfo", "<u8"),  # ml_dtypes classes that are no array dtype
+    ("float8_e5m2", "<u2"), ("bfloat16", "<f2"), ("object", "<u8"), ("<f8", "<f8 "),
+    ("x", "<f1"), ("x", "<c4"), ("x", "(2,)<f8"), ("x", "<f8,<f8"), ("x", "<M8[s]"),
+])
+def test_dtype_names_that_are_not_array_dtypes_raise_checkpoint_error(tmp_path, dtype,
+                                                                      storage):
+    pytest.importorskip("ml_dtypes")
+    _forge(tmp_path / "f", {
+        "manifest.json": _manifest([{"dtype": dtype, "storage": storage, "shape": [2]}]),
+        "array_0.npy": _npy(np.zeros(2, np.uint8 if storage == "<f1" else np.uint64))})
+    with pytest.raises(CheckpointError, match="dtype"):
+        load_checkpoint(tmp_path / "f")
+
+
+@pytest.mark.parametrize("shape", [[-1], [2.0], [True], ["2"], [1] * 65, "2"])
+def test_malformed_shapes_raise_checkpoint_error(tmp_path, shape):
+    _forge(tmp_path / "f", {
+        "manifest.json": _manifest([{"dtype": "<f8", "storage": "<f8", "shape": shape}]),
+        "array_0.npy": _npy(np.zeros(2))})
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "f")
+
+
+def test_members_the_writer_never_makes_are_refused(tmp_path):
+    good = {"manifest.json": _manifest([{"dtype": "<f8", "storage": "<f8", "shape": [2]}]),
+            "array_0.npy": _npy(np.zeros(2))}
+    for extra in ({"array_1.npy": _npy(np.zeros(2))}, {"../evil": b"x"},
+                  {"array_01.npy": b""}):
+        _forge(tmp_path / "f", {**good, **extra})
+        with pytest.raises(CheckpointError, match="member"):
+            load_checkpoint(tmp_path / "f")
+    # One array referenced twice by the tree: two leaves would share memory.
+    _forge(tmp_path / "f", {
+        "manifest.json": json.dumps({"format": "optim-core-checkpoint", "version": 1,
+                                     "tree": [{"array": 0}, {"array": 0}],
+                                     "arrays": [{"dtype": "<f8", "storage": "<f8",
+                                                 "shape": [2]}]}).encode(),
+        "array_0.npy": _npy(np.zeros(2))})
+    with pytest.raises(CheckpointError, match="malformed"):
+        load_checkpoint(tmp_path / "f")
+
+
+@pytest.mark.parametrize("path", ["/proc/self/status", "/proc/self/mem", "/proc/self/pagemap",
+                                  "/proc/self/environ", "/dev/null", "/dev/zero", "/"])
+def test_special_files_raise_checkpoint_error_naming_them(path):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} does not exist here")
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        load_checkpoint(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_fails_at_once_instead_of_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def load():
+        try:
+            load_checkpoint(fifo)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # release the blocked open() so the thread can end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail("load_checkpoint blocked on a FIFO")
+    print(f"FIFO refused in {time.monotonic() - started:.3f} s")
+    assert len(outcome) == 1 and isinstance(outcome[0], CheckpointError), outcome
+    assert "FIFO" in str(outcome[0]) and str(fifo) in str(outcome[0])
+
+
+# --------------------------------------------------------------------------- whatever save accepts
+def _every_dtype():
+    """Every dtype NumPy and ml_dtypes offer: scalar types in both byte orders, parametrized
+    kinds, structured dtypes (a subarray dtype is no array's dtype: NumPy expands it)."""
+    found = {}
+    for scalar_type in set(np.sctypeDict.values()):
+        dtype = np.dtype(scalar_type)
+        for variant in {dtype, dtype.newbyteorder(">"), dtype.newbyteorder("<")}:
+            found[variant.str + variant.name] = variant
+    for text in ("M8[s]", ">m8[ns]", "S5", "U3", "V4", "<f8,<i4", "<f8,(2,)<i4"):
+        found[text] = np.dtype(text)
+    if hasattr(np, "dtypes") and hasattr(np.dtypes, "StringDType"):
+        found["StringDType"] = np.dtypes.StringDType()
+    try:
+        import ml_dtypes
+    except ImportError:
+        pass
+    else:
+        for name in dir(ml_dtypes):
+            candidate = getattr(ml_dtypes, name)
+            if isinstance(candidate, type) and name not in ("finfo", "iinfo"):
+                found[name] = np.dtype(candidate)
+                swapped = found[name].newbyteorder()
+                found[swapped.str + name] = swapped
+    unique = {(d.str, d.name, d.type.__module__): d for d in found.values()}
+    return sorted(unique.values(), key=lambda d: (d.type.__module__, d.name, d.str))
+
+
+EVERY_DTYPE = _every_dtype()
+
+
+def _array_of(dtype, shape, data):
+    """An array of ``dtype`` and ``shape`` filled from the random bytes ``data``."""
+    count = math.prod(shape)
+    if dtype.hasobject or dtype.kind == "T":
+        values = [str(b) for b in data[:count]] + ["x"] * max(0, count - len(data))
+        return np.array(values, dtype=dtype).reshape(shape)
+    if not dtype.itemsize:
+        return np.zeros(shape, dtype)
+    size = count * dtype.itemsize
+    raw = (data * (size // max(len(data), 1) + 1))[:size] if data else bytes(size)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def _refused_by_design(dtype):
+    """What a checkpoint does not hold: datetimes, strings, bytes, objects, structured
+    records, and ml_dtypes types in non-native byte order."""
+    if dtype.type.__module__.startswith("ml_dtypes"):
+        return not dtype.isnative
+    return dtype.kind in "MmSUVOT" or dtype.names is not None
+
+
+ROUND_TRIPS = {"tried": 0, "round-tripped": 0, "refused": 0}
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(dtype=st.sampled_from(EVERY_DTYPE),
+       shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
+       data=st.binary(min_size=0, max_size=64), transpose=st.booleans())
+def test_every_dtype_round_trips_or_is_refused_before_touching_the_file(tmp_path, dtype,
+                                                                         shape, data,
+                                                                         transpose):
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, {"previous": np.arange(3)})
+    previous = path.read_bytes()
+    array = _array_of(dtype, shape, data)
+    if transpose:
+        array = array.T  # Fortran order when 2-D or more
+    ROUND_TRIPS["tried"] += 1
+    try:
+        save_checkpoint(path, {"a": array})
+    except TypeError:
+        ROUND_TRIPS["refused"] += 1
+        assert path.read_bytes() == previous  # the good checkpoint is untouched
+        assert os.listdir(tmp_path) == ["run.ckpt"]
+        assert _refused_by_design(dtype), dtype
+        return
+    assert not _refused_by_design(dtype), dtype
+    loaded = load_checkpoint(path)["a"]
+    ROUND_TRIPS["round-tripped"] += 1
+    assert loaded.dtype == array.dtype and loaded.shape == array.shape
+    assert loaded.tobytes(order="A") == array.tobytes(order="A")
+    assert loaded.flags.writeable
+
+
+def test_the_dtype_property_test_covered_both_outcomes():
+    if not ROUND_TRIPS["tried"]:
+        pytest.skip("run with the property test")
+    print(f"\ndtype round trips: {ROUND_TRIPS} over {len(EVERY_DTYPE)} dtypes")
+    assert ROUND_TRIPS["round-tripped"] and ROUND_TRIPS["refused"]
+
+
+@pytest.mark.parametrize("dtype", EVERY_DTYPE, ids=lambda d: f"{d.str}-{d.name}")
+def test_each_dtype_round_trips_or_is_refused(tmp_path, dtype):
+    array = _array_of(dtype, (2, 3), bytes(range(7, 256, 3)))
+    try:
+        save_checkpoint(tmp_path / "c", [array])
+    except TypeError:
+        assert not os.listdir(tmp_path)
+        assert _refused_by_design(dtype), dtype
+        return
+    assert not _refused_by_design(dtype), dtype
+    (loaded,) = load_checkpoint(tmp_path / "c")
+    assert loaded.dtype == dtype and loaded.tobytes() == array.tobytes()
+
+
+def test_float8_e5m2_and_complex32_round_trip(tmp_path):
+    """Both register with NumPy as native kinds ('<f1', '<c4') that np.dtype cannot parse."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    tree = {"f8": np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e5m2),
+            "c32": np.arange(8, dtype=np.uint32).view(ml_dtypes.complex32)}
+    save_checkpoint(tmp_path / "c", tree)
+    assert_same_tree(load_checkpoint(tmp_path / "c"), tree)
+
+
+@pytest.mark.parametrize("value", [10**5000, -(10**5000), 2**63, -(2**63) - 1, 2**63 - 1,
+                                   -(2**63), 2**100_000 + 1],
+                         ids=["1e5000", "-1e5000", "2**63", "-2**63-1", "2**63-1", "-2**63",
+                              "2**100000+1"])
+def test_integers_of_any_size_round_trip(tmp_path, value):
+    save_checkpoint(tmp_path / "c", {"step": value})
+    assert load_checkpoint(tmp_path / "c") == {"step": value}
+
+
+def test_nan_payloads_and_signs_round_trip(tmp_path):
+    bits = [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF0000000000001, 0x7FF4000000000000,
+            0xFFFFFFFFFFFFFFFF]
+    values = [struct.unpack("<d", struct.pack("<Q", b))[0] for b in bits]
+    save_checkpoint(tmp_path / "c", values)
+    loaded = load_checkpoint(tmp_path / "c")
+    assert [struct.unpack("<Q", struct.pack("<d", v))[0] for v in loaded] == bits
+
+
+def test_trees_too_deep_or_holding_themselves_are_refused_before_writing(tmp_path):
+    deep = []
+    for _ in range(150):
+        deep = [deep]
+    cycle = []
+    cycle.append(cycle)
+    for bad in (deep, cycle, {"a": cycle}):
+        with pytest.raises(ValueError, match="nest deeper than 100"):
+            save_checkpoint(tmp_path / "c", bad)
+    assert not os.listdir(tmp_path)
+    ok = []
+    for _ in range(99):
+        ok = [ok]
+    save_checkpoint(tmp_path / "c", ok)
+    assert load_checkpoint(tmp_path / "c") == ok
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o604, 0o660])
+def test_replacing_a_checkpoint_keeps_its_mode(tmp_path, mode):
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, {"v": 1})
+    path.chmod(mode)
+    save_checkpoint(path, {"v": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert load_checkpoint(path) == {"v": 2}
 
 
 # --------------------------------------------------------------------------- resume

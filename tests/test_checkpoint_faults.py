@@ -26,15 +26,32 @@ SIZE = 1 << 17  # 1 MiB of float64 per version: a save takes long enough to be c
 # Run in the child with exec(): a test module cannot be pickled by reference under
 # pytest's importlib mode, the builtin exec can.
 WRITER = """
+import os
+import time
+
 import numpy as np
 from optim_core import save_checkpoint
 
+if pin == "mid-save":  # stop inside the first save, its temporary file written and fsynced
+    real_fsync = os.fsync
+
+    def fsync_then_wait(fd):
+        real_fsync(fd)
+        conn.send("mid-save")
+        time.sleep(600)
+
+    os.fsync = fsync_then_wait
 conn.send("ready")
 k = start
 while True:
     k += 1
     save_checkpoint(path, {"counter": k, "w": np.full(size, float(k)), "tag": "AB"[k % 2]})
+    if pin == "after-save":
+        conn.send("saved")
 """
+#: Kills at a moment the writer reports (not a moment guessed by a delay), so both kinds of
+#: kill happen however loaded the machine is.
+PINNED = ["mid-save"] * 5 + ["after-save"] * 5
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not hasattr(signal, "SIGKILL"),
                                 reason="needs fork and SIGKILL (POSIX)")
@@ -67,18 +84,27 @@ def test_writer_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
     rng = random.Random(20240601)
     last = 0
     outcomes = {"advanced": 0, "unchanged": 0, "temp_left": 0}
-    for _ in range(TRIALS):
+    pinned = {"mid-save": {"temp_left": 0}, "after-save": {"advanced": 0}}
+    trials = [None] * TRIALS + PINNED
+    rng.shuffle(trials)
+    for pin in trials:
         receiver, sender = context.Pipe(duplex=False)
         writer = context.Process(target=exec, args=(WRITER, {
-            "path": path, "start": last, "size": SIZE, "conn": sender}), daemon=True)
+            "path": path, "start": last, "size": SIZE, "conn": sender, "pin": pin}),
+            daemon=True)
         writer.start()
         sender.close()
         assert receiver.poll(60), "the writer never started"
         receiver.recv()
-        # Cut anywhere from the first write to several saves later.
-        delay = rng.choice([0.0, rng.uniform(0, save_seconds), rng.uniform(0, 5 * save_seconds)])
-        if delay:
-            time.sleep(delay)
+        if pin is None:
+            # Cut anywhere from the first write to several saves later.
+            delay = rng.choice([0.0, rng.uniform(0, save_seconds),
+                                rng.uniform(0, 5 * save_seconds)])
+            if delay:
+                time.sleep(delay)
+        else:
+            assert receiver.poll(60), f"the writer never reported {pin}"
+            receiver.recv()
         os.kill(writer.pid, signal.SIGKILL)
         writer.join(30)
         assert writer.exitcode == -signal.SIGKILL
@@ -88,17 +114,22 @@ def test_writer_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
         assert all(name.startswith(".run.ckpt.") and name.endswith(".tmp") for name in temps)
         k = assert_whole_version(load_checkpoint(path))
         assert k >= last, "a checkpoint older than one already seen came back"
-        outcomes["advanced" if k > last else "unchanged"] += 1
-        outcomes["temp_left"] += bool(temps)
+        if pin is None:
+            outcomes["advanced" if k > last else "unchanged"] += 1
+            outcomes["temp_left"] += bool(temps)
+        elif pin == "mid-save":
+            pinned[pin]["temp_left"] += bool(temps) and k == last
+        else:
+            pinned[pin]["advanced"] += k > last
         last = k
         for name in temps:  # the documented cleanup: stale temporaries may be deleted
             os.unlink(tmp_path / name)
 
-    print(f"\n{TRIALS} SIGKILL trials: {outcomes}; last version {last}; "
-          f"one save takes {save_seconds * 1e3:.1f} ms")
-    # The test exercised both kinds of kill: mid-save (a temporary was left) and after
-    # saves completed (the checkpoint moved on).
-    assert outcomes["temp_left"] > 0 and outcomes["advanced"] > 0
+    print(f"\n{TRIALS} SIGKILL trials at random moments: {outcomes}; pinned: {pinned}; "
+          f"last version {last}; one save takes {save_seconds * 1e3:.1f} ms")
+    # Both kinds of kill happened, whatever the timing: mid-save (a temporary was left, the
+    # previous checkpoint stayed) and after a completed save (the checkpoint moved on).
+    assert pinned == {"mid-save": {"temp_left": 5}, "after-save": {"advanced": 5}}
 
 
 def test_a_save_failing_midway_keeps_the_old_checkpoint_and_removes_its_temp(tmp_path,
