@@ -46,10 +46,10 @@ from .flat import FlatStorage
 from .language import UpdateRule
 from .memory import check_no_overlap
 from .param_group import (
-    HYPERPARAMETERS,
     SCHEDULER_KEYS,
     STRUCTURE_KEYS,
     GroupSchema,
+    Hyperparameter,
     ParamGroup,
 )
 from .registry import register
@@ -111,6 +111,9 @@ class Optimizer:
     #: The hyperparameters :meth:`check_relations` relates; writing one of them checks
     #: the relations again.
     related_hyperparameters: ClassVar[frozenset[str]] = frozenset()
+    #: Checks of hyperparameters this optimizer has and the shared table
+    #: (:data:`~optim_core.optim.param_group.HYPERPARAMETERS`) lacks, by name.
+    hyperparameter_checks: ClassVar[Mapping[str, Hyperparameter]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -496,7 +499,7 @@ class Optimizer:
         """Where each of the rule's scalars comes from: ``(name, hyperparameter, part)``;
         a hyperparameter of None for one only ``scalars`` (or ``first_step``) gives."""
         parts = {part: (hyper, i) for hyper in self.defaults
-                 for i, part in enumerate(HYPERPARAMETERS[hyper].parts)}
+                 for i, part in enumerate(self._schema.specs[hyper].parts)}
         sources = []
         for name in self.rule.scalars:
             if name in parts:

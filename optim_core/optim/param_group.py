@@ -56,7 +56,8 @@ def _beta_pair(name: str, value: Any) -> tuple[float, float]:
     return _checks.number_pair(name, value, low=0, high=1, high_open=True)
 
 
-#: Every hyperparameter name any optimizer uses, and how it is checked wherever it appears.
+#: The hyperparameters the optimizers share, and how each is checked wherever it appears;
+#: an optimizer with one of its own declares it in ``Optimizer.hyperparameter_checks``.
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "lr": Hyperparameter(_nonnegative),
     "eps": Hyperparameter(_nonnegative),
@@ -100,17 +101,24 @@ class GroupSchema:
         The names of its hyperparameters (its defaults' keys).
     """
 
-    __slots__ = ("optimizer", "hyperparameters", "related")
+    __slots__ = ("optimizer", "hyperparameters", "related", "specs")
 
     def __init__(self, optimizer: type, hyperparameters: Iterable[str]) -> None:
         self.optimizer = optimizer
         self.hyperparameters = frozenset(hyperparameters)
         self.related = frozenset(optimizer.related_hyperparameters)
+        table = {**HYPERPARAMETERS, **optimizer.hyperparameter_checks}
+        unchecked = sorted(self.hyperparameters - set(table))
+        if unchecked:
+            raise TypeError(f"{optimizer.__name__} has hyperparameters {unchecked} that no "
+                            "check covers: declare them in its hyperparameter_checks")
+        self.specs = {name: table[name] for name in self.hyperparameters}
 
     def check(self, key: str, value: Any) -> Any:
         """The value to store under ``key``, or an error naming it."""
-        if key in self.hyperparameters:
-            return HYPERPARAMETERS[key].check(key, value)
+        spec = self.specs.get(key)
+        if spec is not None:
+            return spec.check(key, value)
         if key == "params":
             if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
                 raise _checks.WrongTypeError(f"params of a group must be a list of arrays, "
