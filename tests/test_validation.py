@@ -496,3 +496,171 @@ def test_missing_scalar_group_state_is_refused(name):
 def test_load_state_dict_refuses_a_non_dict():
     with pytest.raises(TypeError):
         stepped("Adam").load_state_dict([1, 2, 3])
+
+
+# ------------------------------------------------------------- load_state_dict completeness
+@pytest.mark.parametrize("name", [n for n in NAMES if with_states(n)])
+def test_a_state_missing_a_buffer_for_some_parameters_is_refused(name):
+    source, target = stepped(name, steps=3), stepped(name, steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    state_dict["state"][1].popitem()  # "b" loses one buffer, "w" keeps all
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="same state entries"):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+
+
+def test_a_stepped_group_without_a_required_state_is_refused():
+    source, target = stepped("Adam", steps=3), stepped("Adam", steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    for state in state_dict["state"]:
+        del state["exp_avg_sq"]
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="lacks.*exp_avg_sq"):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+    state_dict["group_state"][0]["step"] = 0  # never stepped: no state at all is fine
+    for state in state_dict["state"]:
+        state.clear()
+    target.load_state_dict(state_dict)
+    assert target.state == [[{}, {}]]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if scalar_group_state(n)])
+@pytest.mark.parametrize("value", ["0.5", None, [0.5], float("nan"), True])
+def test_non_numeric_group_state_scalars_are_refused(name, value):
+    source, target = stepped(name, steps=3), stepped(name, steps=1)
+    for key in scalar_group_state(name):
+        state_dict = copy.deepcopy(source.state_dict())
+        state_dict["group_state"][0][key] = value
+        before = snapshot(target)
+        with pytest.raises(ValueError, match=key):
+            target.load_state_dict(state_dict)
+        assert_unchanged(target, before)
+        target.step(good_grads())  # and the next step still runs
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (_set(["param_groups"], {"0": {"lr": 0.1}}), TypeError, "param_groups.*list"),
+    (_set(["param_groups"], "groups"), TypeError, "param_groups.*list"),
+    (_drop(["param_groups", 0, "params"]), ValueError, "group 0.*params"),
+    (_set(["param_groups", 0], [1, 2]), TypeError, "group 0.*dict"),
+    (_set(["state"], {"0": {}}), TypeError, "state.*list"),
+    (_set(["group_state"], "steps"), TypeError, "group_state.*list"),
+    (_set(["group_state", 0], 3), ValueError, "group_state"),
+    (_set(["state", 0, "exp_avg"], np.array(["a", "b"] * 3).reshape(3, 2)), TypeError, "dtype"),
+], ids=["groups-dict", "groups-str", "no-params", "group-list", "state-dict", "group-state-str",
+        "group-state-int", "state-of-strings"])
+def test_malformed_state_dicts_get_clear_errors_and_change_nothing(mutate, error, match):
+    source, target = stepped("Adam", steps=3), stepped("Adam", steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    mutate(state_dict)
+    before = snapshot(target)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_keys_survive_state_dict_and_load_state_dict(name):
+    opt = stepped(name)
+    opt.param_groups[0]["initial_lr"] = 0.05  # what torch's LR schedulers add
+    opt.param_groups[0].setdefault("max_lr", 0.5)
+    state_dict = opt.state_dict()
+    assert state_dict["param_groups"][0]["initial_lr"] == 0.05
+    fresh = stepped(name, steps=0)
+    fresh.load_state_dict(state_dict)
+    assert fresh.param_groups[0]["initial_lr"] == 0.05 and fresh.param_groups[0]["max_lr"] == 0.5
+    fresh.step(good_grads())
+    made = make(name, [{"params": [np.ones(2, np.float32)], "initial_lr": 0.01}])
+    assert made.param_groups[0]["initial_lr"] == 0.01
+    with pytest.raises(ValueError, match="initial_lr"):
+        fresh.param_groups[0]["initial_lr"] = -1.0
+    del fresh.param_groups[0]["initial_lr"]  # a scheduler's own key may go again
+    assert "initial_lr" not in fresh.param_groups[0]
+
+
+def test_unknown_group_keys_are_refused_when_written():
+    opt = stepped("Adam")
+    with pytest.raises(ValueError, match="unknown hyperparameters.*'momentum'"):
+        opt.param_groups[0]["momentum"] = 0.9
+    with pytest.raises(ValueError, match="names"):
+        opt.param_groups[0]["names"] = ["x", "y"]
+    assert "momentum" not in opt.param_groups[0]
+
+
+def test_param_groups_are_mutable_mappings_checked_as_a_whole_on_update():
+    from collections.abc import MutableMapping
+
+    opt = optim_core.SGD([np.ones(2)], lr=0.1, momentum=0.9, nesterov=True)
+    group = opt.param_groups[0]
+    assert isinstance(group, MutableMapping) and dict(group)["lr"] == 0.1
+    with pytest.raises(ValueError, match="nesterov"):
+        group["momentum"] = 0.0  # one at a time, the relation breaks
+    group.update(momentum=0.0, nesterov=False)  # together it holds
+    assert (group["momentum"], group["nesterov"]) == (0.0, False)
+    with pytest.raises(ValueError, match="nesterov"):
+        group.update({"nesterov": True})
+    assert group["nesterov"] is False
+
+
+# ------------------------------------------------------------------- hyperparameter values
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(1),
+                                   np.array(0.25), np.array(1, dtype=np.int32)],
+                         ids=["float32", "float64", "int64", "0-d float", "0-d int"])
+def test_numpy_scalars_and_0d_arrays_are_numbers(value):
+    opt = optim_core.Adam([np.ones(2)], lr=value, eps=value,
+                          betas=(np.float32(0.5), np.array(0.75)))
+    group = opt.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == float(value)
+    assert group["betas"] == (0.5, 0.75) and all(type(b) is float for b in group["betas"])
+    group["lr"] = value
+    assert type(group["lr"]) is float
+    opt.step([np.ones(2)])
+    torch = pytest.importorskip("torch")
+    group["lr"] = torch.tensor(0.5, dtype=torch.float64)
+    assert group["lr"] == 0.5 and type(group["lr"]) is float
+
+
+def test_a_wrong_type_and_a_value_out_of_range_are_told_apart():
+    with pytest.raises(TypeError, match="lr must be a number"):
+        optim_core.Adam([np.ones(2)], lr="0.1")
+    with pytest.raises(TypeError, match="lr must be a number"):
+        optim_core.Adam([np.ones(2)], lr=np.ones(2))
+    with pytest.raises(ValueError, match="lr must be >= 0") as out_of_range:
+        optim_core.Adam([np.ones(2)], lr=-1)
+    assert not isinstance(out_of_range.value, TypeError)
+    with pytest.raises(TypeError, match="amsgrad must be a bool"):
+        optim_core.Adam([np.ones(2)], amsgrad=1)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\)") as beta:
+        optim_core.Adam([np.ones(2)], betas=(0.9, 1.0))
+    assert not isinstance(beta.value, TypeError)
+
+
+def test_an_integer_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match="lr must be a finite number") as huge:
+        optim_core.SGD([np.ones(2)], lr=10**400)
+    assert not isinstance(huge.value, TypeError)
+    opt = optim_core.SGD([np.ones(2)], lr=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        opt.param_groups[0]["lr"] = -(10**400)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_integer_dict_keys_are_refused_with_a_clear_message():
+    with pytest.raises(TypeError, match="names .*must be strings, got 1"):
+        optim_core.SGD({1: np.ones(2)})
+    with pytest.raises(TypeError, match="must be strings"):
+        optim_core.SGD([{"params": {"a": np.ones(2), 2: np.ones(2)}}])
+
+
+def test_the_nonfinite_policy_is_checked_when_set():
+    opt = stepped("Adam", nonfinite="skip")
+    with pytest.raises(ValueError, match="nonfinite"):
+        opt.nonfinite = "ignore"
+    assert opt.nonfinite == "skip"
+    opt.nonfinite = "raise"
+    grads = good_grads()
+    grads["b"][0] = np.nan
+    with pytest.raises(ValueError, match="'b'"):
+        opt.step(grads)
