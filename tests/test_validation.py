@@ -253,10 +253,18 @@ def test_unknown_hyperparameters_and_options_are_refused():
     ({}, ValueError, "no parameter"),
     (np.ones(3), TypeError, "params"),
     ("weights", TypeError, "params"),
-], ids=["int", "bool", "complex", "python-list", "empty-list", "empty-dict", "bare-array", "str"])
+    ([np.ma.masked_array(np.ones(2), mask=[True, False])], TypeError, "masked"),
+], ids=["int", "bool", "complex", "python-list", "empty-list", "empty-dict", "bare-array", "str",
+        "masked"])
 def test_bad_params_are_refused(params, error, match):
     with pytest.raises(error, match=match):
         optim_core.Adam(params)
+
+
+def test_sparse_torch_params_are_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="sparse"):
+        optim_core.SGD([torch.ones(3, dtype=torch.float64).to_sparse()])
 
 
 def test_read_only_params_are_refused_at_construction():
