@@ -271,15 +271,13 @@ class CudaImplementation(FusedImplementation):
             self.compiled[cache_key] = kernels
         return kernels, hoisted
 
-    def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
-             states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
-        """Update ``params`` and ``states`` in place; return the parameters."""
+    def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
+        """A launch per large tensor, one per :data:`MULTI_TENSORS` small ones."""
         # (id of the kernels, 16-byte aligned) -> kernels, hoisted values, elements per pack
         # (0: element-wise), and the small tensors' sizes and addresses. There is one kernels
         # object per specialization and dtype.
         small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
-        for kernels, hoisted, arrays in self.fused_tensors(rule, xp, params, grads, states,
-                                                           scalars):
+        for kernels, hoisted, arrays in tensors:
             n = arrays[0].size
             addresses = [a.data.ptr for a in arrays]
             aligned = all(address % 16 == 0 for address in addresses)
@@ -297,13 +295,16 @@ class CudaImplementation(FusedImplementation):
         for kernels, hoisted, pack, tensors in small.values():
             for first in range(0, len(tensors), MULTI_TENSORS):
                 self._launch_many(kernels, hoisted, tensors[first:first + MULTI_TENSORS], pack)
-        return params
 
     def fusable(self, arrays: list[Any]) -> bool:
         """C-contiguous CuPy arrays of one dtype, float32 or float64."""
         first = arrays[0]
         return np.dtype(first.dtype).name in CUDA_TYPES and all(
             a.dtype == first.dtype and a.flags.c_contiguous for a in arrays)
+
+    def grad_fusable(self, grad: Any, record: Any) -> bool:
+        """A C-contiguous gradient of the parameter's dtype."""
+        return grad.dtype == record.dtype and grad.flags.c_contiguous
 
     def _launch_many(self, kernels: _Kernels, hoisted: list[Any],
                      tensors: list[tuple[int, list[int]]], pack: int) -> None:

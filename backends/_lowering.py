@@ -22,6 +22,20 @@ For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
 
 The result, a :class:`Kernel`, lists which arrays are read and written and the body as
 nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
+
+Where a step's host values come from
+------------------------------------
+Two stages, each in one place. The optimizer derives the rule's keyword scalars
+(hyperparameters, bias corrections, ...) in
+:meth:`optim_core.optim.base.Optimizer.step_scalars`. This module then evaluates the
+rule's own scalar-only expressions on them (the branch tests, the lerp sides, the
+hoisted values) by walking the tree, as above. The walk is the definition; since it
+does the same host work every step of a specialization, each walk's record of that
+work is also compiled into a :class:`HostProgram`, straight-line Python that later
+steps call instead of walking again: it checks the branch outcomes still hold and
+returns the hoisted values, evaluated by the same expressions in the same order
+(``HostProgram.source`` shows it). A step whose outcomes differ from every program's
+walks the tree, and its walk becomes another program.
 """
 
 from __future__ import annotations
@@ -37,7 +51,8 @@ from ._operations import HOST_OPERATIONS as _HOST_OPERATIONS
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
-__all__ = ["Kernel", "lower", "render", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
+__all__ = ["Kernel", "HostProgram", "lower", "host_programs", "render",
+           "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "sign")
@@ -103,7 +118,7 @@ class _Lowering:
     local_names: dict = field(default_factory=dict)
     loads: set = field(default_factory=set)
     versions: dict = field(default_factory=dict)
-    # Every host evaluation in order, so later steps can replay them (see _replay).
+    # Every host evaluation in order, for this specialization's HostProgram.
     trace: list = field(default_factory=list)
 
     def run(self) -> None:
@@ -235,32 +250,68 @@ def _analysis(node: ast.expr) -> tuple[ast.expr, frozenset[str], Any]:
     return entry
 
 
-#: (rule function, present states) -> [(key, trace)], most recently used first.
-_TRACES: dict[tuple[Any, frozenset[str]], list[tuple[tuple, list]]] = {}
+@dataclass(frozen=True)
+class HostProgram:
+    """The host half of one specialization: a Python function of the step's scalars.
 
-
-def _replay(trace: list, scalars: Mapping[str, Any]) -> list | None:
-    """The hoisted values of a step whose decisions match ``trace``'s, else None.
-
-    The walk of a rule evaluates the same host expressions in the same order for as
-    long as its branch outcomes are the same, so a recorded walk stands for it.
+    A walk of the rule (:class:`_Lowering`) evaluates the same scalar expressions in the
+    same order for as long as its branch outcomes are the same. Its record of them
+    (``trace``: every ``if`` test and lerp side with its outcome, every scalar
+    assignment, every hoisted value) is turned once into straight-line Python source,
+    compiled, and called on later steps instead of a new walk: it re-checks each
+    outcome (None as soon as one differs: another specialization) and returns the
+    hoisted values, bit for bit what the walk computes, since it is the same
+    expressions evaluated by Python in the same order.
     """
-    env = dict(scalars)
-    hoisted = []
-    try:
-        for kind, target, node in trace:
-            if kind == "hoist":
-                hoisted.append(eval(_analysis(node)[2], _HOST_GLOBALS, env))  # noqa: S307
-            elif kind == "assign":
-                env[target] = eval(_analysis(node)[2], _HOST_GLOBALS, env)  # noqa: S307
-            elif kind == "test":
-                if bool(eval(_analysis(target)[2], _HOST_GLOBALS, env)) != node:  # noqa: S307
-                    return None
-            elif (abs(eval(_analysis(target)[2], _HOST_GLOBALS, env)) < 0.5) != node:  # noqa: S307
-                return None
-    except NameError:
-        return None  # a missing scalar: the full walk reports it
-    return hoisted
+
+    key: tuple
+    source: str
+    function: Any = field(repr=False, compare=False)
+
+    def hoisted(self, scalars: Mapping[str, Any]) -> list | None:
+        """This step's hoisted values if its decisions are this program's, else None."""
+        try:
+            return self.function(scalars)
+        except KeyError:
+            return None  # a scalar missing: the walk reports it
+
+
+def _host_program(rule: UpdateRule, key: tuple, trace: list) -> HostProgram:
+    """Straight-line source of ``trace`` (see :class:`HostProgram`), compiled."""
+    body, inputs, assigned, hoisted = [], [], set(), 0
+    for kind, target, node in trace:
+        expression = target if kind in ("test", "lerp") else node
+        for name in sorted(_analysis(expression)[1] - assigned):
+            if name not in inputs:
+                inputs.append(name)
+        text = ast.unparse(expression)
+        if kind == "assign":
+            body.append(f"{target} = {text}")
+            assigned.add(target)
+        elif kind == "hoist":
+            body.append(f"__h{hoisted} = {text}")
+            hoisted += 1
+        else:  # "test" or "lerp", with the outcome recorded in ``node``
+            condition = f"({text})" if kind == "test" else f"(abs({text}) < 0.5)"
+            body.append(f"if {'not ' if node else ''}{condition}: return None")
+    source = "\n".join([
+        f"def host(__scalars):  # rule {rule.name}, key {key!r}",
+        *(f"    {name} = __scalars[{name!r}]" for name in inputs),
+        *(f"    {line}" for line in body),
+        f"    return [{', '.join(f'__h{i}' for i in range(hoisted))}]",
+    ]) + "\n"
+    namespace = dict(_HOST_GLOBALS)
+    exec(compile(source, f"<host program of rule {rule.name}>", "exec"), namespace)  # noqa: S102
+    return HostProgram(key, source, namespace["host"])
+
+
+#: (rule function, present states) -> [index of the last one used, [HostProgram, ...]].
+_HOST_PROGRAMS: dict[tuple[Any, frozenset[str]], list] = {}
+
+
+def host_programs(rule: UpdateRule, present: frozenset[str] | set[str]) -> list[HostProgram]:
+    """The host programs made so far for ``rule`` with ``present`` states (for tests)."""
+    return list(_HOST_PROGRAMS.get((rule.function, frozenset(present)), [0, []])[1])
 
 
 def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] | set[str],
@@ -275,7 +326,8 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
     present : set of str
         The states that are allocated (every non-optional state must be).
     build : bool
-        False only decides the key and the hoisted values (cheap, every step);
+        False only decides the key and the hoisted values (cheap, every step: a
+        :class:`HostProgram` of an earlier walk where one matches);
         True also builds the :class:`Kernel` (once per key).
 
     Returns
@@ -288,20 +340,23 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
         The lowered body when ``build`` is true.
     """
     present = frozenset(present)
-    traces = _TRACES.setdefault((rule.function, present), [])
+    entry = _HOST_PROGRAMS.setdefault((rule.function, present), [0, []])
     if not build:
-        for index, (key, trace) in enumerate(traces):
-            hoisted = _replay(trace, scalars)
-            if hoisted is not None:
-                if index:  # most recently used first: schedules flip keys rarely
-                    traces.insert(0, traces.pop(index))
-                return key, hoisted, None
+        last, programs = entry
+        # The last one used first: keys change rarely (a schedule crossing a threshold).
+        for index in (last, *range(len(programs))):
+            if index < len(programs):
+                hoisted = programs[index].hoisted(scalars)
+                if hoisted is not None:
+                    entry[0] = index
+                    return programs[index].key, hoisted, None
     lowering = _Lowering(rule, scalars, present, build)
     lowering.run()
     states = tuple(s for s in rule.states if s in present)
     key = (tuple(lowering.decisions), states)
-    if all(k != key for k, _ in traces):
-        traces.insert(0, (key, lowering.trace))
+    programs = entry[1]
+    if all(program.key != key for program in programs):
+        programs.append(_host_program(rule, key, lowering.trace))
     if not build:
         return key, lowering.hoisted, None
     stores, results = [], {}

@@ -141,18 +141,35 @@ class NumbaImplementation(FusedImplementation):
             kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype])
         return kernel, hoisted
 
-    def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
-             states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
-        """Update ``params`` and ``states`` in place; return the parameters."""
-        for kernels, hoisted, arrays in self.fused_tensors(rule, xp, params, grads, states,
-                                                           scalars):
-            kernel = kernels.parallel if arrays[0].size >= _PARALLEL_MIN_SIZE else kernels.serial
-            kernel(*(a if a.ndim == 1 else a.reshape(-1) for a in arrays), *hoisted)
-            self.launches += 1
-        return params
+    large_size = _PARALLEL_MIN_SIZE
+
+    def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
+        """One compiled call per tensor: the multi-threaded loop from 2**20 elements."""
+        for kernels, hoisted, arrays in tensors:
+            kernel = kernels.parallel if arrays[0].size >= _PARALLEL_MIN_SIZE \
+                else kernels.serial
+            kernel(*arrays, *hoisted)
+        self.launches += len(tensors)
+
+    def ready(self, kernels: Any, dtype: np.dtype, n_arrays: int, n_hoisted: int,
+              small: bool, large: bool) -> None:
+        """Compile (or load from the disk cache) the loops a step needs before any runs:
+        numba otherwise compiles at the first call, when earlier tensors are already
+        written."""
+        for needed, dispatcher in ((small, kernels.serial), (large, kernels.parallel)):
+            if needed and not dispatcher.overloads:
+                import numba
+
+                scalar = numba.from_dtype(dtype)
+                dispatcher.compile((numba.types.Array(scalar, 1, "C"),) * n_arrays
+                                   + (scalar,) * n_hoisted)
+
+    def kernel_array(self, array: Any) -> Any:
+        """The kernel's 1-D view of a C-contiguous array."""
+        return array if array.ndim == 1 else array.reshape(-1)
 
     def fusable(self, arrays: list[Any]) -> bool:
-        """C-contiguous, writeable NumPy arrays of one dtype, float32 or float64."""
+        """C-contiguous, aligned, writeable NumPy arrays of one dtype, float32 or float64."""
         dtype = arrays[0].dtype
         if dtype not in _DTYPES:
             return False
@@ -160,9 +177,17 @@ class NumbaImplementation(FusedImplementation):
             if not isinstance(a, np.ndarray) or a.dtype != dtype:
                 return False
             flags = a.flags
-            if not (flags.c_contiguous and flags.writeable):
+            if not (flags.c_contiguous and flags.writeable and flags.aligned):
                 return False
         return True
+
+    def grad_fusable(self, grad: Any, record: Any) -> bool:
+        """A C-contiguous, aligned, writeable NumPy gradient of the parameter's dtype
+        (anything else would make numba compile another signature mid-step)."""
+        if not isinstance(grad, np.ndarray) or grad.dtype != record.dtype:
+            return False
+        flags = grad.flags
+        return flags.c_contiguous and flags.writeable and flags.aligned
 
 
 _MODULES: dict[str, Any] = {}

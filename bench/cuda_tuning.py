@@ -73,10 +73,7 @@ def _grid(grid: str, threads: int, per_thread: int, n: int, sms: int) -> int:
 
 
 def _rule_scalars(opt) -> dict:
-    group, gstate = opt.param_groups[0], opt.group_state[0]
-    derived = opt.scalars(group, gstate)
-    derived.setdefault("first_step", False)
-    return opt._rule_scalars(group, derived)
+    return opt.step_scalars(opt.param_groups[0], opt.group_state[0])[0]
 
 
 def _references(cupy, torch, traffic, host_p, host_g, record) -> None:

@@ -17,22 +17,9 @@ The package is layered, each layer importing only those before it:
 from . import _source_tree  # noqa: F401, I001
 import sys as _sys
 
-from .optim import (
-    DGD,
-    GD,
-    SGD,
-    Adadelta,
-    Adagrad,
-    Adam,
-    Adamax,
-    AdamW,
-    Lion,
-    NAdam,
-    RAdam,
-    Optimizer,
-    RMSprop,
-    update_rule,
-)
+from .optim import Optimizer, update_rule
+from .optim import algorithms as _algorithms
+from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -61,18 +48,7 @@ del _name, _module
 __all__ = [
     "Optimizer",
     "update_rule",
-    "GD",
-    "SGD",
-    "DGD",
-    "Adagrad",
-    "RMSprop",
-    "Adadelta",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "NAdam",
-    "RAdam",
-    "Lion",
+    *_algorithms.__all__,
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

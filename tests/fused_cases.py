@@ -1,8 +1,9 @@
-"""Optimizer x option sets that drive every branch of every rule, for fused-vs-generic tests.
+"""What the fused-vs-generic tests share: the cases, inputs, tolerances and a recorder.
 
-Each entry takes at least one side of every ``if`` in its rule (and both sides across
-the entries), so every specialization a fused kernel can take is compared with the
-generic path somewhere.
+The cases are each optimizer's ``fused_cases`` in ``optim_db.py``: together they take
+both sides of every ``if`` (and of every ``lerp``) of its rule (test_optim_db.py checks
+it), so every specialization a fused kernel can take is compared with the generic path
+somewhere.
 """
 
 from __future__ import annotations
@@ -10,64 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from optim_core.backends._generic import GENERIC
+from optim_core.backends._generic import GENERIC, PreparedStep
+from optim_db import case_id, fused_cases
 
 import optim_core
 
 #: Steps each case runs: enough for RAdam to rectify and SGD to leave its first step.
 STEPS = 12
 
-CASES: list[tuple[str, dict]] = [
-    ("GD", {}),
-    ("SGD", {"lr": 0.05}),
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.1}),
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}),
-    ("DGD", {"lr": 0.1, "decay": 0.5}),
-    ("Adagrad", {}),
-    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1,
-                 "initial_accumulator_value": 0.5, "maximize": True}),
-    ("RMSprop", {}),
-    ("RMSprop", {"momentum": 0.9, "weight_decay": 0.1, "maximize": True}),
-    ("RMSprop", {"centered": True, "momentum": 0.5, "alpha": 0.9}),
-    ("Adadelta", {}),
-    ("Adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1, "maximize": True}),
-    ("Adam", {}),
-    ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True}),
-    # beta1 = 0.3 puts lerp's weight 1 - beta1 above 0.5: the other side of its formula.
-    ("Adam", {"lr": 0.01, "betas": (0.3, 0.5), "eps": 1e-6}),
-    ("AdamW", {}),
-    ("AdamW", {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True}),
-    ("Adamax", {}),
-    ("Adamax", {"lr": 0.01, "betas": (0.3, 0.95), "weight_decay": 0.1, "maximize": True}),
-    ("NAdam", {}),
-    ("NAdam", {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1, "maximize": True}),
-    ("NAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
-    # betas[1] = 0.9 makes RAdam rectify from step 6 on, within the tested steps.
-    ("RAdam", {"lr": 0.01, "betas": (0.9, 0.9)}),
-    ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
-    ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
-    ("Lion", {}),
-    ("Lion", {"lr": 1e-3, "betas": (0.3, 0.98), "weight_decay": 0.5, "maximize": True}),
-]
-
-#: Every optimizer, by class name.
-ALL = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-       "NAdam", "RAdam", "Lion"]
-#: Options that switch on every optional state and branch, for each optimizer.
-RICH = {
-    "GD": {}, "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
-    "DGD": {}, "Adagrad": {"lr_decay": 0.1, "weight_decay": 0.1},
-    "RMSprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
-    "Adadelta": {"weight_decay": 0.1}, "Adam": {"amsgrad": True, "weight_decay": 0.1},
-    "AdamW": {"amsgrad": True}, "Adamax": {"weight_decay": 0.1},
-    "NAdam": {"weight_decay": 0.1}, "RAdam": {"weight_decay": 0.1}, "Lion": {"weight_decay": 0.1},
-}
-
-
-def case_id(name: str, hyper: dict) -> str:
-    return name + ("-" + ",".join(f"{k}={v}" for k, v in hyper.items()) if hyper else "")
-
-
+#: (optimizer, options) of every fused case in optim_db.py.
+CASES: list[tuple[str, dict]] = fused_cases()
 IDS = [case_id(name, hyper) for name, hyper in CASES]
 
 #: Fused equals generic to these tolerances (the issue's targets).
@@ -103,10 +56,15 @@ class GenericStepRecorder:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def step(self, rule, xp, params, grads, states, scalars):
+    def prepare(self, rule, xp, params, grads, states, scalars, cache=None):
+        checked = GENERIC.prepare(rule, xp, params, grads, states, scalars)
+        return PreparedStep(lambda: self.step(rule, xp, params, grads, states, scalars,
+                                              checked))
+
+    def step(self, rule, xp, params, grads, states, scalars, checked=None):
         before = {"params": [p.copy() for p in params], "grads": [g.copy() for g in grads],
                   "states": [{k: v.copy() for k, v in s.items()} for s in states]}
-        out = GENERIC.step(rule, xp, params, grads, states, scalars)
+        out = (checked or GENERIC.prepare(rule, xp, params, grads, states, scalars)).run()
         self.calls.append({"rule": rule, "scalars": dict(scalars), **before,
                            "new_params": [p.copy() for p in out],
                            "new_states": [{k: v.copy() for k, v in s.items()} for s in states]})

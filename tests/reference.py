@@ -4,7 +4,7 @@ These are deliberately independent of ``optim_core.optim.rules``: plain NumPy, o
 function per optimizer, following the pseudo-code in torch.optim's documentation
 (and the papers for DGD and Lion). Each ``step`` function takes the parameter,
 gradient, a mutable ``state`` dict and the hyperparameters, and returns the new
-parameter.
+parameter. Which optimizer each checks, and with which options, is in ``optim_db.py``.
 """
 
 from __future__ import annotations
@@ -162,92 +162,6 @@ def lion(p, g, s, h):
     p = p * (1 - h["lr"] * h.get("weight_decay", 0)) - h["lr"] * np.sign(c)
     s["m"] = b2 * m + (1 - b2) * g
     return p
-
-
-#: (optimizer name, reference function, hyperparameter sets to test). The first
-#: set of each is the default configuration (only lr given when the default is tiny).
-CASES = {
-    "GD": (gd, [{"lr": 0.05}]),
-    "SGD": (sgd, [
-        {"lr": 0.05},
-        {"lr": 0.05, "momentum": 0.9},
-        {"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
-        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
-        {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01, "maximize": True},
-    ]),
-    "DGD": (dgd, [{"lr": 0.05}, {"lr": 0.02, "decay": 0.99}]),
-    "Adagrad": (adagrad, [
-        {},
-        {"lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5},
-        {"lr": 0.1, "eps": 1e-6, "maximize": True},
-    ]),
-    "RMSprop": (rmsprop, [
-        {},
-        {"lr": 0.01, "momentum": 0.9},
-        {"lr": 0.01, "centered": True},
-        {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": 0.1, "alpha": 0.9},
-        {"lr": 0.01, "maximize": True, "eps": 1e-4},
-    ]),
-    "Adadelta": (adadelta, [
-        {},
-        {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1},
-        {"lr": 1.0, "maximize": True},
-    ]),
-    "Adam": (adam, [
-        {},
-        {"lr": 0.01, "amsgrad": True},
-        {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1},
-        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True},
-        {"lr": 0.01, "maximize": True, "betas": (0.3, 0.5)},
-    ]),
-    "AdamW": (adamw, [
-        {},
-        {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True},
-        {"lr": 0.01, "maximize": True},
-    ]),
-    "Adamax": (adamax, [
-        {},
-        {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1},
-        {"lr": 0.01, "maximize": True},
-    ]),
-    "NAdam": (nadam, [
-        {},
-        {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1},
-        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
-    ]),
-    "RAdam": (radam, [
-        {},
-        {"lr": 0.01, "betas": (0.9, 0.9)},
-        {"lr": 0.01, "weight_decay": 0.1},
-        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
-    ]),
-    "Lion": (lion, [
-        {},
-        {"lr": 1e-3, "betas": (0.95, 0.98), "weight_decay": 0.5},
-        {"lr": 1e-3, "maximize": True},
-    ]),
-}
-
-
-#: torch.optim's default learning rates (the paper's for Lion), used when a case gives none.
-DEFAULT_LR = {"Adagrad": 1e-2, "RMSprop": 1e-2, "Adadelta": 1.0, "Adam": 1e-3, "AdamW": 1e-3,
-              "Adamax": 2e-3, "NAdam": 2e-3, "RAdam": 1e-3, "Lion": 1e-4}
-
-
-def case_id(name: str, hyper: dict) -> str:
-    return name + ("-" + ",".join(f"{k}={v}" for k, v in hyper.items()) if hyper else "-default")
-
-
-def all_cases():
-    """(name, reference, hyperparameters) for every optimizer and option set."""
-    for name, (reference, hypers) in CASES.items():
-        for hyper in hypers:
-            yield name, reference, hyper
-
-
-def with_defaults(name: str, hyper: dict) -> dict:
-    """``hyper`` with the optimizer's default lr filled in, for the reference functions."""
-    return {"lr": DEFAULT_LR.get(name), **hyper}
 
 
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):

@@ -7,15 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-from fused_cases import ALL
 from optim_core.backends import select_backend
+from optim_db import NAMES
 from reference import adam as reference_adam
 
 import optim_core
 
 
 def test_every_optimizer_is_public():
-    for name in ALL:
+    for name in NAMES:
         assert issubclass(getattr(optim_core, name), optim_core.Optimizer)
         assert name in optim_core.__all__
 
@@ -62,17 +62,17 @@ def test_hyperparameters_can_be_changed_between_steps():
     np.testing.assert_allclose(p, 0.8)
 
 
-def test_invalid_hyperparameter_set_between_steps_raises_before_writing():
+def test_invalid_hyperparameter_is_refused_when_written_and_changes_nothing():
     a, b = np.ones(2), np.ones(2)
     opt = optim_core.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
-    opt.param_groups[1]["betas"] = (0.9, 1.5)
     with pytest.raises(ValueError, match="betas"):
-        opt.step([np.ones(2), np.ones(2)])
+        opt.param_groups[1]["betas"] = (0.9, 1.5)
+    assert opt.param_groups[1]["betas"] == (0.9, 0.999)
     np.testing.assert_array_equal(a, 1.0)
     assert opt.group_state[0]["step"] == 0
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip_resumes_exactly(name):
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(4) for _ in range(8)]

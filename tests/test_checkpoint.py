@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from optim_db import OPTIM_DB
 
 import optim_core
 from optim_core import CheckpointError, load_checkpoint, save_checkpoint
@@ -702,13 +703,7 @@ def test_replacing_a_checkpoint_keeps_its_mode(tmp_path, mode):
 
 
 # --------------------------------------------------------------------------- resume
-RESUME_OPTIONS = {
-    "GD": {}, "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "DGD": {"decay": 0.95}, "Adagrad": {"lr_decay": 0.01}, "RMSprop": {"centered": True,
-                                                                     "momentum": 0.5},
-    "Adadelta": {}, "Adam": {"amsgrad": True}, "AdamW": {}, "Adamax": {}, "NAdam": {},
-    "RAdam": {}, "Lion": {"weight_decay": 0.1},
-}
+RESUME_OPTIONS = {info.name: info.resume for info in OPTIM_DB}
 #: label -> (optimizer, options): every optimizer, and two with flat buffers.
 RESUME_CASES = {name: (name, options) for name, options in RESUME_OPTIONS.items()}
 RESUME_CASES["Adam-flat"] = ("Adam", {"amsgrad": True, "flat": True})

@@ -377,6 +377,7 @@ class DeviceStandIn:
         self.buffer = Guarded(np.asarray(values), misalign)
         self.host = self.buffer.array
         self.dtype, self.size, self.flags = self.host.dtype, self.host.size, self.host.flags
+        self.shape = self.host.shape
         self.data = SimpleNamespace(ptr=self.buffer.pointer)
 
 

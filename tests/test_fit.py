@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from optim_db import OPTIM_DB
 
 from optim_core import SGD, Adam, EarlyStopping, History, fit, models, schedules
 from optim_core.train.fit import OPTIMIZERS, epoch_order
@@ -181,8 +182,7 @@ def test_every_namespace_trains_the_same_numbers(xp):
 # --------------------------------------------------------------------------- optimizers
 def test_every_optimizer_name_trains():
     X, y = _regression()
-    assert set(OPTIMIZERS) == {"gd", "sgd", "dgd", "adagrad", "rmsprop", "adadelta", "adam",
-                               "adamw", "adamax", "nadam", "radam", "lion"}
+    assert set(OPTIMIZERS) == {info.cli_name for info in OPTIM_DB}
     for name in OPTIMIZERS:
         model = models.LinearRegression(3)
         history = fit(model, X, y, optimizer=name.upper(), epochs=3, seed=0, progress=False)

@@ -154,8 +154,8 @@ def test_a_later_process_loads_compiled_kernels_from_disk(tmp_path):
     assert list((tmp_path / "numba_kernels" / "__pycache__").glob("*.nbi"))
 
 
-def test_replayed_lowering_equals_a_full_walk():
-    from optim_core.backends._lowering import lower
+def test_host_programs_equal_a_full_walk():
+    from optim_core.backends._lowering import host_programs, lower
 
     present = {"exp_avg", "exp_avg_sq"}
     for step in range(1, 30):
@@ -168,6 +168,10 @@ def test_replayed_lowering_equals_a_full_walk():
         walked = lower(rules.radam, scalars, present)
         assert replayed[:2] == walked[:2]
         assert walked[2].key == walked[0]
+    programs = host_programs(rules.radam, present)
+    # One straight-line program per specialization met: no loop, no eval, no walk.
+    assert len({p.key for p in programs}) == len(programs) >= 2
+    assert all("def host(" in p.source and "eval" not in p.source for p in programs)
 
 
 def test_numba_is_imported_only_when_a_numpy_optimizer_takes_the_fused_path():

@@ -22,83 +22,31 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
-from reference import CASES
+from optim_db import BY_NAME, NAMES
 
 import optim_core
 
-ALL = list(CASES)
+ALL = NAMES
 EXAMPLES = 40  # per optimizer and test: 12 x 40 = 480 examples per test function
 FUSED_EXAMPLES = 25
 OTHER_LIBRARY_EXAMPLES = 10  # per optimizer, on torch and array_api_strict
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-unit = st.floats(0.0, 0.999)
-betas = st.tuples(unit, unit)
-eps = st.one_of(st.just(0.0), st.floats(1e-10, 1e-3))
-lr = st.one_of(st.just(0.0), st.floats(1e-5, 0.1))
-decay = st.one_of(st.just(0.0), st.floats(0.0, 0.5))
-flag = st.booleans()
+# Each optimizer's hyperparameter strategy and fused flags are in optim_db.py. The fused
+# tests' flags switch on every optional state and branch: each combination of flags (and
+# of zero/nonzero weight decay or momentum) is a separately compiled kernel, about a
+# second each on a cold cache, so these tests vary values, shapes and dtypes and keep one
+# combination per optimizer; tests/test_fused_numpy.py covers the others.
 
-HYPERPARAMETERS = {
-    "GD": st.fixed_dictionaries({"lr": lr}),
-    "SGD": st.fixed_dictionaries({
-        "lr": lr, "momentum": st.one_of(st.just(0.0), unit), "dampening": st.floats(0.0, 1.0),
-        "weight_decay": decay, "nesterov": flag, "maximize": flag}),
-    "DGD": st.fixed_dictionaries({"lr": lr, "decay": st.floats(0.0, 1.0)}),
-    "Adagrad": st.fixed_dictionaries({
-        "lr": lr, "lr_decay": st.floats(0.0, 1.0), "weight_decay": decay,
-        "initial_accumulator_value": st.floats(0.0, 1.0), "eps": eps, "maximize": flag}),
-    "RMSprop": st.fixed_dictionaries({
-        "lr": lr, "alpha": st.floats(0.5, 0.999), "eps": eps, "weight_decay": decay,
-        "momentum": st.one_of(st.just(0.0), unit), "centered": flag, "maximize": flag}),
-    "Adadelta": st.fixed_dictionaries({
-        "lr": st.floats(0.0, 1.0), "rho": st.floats(0.0, 1.0), "eps": eps,
-        "weight_decay": decay, "maximize": flag}),
-    "Adam": st.fixed_dictionaries({
-        "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "amsgrad": flag,
-        "maximize": flag, "decoupled_weight_decay": flag}),
-    "AdamW": st.fixed_dictionaries({
-        "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "amsgrad": flag,
-        "maximize": flag}),
-    "Adamax": st.fixed_dictionaries({
-        "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "maximize": flag}),
-    "NAdam": st.fixed_dictionaries({
-        "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay,
-        "momentum_decay": st.floats(0.0, 0.05), "decoupled_weight_decay": flag,
-        "maximize": flag}),
-    "RAdam": st.fixed_dictionaries({
-        "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay,
-        "decoupled_weight_decay": flag, "maximize": flag}),
-    "Lion": st.fixed_dictionaries({
-        "lr": lr, "betas": betas, "weight_decay": decay, "maximize": flag}),
-}
-
-
-#: The fused tests' flags: every optional state and branch on. Each combination of
-#: flags (and of zero/nonzero weight decay or momentum) is a separately compiled kernel,
-#: about a second each on a cold cache, so these tests vary values, shapes and dtypes
-#: and keep one combination per optimizer; tests/test_fused_numpy.py covers the others.
-FUSED_FLAGS = {
-    "SGD": {"nesterov": True, "maximize": False, "dampening": 0.0},
-    "Adagrad": {"maximize": True},
-    "RMSprop": {"centered": True, "maximize": False},
-    "Adadelta": {"maximize": False},
-    "Adam": {"amsgrad": True, "maximize": False, "decoupled_weight_decay": False},
-    "AdamW": {"amsgrad": False, "maximize": True},
-    "Adamax": {"maximize": False},
-    "NAdam": {"decoupled_weight_decay": True, "maximize": False},
-    "RAdam": {"decoupled_weight_decay": False, "maximize": True},
-    "Lion": {"maximize": False},
-}
 #: Hyperparameters whose zero selects another branch: kept nonzero in the fused tests.
 BRANCHING = ("weight_decay", "momentum")
 
 
 def draw_case(data, name: str, *, fused: bool = False) -> dict:
-    hyper = data.draw(HYPERPARAMETERS[name], label="hyperparameters")
+    hyper = data.draw(BY_NAME[name].hyperparameters, label="hyperparameters")
     if fused:
-        hyper.update(FUSED_FLAGS.get(name, {}))
+        hyper.update(BY_NAME[name].fused_flags)
         hyper.update({k: max(hyper[k], 1e-3) for k in BRANCHING if k in hyper})
     if hyper.get("nesterov"):  # valid only with momentum and without dampening
         hyper["momentum"] = max(hyper["momentum"], 0.1)
@@ -137,7 +85,7 @@ def run(name: str, case: dict, impl: str) -> list[np.ndarray]:
 def run_reference(name: str, case: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(starting values, reference results) in float64, from the same rounded inputs."""
     params, grads = inputs(case)
-    reference = CASES[name][0]
+    reference = BY_NAME[name].reference
     start = [p.astype(np.float64) for p in params]
     values = [p.copy() for p in start]
     states = [{} for _ in params]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import all_cases, case_id, quadratic_gradient, with_defaults
+from optim_db import NAMES, case_id, reference_cases, with_default_lr
+from reference import quadratic_gradient
 
 import optim_core
 
@@ -17,18 +18,18 @@ def initial_params() -> dict[str, np.ndarray]:
     return {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
 
 
-CASES = list(all_cases())
+CASES = reference_cases()
 
 
 @pytest.mark.parametrize("name, reference, hyper", CASES,
-                         ids=[case_id(n, h) for n, _, h in CASES])
+                         ids=[case_id(n, h, '-default') for n, _, h in CASES])
 def test_matches_reference_for_ten_plus_steps(xp, name, reference, hyper):
     start = initial_params()
     params = {k: xp.asarray(v) for k, v in start.items()}
     opt = getattr(optim_core, name)(params, **hyper, impl="generic")
     expected = {k: v.copy() for k, v in start.items()}
     ref_states = {k: {} for k in start}
-    ref_hyper = with_defaults(name, hyper)
+    ref_hyper = with_default_lr(name, hyper)
     for step in range(STEPS):
         grads_np = {k: quadratic_gradient(expected[k], step) for k in start}
         for k in start:
@@ -42,7 +43,7 @@ def test_matches_reference_for_ten_plus_steps(xp, name, reference, hyper):
     assert opt.group_state[0]["step"] == STEPS
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Lion"])
+@pytest.mark.parametrize("name", NAMES)
 def test_results_stay_in_input_namespace_and_dtype(xp, name):
     for dtype in ("float32", "float64"):
         param = xp.asarray(np.linspace(-1, 1, 6).reshape(2, 3), dtype=dtype)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import all_cases, case_id, quadratic_gradient
+from optim_db import BY_NAME, case_id, reference_cases
+from reference import quadratic_gradient
 
 import optim_core
 
 torch = pytest.importorskip("torch")
 
 STEPS = 15
-TORCH_NAMES = {"GD": "SGD"}  # GD is SGD without momentum
-SKIP = {"DGD", "Lion"}  # not in torch.optim: checked against the reference only
-CASES = [c for c in all_cases() if c[0] not in SKIP]
+# Optimizers without a torch counterpart (DGD, Lion) are checked against the reference only.
+CASES = [c for c in reference_cases() if BY_NAME[c[0]].torch_name is not None]
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def float64_torch_scalars():
 
 
 @pytest.mark.parametrize("name, reference, hyper", CASES,
-                         ids=[case_id(n, h) for n, _, h in CASES])
+                         ids=[case_id(n, h, '-default') for n, _, h in CASES])
 def test_trajectory_matches_torch_optim(name, reference, hyper):
     rng = np.random.default_rng(7)
     shapes = [(4, 3), (6,), ()]
@@ -35,7 +35,7 @@ def test_trajectory_matches_torch_optim(name, reference, hyper):
     ours = [p.copy() for p in start]
     opt = getattr(optim_core, name)(ours, **hyper, impl="generic")
     theirs = [torch.tensor(p, requires_grad=True) for p in start]
-    torch_opt = getattr(torch.optim, TORCH_NAMES.get(name, name))(theirs, **hyper,
+    torch_opt = getattr(torch.optim, BY_NAME[name].torch_name)(theirs, **hyper,
                                                                    foreach=False)
     for step in range(STEPS):
         grads = [quadratic_gradient(p, step) for p in ours]

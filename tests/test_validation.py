@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from fused_cases import ALL, RICH
+from optim_db import NAMES, RICH
 
 import optim_core
 from optim_core import Optimizer
@@ -89,7 +89,7 @@ def good_grads():
 
 @pytest.mark.parametrize("impl", IMPLS)
 # --------------------------------------------------------------------------- grads
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("mutate, error, match", [
     (lambda g: list(g.values()), TypeError, "dict"),
     (lambda g: {"w": g["w"]}, ValueError, "missing"),
@@ -130,7 +130,7 @@ def test_a_bad_last_grad_leaves_the_first_parameter_untouched():
     assert first.tolist() == [1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_float64_grads_are_rounded_to_float32_params(name):
     rng = np.random.default_rng(3)
     grads = [rng.standard_normal(5) for _ in range(3)]
@@ -177,7 +177,7 @@ BAD_HYPERPARAMETERS = [
 
 
 def _cases_for_bad_hyperparameters():
-    for name in ALL:
+    for name in NAMES:
         accepted = set(make(name, [np.ones(1)]).defaults)
         for key, value, error in BAD_HYPERPARAMETERS:
             if key in accepted:
@@ -198,27 +198,31 @@ def test_bad_hyperparameters_are_refused_at_construction(name, key, value, error
 
 
 @pytest.mark.parametrize("name, key, value, error", BAD_CASES)
-def test_bad_hyperparameter_set_between_steps_raises_before_any_group_is_written(
+def test_bad_hyperparameter_written_between_steps_is_refused_at_once_and_changes_nothing(
         name, key, value, error):
     first, second = np.ones(3, np.float32), np.ones(2, np.float32)
     opt = make(name, [{"params": [first]}, {"params": [second]}], lr=0.1)
     opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
-    opt.param_groups[1][key] = value
     before = snapshot(opt)
     with pytest.raises(error, match=key):
-        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+        opt.param_groups[1][key] = value
+    with pytest.raises(error, match=key):
+        opt.param_groups[1].update({key: value})
     assert_unchanged(opt, before)
+    opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])  # the group still steps
+    assert opt.group_state[1]["step"] == 2
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_a_hyperparameter_removed_between_steps_raises_before_any_group_is_written(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_a_hyperparameter_cannot_be_removed_from_a_group(name):
     first, second = np.ones(3, np.float32), np.ones(2, np.float32)
     opt = make(name, [{"params": [first]}, {"params": [second]}], lr=0.1)
     opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
-    del opt.param_groups[1]["lr"]
     before = snapshot(opt)
     with pytest.raises(ValueError, match="lr"):
-        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+        del opt.param_groups[1]["lr"]
+    with pytest.raises(ValueError, match="params"):
+        del opt.param_groups[1]["params"]
     assert_unchanged(opt, before)
 
 
@@ -249,10 +253,18 @@ def test_unknown_hyperparameters_and_options_are_refused():
     ({}, ValueError, "no parameter"),
     (np.ones(3), TypeError, "params"),
     ("weights", TypeError, "params"),
-], ids=["int", "bool", "complex", "python-list", "empty-list", "empty-dict", "bare-array", "str"])
+    ([np.ma.masked_array(np.ones(2), mask=[True, False])], TypeError, "masked"),
+], ids=["int", "bool", "complex", "python-list", "empty-list", "empty-dict", "bare-array", "str",
+        "masked"])
 def test_bad_params_are_refused(params, error, match):
     with pytest.raises(error, match=match):
         optim_core.Adam(params)
+
+
+def test_sparse_torch_params_are_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="sparse"):
+        optim_core.SGD([torch.ones(3, dtype=torch.float64).to_sparse()])
 
 
 def test_read_only_params_are_refused_at_construction():
@@ -280,7 +292,7 @@ def test_the_same_array_twice_is_refused():
 
 @pytest.mark.parametrize("impl", IMPLS)
 # --------------------------------------------------------------------------- edge inputs
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_zero_d_params_step_like_one_element_arrays(name, impl):
     scalar, vector = np.array(0.5), np.array([0.5])
     opt_s, opt_v = make(name, [scalar], lr=0.1, impl=impl), make(name, [vector], lr=0.1, impl=impl)
@@ -292,7 +304,7 @@ def test_zero_d_params_step_like_one_element_arrays(name, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_zero_size_params_just_work(name, impl):
     empty, other = np.zeros((0, 3), np.float32), np.ones(2, np.float32)
     opt = make(name, {"empty": empty, "other": other}, lr=0.1, impl=impl)
@@ -303,7 +315,7 @@ def test_zero_size_params_just_work(name, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_strided_views_are_updated_in_place(name, impl):
     base = np.arange(24, dtype=np.float64).reshape(4, 6)
     original = base.copy()
@@ -331,7 +343,7 @@ def test_strided_torch_views_are_updated_in_place():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_lr_zero_is_the_identity(name, impl):
     rng = np.random.default_rng(5)
     params = [rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)]
@@ -345,7 +357,7 @@ def test_lr_zero_is_the_identity(name, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 # --------------------------------------------------------------------------- non-finite
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_skip_leaves_everything_untouched_and_counts(name, bad, impl):
     opt = stepped(name, nonfinite="skip", impl=impl)
@@ -366,7 +378,7 @@ def test_skip_leaves_everything_untouched_and_counts(name, bad, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_skip_before_the_first_step_creates_no_state(name, impl):
     w = np.ones(3)
     opt = make(name, {"w": w}, nonfinite="skip", impl=impl)
@@ -376,7 +388,7 @@ def test_skip_before_the_first_step_creates_no_state(name, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_raise_names_the_parameter_and_writes_nothing(name, impl):
     opt = stepped(name, nonfinite="raise", impl=impl)
     before = snapshot(opt)
@@ -443,7 +455,7 @@ BAD_STATE_DICTS = [
 ]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("mutate, error, match", BAD_STATE_DICTS)
 def test_bad_state_dicts_raise_and_change_nothing(name, mutate, error, match):
     source = stepped(name, steps=3)
@@ -456,7 +468,17 @@ def test_bad_state_dicts_raise_and_change_nothing(name, mutate, error, match):
     assert_unchanged(target, before)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n not in ("GD", "DGD")])
+def with_states(name: str) -> bool:
+    """Whether the optimizer keeps per-parameter state under its rich options."""
+    return bool(stepped(name, steps=1).state[0][0])
+
+
+def scalar_group_state(name: str) -> list[str]:
+    """The group state an optimizer keeps beyond the step count (DGD's decay_product...)."""
+    return sorted(set(make(name, [np.ones(1)])._initial_group_state()) - {"step"})
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if with_states(n)])
 def test_state_of_the_wrong_shape_or_kind_is_refused(name):
     source, target = stepped(name, steps=3), stepped(name, steps=1)
     key = next(iter(source.state_dict()["state"][0]))
@@ -469,8 +491,9 @@ def test_state_of_the_wrong_shape_or_kind_is_refused(name):
         assert_unchanged(target, before)
 
 
-def test_missing_scalar_group_state_is_refused():
-    for name, key in [("DGD", "decay_product"), ("NAdam", "mu_product")]:
+@pytest.mark.parametrize("name", [n for n in NAMES if scalar_group_state(n)])
+def test_missing_scalar_group_state_is_refused(name):
+    for key in scalar_group_state(name):
         source, target = stepped(name, steps=3), stepped(name, steps=1)
         state_dict = source.state_dict()
         del state_dict["group_state"][0][key]
@@ -481,3 +504,171 @@ def test_missing_scalar_group_state_is_refused():
 def test_load_state_dict_refuses_a_non_dict():
     with pytest.raises(TypeError):
         stepped("Adam").load_state_dict([1, 2, 3])
+
+
+# ------------------------------------------------------------- load_state_dict completeness
+@pytest.mark.parametrize("name", [n for n in NAMES if with_states(n)])
+def test_a_state_missing_a_buffer_for_some_parameters_is_refused(name):
+    source, target = stepped(name, steps=3), stepped(name, steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    state_dict["state"][1].popitem()  # "b" loses one buffer, "w" keeps all
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="same state entries"):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+
+
+def test_a_stepped_group_without_a_required_state_is_refused():
+    source, target = stepped("Adam", steps=3), stepped("Adam", steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    for state in state_dict["state"]:
+        del state["exp_avg_sq"]
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="lacks.*exp_avg_sq"):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+    state_dict["group_state"][0]["step"] = 0  # never stepped: no state at all is fine
+    for state in state_dict["state"]:
+        state.clear()
+    target.load_state_dict(state_dict)
+    assert target.state == [[{}, {}]]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if scalar_group_state(n)])
+@pytest.mark.parametrize("value", ["0.5", None, [0.5], float("nan"), True])
+def test_non_numeric_group_state_scalars_are_refused(name, value):
+    source, target = stepped(name, steps=3), stepped(name, steps=1)
+    for key in scalar_group_state(name):
+        state_dict = copy.deepcopy(source.state_dict())
+        state_dict["group_state"][0][key] = value
+        before = snapshot(target)
+        with pytest.raises(ValueError, match=key):
+            target.load_state_dict(state_dict)
+        assert_unchanged(target, before)
+        target.step(good_grads())  # and the next step still runs
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (_set(["param_groups"], {"0": {"lr": 0.1}}), TypeError, "param_groups.*list"),
+    (_set(["param_groups"], "groups"), TypeError, "param_groups.*list"),
+    (_drop(["param_groups", 0, "params"]), ValueError, "group 0.*params"),
+    (_set(["param_groups", 0], [1, 2]), TypeError, "group 0.*dict"),
+    (_set(["state"], {"0": {}}), TypeError, "state.*list"),
+    (_set(["group_state"], "steps"), TypeError, "group_state.*list"),
+    (_set(["group_state", 0], 3), ValueError, "group_state"),
+    (_set(["state", 0, "exp_avg"], np.array(["a", "b"] * 3).reshape(3, 2)), TypeError, "dtype"),
+], ids=["groups-dict", "groups-str", "no-params", "group-list", "state-dict", "group-state-str",
+        "group-state-int", "state-of-strings"])
+def test_malformed_state_dicts_get_clear_errors_and_change_nothing(mutate, error, match):
+    source, target = stepped("Adam", steps=3), stepped("Adam", steps=1)
+    state_dict = copy.deepcopy(source.state_dict())
+    mutate(state_dict)
+    before = snapshot(target)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state_dict)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_keys_survive_state_dict_and_load_state_dict(name):
+    opt = stepped(name)
+    opt.param_groups[0]["initial_lr"] = 0.05  # what torch's LR schedulers add
+    opt.param_groups[0].setdefault("max_lr", 0.5)
+    state_dict = opt.state_dict()
+    assert state_dict["param_groups"][0]["initial_lr"] == 0.05
+    fresh = stepped(name, steps=0)
+    fresh.load_state_dict(state_dict)
+    assert fresh.param_groups[0]["initial_lr"] == 0.05 and fresh.param_groups[0]["max_lr"] == 0.5
+    fresh.step(good_grads())
+    made = make(name, [{"params": [np.ones(2, np.float32)], "initial_lr": 0.01}])
+    assert made.param_groups[0]["initial_lr"] == 0.01
+    with pytest.raises(ValueError, match="initial_lr"):
+        fresh.param_groups[0]["initial_lr"] = -1.0
+    del fresh.param_groups[0]["initial_lr"]  # a scheduler's own key may go again
+    assert "initial_lr" not in fresh.param_groups[0]
+
+
+def test_unknown_group_keys_are_refused_when_written():
+    opt = stepped("Adam")
+    with pytest.raises(ValueError, match="unknown hyperparameters.*'momentum'"):
+        opt.param_groups[0]["momentum"] = 0.9
+    with pytest.raises(ValueError, match="names"):
+        opt.param_groups[0]["names"] = ["x", "y"]
+    assert "momentum" not in opt.param_groups[0]
+
+
+def test_param_groups_are_mutable_mappings_checked_as_a_whole_on_update():
+    from collections.abc import MutableMapping
+
+    opt = optim_core.SGD([np.ones(2)], lr=0.1, momentum=0.9, nesterov=True)
+    group = opt.param_groups[0]
+    assert isinstance(group, MutableMapping) and dict(group)["lr"] == 0.1
+    with pytest.raises(ValueError, match="nesterov"):
+        group["momentum"] = 0.0  # one at a time, the relation breaks
+    group.update(momentum=0.0, nesterov=False)  # together it holds
+    assert (group["momentum"], group["nesterov"]) == (0.0, False)
+    with pytest.raises(ValueError, match="nesterov"):
+        group.update({"nesterov": True})
+    assert group["nesterov"] is False
+
+
+# ------------------------------------------------------------------- hyperparameter values
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(1),
+                                   np.array(0.25), np.array(1, dtype=np.int32)],
+                         ids=["float32", "float64", "int64", "0-d float", "0-d int"])
+def test_numpy_scalars_and_0d_arrays_are_numbers(value):
+    opt = optim_core.Adam([np.ones(2)], lr=value, eps=value,
+                          betas=(np.float32(0.5), np.array(0.75)))
+    group = opt.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == float(value)
+    assert group["betas"] == (0.5, 0.75) and all(type(b) is float for b in group["betas"])
+    group["lr"] = value
+    assert type(group["lr"]) is float
+    opt.step([np.ones(2)])
+    torch = pytest.importorskip("torch")
+    group["lr"] = torch.tensor(0.5, dtype=torch.float64)
+    assert group["lr"] == 0.5 and type(group["lr"]) is float
+
+
+def test_a_wrong_type_and_a_value_out_of_range_are_told_apart():
+    with pytest.raises(TypeError, match="lr must be a number"):
+        optim_core.Adam([np.ones(2)], lr="0.1")
+    with pytest.raises(TypeError, match="lr must be a number"):
+        optim_core.Adam([np.ones(2)], lr=np.ones(2))
+    with pytest.raises(ValueError, match="lr must be >= 0") as out_of_range:
+        optim_core.Adam([np.ones(2)], lr=-1)
+    assert not isinstance(out_of_range.value, TypeError)
+    with pytest.raises(TypeError, match="amsgrad must be a bool"):
+        optim_core.Adam([np.ones(2)], amsgrad=1)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\)") as beta:
+        optim_core.Adam([np.ones(2)], betas=(0.9, 1.0))
+    assert not isinstance(beta.value, TypeError)
+
+
+def test_an_integer_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match="lr must be a finite number") as huge:
+        optim_core.SGD([np.ones(2)], lr=10**400)
+    assert not isinstance(huge.value, TypeError)
+    opt = optim_core.SGD([np.ones(2)], lr=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        opt.param_groups[0]["lr"] = -(10**400)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_integer_dict_keys_are_refused_with_a_clear_message():
+    with pytest.raises(TypeError, match="names .*must be strings, got 1"):
+        optim_core.SGD({1: np.ones(2)})
+    with pytest.raises(TypeError, match="must be strings"):
+        optim_core.SGD([{"params": {"a": np.ones(2), 2: np.ones(2)}}])
+
+
+def test_the_nonfinite_policy_is_checked_when_set():
+    opt = stepped("Adam", nonfinite="skip")
+    with pytest.raises(ValueError, match="nonfinite"):
+        opt.nonfinite = "ignore"
+    assert opt.nonfinite == "skip"
+    opt.nonfinite = "raise"
+    grads = good_grads()
+    grads["b"][0] = np.nan
+    with pytest.raises(ValueError, match="'b'"):
+        opt.step(grads)

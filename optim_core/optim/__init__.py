@@ -1,25 +1,15 @@
 """The optimizer core: the rule language, the rules, the Optimizer base and the optimizers.
 
 Imports only the array layer (:mod:`optim_core._namespace`) and
-:mod:`optim_core.backends`; nothing of training, tools or integrations.
+:mod:`optim_core.backends`; nothing of training, tools or integrations. Every
+optimizer class of :mod:`.algorithms` (its ``__all__``) is public here and in
+:mod:`optim_core`, so a new optimizer is listed once, beside its definition.
 """
 
-from .algorithms import (
-    DGD,
-    GD,
-    SGD,
-    Adadelta,
-    Adagrad,
-    Adam,
-    Adamax,
-    AdamW,
-    Lion,
-    NAdam,
-    RAdam,
-    RMSprop,
-)
+from . import algorithms
+from .algorithms import *  # noqa: F403 - the optimizers, as algorithms.__all__ lists them
 from .base import Optimizer
 from .language import UpdateRule, update_rule
+from .param_group import ParamGroup
 
-__all__ = ["Optimizer", "UpdateRule", "update_rule", "GD", "SGD", "DGD", "Adagrad", "RMSprop",
-           "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Lion"]
+__all__ = ["Optimizer", "ParamGroup", "UpdateRule", "update_rule", *algorithms.__all__]

@@ -1,73 +1,63 @@
-"""The optimizer base class: parameters, groups, state, validation and one step.
+"""The optimizer base class: parameters, groups, state, checks and one step.
 
-An optimizer is an :class:`~optim_core.rule.UpdateRule` (its elementwise math),
-a table of hyperparameter defaults, and a ``scalars`` method computing the host
+An optimizer is an :class:`~optim_core.optim.language.UpdateRule` (its elementwise
+math), a table of hyperparameter defaults, and a ``scalars`` method computing the host
 values the rule needs each step. Everything else lives here, once.
+
+Validate first, then write
+--------------------------
+Hyperparameters are checked when they are written (:mod:`.param_group`), so a step
+does not check them again. A step checks everything else before it writes anything,
+for every group: the gradients (structure, library, device, shape, dtype; no masked
+or sparse arrays), the parameters (one replaced in ``param_groups`` or resized in
+place is checked again in full: library, dtype, writability, overlap with the
+others), every state against its parameter, the kernels it will run (compiled now if
+need be), and the non-finite policy. Then it writes: each group's prepared step runs,
+and the new states and group states (step counts, NAdam's ``mu_product``, DGD's
+``decay_product``) are installed. A step that raises has changed nothing.
+
+Host scalars
+------------
+A step's host values are derived in one place, :meth:`Optimizer.step_scalars`: the
+rule's keyword scalars are the group's hyperparameters by name (a pair by its parts:
+``betas`` is ``beta1, beta2``), then what the optimizer's :meth:`~Optimizer.scalars`
+derives (bias corrections, decayed step sizes), then ``first_step``. The lowering
+(:mod:`optim_core.backends._lowering`) then only folds the rule's own scalar-only
+expressions into kernel arguments.
+
+Threads
+-------
+``step``, ``state_dict`` and ``load_state_dict`` hold a lock of the optimizer, so
+calls from several threads run one at a time and lose no update.
 """
 
 from __future__ import annotations
 
-import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+
+from .. import _checks, backends
 from .. import _namespace as ns
-from .. import backends
+from ..backends._generic import TensorMismatch
 from .flat import FlatStorage
 from .language import UpdateRule
+from .memory import check_no_overlap
+from .param_group import (
+    SCHEDULER_KEYS,
+    STRUCTURE_KEYS,
+    GroupSchema,
+    Hyperparameter,
+    ParamGroup,
+)
 from .registry import register
 
 __all__ = ["Optimizer", "STATE_DICT_VERSION"]
 
 STATE_DICT_VERSION = 1
 _NONFINITE_POLICIES = ("propagate", "skip", "raise")
-_GROUP_KEYS = ("params", "names")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _check_unit_interval(name: str, value: Any, *, closed: bool = False) -> None:
-    _check_nonnegative(name, value)
-    if value > 1 or (value == 1 and not closed):
-        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
-
-
-def _check_betas(name: str, value: Any) -> None:
-    if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
-    for i, beta in enumerate(value):
-        _check_unit_interval(f"{name}[{i}]", beta)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-#: How each hyperparameter name is checked, wherever it appears.
-_HYPERPARAMETER_CHECKS = {
-    "lr": _check_nonnegative,
-    "eps": _check_nonnegative,
-    "weight_decay": _check_nonnegative,
-    "momentum": _check_nonnegative,
-    "dampening": lambda n, v: _check_unit_interval(n, v, closed=True),
-    "alpha": _check_nonnegative,
-    "rho": lambda n, v: _check_unit_interval(n, v, closed=True),
-    "lr_decay": _check_nonnegative,
-    "initial_accumulator_value": _check_nonnegative,
-    "momentum_decay": _check_nonnegative,
-    "decay": lambda n, v: _check_unit_interval(n, v, closed=True),
-    "betas": _check_betas,
-    "nesterov": _check_bool,
-    "maximize": _check_bool,
-    "amsgrad": _check_bool,
-    "centered": _check_bool,
-    "decoupled_weight_decay": _check_bool,
-}
 
 
 class Optimizer:
@@ -77,8 +67,9 @@ class Optimizer:
     ----------
     params : list of arrays, dict of name -> array, or list of group dicts
         The arrays to optimize, from any array API library; all must share one
-        namespace and device. A group dict has ``"params"`` (a list or dict of
-        arrays) and any hyperparameter overrides, as in ``torch.optim``.
+        namespace and device, and no two may share memory. A group dict has
+        ``"params"`` (a list or dict of arrays) and any hyperparameter overrides, as
+        in ``torch.optim``. Names (dict keys) are strings.
     defaults : dict
         Hyperparameters of every group that does not override them.
     impl : {"auto", "fused", "generic"}
@@ -96,7 +87,17 @@ class Optimizer:
         and dtype however many tensors there are. The parameters are copied once:
         use :attr:`params` (views into the buffer) from then on, and write gradients
         into :attr:`grad_views` to pass them without a copy. NumPy, CuPy and torch
-        arrays only. See :mod:`optim_core.flat`.
+        arrays only. See :mod:`optim_core.optim.flat`.
+
+    Attributes
+    ----------
+    param_groups : list of ParamGroup
+        Each group's ``params``, ``names`` and hyperparameters; writing a
+        hyperparameter checks it at once (see :mod:`optim_core.optim.param_group`).
+    state : list of list of dict
+        Per group, per parameter: its state arrays by name.
+    group_state : list of dict
+        Per group: the step count and any scalar state of the optimizer.
     """
 
     rule: ClassVar[UpdateRule]
@@ -107,6 +108,12 @@ class Optimizer:
     cli_name: ClassVar[str | None] = None
     #: How ``weight_decay`` is applied; see :data:`optim_core.optim.registry.WEIGHT_DECAY_KINDS`.
     weight_decay_kind: ClassVar[str] = "none"
+    #: The hyperparameters :meth:`check_relations` relates; writing one of them checks
+    #: the relations again.
+    related_hyperparameters: ClassVar[frozenset[str]] = frozenset()
+    #: Checks of hyperparameters this optimizer has and the shared table
+    #: (:data:`~optim_core.optim.param_group.HYPERPARAMETERS`) lacks, by name.
+    hyperparameter_checks: ClassVar[Mapping[str, Hyperparameter]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -116,39 +123,41 @@ class Optimizer:
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto",
                  backend: Any = "auto", nonfinite: str = "propagate",
                  flat: bool = False) -> None:
-        if nonfinite not in _NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
-        self._check_group(defaults)
+        self.nonfinite = nonfinite
+        flat = _checks.boolean("flat", flat)
+        self._schema = GroupSchema(type(self), defaults)
+        self.defaults = self._schema.check_group(defaults)
         groups, self._keyed = _parse_params(params)
         all_arrays = [a for g in groups for a in g["params"]]
         all_names = [n for g in groups for n in g["names"]]
         self._xp = ns.common_namespace(all_arrays, all_names)
-        _check_params(self._xp, all_arrays, all_names)
-        self.defaults = dict(defaults)
-        self.param_groups: list[dict[str, Any]] = []
-        for group in groups:
-            merged = {**self.defaults, **group}
-            unknown = set(group) - set(self.defaults) - set(_GROUP_KEYS)
-            if unknown:
-                raise ValueError(f"unknown hyperparameters in a param group: {sorted(unknown)}")
-            self._check_group(merged)
-            self.param_groups.append(merged)
+        for name, array in zip(all_names, all_arrays, strict=True):
+            _check_param(self._xp, name, array)
+        check_no_overlap(all_arrays, all_names)
+        self.param_groups: list[ParamGroup] = [
+            ParamGroup(self._schema.check_group({**self.defaults, **group}), self._schema)
+            for group in groups]
         self.backend = backends.select_backend(backend, self._xp)
         self.impl = impl
         self.implementation, self.implementation_reason = backends.select_implementation(
             impl, self.backend, self.rule)
-        _check_bool("flat", flat)
         self._flat = FlatStorage(self._xp, self.backend.name, self.param_groups) if flat else None
-        self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.group_state: list[dict[str, Any]] = [self._initial_group_state() for _ in groups]
         self.state: list[list[dict[str, Any]]] = [[{} for _ in g["params"]] for g in groups]
+        self._sources = self._scalar_sources()
+        self._required_states = frozenset(self.rule.states) - self.rule.optional_states
+        self._lock = threading.Lock()
+        self._remember_params()
 
     # ----------------------------------------------------------------- per optimizer
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
-        """Host scalars of this step beyond the hyperparameters (after ``step`` is incremented).
+        """Host scalars of this step beyond the hyperparameters.
 
-        May advance scalar state kept in ``group_state`` (a running product, say).
+        ``group_state`` is this step's own copy of the group state, its ``step``
+        already counting this step; an optimizer that keeps scalar state (a running
+        product, say) updates it there, and the copy becomes the group state only if
+        the step succeeds.
         """
         return {}
 
@@ -159,14 +168,22 @@ class Optimizer:
     def _initial_group_state(self) -> dict[str, Any]:
         return {"step": 0}
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        """Validate one group's hyperparameters (ValueError/TypeError)."""
-        for name, value in group.items():
-            check = _HYPERPARAMETER_CHECKS.get(name)
-            if check is not None:
-                check(name, value)
+    @classmethod
+    def check_relations(cls, group: Mapping[str, Any]) -> None:
+        """Check relations between a group's hyperparameters (ValueError); each value has
+        been checked on its own already. Called when a group is made and whenever one of
+        :attr:`related_hyperparameters` is written."""
 
     # ----------------------------------------------------------------- public API
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite gradient policy: "propagate", "skip" or "raise" (checked when set)."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        self._nonfinite = _checks.choice("nonfinite", value, _NONFINITE_POLICIES)
+
     @property
     def params(self) -> list[Any] | dict[str, Any]:
         """The parameters, in the structure they were given (a list or a dict)."""
@@ -191,7 +208,7 @@ class Optimizer:
         return views
 
     def step(self, grads: Sequence[Any] | Mapping[str, Any]) -> list[Any] | dict[str, Any]:
-        """Apply one update.
+        """Apply one update; a call that raises changes nothing.
 
         Parameters
         ----------
@@ -206,52 +223,294 @@ class Optimizer:
             The parameters: the same arrays, updated in place where the library
             allows it, or new arrays for immutable libraries (JAX).
         """
-        # The optimizer's own gradient views need no checks: hundreds of tensors cost
-        # one identity test each instead.
-        grouped = self._flat.own_grad_views(grads, self._keyed) if self._flat is not None \
-            else None
-        if grouped is None:
-            grouped = self._validated_grads(grads)
-        if self._flat is not None:
-            self._flat.check_params(self.param_groups)
-        for group in self.param_groups:
-            missing = set(self.defaults) - set(group)
-            if missing:
-                raise ValueError(f"a param group lacks hyperparameters {sorted(missing)}")
-            self._check_group(group)
-        if self.nonfinite != "propagate" and not self._all_finite(grouped):
-            self.skipped_steps += 1
-            return self.params
-        for index, (group, gstate, states, group_grads) in enumerate(zip(
-                self.param_groups, self.group_state, self.state, grouped)):
-            self._step_group(group, gstate, states, group_grads, index)
-        return self.params
+        with self._lock:
+            return self._step(grads)
+
+    def step_scalars(self, group: Mapping[str, Any], group_state: Mapping[str, Any], *,
+                     first_step: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The rule's keyword scalars for one step of ``group``, and the group state after it.
+
+        The one derivation of a step's host values (see the module docstring); changes
+        nothing.
+
+        Parameters
+        ----------
+        group : mapping
+            A param group's hyperparameters.
+        group_state : mapping
+            The group state before the step.
+        first_step : bool
+            Whether the step allocates the group's optional states (SGD copies the
+            gradient into a new momentum buffer).
+        """
+        after = dict(group_state)
+        after["step"] += 1
+        derived = self.scalars(group, after)
+        values = {}
+        for name, source, part in self._sources:
+            if name in derived:
+                values[name] = derived[name]
+            elif source is not None:
+                values[name] = group[source] if part is None else group[source][part]
+            elif name == "first_step":
+                values[name] = first_step
+            else:
+                raise TypeError(f"rule {self.rule.name} needs the scalar {name!r}, which "
+                                f"{type(self).__name__} neither has as a hyperparameter nor "
+                                "derives in scalars()")
+        return values, after
 
     def state_dict(self) -> dict[str, Any]:
         """A backend-neutral snapshot: NumPy arrays, Python scalars and a format version."""
-        index = 0
-        groups = []
-        for group in self.param_groups:
-            entry = {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in group.items() if k not in _GROUP_KEYS}
-            entry["params"] = list(range(index, index + len(group["params"])))
-            entry["names"] = list(group["names"]) if self._keyed else None
-            index += len(group["params"])
-            groups.append(entry)
-        return {
-            "format_version": STATE_DICT_VERSION,
-            "optimizer": type(self).__name__,
-            "param_groups": groups,
-            "group_state": [dict(s) for s in self.group_state],
-            "state": [{name: ns.to_numpy(arr) for name, arr in st.items()}
-                      for states in self.state for st in states],
-        }
+        with self._lock:
+            index = 0
+            groups = []
+            for group in self.param_groups:
+                entry = {k: (list(v) if isinstance(v, tuple) else v)
+                         for k, v in group.items() if k not in STRUCTURE_KEYS}
+                entry["params"] = list(range(index, index + len(group["params"])))
+                entry["names"] = list(group["names"]) if self._keyed else None
+                index += len(group["params"])
+                groups.append(entry)
+            return {
+                "format_version": STATE_DICT_VERSION,
+                "optimizer": type(self).__name__,
+                "param_groups": groups,
+                "group_state": [dict(s) for s in self.group_state],
+                "state": [{name: ns.to_numpy(arr) for name, arr in st.items()}
+                          for states in self.state for st in states],
+            }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` onto the parameters' namespace and device.
 
-        Everything is checked before anything is changed.
+        Everything is checked before anything is changed: the format, every group's
+        hyperparameters (scheduler keys such as ``initial_lr`` included), every state
+        array (shape, kind, and the same states for every parameter of a group, all of
+        the rule's required ones once the group has stepped) and every group state.
         """
+        with self._lock:
+            self._load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        return f"{type(self).__name__}({hyper}, impl={self.implementation.name!r})"
+
+    # Copies and pickles get a lock of their own, and no cached per-step records.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_caches"] = [{} for _ in state["_caches"]]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- the step
+    def _step(self, grads: Any) -> list[Any] | dict[str, Any]:
+        self._check_group_structure()
+        flat = self._flat
+        # The optimizer's own gradient views need no checks: hundreds of tensors cost
+        # one identity test each instead.
+        grouped = flat.own_grad_views(grads, self._keyed) if flat is not None else None
+        if grouped is None:
+            grouped = self._checked_grads(grads)
+        prepared = [self._prepare_group(index, group_grads)
+                    for index, group_grads in enumerate(grouped)]
+        if self._nonfinite != "propagate" and not self._all_finite(grouped):
+            self.skipped_steps += 1
+            return self.params
+        # Everything is checked and ready: from here on the step writes.
+        for run in prepared:
+            run()
+        return self.params
+
+    def _check_group_structure(self) -> None:
+        """The groups, their parameter lists and states are still the optimizer's."""
+        groups = self.param_groups
+        if type(groups) is not list or len(groups) != len(self._known):
+            raise ValueError("param groups were added or removed after the optimizer was "
+                             "made; make a new optimizer instead")
+        for index, group in enumerate(groups):
+            if type(group) is not ParamGroup:
+                raise TypeError(f"param_groups[{index}] was replaced by a "
+                                f"{type(group).__name__}; write hyperparameters into the "
+                                "optimizer's own groups instead")
+            if len(group["params"]) != len(self._known[index]):
+                raise ValueError(f"param group {index} now has {len(group['params'])} params, "
+                                 f"it was made with {len(self._known[index])}")
+        if len(self.state) != len(groups) or len(self.group_state) != len(groups) or any(
+                len(states) != len(g["params"]) for states, g in zip(self.state, groups)):
+            raise ValueError("optimizer.state or group_state no longer has one entry per "
+                             "param group and parameter")
+        if self._flat is not None:
+            self._flat.check_params(groups)
+
+    def _checked_grads(self, grads: Any) -> list[list[Any]]:
+        """Each group's gradients, checked against its parameters (cast to their dtypes);
+        a parameter replaced or resized since the last step is checked again first."""
+        names = [n for g in self.param_groups for n in g["names"]]
+        if self._keyed:
+            if not isinstance(grads, Mapping):
+                raise TypeError("params were given as a dict: grads must be a dict too")
+            missing, extra = set(names) - set(grads), set(grads) - set(names)
+            if missing or extra:
+                raise ValueError(f"grads keys differ from params: missing {sorted(missing)}, "
+                                 f"unexpected {sorted(map(repr, extra))}")
+            given = [grads[n] for n in names]
+        else:
+            if isinstance(grads, Mapping) or not isinstance(grads, Sequence):
+                raise TypeError("params were given as a list: grads must be a list too")
+            if len(grads) != len(names):
+                raise ValueError(f"got {len(grads)} grads for {len(names)} params")
+            given = grads
+        self._check_changed_params()
+        xp = self._xp
+        grouped = []
+        position = 0
+        for group, shapes in zip(self.param_groups, self._shapes):
+            checked = []
+            for param, shape in zip(group["params"], shapes):
+                grad = given[position]
+                if type(grad) is not np.ndarray or type(param) is not np.ndarray:
+                    _check_grad_kind(grad, param, names[position])
+                if grad.shape != shape:
+                    raise ValueError(f"grad of {names[position]!r} has shape "
+                                     f"{tuple(grad.shape)}, the parameter {shape}")
+                # The parameter's dtype is floating (checked when it was given): a gradient
+                # of the same dtype needs no dtype check.
+                if grad.dtype != param.dtype:
+                    if not ns.is_floating(xp, grad):
+                        raise TypeError(f"grad of {names[position]!r} has dtype {grad.dtype}; "
+                                        "gradients must be floating point")
+                    grad = xp.astype(grad, param.dtype)
+                checked.append(grad)
+                position += 1
+            grouped.append(checked)
+        return grouped
+
+    def _check_changed_params(self) -> None:
+        """Check again, in full, every parameter that is not the array last checked or has
+        another shape (replaced in ``param_groups``, or resized in place); remember them
+        once all pass."""
+        changed = []
+        for group_index, (group, known, shapes) in enumerate(
+                zip(self.param_groups, self._known, self._shapes)):
+            for i, (param, before, shape) in enumerate(zip(group["params"], known, shapes)):
+                if param is not before or param.shape != shape:
+                    changed.append((group_index, i, param))
+        if not changed:
+            return
+        reference = next((p for known in self._known for p in known), None)
+        for group_index, i, param in changed:
+            name = self.param_groups[group_index]["names"][i]
+            if reference is not None:
+                ns.check_same_library(param, reference, f"parameter {name!r}")
+            _check_param(self._xp, name, param)
+        check_no_overlap([p for g in self.param_groups for p in g["params"]],
+                         [n for g in self.param_groups for n in g["names"]])
+        for group_index, i, param in changed:
+            self._known[group_index][i] = param
+            self._shapes[group_index][i] = tuple(param.shape)
+
+    def _prepare_group(self, index: int, grads: list[Any]) -> Any:
+        """Everything one group's step needs, checked and computed, written nowhere; the
+        function that writes it."""
+        group, states = self.param_groups[index], self.state[index]
+        flat, xp, rule = self._flat, self._xp, self.rule
+        active = self._required_states | self.active_states(group)
+        first = states[0] if states else {}
+        new = [name for name in rule.states if name in active and name not in first]
+        if new and any(name in st for st in states for name in new):
+            holder = next(n for n, st in zip(group["names"], states)
+                          if any(name in st for name in new))
+            raise ValueError(f"parameter {holder!r} has states the group's first parameter "
+                             "lacks; every parameter of a group must have the same state entries")
+        fills = {name: group[self.initial_state[name]] if name in self.initial_state else 0
+                 for name in new}
+        scalars, after = self.step_scalars(group, self.group_state[index],
+                                           first_step=bool(new and states))
+        fresh = None
+        if flat is not None:
+            params, step_grads, step_states = flat.buffers(index)
+            if new:
+                fresh = flat.new_states(index, fills)
+                step_states = [{**st, **f} for st, f in zip(step_states, fresh, strict=True)]
+            names = None
+        else:
+            params, step_grads, step_states = group["params"], grads, states
+            if new:
+                fresh = [{name: xp.full(param.shape, value, dtype=param.dtype,
+                                        device=ns.device_of(param))
+                          for name, value in fills.items()} for param in params]
+                step_states = [{**st, **f} for st, f in zip(states, fresh, strict=True)]
+            names = group["names"]
+        try:
+            ready = self.implementation.prepare(rule, xp, params, step_grads, step_states,
+                                                scalars, cache=self._caches[index])
+        except TensorMismatch as exc:
+            where = f"parameter {names[exc.index]!r}" if names is not None \
+                else f"flat buffer {exc.index} of param group {index}"
+            raise ValueError(f"{where}: {exc.detail}; nothing was updated") from None
+
+        def run() -> None:
+            if flat is not None:
+                flat.copy_grads(index, grads)
+            out = ready.run()
+            if flat is not None:
+                if fresh is not None:
+                    flat.install(index, states, fresh)
+            else:
+                if fresh is not None:
+                    for st, merged in zip(states, step_states, strict=True):
+                        st.update(merged)
+                if out is not params and any(o is not p for o, p in zip(out, params)):
+                    # New arrays (immutable libraries): the group's from now on.
+                    group._store_params(out)
+                    self._known[index] = list(out)
+            self.group_state[index].update(after)
+
+        return run
+
+    def _all_finite(self, grouped: list[list[Any]]) -> bool:
+        xp = self._xp
+        checks = [xp.all(xp.isfinite(grad)) for grads in grouped for grad in grads]
+        every = checks[0]
+        for check in checks[1:]:
+            every = xp.logical_and(every, check)
+        # One host synchronization a step however many parameters; names only on failure.
+        if bool(every):
+            return True
+        if self._nonfinite == "raise":
+            names = [name for group in self.param_groups for name in group["names"]]
+            name = next(n for n, check in zip(names, checks, strict=True) if not bool(check))
+            raise ValueError(f"non-finite gradient for parameter {name!r}; nothing was updated")
+        return False
+
+    # ----------------------------------------------------------------- internals
+    def _remember_params(self) -> None:
+        """Record the parameters as checked (identity and shape), and drop cached records."""
+        self._known = [list(g["params"]) for g in self.param_groups]
+        self._shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
+        self._caches: list[dict] = [{} for _ in self.param_groups]
+
+    def _scalar_sources(self) -> list[tuple[str, str | None, int | None]]:
+        """Where each of the rule's scalars comes from: ``(name, hyperparameter, part)``;
+        a hyperparameter of None for one only ``scalars`` (or ``first_step``) gives."""
+        parts = {part: (hyper, i) for hyper in self.defaults
+                 for i, part in enumerate(self._schema.specs[hyper].parts)}
+        sources = []
+        for name in self.rule.scalars:
+            if name in parts:
+                sources.append((name, *parts[name]))
+            elif name in self.defaults:
+                sources.append((name, name, None))
+            else:
+                sources.append((name, None, None))
+        return sources
+
+    def _load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         missing = {"format_version", "optimizer", "param_groups", "group_state", "state"} \
@@ -263,150 +522,163 @@ class Optimizer:
         if state_dict.get("optimizer") != type(self).__name__:
             raise ValueError(f"state_dict is for {state_dict.get('optimizer')!r}, "
                              f"not {type(self).__name__}")
-        groups = state_dict["param_groups"]
+        groups = _sequence(state_dict["param_groups"], "state_dict['param_groups']")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, "
                              f"this optimizer {len(self.param_groups)}")
-        flat_state = state_dict["state"]
+        flat_state = _sequence(state_dict["state"], "state_dict['state']")
         params = [p for g in self.param_groups for p in g["params"]]
+        names = [n for g in self.param_groups for n in g["names"]]
         if len(flat_state) != len(params):
             raise ValueError(f"state_dict has state for {len(flat_state)} params, "
                              f"this optimizer has {len(params)}")
         new_groups = []
-        for saved, group in zip(groups, self.param_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("param group sizes differ from the state_dict's")
-            hyper = {k: (tuple(v) if k == "betas" else v)
-                     for k, v in saved.items() if k not in _GROUP_KEYS}
-            unknown = set(hyper) - set(self.defaults)
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"param group {index} of the state_dict must be a dict, got "
+                                f"{type(saved).__name__}")
+            if "params" not in saved:
+                raise ValueError(f"param group {index} of the state_dict has no 'params'")
+            if not isinstance(saved["params"], Sequence) or \
+                    len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {index} of the state_dict has "
+                                 f"{_count(saved['params'])} params, this optimizer's "
+                                 f"{len(group['params'])}")
+            hyper = {k: v for k, v in saved.items() if k not in STRUCTURE_KEYS}
+            unknown = set(hyper) - self._schema.hyperparameters - set(SCHEDULER_KEYS)
             if unknown:
                 raise ValueError(f"unknown hyperparameters in the state_dict: {sorted(unknown)}")
-            merged = {**group, **hyper}
-            self._check_group(merged)
-            new_groups.append(merged)
+            new_groups.append(ParamGroup(self._schema.check_group({**group, **hyper}),
+                                         self._schema))
+        group_state = self._checked_group_state(state_dict["group_state"])
         new_state = []
-        for i, (param, saved) in enumerate(zip(params, flat_state)):
-            st = {}
-            if not isinstance(saved, Mapping):
-                raise TypeError(f"state of parameter {i} must be a dict, got {saved!r:.80}")
-            for name, value in saved.items():
-                if name not in self.rule.states:
-                    raise ValueError(f"unknown state {name!r} for {type(self).__name__}")
-                if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-                    raise TypeError(f"state {name!r} of parameter {i} is a "
-                                    f"{type(value).__name__}, not an array")
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(f"state {name!r} of parameter {i} has shape "
-                                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
-                st[name] = value
-            new_state.append(st)
-        group_state = [dict(s) for s in state_dict["group_state"]]
-        keys = set(self._initial_group_state())
-        if len(group_state) != len(self.param_groups) or not all(
-                set(s) == keys and isinstance(s["step"], int)
-                and not isinstance(s["step"], bool) and s["step"] >= 0 for s in group_state):
-            raise ValueError(f"group_state must hold {sorted(keys)} with an integer step >= 0 "
-                             "for every group")
+        position = 0
+        for group_index, group in enumerate(self.param_groups):
+            group_states = []
+            for _ in group["params"]:
+                group_states.append(self._checked_state(flat_state[position], params[position],
+                                                        names[position]))
+                position += 1
+            self._check_group_states(group_states, group["names"],
+                                     group_state[group_index]["step"])
+            new_state.append(group_states)
         # Everything checked: convert, then write.
-        converted = [{name: ns.from_numpy(self._xp, value, like=param)
-                      for name, value in st.items()} for param, st in zip(params, new_state)]
-        it = iter(converted)
-        state = [[next(it) for _ in g["params"]] for g in self.param_groups]
-        self.state = state if self._flat is None else self._flat.adopt(state)
+        converted = [[{name: ns.from_numpy(self._xp, value, like=param)
+                       for name, value in st.items()}
+                      for param, st in zip(group["params"], group_states)]
+                     for group, group_states in zip(self.param_groups, new_state)]
+        state = converted if self._flat is None else self._flat.adopt(converted)
+        self.state = state
         self.param_groups = new_groups
         self.group_state = group_state
+        self._remember_params()
 
-    def __repr__(self) -> str:
-        hyper = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
-        return f"{type(self).__name__}({hyper}, impl={self.implementation.name!r})"
+    def _checked_state(self, saved: Any, param: Any, name: str) -> dict[str, Any]:
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"state of parameter {name!r} must be a dict, got {saved!r:.80}")
+        checked = {}
+        for key, value in saved.items():
+            if key not in self.rule.states:
+                raise ValueError(f"unknown state {key!r} for {type(self).__name__}")
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise TypeError(f"state {key!r} of parameter {name!r} is a "
+                                f"{type(value).__name__}, not an array")
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"state {key!r} of parameter {name!r} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            if not _is_numeric(value):
+                raise TypeError(f"state {key!r} of parameter {name!r} has dtype {value.dtype}, "
+                                "not a number type")
+            checked[key] = value
+        # The rule's order, not the file's: state_dict() is then the same in every process.
+        return {key: checked[key] for key in self.rule.states if key in checked}
 
-    # ----------------------------------------------------------------- internals
-    def _validated_grads(self, grads: Any) -> list[list[Any]]:
-        names = [n for g in self.param_groups for n in g["names"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        if self._keyed:
-            if not isinstance(grads, Mapping):
-                raise TypeError("params were given as a dict: grads must be a dict too")
-            missing, extra = set(names) - set(grads), set(grads) - set(names)
-            if missing or extra:
-                raise ValueError(f"grads keys differ from params: missing {sorted(missing)}, "
-                                 f"unexpected {sorted(map(str, extra))}")
-            flat = [grads[n] for n in names]
-        else:
-            if isinstance(grads, Mapping) or not isinstance(grads, Sequence):
-                raise TypeError("params were given as a list: grads must be a list too")
-            if len(grads) != len(params):
-                raise ValueError(f"got {len(grads)} grads for {len(params)} params")
-            flat = list(grads)
-        checked = []
-        for name, param, grad in zip(names, params, flat):
-            ns.check_same_library(grad, param, f"grad of {name!r}")
-            if tuple(grad.shape) != tuple(param.shape):
-                raise ValueError(f"grad of {name!r} has shape {tuple(grad.shape)}, "
-                                 f"the parameter {tuple(param.shape)}")
-            # The parameter's dtype is floating (checked at construction): a gradient of
-            # the same dtype needs no dtype check.
-            if grad.dtype != param.dtype:
-                if not ns.is_floating(self._xp, grad):
-                    raise TypeError(f"grad of {name!r} has dtype {grad.dtype}; gradients "
-                                    "must be floating point")
-                grad = self._xp.astype(grad, param.dtype)
-            checked.append(grad)
-        it = iter(checked)
-        return [[next(it) for _ in g["params"]] for g in self.param_groups]
-
-    def _all_finite(self, grouped: list[list[Any]]) -> bool:
-        xp = self._xp
-        checks = [xp.all(xp.isfinite(grad)) for grads in grouped for grad in grads]
-        every = checks[0]
-        for check in checks[1:]:
-            every = xp.logical_and(every, check)
-        # One host synchronization a step however many parameters; names only on failure.
-        if bool(every):
-            return True
-        if self.nonfinite == "raise":
-            names = [name for group in self.param_groups for name in group["names"]]
-            name = next(n for n, check in zip(names, checks, strict=True) if not bool(check))
-            raise ValueError(f"non-finite gradient for parameter {name!r}; nothing was updated")
-        return False
-
-    def _rule_scalars(self, group: Mapping[str, Any], derived: Mapping[str, Any]) -> dict:
-        available = {k: v for k, v in group.items() if k not in _GROUP_KEYS}
-        if "betas" in available:
-            available["beta1"], available["beta2"] = available.pop("betas")
-        available.update(derived)
-        return {name: available[name] for name in self.rule.scalars}
-
-    def _step_group(self, group: dict, gstate: dict, states: list[dict], grads: list,
-                    index: int) -> None:
-        active = (set(self.rule.states) - self.rule.optional_states) | self.active_states(group)
-        new_states = frozenset(name for name in active if name not in states[0]) \
-            if states else frozenset()
-        if self._flat is not None:
-            if new_states:
-                self._flat.allocate(index, states, {
-                    name: group[self.initial_state[name]] if name in self.initial_state else 0
-                    for name in self.rule.states if name in new_states})
-        else:
-            for param, st in zip(group["params"], states):
-                # The rule's order, not a set's: state_dict() is then the same in every process.
-                for name in [n for n in self.rule.states if n in active and n not in st]:
-                    fill = self.initial_state.get(name)
-                    value = group[fill] if fill else 0
-                    st[name] = self._xp.full(param.shape, value, dtype=param.dtype,
-                                             device=ns.device_of(param))
-        gstate["step"] += 1
-        derived = self.scalars(group, gstate)
-        derived.setdefault("first_step", bool(new_states))
-        scalars = self._rule_scalars(group, derived)
-        if self._flat is not None:
-            # Whole buffers: one kernel launch per dtype; the views in group["params"]
-            # and in states see the update.
-            self.implementation.step(self.rule, self._xp, *self._flat.buffers(index, grads),
-                                     scalars)
+    def _check_group_states(self, states: list[dict[str, Any]], names: list[str],
+                            step: int) -> None:
+        """Every parameter of a group has the same states, and all required ones once the
+        group has stepped: a step would otherwise start some buffers afresh."""
+        if not states:
             return
-        group["params"] = self.implementation.step(
-            self.rule, self._xp, group["params"], grads, states, scalars)
+        first = set(states[0])
+        for name, st in zip(names, states, strict=True):
+            if set(st) != first:
+                raise ValueError(f"state of parameter {name!r} has {sorted(st)}, that of "
+                                 f"{names[0]!r} {sorted(first)}: every parameter of a group "
+                                 "must have the same state entries")
+        lacking = [s for s in self.rule.states if s in self._required_states and s not in first]
+        if step > 0 and lacking:
+            raise ValueError(f"state of parameter {names[0]!r} lacks {lacking} after {step} "
+                             "steps; a state_dict holds every state of a stepped group")
+
+    def _checked_group_state(self, saved: Any) -> list[dict[str, Any]]:
+        saved = _sequence(saved, "state_dict['group_state']")
+        keys = set(self._initial_group_state())
+        if len(saved) != len(self.param_groups) or not all(
+                isinstance(s, Mapping) and set(s) == keys for s in saved):
+            raise ValueError(f"group_state must hold {sorted(keys)} with an integer step >= 0 "
+                             "for every group")
+        checked = []
+        for index, entry in enumerate(saved):
+            step = entry["step"]
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"group_state must hold {sorted(keys)} with an integer "
+                                 f"step >= 0 for every group; group {index} has step {step!r}")
+            values = {"step": int(step)}
+            for key in sorted(keys - {"step"}):
+                values[key] = _checks.number(f"group_state[{index}][{key!r}]", entry[key])
+            checked.append({key: values[key] for key in entry})
+        return checked
+
+
+def _sequence(value: Any, what: str) -> Sequence[Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any) -> Any:
+    return len(value) if isinstance(value, Sequence) else repr(value)
+
+
+def _is_numeric(value: Any) -> bool:
+    try:
+        kind = np.dtype(value.dtype).kind
+    except TypeError:
+        return "float" in str(value.dtype) or "int" in str(value.dtype)
+    return kind in "fiu" or (kind == "V" and "float" in np.dtype(value.dtype).name)
+
+
+def _check_param(xp: Any, name: str, x: Any) -> None:
+    """A parameter the optimizer can update in place: floating, writable, not masked or
+    sparse."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"parameter {name!r} is a masked array; pass its data (x.data) or "
+                        "a filled copy")
+    if _is_sparse(x):
+        raise TypeError(f"parameter {name!r} is a sparse tensor; parameters must be dense")
+    if not ns.is_floating(xp, x):
+        raise TypeError(f"parameter {name!r} has dtype {x.dtype}; parameters must be "
+                        "floating point")
+    if ns.is_read_only(x):
+        raise ValueError(f"parameter {name!r} is read-only; the optimizer updates "
+                         "parameters in place")
+
+
+def _is_sparse(x: Any) -> bool:
+    layout = getattr(x, "layout", None)
+    return layout is not None and "strided" not in str(layout)
+
+
+def _check_grad_kind(grad: Any, param: Any, name: str) -> None:
+    """The checks a NumPy gradient of a NumPy parameter needs none of: library, device,
+    masked or sparse."""
+    if isinstance(grad, np.ma.MaskedArray):
+        raise TypeError(f"grad of {name!r} is a masked array; masked elements would be "
+                        "stepped with whatever the array holds there: pass a filled array")
+    ns.check_same_library(grad, param, f"grad of {name!r}")
+    if _is_sparse(grad):
+        raise TypeError(f"grad of {name!r} is a sparse tensor ({grad.layout}); pass a dense "
+                        "gradient (grad.to_dense())")
 
 
 def _parse_params(params: Any) -> tuple[list[dict[str, Any]], bool]:
@@ -414,7 +686,7 @@ def _parse_params(params: Any) -> tuple[list[dict[str, Any]], bool]:
     if isinstance(params, Mapping):
         if "params" in params:
             raise TypeError("a single param group must be wrapped in a list: [group]")
-        return [{"params": list(params.values()), "names": [str(k) for k in params]}], True
+        return [{"params": list(params.values()), "names": _names(params)}], True
     if not isinstance(params, Sequence) or isinstance(params, (str, bytes)):
         raise TypeError("params must be a list of arrays, a dict of name -> array, or a list "
                         f"of param group dicts; got {type(params).__name__}")
@@ -429,10 +701,10 @@ def _parse_params(params: Any) -> tuple[list[dict[str, Any]], bool]:
             if keyed is not None and keyed != is_keyed:
                 raise TypeError("param groups must all give params as lists, or all as dicts")
             keyed = is_keyed
-            overrides = {k: v for k, v in g.items() if k != "params"}
+            overrides = {k: v for k, v in g.items() if k not in STRUCTURE_KEYS}
             if is_keyed:
-                groups.append({"params": list(inner.values()),
-                               "names": [str(k) for k in inner], **overrides})
+                groups.append({"params": list(inner.values()), "names": _names(inner),
+                               **overrides})
             else:
                 groups.append({"params": list(inner), "names": [], **overrides})
         if not keyed:
@@ -449,16 +721,11 @@ def _parse_params(params: Any) -> tuple[list[dict[str, Any]], bool]:
     return [{"params": params, "names": [str(i) for i in range(len(params))]}], False
 
 
-def _check_params(xp: Any, arrays: list[Any], names: list[str]) -> None:
-    seen: dict[int, str] = {}
-    for name, x in zip(names, arrays):
-        if not ns.is_floating(xp, x):
-            raise TypeError(f"parameter {name!r} has dtype {x.dtype}; parameters must be "
-                            "floating point")
-        if ns.is_read_only(x):
-            raise ValueError(f"parameter {name!r} is read-only; the optimizer updates "
-                             "parameters in place")
-        key = ns.identity_key(x)
-        if key in seen:
-            raise ValueError(f"parameters {seen[key]!r} and {name!r} are the same array")
-        seen[key] = name
+def _names(params: Mapping[Any, Any]) -> list[str]:
+    """The dict's keys, which must be strings: they name the parameters in gradients,
+    state dicts and checkpoints, and a key ``1`` could not be told from ``"1"`` there."""
+    for key in params:
+        if not isinstance(key, str):
+            raise _checks.WrongTypeError(f"parameter names (dict keys) must be strings, got "
+                                         f"{key!r} ({type(key).__name__}); use str(key)")
+    return list(params)

@@ -141,14 +141,20 @@ class FlatStorage:
         return None
 
     # ----------------------------------------------------------------- state
-    def allocate(self, group_index: int, states: list[dict[str, Any]],
-                 fills: Mapping[str, Any]) -> None:
-        """Allocate each state in ``fills`` (name -> initial value) flat, views into ``states``."""
+    def new_states(self, group_index: int, fills: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """New flat buffers for each state in ``fills`` (name -> initial value), one dict per
+        segment of the group, not yet installed (:meth:`install` does, once the step has
+        run)."""
         xp = self._xp
-        for segment in self.segments[group_index]:
-            for name, value in fills.items():
-                buffer = xp.full(segment.param.shape, value, dtype=segment.param.dtype,
-                                 device=ns.device_of(segment.param))
+        return [{name: xp.full(segment.param.shape, value, dtype=segment.param.dtype,
+                               device=ns.device_of(segment.param))
+                 for name, value in fills.items()} for segment in self.segments[group_index]]
+
+    def install(self, group_index: int, states: list[dict[str, Any]],
+                buffers: list[dict[str, Any]]) -> None:
+        """Make :meth:`new_states`' buffers the group's, with views into ``states``."""
+        for segment, new in zip(self.segments[group_index], buffers, strict=True):
+            for name, buffer in new.items():
                 segment.states[name] = buffer
                 for i, span in zip(segment.indices, segment.spans, strict=True):
                     states[i][name] = self._view(buffer, *span)
@@ -190,27 +196,27 @@ class FlatStorage:
     def check_params(self, groups: list[dict[str, Any]]) -> None:
         """ValueError if a group's ``params`` no longer holds this storage's views."""
         for group, segments in zip(groups, self.segments, strict=True):
+            params = group["params"]
             for segment in segments:
                 for i, view in zip(segment.indices, segment.param_views, strict=True):
-                    if group["params"][i] is not view:
+                    if params[i] is not view:
                         raise ValueError(
                             f"parameter {group['names'][i]!r} was replaced in param_groups; "
                             "with flat=True the optimizer steps its own buffer: write new "
                             "values into optimizer.params instead")
 
-    def buffers(self, group_index: int, grads: list[Any]) -> tuple[list, list, list]:
-        """(params, grads, states) of one group as whole buffers, one entry per dtype.
+    def buffers(self, group_index: int) -> tuple[list, list, list]:
+        """(params, grads, states) of one group as whole buffers, one entry per dtype."""
+        segments = self.segments[group_index]
+        return ([segment.param for segment in segments], [segment.grad for segment in segments],
+                [segment.states for segment in segments])
 
-        A gradient that is not already the group's own gradient view is copied into
-        the gradient buffer (once).
-        """
-        params, flat_grads, states = [], [], []
-        own = grads is self._grouped_grad_views[group_index]
+    def copy_grads(self, group_index: int, grads: list[Any]) -> None:
+        """Copy into the gradient buffer each gradient that is not already the group's own
+        gradient view (the step's first write)."""
+        if grads is self._grouped_grad_views[group_index]:
+            return
         for segment in self.segments[group_index]:
             for i, view in zip(segment.indices, segment.grad_views, strict=True):
-                if not own and grads[i] is not view:
+                if grads[i] is not view:
                     view[...] = grads[i]
-            params.append(segment.param)
-            flat_grads.append(segment.grad)
-            states.append(segment.states)
-        return params, flat_grads, states

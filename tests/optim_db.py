@@ -1,0 +1,360 @@
+"""The one table of optimizers and options that every test draws from (like torch's ``optim_db``).
+
+Each registered optimizer has one :class:`OptimizerInfo` entry: its class, its float64
+reference in ``tests/reference.py``, its ``torch.optim`` counterpart, and the option
+sets the tests run it with. Adding an optimizer means adding its rule, its class (which
+registers itself) and an entry here; ``test_every_registered_optimizer_has_an_entry``
+(tests/test_optim_db.py) fails until it has one.
+
+What each field drives
+----------------------
+``reference_cases``
+    Option sets checked against the reference for 12 steps on every array library
+    (test_reference.py) and against ``torch.optim`` for 15 (test_torch_parity.py). The
+    first is the default configuration (only ``lr`` where the default is tiny).
+``fused_cases``
+    Option sets that together take both sides of every ``if`` of the rule (and both
+    sides of ``lerp``), so every specialization a kernel can take is compared with the
+    generic path: fused NumPy, flat buffers, the CUDA source and its launch emulation.
+``rich``
+    Options that switch on every optional state and branch at once: validation,
+    low precision, state dicts.
+``hyperparameters``
+    A Hypothesis strategy over valid, sane values of every hyperparameter
+    (test_properties.py), and ``fused_flags``, the flags fixed for its fused tests (each
+    flag combination is a separate kernel, a second each to compile on a cold cache).
+``parabola``, ``rosenbrock``
+    Tuned options (and steps) under which it converges (test_convergence.py), or only
+    reduces the loss where ``*_converges`` is false.
+``resume``
+    Options of the bit-exact resume test (test_checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import reference
+from hypothesis import strategies as st
+
+import optim_core
+from optim_core.optim.registry import OPTIMIZERS
+
+unit = st.floats(0.0, 0.999)
+betas = st.tuples(unit, unit)
+eps = st.one_of(st.just(0.0), st.floats(1e-10, 1e-3))
+lr = st.one_of(st.just(0.0), st.floats(1e-5, 0.1))
+decay = st.one_of(st.just(0.0), st.floats(0.0, 0.5))
+flag = st.booleans()
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """Everything the tests know about one optimizer; see the module docstring."""
+
+    cls: type
+    reference: Callable[..., Any]
+    torch_name: str | None
+    reference_cases: list[dict]
+    fused_cases: list[dict]
+    rich: dict
+    hyperparameters: Any
+    fused_flags: dict = field(default_factory=dict)
+    #: torch.optim's default learning rate (the paper's for Lion), for the reference
+    #: functions when a case gives none; None where the case always gives one.
+    default_lr: float | None = None
+    parabola: dict = field(default_factory=dict)
+    rosenbrock: tuple[dict, int] = ({}, 0)
+    #: False: it only reduces the loss (by the factor test_convergence.py asks), it does
+    #: not reach the minimum.
+    parabola_converges: bool = True
+    rosenbrock_converges: bool = True
+    resume: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The class name (``optim_core.<name>``)."""
+        return self.cls.__name__
+
+    @property
+    def cli_name(self) -> str:
+        return self.cls.cli_name
+
+    def make(self, params: Any, **options: Any) -> optim_core.Optimizer:
+        return self.cls(params, **options)
+
+
+OPTIM_DB: list[OptimizerInfo] = [
+    OptimizerInfo(
+        optim_core.GD, reference.gd, "SGD",  # GD is SGD without momentum
+        reference_cases=[{"lr": 0.05}],
+        fused_cases=[{}],
+        rich={},
+        hyperparameters=st.fixed_dictionaries({"lr": lr}),
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 2e-3}, 20000),
+    ),
+    OptimizerInfo(
+        optim_core.SGD, reference.sgd, "SGD",
+        reference_cases=[
+            {"lr": 0.05},
+            {"lr": 0.05, "momentum": 0.9},
+            {"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
+            {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+            {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01, "maximize": True},
+        ],
+        fused_cases=[
+            {"lr": 0.05},
+            {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.1},
+            {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True},
+        ],
+        rich={"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "momentum": st.one_of(st.just(0.0), unit),
+            "dampening": st.floats(0.0, 1.0), "weight_decay": decay, "nesterov": flag,
+            "maximize": flag}),
+        fused_flags={"nesterov": True, "maximize": False, "dampening": 0.0},
+        parabola={"lr": 0.05, "momentum": 0.9, "nesterov": True},
+        rosenbrock=({"lr": 1e-3, "momentum": 0.9}, 5000),
+        resume={"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    ),
+    OptimizerInfo(
+        optim_core.DGD, reference.dgd, None,  # the article's method: reference only
+        reference_cases=[{"lr": 0.05}, {"lr": 0.02, "decay": 0.99}],
+        fused_cases=[{"lr": 0.1, "decay": 0.5}],
+        rich={},
+        hyperparameters=st.fixed_dictionaries({"lr": lr, "decay": st.floats(0.0, 1.0)}),
+        # No damping: it orbits the minimum instead of converging (see DGD's docstring),
+        # so it is held to a loss reduction on both.
+        parabola={"lr": 0.005, "decay": 0.995}, parabola_converges=False,
+        rosenbrock=({"lr": 1e-4, "decay": 0.999}, 10000), rosenbrock_converges=False,
+        resume={"decay": 0.95},
+    ),
+    OptimizerInfo(
+        optim_core.Adagrad, reference.adagrad, "Adagrad",
+        reference_cases=[
+            {},
+            {"lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5},
+            {"lr": 0.1, "eps": 1e-6, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.5,
+             "maximize": True},
+        ],
+        rich={"lr_decay": 0.1, "weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "lr_decay": st.floats(0.0, 1.0), "weight_decay": decay,
+            "initial_accumulator_value": st.floats(0.0, 1.0), "eps": eps, "maximize": flag}),
+        fused_flags={"maximize": True},
+        default_lr=1e-2,
+        parabola={"lr": 0.5}, rosenbrock=({"lr": 1.0}, 10000),
+        resume={"lr_decay": 0.01},
+    ),
+    OptimizerInfo(
+        optim_core.RMSprop, reference.rmsprop, "RMSprop",
+        reference_cases=[
+            {},
+            {"lr": 0.01, "momentum": 0.9},
+            {"lr": 0.01, "centered": True},
+            {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": 0.1, "alpha": 0.9},
+            {"lr": 0.01, "maximize": True, "eps": 1e-4},
+        ],
+        fused_cases=[
+            {},
+            {"momentum": 0.9, "weight_decay": 0.1, "maximize": True},
+            {"centered": True, "momentum": 0.5, "alpha": 0.9},
+            # alpha = 0.3 puts lerp's weight 1 - alpha above 0.5: the other side of its formula.
+            {"centered": True, "alpha": 0.3},
+        ],
+        rich={"momentum": 0.5, "centered": True, "weight_decay": 0.1},
+        # alpha within [0.5, 0.999]: with centered=True the variance v - m**2 of a near-0
+        # or near-1 alpha cancels catastrophically in float32 (as in torch), which would
+        # test rounding, not the rule.
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "alpha": st.floats(0.5, 0.999), "eps": eps, "weight_decay": decay,
+            "momentum": st.one_of(st.just(0.0), unit), "centered": flag, "maximize": flag}),
+        fused_flags={"centered": True, "maximize": False},
+        default_lr=1e-2,
+        parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3, "momentum": 0.9}, 10000),
+        resume={"centered": True, "momentum": 0.5},
+    ),
+    OptimizerInfo(
+        optim_core.Adadelta, reference.adadelta, "Adadelta",
+        reference_cases=[
+            {},
+            {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1},
+            {"lr": 1.0, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1, "maximize": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": st.floats(0.0, 1.0), "rho": st.floats(0.0, 1.0), "eps": eps,
+            "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1.0,
+        parabola={"lr": 1.0}, rosenbrock=({"lr": 0.05}, 15000), rosenbrock_converges=False,
+    ),
+    OptimizerInfo(
+        optim_core.Adam, reference.adam, "Adam",
+        reference_cases=[
+            {},
+            {"lr": 0.01, "amsgrad": True},
+            {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True},
+            {"lr": 0.01, "maximize": True, "betas": (0.3, 0.5)},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
+            # beta1 = 0.3 puts lerp's weight 1 - beta1 above 0.5: the other side of its formula.
+            {"lr": 0.01, "betas": (0.3, 0.5), "eps": 1e-6},
+        ],
+        rich={"amsgrad": True, "weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "amsgrad": flag,
+            "maximize": flag, "decoupled_weight_decay": flag}),
+        fused_flags={"amsgrad": True, "maximize": False, "decoupled_weight_decay": False},
+        default_lr=1e-3,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02}, 5000),
+        resume={"amsgrad": True},
+    ),
+    OptimizerInfo(
+        optim_core.AdamW, reference.adamw, "AdamW",
+        reference_cases=[
+            {},
+            {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True},
+            {"lr": 0.01, "maximize": True},
+        ],
+        fused_cases=[{}, {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True}],
+        rich={"amsgrad": True},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "amsgrad": flag,
+            "maximize": flag}),
+        fused_flags={"amsgrad": False, "maximize": True},
+        default_lr=1e-3,
+        parabola={"lr": 0.05, "weight_decay": 0.0},
+        rosenbrock=({"lr": 0.02, "weight_decay": 0.0}, 5000),
+    ),
+    OptimizerInfo(
+        optim_core.Adamax, reference.adamax, "Adamax",
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1},
+            {"lr": 0.01, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.3, 0.95), "weight_decay": 0.1, "maximize": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=2e-3,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02}, 5000),
+    ),
+    OptimizerInfo(
+        optim_core.NAdam, reference.nadam, "NAdam",
+        reference_cases=[
+            {},
+            {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1},
+            {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1, "maximize": True,
+             "betas": (0.3, 0.999)},  # lerp's other side, as for Adam
+            {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay,
+            "momentum_decay": st.floats(0.0, 0.05), "decoupled_weight_decay": flag,
+            "maximize": flag}),
+        fused_flags={"decoupled_weight_decay": True, "maximize": False},
+        default_lr=2e-3,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02}, 10000),
+    ),
+    OptimizerInfo(
+        optim_core.RAdam, reference.radam, "RAdam",
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.9, 0.9)},
+            {"lr": 0.01, "weight_decay": 0.1},
+            {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+        ],
+        fused_cases=[
+            # betas[1] = 0.9 makes RAdam rectify from step 6 on, within the tested steps.
+            {"lr": 0.01, "betas": (0.9, 0.9)},
+            {"lr": 0.01, "weight_decay": 0.1, "maximize": True,
+             "betas": (0.3, 0.999)},  # lerp's other side, as for Adam
+            {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay,
+            "decoupled_weight_decay": flag, "maximize": flag}),
+        fused_flags={"decoupled_weight_decay": False, "maximize": True},
+        default_lr=1e-3,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 2e-3}, 10000),
+    ),
+    OptimizerInfo(
+        optim_core.Lion, reference.lion, None,  # not in torch.optim: reference only
+        reference_cases=[
+            {},
+            {"lr": 1e-3, "betas": (0.95, 0.98), "weight_decay": 0.5},
+            {"lr": 1e-3, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 1e-3, "betas": (0.3, 0.98), "weight_decay": 0.5, "maximize": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-4,
+        parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3}, 10000),
+        resume={"weight_decay": 0.1},
+    ),
+]
+
+#: The entries by class name.
+BY_NAME: dict[str, OptimizerInfo] = {info.name: info for info in OPTIM_DB}
+#: Every optimizer's class name, in the table's order.
+NAMES: list[str] = list(BY_NAME)
+
+
+def case_id(name: str, hyper: dict, empty: str = "") -> str:
+    """A readable test id for an optimizer and its options."""
+    return name + ("-" + ",".join(f"{k}={v}" for k, v in hyper.items()) if hyper else empty)
+
+
+def reference_cases() -> list[tuple[str, Callable, dict]]:
+    """(name, reference function, options) of every reference case of every optimizer."""
+    return [(info.name, info.reference, hyper) for info in OPTIM_DB
+            for hyper in info.reference_cases]
+
+
+def fused_cases() -> list[tuple[str, dict]]:
+    """(name, options) of every fused case of every optimizer."""
+    return [(info.name, hyper) for info in OPTIM_DB for hyper in info.fused_cases]
+
+
+def with_default_lr(name: str, hyper: dict) -> dict:
+    """``hyper`` with the optimizer's default lr filled in, for the reference functions."""
+    return {"lr": BY_NAME[name].default_lr, **hyper}
+
+
+def registered_names() -> set[str]:
+    """Class names of every optimizer in the registry (what the table must cover)."""
+    return {cls.__name__ for cls in OPTIMIZERS.values()}
+
+
+#: Each optimizer's ``rich`` options, by class name.
+RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB}
