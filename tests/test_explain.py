@@ -77,6 +77,15 @@ def test_integrated_gradients_are_complete_within_one_percent_on_digits(digits_m
     assert np.all(attributions[X == 0] == 0)
 
 
+def test_samples_are_integrated_in_chunks_with_the_same_result(digits_model, monkeypatch):
+    model, digits = digits_model
+    X = digits.X_test[:50]
+    whole = explain.integrated_gradients(model, X, steps=16)
+    monkeypatch.setattr(explain, "_ELEMENTS_PER_PASS", 16 * 64 * 7)  # 7 samples a pass
+    np.testing.assert_allclose(explain.integrated_gradients(model, X, steps=16), whole,
+                               rtol=1e-12, atol=1e-15)
+
+
 def test_more_nodes_make_the_path_integral_more_accurate(digits_model):
     model, digits = digits_model
     X = digits.X_test[:40]
