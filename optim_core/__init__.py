@@ -9,8 +9,14 @@ The package is layered, each layer importing only those before it:
 * :mod:`optim_core.backends`: implementation selection, the generic path, the
   lowering of a rule and its numba and CUDA emitters;
 * :mod:`optim_core.optim`: the rule language, the rules, the optimizers;
-* :mod:`optim_core.train`: fit, models, schedules, regularization, checkpoints;
+* :mod:`optim_core.train`: fit, models, schedules, regularization, checkpoints,
+  pruning, quantization;
+* :mod:`optim_core.integrations`: scikit-learn estimators, explanations;
 * :mod:`optim_core.tools`: compare, lr_find, tune, data sets, plots, the CLI.
+
+The founding article's FAQ on model size and interpretability has its own modules:
+:mod:`optim_core.pruning`, :mod:`optim_core.quantization`, :mod:`optim_core.explain` and
+:mod:`optim_core.sklearn` (the last imports scikit-learn; ``import optim_core`` does not).
 """
 
 # First: in a source checkout it maps optim_core.backends to the checkout's backends/.
@@ -33,6 +39,8 @@ from .train import (
     schedules,
 )
 from .train import dask_data as dask_support
+from .train import pruning, quantization
+from .integrations import explain
 from .tools import datasets
 
 __version__ = "0.1.0"
@@ -41,7 +49,9 @@ __version__ = "0.1.0"
 # subpackages; these names keep `from optim_core.models import MLP` working.
 for _name, _module in {"models": models, "schedules": schedules,
                        "regularization": regularization, "checkpoint": checkpoint,
-                       "datasets": datasets, "dask_support": dask_support}.items():
+                       "datasets": datasets, "dask_support": dask_support,
+                       "pruning": pruning, "quantization": quantization,
+                       "explain": explain}.items():
     _sys.modules.setdefault(f"{__name__}.{_name}", _module)
 del _name, _module
 
@@ -58,4 +68,7 @@ __all__ = [
     "models",
     "schedules",
     "regularization",
+    "pruning",
+    "quantization",
+    "explain",
 ]

@@ -21,7 +21,12 @@ ALLOWED = {
     "optim_core.backends": _BASE,
     "optim_core.optim": _BASE | {"optim_core.backends"},
     "optim_core.train": _BASE | {"optim_core.backends", "optim_core.optim"},
-    "optim_core.tools": _BASE | {"optim_core.backends", "optim_core.optim", "optim_core.train"},
+    "optim_core.integrations": _BASE | {"optim_core.backends", "optim_core.optim",
+                                        "optim_core.train"},
+    "optim_core.tools": _BASE | {"optim_core.backends", "optim_core.optim", "optim_core.train",
+                                 "optim_core.integrations"},
+    # The flat name of the scikit-learn estimators (a module of its own: it imports sklearn).
+    "optim_core.sklearn": {"optim_core.integrations"},
 }
 
 

@@ -157,6 +157,86 @@ def test_bench_without_a_checkout_explains_where_benchmarks_run(capsys, tmp_path
     assert "not part of the installed package" in err and "source checkout" in err
 
 
+# ------------------------------------------------------------ prune, quantize, explain
+
+def test_prune_prints_accuracy_against_sparsity_and_writes_the_sweep(capsys, tmp_path):
+    status, out, _ = run(capsys, "prune", *SMALL, "--epochs", "3", "--finetune-epochs", "2",
+                         "--sparsities", "0.5,0.9", "--out", str(tmp_path))
+    assert status == 0
+    assert "magnitude pruning (global, gradual (Zhu & Gupta)), 2 fine-tuning epochs" in out
+    table = out[out.index("sparsity "):].splitlines()
+    assert table[0].split() == ["sparsity", "zeros", "nonzero_weights", "accuracy", "change",
+                                "sparse_bytes", "dense_bytes", "ratio"]
+    rows = read_csv(tmp_path / "prune.csv")
+    assert [float(r["sparsity"]) for r in rows] == [0.0, 0.5, 0.9]
+    # A linear model on 8 features and 4 classes: 32 weights.
+    assert [int(r["nonzero_weights"]) for r in rows] == [32, 16, 3]
+    assert float(rows[2]["zeros"]) == pytest.approx(29 / 32, abs=1e-4)
+    assert int(rows[2]["sparse_bytes"]) < int(rows[0]["sparse_bytes"])
+    data = json.loads((tmp_path / "prune.json").read_text())
+    assert data["kind"] == "prune" and data["scope"] == "global" and len(data["table"]) == 3
+    assert png_size(tmp_path / "prune.png") == (700, 420)
+
+
+def test_prune_one_shot_per_layer(capsys, tmp_path):
+    status, out, _ = run(capsys, "prune", *SMALL, "--hidden", "6", "--model", "mlp",
+                         "--epochs", "2", "--finetune-epochs", "1", "--sparsities", "0.5",
+                         "--scope", "layer", "--one-shot", "--out", str(tmp_path))
+    assert status == 0
+    assert "model: mlp 8-6-4" in out and "magnitude pruning (layer, one-shot)" in out
+    rows = read_csv(tmp_path / "prune.csv")
+    assert float(rows[1]["zeros"]) == 0.5  # 24 of 48 + 12 of 24
+
+
+def test_quantize_prints_accuracy_against_bits(capsys, tmp_path):
+    status, out, _ = run(capsys, "quantize", *SMALL, "--epochs", "3", "--bits", "8,4",
+                         "--dtype", "float32", "--out", str(tmp_path))
+    assert status == 0
+    assert "post-training quantization, symmetric, per output channel, float activations" in out
+    rows = read_csv(tmp_path / "quantize.csv")
+    assert [r["weights"] for r in rows] == ["float32", "int8", "int4"]
+    assert [int(r["weight_bytes"]) for r in rows] == [128, 32, 16]
+    assert float(rows[1]["ratio"]) == 4.0
+    assert abs(float(rows[1]["accuracy"]) - float(rows[0]["accuracy"])) <= 0.02
+    assert json.loads((tmp_path / "quantize.json").read_text())["activations"] == "float"
+    assert png_size(tmp_path / "quantize.png") == (700, 420)
+    status, out, _ = run(capsys, "quantize", *SMALL, "--epochs", "2", "--bits", "8",
+                         "--per-tensor", "--calibrate", "--out", str(tmp_path))
+    assert status == 0 and "per tensor, int8 activations" in out
+
+
+def test_explain_on_digits_draws_8x8_attribution_maps(capsys, tmp_path):
+    status, out, _ = run(capsys, "explain", "--model", "linear", "--epochs", "2",
+                         "--repeats", "1", "--no-progress", "--out", str(tmp_path))
+    assert status == 0
+    assert "integrated gradients of the predicted class's probability (baseline: zeros), " \
+           "64 Gauss-Legendre nodes, on 450 test samples" in out
+    summary = json.loads((tmp_path / "explain.json").read_text())
+    assert summary["completeness"]["samples"] == 450
+    assert summary["completeness"]["max_relative_error"] < 0.01
+    rows = read_csv(tmp_path / "explain.csv")
+    assert len(rows) == 64 and list(rows[0]) == ["feature", "mean_abs_attribution",
+                                                "mean_attribution", "permutation_importance",
+                                                "permutation_std"]
+    corner = next(r for r in rows if r["feature"] == "0")  # a pixel that is always blank
+    assert float(corner["mean_abs_attribution"]) == 0.0
+    width, height = png_size(tmp_path / "attributions.png")
+    assert width == 1300 and height > 280
+    assert png_size(tmp_path / "class_maps.png")[0] == 1300
+
+
+def test_explain_on_tabular_data_draws_the_features(capsys, tmp_path):
+    status, out, _ = run(capsys, "explain", "--dataset", "diabetes", "--model", "linear",
+                         "--epochs", "3", "--output", "logit", "--no-progress",
+                         "--out", str(tmp_path))
+    assert status == 0
+    assert "integrated gradients of the prediction" in out
+    assert "drop of test r2" in out
+    assert json.loads((tmp_path / "explain.json").read_text())["completeness"][
+        "max_relative_error"] < 1e-9  # a linear model: the path integral is exact
+    assert png_size(tmp_path / "features.png") == (900, 400)
+
+
 # ----------------------------------------------------------------------------- bad flags
 
 @pytest.mark.parametrize("argv, message", [
@@ -179,12 +259,17 @@ def test_bench_without_a_checkout_explains_where_benchmarks_run(capsys, tmp_path
     (["lr-find", "--start-lr", "1", "--end-lr", "0.1"], "--start-lr (1) must be below --end-lr"),
     (["lr-find", "--steps", "1"], "--steps must be at least 2"),
     (["compare", "--dataset", "synthetic", "--n-classes", "1"], "--n-classes must be at least 2"),
+    (["prune", "--sparsities", "0.5,1.5"], "expected a number in (0, 1), got '1.5'"),
+    (["prune", "--optimizer", "nosuch"], "unknown optimizer 'nosuch'"),
+    (["quantize", "--bits", "8,9"], "expected a bit width in 2..8, got '9'"),
+    (["explain", "--output", "margin"], "invalid choice: 'margin'"),
+    (["explain", "--dataset", "synthetic", "--n-classes", "1"], "--n-classes must be at least 2"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(capsys, tmp_path, argv, message):
     status, out, err = run(capsys, *argv, *(["--out", str(tmp_path / "o")] if argv[:1] in (
-        ["compare"], ["lr-find"], ["tune"]) else []))
+        ["compare"], ["lr-find"], ["tune"], ["prune"], ["quantize"], ["explain"]) else []))
     assert status == 2
     assert message in err
     assert "usage: optim-core" in err

@@ -7,6 +7,12 @@ Subcommands:
 * ``tune``: grid search with k-fold cross-validation; ranked table, CSV/JSON.
 * ``bench``: the benchmark suite of a source checkout (``python -m bench``).
 * ``article``: the founding article's linear regression with every optimizer.
+* ``prune``: train, then fine-tune under magnitude pruning at several sparsities;
+  metric, weights left and compressed size; CSV/JSON, metric against sparsity.
+* ``quantize``: train, then quantize the weights to int8 and fewer bits; metric and
+  size; CSV/JSON, metric against bits.
+* ``explain``: train, then integrated gradients (completeness checked) and permutation
+  importance; CSV/JSON, attribution heat maps (digits: 8x8 images).
 
 Data defaults to scikit-learn's bundled digits (classification); ``--dataset
 diabetes`` is the bundled regression set and ``--dataset synthetic`` draws one of
@@ -141,9 +147,34 @@ def parse_optimizer_spec(spec: str) -> dict[str, Any]:
     return out
 
 
+def _unit_float(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _bits(text: str) -> int:
+    value = _positive_int(text)
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected a bit width in 2..8, got {text!r}")
+    return value
+
+
 # ----------------------------------------------------------------------------- parser
 
-def _data_flags() -> argparse.ArgumentParser:
+def _train_flags() -> argparse.ArgumentParser:
+    """How prune, quantize and explain train the model they work on."""
+    parent = argparse.ArgumentParser(add_help=False)
+    train = parent.add_argument_group("training the model")
+    train.add_argument("--optimizer", default="adam:0.003",
+                       help="optimizer spec name[:lr][:key=value...] (default: adam:0.003)")
+    train.add_argument("--epochs", type=_positive_int, default=30,
+                       help="epochs of training (default: 30)")
+    return parent
+
+
+def _data_flags(hidden: Sequence[int] = (64,)) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     data = parent.add_argument_group("data and model")
     data.add_argument("--dataset", choices=datasets.DATASETS, default="digits",
@@ -162,8 +193,9 @@ def _data_flags() -> argparse.ArgumentParser:
     data.add_argument("--model", choices=("mlp", "linear"), default="mlp",
                       help="mlp, or linear (linear/logistic/softmax regression by task) "
                            "(default: mlp)")
-    data.add_argument("--hidden", type=_hidden_layers, default=[64],
-                      help="mlp hidden layer widths, comma-separated (default: 64)")
+    data.add_argument("--hidden", type=_hidden_layers, default=list(hidden),
+                      help="mlp hidden layer widths, comma-separated (default: "
+                           f"{','.join(map(str, hidden))})")
     data.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                       help="array library the data, model and optimizer live on "
                            "(default: numpy)")
@@ -258,7 +290,58 @@ def build_parser() -> argparse.ArgumentParser:
                     "by every optimizer.")
     article.add_argument("--iterations", type=_positive_int, default=1000,
                          help="full-batch iterations (default: 1000)")
-    for subparser in (compare, lr_find, tune, bench, article):
+    prune = commands.add_parser(
+        "prune", parents=[_data_flags(hidden=(256,)), _train_flags()],
+        help="magnitude pruning: metric and compressed size against sparsity",
+        description="Train the model, then fine-tune a copy of it under magnitude pruning "
+                    "(optim_core.pruning.MagnitudePruning) at each sparsity; print the "
+                    "metric, the weights left and the bytes of the sparse model stored "
+                    "compressed; write prune.csv, prune.json and prune.png to --out. The "
+                    "MLP's hidden layer defaults to 256 here (wide enough to prune).")
+    prune.add_argument("--sparsities", type=_list_of(_unit_float), default=[0.5, 0.8, 0.9, 0.95],
+                       help="comma-separated shares of the weights to prune, each in (0, 1) "
+                            "(default: 0.5,0.8,0.9,0.95)")
+    prune.add_argument("--scope", choices=("global", "layer"), default="global",
+                       help="rank the weights over all layers together or per layer "
+                            "(default: global)")
+    prune.add_argument("--one-shot", action="store_true",
+                       help="prune once at the start of the fine-tuning instead of Zhu & "
+                            "Gupta's gradual schedule")
+    prune.add_argument("--finetune-epochs", type=_positive_int, default=20,
+                       help="fine-tuning epochs per sparsity (default: 20)")
+
+    quantize = commands.add_parser(
+        "quantize", parents=[data, _train_flags()],
+        help="post-training quantization: metric and size against bits",
+        description="Train the model, then quantize its weights (symmetric, per output "
+                    "channel) to each bit width; print the metric and the weights' bytes "
+                    "against the float model; write quantize.csv, quantize.json and "
+                    "quantize.png to --out.")
+    quantize.add_argument("--bits", type=_list_of(_bits), default=[8, 6, 4, 3, 2],
+                          help="comma-separated bit widths, each in 2..8 (default: 8,6,4,3,2)")
+    quantize.add_argument("--per-tensor", action="store_true",
+                          help="one scale per weight matrix instead of one per output channel")
+    quantize.add_argument("--calibrate", action="store_true",
+                          help="quantize the activations to int8 too, calibrated on the "
+                               "training split (integer matrix products)")
+
+    explain = commands.add_parser(
+        "explain", parents=[data, _train_flags()],
+        help="integrated gradients and permutation importance",
+        description="Train the model, then explain its test predictions: integrated "
+                    "gradients (Sundararajan et al. 2017) with their completeness, and "
+                    "scikit-learn's permutation importance; write explain.csv (per feature), "
+                    "explain.json and, for digits, attributions.png (8x8 heat maps of one "
+                    "test image per class) and class_maps.png (mean attribution per "
+                    "predicted class), else features.png.")
+    explain.add_argument("--steps", type=_positive_int, default=64,
+                         help="quadrature nodes of the path integral (default: 64)")
+    explain.add_argument("--output", choices=("probability", "logit"), default="probability",
+                         help="classifiers: explain the predicted class's probability or "
+                              "logit (default: probability)")
+    explain.add_argument("--repeats", type=_positive_int, default=5,
+                         help="permutation importance: shuffles per feature (default: 5)")
+    for subparser in (compare, lr_find, tune, bench, article, prune, quantize, explain):
         # Errors found after parsing are reported with the subcommand's own usage line.
         subparser.set_defaults(subparser=subparser)
     return parser
@@ -496,8 +579,153 @@ def _cmd_article(args: argparse.Namespace) -> int:
     return article_main(["--iterations", str(args.iterations)])
 
 
+# ----------------------------------------------------------- model size, explanations
+
+def _trained(args: argparse.Namespace) -> tuple[datasets.Dataset, Any, list[Any], dict, Path]:
+    """The data set, the model trained as the flags say, the arrays on the device, the
+    optimizer's fit arguments (for fine-tuning), the output folder (made once every flag
+    is checked)."""
+    spec = parse_optimizer_spec(args.optimizer)
+    spec.pop("label")
+    name = spec.pop("optimizer")
+    dataset, xp = _load(args)
+    out = _prepare_out(args.out)
+    print(_describe(args, dataset))
+    arrays = _on_device(xp, dataset.X_train, dataset.y_train, dataset.X_test, dataset.y_test)
+    from ..train.fit import fit
+
+    model = _model_factory(args, dataset)()
+    options = dict(optimizer=name, batch_size=args.batch_size, impl=args.impl, **spec)
+    fit(model, arrays[0], arrays[1], epochs=args.epochs, seed=args.seed,
+        progress=not args.no_progress, **options)
+    return dataset, model, arrays, options, out
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .compression import prune_sweep
+
+    dataset, model, (X, y, X_test, y_test), options, out = _trained(args)
+    result = prune_sweep(model, X, y, X_test, y_test, sparsities=args.sparsities,
+                         scope=args.scope, gradual=not args.one_shot,
+                         epochs=args.finetune_epochs, seed=args.seed,
+                         progress=not args.no_progress, **options)
+    print(f"\ntrained {args.epochs} epochs; test {result.metric_name} on the "
+          f"{dataset.X_test.shape[0]}-sample test split\n")
+    print(result.format())
+    plot = result.plot(out / "prune.png", title=f"{dataset.name}: magnitude pruning "
+                                                f"({args.scope})")
+    print(_written(result.to_csv(out / "prune.csv"), result.to_json(out / "prune.json"), plot))
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .compression import quantize_sweep
+
+    dataset, model, (X, _, X_test, y_test), _, out = _trained(args)
+    result = quantize_sweep(model, X_test, y_test, bits=args.bits,
+                            per_channel=not args.per_tensor,
+                            calibration_data=X if args.calibrate else None)
+    print(f"\ntrained {args.epochs} epochs; test {result.metric_name} on the "
+          f"{dataset.X_test.shape[0]}-sample test split\n")
+    print(result.format())
+    plot = result.plot(out / "quantize.png", title=f"{dataset.name}: post-training "
+                                                   "quantization")
+    print(_written(result.to_csv(out / "quantize.csv"), result.to_json(out / "quantize.json"),
+                   plot))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..integrations import explain
+    from .experiments import format_table, write_csv, write_json
+
+    dataset, model, (_, _, X_test, y_test), _, out = _trained(args)
+    attributions, delta = explain.integrated_gradients(model, X_test, steps=args.steps,
+                                                       output=args.output, return_delta=True)
+    f_x = explain.model_output(model, X_test, output=args.output)
+    targets = None if dataset.task == "regression" else model.predict(X_test)
+    f_base = explain.model_output(model, X_test * 0, target=targets, output=args.output)
+    attributions, delta = _host(attributions), _host(delta)
+    gap = np.abs(_host(f_x) - _host(f_base))
+    relative = np.abs(delta) / np.where(gap > 0, gap, np.inf)
+    what = "the predicted class's " + args.output if dataset.task == "classification" \
+        else "the prediction"
+    completeness = {"samples": int(delta.shape[0]), "steps": args.steps, "explains": what,
+                    "median_relative_error": float(np.median(relative)),
+                    "max_relative_error": float(np.max(relative)),
+                    "max_abs_error": float(np.max(np.abs(delta)))}
+    print(f"\nintegrated gradients of {what} (baseline: zeros), {args.steps} Gauss-Legendre "
+          f"nodes, on {delta.shape[0]} test samples\n")
+    print("completeness: sum of attributions vs f(x) - f(baseline)")
+    print(format_table([{k: v for k, v in completeness.items() if k != "explains"}]))
+    importance = explain.permutation_importance(model, _host(X_test), _host(y_test),
+                                                n_repeats=args.repeats,
+                                                random_state=args.seed)
+    features = [{"feature": i, "mean_abs_attribution": float(np.mean(np.abs(attributions[:, i]))),
+                 "mean_attribution": float(np.mean(attributions[:, i])),
+                 "permutation_importance": float(importance.importances_mean[i]),
+                 "permutation_std": float(importance.importances_std[i])}
+                for i in range(attributions.shape[1])]
+    ranked = sorted(features, key=lambda row: -row["mean_abs_attribution"])
+    print(f"\nfeatures by mean |attribution| (top 10 of {len(features)}); permutation "
+          f"importance: drop of test {model.metric_name} ({args.repeats} shuffles)\n")
+    print(format_table(ranked[:10]))
+    written = [write_csv(features, out / "explain.csv"),
+               write_json({"kind": "explain", "completeness": completeness,
+                           "features": features}, out / "explain.json")]
+    if dataset.name == "digits":
+        predicted = _host(model.predict(X_test))
+        images = _host(X_test)
+        first = [int(np.flatnonzero(predicted == k)[0]) for k in range(10)
+                 if np.any(predicted == k)]
+        written.append(explain.plot_attribution_maps(
+            attributions[first], out / "attributions.png", images=images[first],
+            titles=[f"predicted {predicted[i]}" for i in first],
+            title="integrated gradients (red: raises the predicted class's score)"))
+        classes = [k for k in range(10) if np.any(predicted == k)]
+        written.append(explain.plot_attribution_maps(
+            np.stack([attributions[predicted == k].mean(axis=0) for k in classes]),
+            out / "class_maps.png", titles=[f"class {k}" for k in classes],
+            title="mean attribution per predicted class"))
+    else:
+        written.append(_plot_features(features, out / "features.png", dataset.name))
+    print(_written(*written))
+    return 0
+
+
+def _host(x: Any) -> Any:
+    from .. import _namespace as ns
+
+    return ns.to_numpy(x)
+
+
+def _plot_features(features: list[dict[str, Any]], path: Path, name: str) -> Path:
+    from ..train.extras import require
+
+    Figure = require("matplotlib.figure", "a plot").Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "a plot").FigureCanvasAgg
+    figure = Figure(figsize=(9, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    index = [row["feature"] for row in features]
+    left.bar(index, [row["mean_abs_attribution"] for row in features], color="C0")
+    left.set_title("mean |integrated gradient|")
+    right.bar(index, [row["permutation_importance"] for row in features],
+              yerr=[row["permutation_std"] for row in features], color="C1")
+    right.set_title("permutation importance")
+    for axes in (left, right):
+        axes.set_xlabel("feature")
+        axes.grid(True, alpha=0.3)
+    figure.suptitle(f"{name}: what the predictions rest on")
+    figure.savefig(path, format="png")
+    return path
+
+
 _COMMANDS = {"compare": _cmd_compare, "lr-find": _cmd_lr_find, "tune": _cmd_tune,
-             "bench": _cmd_bench, "article": _cmd_article}
+             "bench": _cmd_bench, "article": _cmd_article, "prune": _cmd_prune,
+             "quantize": _cmd_quantize, "explain": _cmd_explain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,6 +749,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError as exc:
         print(f"optim-core {args.command}: {exc}", file=sys.stderr)
         return 1
-    if args.command in ("compare", "lr-find", "tune"):
+    if args.command in ("compare", "lr-find", "tune", "prune", "quantize", "explain"):
         print(f"done in {time.perf_counter() - start:.1f} s")
     return status

@@ -339,6 +339,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         Objects with any of ``on_train_begin(model, history)``,
         ``on_epoch_end(epoch, logs, model)`` (True stops training) and
         ``on_train_end(model, history)``; e.g. :class:`~optim_core.EarlyStopping`.
+        One with ``step_masks(params)`` (:class:`~optim_core.pruning.MagnitudePruning`)
+        also masks every step: the gradients first, then the updated weights and the
+        optimizer's state (:mod:`optim_core.train.pipeline`).
     seed : int, optional
         Seeds the initial parameters, the order of the samples and dropout; None
         draws one from the operating system (recorded in :attr:`History.seed`).
@@ -691,7 +694,8 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
     classifier = model.task == "classification"
     step_chain = training_step(params, model.regularized, l2=run.l2, clip_value=run.clip_value,
                                clip_norm=run.clip_norm, weight_decay=run.weight_decay,
-                               l1=run.l1)
+                               l1=run.l1, masks=[hook for hook in run.callbacks
+                                                 if hasattr(hook, "step_masks")])
     schedule, hooks, epochs = run.schedule, run.hooks, run.epochs
     base_lrs = [float(group["lr"]) for group in optimizer.param_groups] if saved is None \
         else [float(lr) for lr in saved["base_lrs"]]

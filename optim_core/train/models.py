@@ -259,6 +259,48 @@ class Model:
         """
         raise NotImplementedError
 
+    # ------------------------------------------------------- layers (compression, explanations)
+    def dense_layers(self) -> tuple[tuple[str, str], ...]:
+        """The ``(weight, bias)`` parameter names of each affine layer, input to output.
+
+        The weight of layer ``i`` maps its inputs (axis 0) to its outputs (axis 1, or a
+        single output for a 1-D weight): :func:`optim_core.quantization.quantize` scales
+        each output channel, :class:`optim_core.pruning.MagnitudePruning` prunes them.
+        """
+        return (("W", "b"),)
+
+    def forward_with(self, xp: Any, X: Any, dense: Any) -> Any:
+        r""":meth:`forward`, with layer ``i``'s affine map :math:`h \mapsto h W_i + b_i`
+        computed by ``dense(i, h)``, everything else (activations, the output's shape) as
+        :meth:`forward` does it. A quantized model's int8 layers run through this.
+        """
+        return dense(0, X)
+
+    def probabilities(self, xp: Any, outputs: Any) -> Any:
+        """Class probabilities ``(n_samples, n_classes)`` from :meth:`forward`'s outputs."""
+        if self.task != "classification":
+            raise AttributeError(f"{type(self).__name__} is a regression model: no probabilities")
+        return xp.exp(_log_softmax(xp, outputs))
+
+    def input_gradient(self, xp: Any, params: Mapping[str, Any], X: Any,
+                       d_outputs: Any) -> Any:
+        r"""The vector-Jacobian product :math:`\partial_X \sum_{ik} D_{ik} f(X)_{ik}`.
+
+        ``f`` is :meth:`forward` (no dropout) and ``D = d_outputs`` has its outputs'
+        shape, so one-hot rows give the gradient of one output per sample with respect
+        to that sample's inputs (what saliency maps and integrated gradients take, see
+        :mod:`optim_core.explain`). Exact and analytic, like the parameter gradients.
+
+        Returns
+        -------
+        array
+            Shape of ``X``.
+        """
+        weight = params[self.dense_layers()[0][0]]
+        if weight.ndim == 1:
+            return xp.reshape(d_outputs, (-1, 1)) * xp.reshape(weight, (1, -1))
+        return d_outputs @ weight.T
+
     def _describe(self) -> str:
         return f"n_features={self.n_features}"
 
@@ -389,8 +431,11 @@ class LogisticRegression(Model):
     def predict_proba(self, X: Any) -> Any:
         """Probabilities of classes 0 and 1, shape ``(n_samples, 2)``."""
         data = self.prepare(X)
-        p1 = _sigmoid(data.xp, data.outputs(self, self._params))
-        return data.xp.stack([1.0 - p1, p1], axis=1)
+        return self.probabilities(data.xp, data.outputs(self, self._params))
+
+    def probabilities(self, xp: Any, outputs: Any) -> Any:
+        p1 = _sigmoid(xp, outputs)
+        return xp.stack([1.0 - p1, p1], axis=1)
 
     def loss_terms(self, xp, params, X, y, *, key, need_grad=True):
         z = self.forward(xp, params, X)
@@ -578,6 +623,34 @@ class MLP(Model):
 
     def forward(self, xp, params, X):
         return self._squeezed(self._layers(xp, params, X, key=None)[0])
+
+    def dense_layers(self) -> tuple[tuple[str, str], ...]:
+        return self._layer_names
+
+    def forward_with(self, xp, X, dense):
+        h, last = X, self.n_layers - 1
+        for i in range(self.n_layers):
+            z = dense(i, h)
+            if i == last:
+                return self._squeezed(z)
+            h = self._activate(xp, z)
+        raise AssertionError("unreachable")
+
+    def probabilities(self, xp, outputs):
+        if self.task != "classification":
+            raise AttributeError("a regression MLP has no probabilities")
+        return xp.exp(_log_softmax(xp, outputs))
+
+    def input_gradient(self, xp, params, X, d_outputs):
+        out, cache = self._layers(xp, params, X, key=None)
+        d_out = xp.reshape(d_outputs, out.shape)
+        for i in reversed(range(self.n_layers)):
+            d_h = d_out @ params[self._layer_names[i][0]].T
+            if i == 0:
+                return d_h
+            z, a, _, _ = cache[i - 1]
+            d_out = self._activation_grad(xp, z, a, d_h)
+        raise AssertionError("unreachable")
 
     def predictions(self, xp, outputs):
         return xp.argmax(outputs, axis=1) if self.task == "classification" else outputs

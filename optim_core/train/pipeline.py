@@ -16,6 +16,13 @@ asks for:
    \max(|W| - \gamma\lambda_1, 0)` (ISTA: Daubechies, Defrise & De Mol, 2004), after a
    step that was taken.
 
+With a mask source (a callback with ``step_masks``, such as
+:class:`~optim_core.pruning.MagnitudePruning`), :class:`MaskGradients` comes first,
+:math:`g \leftarrow g \odot M` (so penalties, clipping and the optimizer see the masked
+network's gradient), and :class:`ApplyMasks` last, :math:`W \leftarrow W \odot M` and
+every optimizer state buffer :math:`s \leftarrow s \odot M`, so a pruned weight is exactly
+zero after every step whatever the optimizer, its momentum or its weight decay does.
+
 Penalties and decay touch the weights the model names (``Model.regularized``), never the
 biases. Everything a transform needs that does not change between steps (which
 parameters, in which group, the namespace) is prepared when the chain is built; a step
@@ -34,7 +41,8 @@ from .. import _namespace as ns
 from .regularization import add_l2_gradient, clip_by_global_norm, clip_by_value, soft_threshold
 
 __all__ = ["TrainedParams", "Chain", "chain", "AddL2", "ClipByValue", "ClipByGlobalNorm",
-           "DecoupledDecay", "OptimizerStep", "L1Proximal", "training_step"]
+           "DecoupledDecay", "OptimizerStep", "L1Proximal", "MaskGradients", "ApplyMasks",
+           "training_step"]
 
 Grads = dict[str, Any]
 
@@ -248,17 +256,95 @@ class L1Proximal:
         return grads
 
 
+def _multiply(array: Any, keep: Any) -> Any:
+    """``array * keep``, in place where the library allows it (no temporary then)."""
+    if ns.is_writeable(array):
+        array *= keep
+        return array
+    return array * keep
+
+
+class MaskGradients:
+    r""":math:`g_W \leftarrow g_W \odot M_W` for every masked parameter, first in the chain.
+
+    The masks come from ``source.step_masks(params)``, asked once per step: it returns
+    the masks of the step (name -> array of 0 and 1 in the parameter's dtype, empty for
+    none) and may change them first (a pruning event; it then writes the masked
+    parameters itself). :class:`ApplyMasks` reuses them after the step.
+
+    Parameters
+    ----------
+    source : object with ``step_masks(params)``
+        E.g. :class:`~optim_core.pruning.MagnitudePruning`.
+    params : TrainedParams
+    """
+
+    def __init__(self, source: Any, params: TrainedParams) -> None:
+        self.source, self.params = source, params
+        self.masks: Mapping[str, Any] = {}
+
+    def __call__(self, grads: Grads) -> Grads:
+        self.masks = masks = self.source.step_masks(self.params)
+        for name, keep in masks.items():
+            grads[name] = _multiply(grads[name], keep)
+        return grads
+
+
+class ApplyMasks:
+    r"""After the step: :math:`W \leftarrow W \odot M_W`, and :math:`s \leftarrow s \odot M_W`
+    for every state buffer :math:`s` the optimizer keeps for :math:`W` (momentum, moment
+    estimates...), so masked weights stay exactly zero and carry no state into later
+    steps. Last in the chain.
+
+    Parameters
+    ----------
+    gradients : MaskGradients
+        The transform that fetched this step's masks.
+    params : TrainedParams
+    """
+
+    def __init__(self, gradients: MaskGradients, params: TrainedParams) -> None:
+        self.gradients, self.params = gradients, params
+        # name -> (param group, position in it): where the optimizer keeps its state.
+        self.where = {name: (group, index) for group, names in enumerate(params.group_names)
+                      for index, name in enumerate(names)}
+
+    def __call__(self, grads: Grads) -> Grads:
+        masks = self.gradients.masks
+        if not masks:
+            return grads
+        params, arrays = self.params, self.params.arrays
+        optimizer = params.optimizer
+        for name, keep in masks.items():
+            group, index = self.where[name]
+            if params.in_place:
+                arrays[name] *= keep
+            else:
+                params.write(group, [name], [arrays[name] * keep])
+            state = optimizer.state[group][index]
+            shape = tuple(arrays[name].shape)
+            for key, buffer in state.items():
+                if tuple(getattr(buffer, "shape", ())) == shape:
+                    state[key] = _multiply(buffer, keep)
+        return grads
+
+
 def training_step(params: TrainedParams, regularized: Iterable[str], *, l2: float = 0.0,
                   clip_value: float | None = None, clip_norm: float | None = None,
-                  weight_decay: float | None = None, l1: float = 0.0) -> Chain:
+                  weight_decay: float | None = None, l1: float = 0.0,
+                  masks: Sequence[Any] = ()) -> Chain:
     """The chain of one training step: only the transforms these settings need.
 
     ``weight_decay`` is applied here only for optimizers whose ``weight_decay_kind``
     is neither "decoupled" nor "switchable" (the others were given it; see
-    :func:`~optim_core.train.fit.make_optimizer`).
+    :func:`~optim_core.train.fit.make_optimizer`). Each of ``masks`` (objects with
+    ``step_masks``) adds a :class:`MaskGradients` at the start and an
+    :class:`ApplyMasks` at the end.
     """
     regularized = tuple(regularized)
     transforms: list[Callable[[Grads], Grads]] = []
+    maskers = [MaskGradients(source, params) for source in masks]
+    transforms.extend(maskers)
     if l2:
         transforms.append(AddL2(l2, params, regularized))
     if clip_value is not None:
@@ -271,4 +357,5 @@ def training_step(params: TrainedParams, regularized: Iterable[str], *, l2: floa
     transforms.append(step)
     if l1:
         transforms.append(L1Proximal(l1, params, regularized, step))
+    transforms.extend(ApplyMasks(masker, params) for masker in maskers)
     return Chain(transforms)
