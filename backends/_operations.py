@@ -7,6 +7,12 @@ Each has an array meaning, for the generic path on any array API namespace
 evaluates before a kernel runs. Both follow the array API standard's functions of the
 same names (NaN propagates through ``maximum``); ``lerp`` is ``torch.lerp``'s
 two-sided formula, exact at both ends.
+
+The reductions (:data:`REDUCTIONS`) take an elementwise expression and give one value
+per tensor: ``sum(x)`` is ``xp.sum(x)`` and ``norm(x)`` the Euclidean norm
+``xp.linalg.vector_norm(x)`` over every element (0 for an empty tensor). They have no
+host meaning: their value exists only beside the tensor (see
+:mod:`optim_core.optim.language`).
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OPERATIONS", "generic_operations", "HOST_OPERATIONS"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "generic_operations", "HOST_OPERATIONS"]
+
+#: Per-tensor reductions a rule may call: one value per tensor from an elementwise
+#: expression over all of its elements.
+REDUCTIONS = ("sum", "norm")
 
 #: The only functions a rule may call.
-OPERATIONS = ("sqrt", "abs", "maximum", "sign", "lerp")
+OPERATIONS = ("sqrt", "abs", "maximum", "sign", "lerp", *REDUCTIONS)
 
 
 def generic_operations(xp: Any) -> dict[str, Callable]:
@@ -30,8 +40,14 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
             return start + weight * (end - start)
         return end - (end - start) * (1 - weight)
 
+    def norm(x: Any) -> Any:
+        linalg = getattr(xp, "linalg", None)
+        if linalg is not None and hasattr(linalg, "vector_norm"):
+            return linalg.vector_norm(x)
+        return xp.sqrt(xp.sum(x * x))  # a namespace without the linalg extension
+
     return {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "sign": xp.sign,
-            "lerp": lerp}
+            "lerp": lerp, "sum": xp.sum, "norm": norm}
 
 
 def _host_maximum(a: float, b: float) -> float:

@@ -141,6 +141,10 @@ class Optimizer:
         self.impl = impl
         self.implementation, self.implementation_reason = backends.select_implementation(
             impl, self.backend, self.rule)
+        if flat and self.rule.reductions:
+            raise ValueError(f"flat=True stores many tensors in one buffer, but "
+                             f"{type(self).__name__}'s rule reduces each tensor on its own "
+                             f"({', '.join(sorted(set(self.rule.reductions)))}); use flat=False")
         self._flat = FlatStorage(self._xp, self.backend.name, self.param_groups) if flat else None
         self.skipped_steps = 0
         self.group_state: list[dict[str, Any]] = [self._initial_group_state() for _ in groups]
