@@ -356,5 +356,8 @@ def registered_names() -> set[str]:
     return {cls.__name__ for cls in OPTIMIZERS.values()}
 
 
+#: Every rule an optimizer of the table runs, by rule name: what the fused tests cover.
+RULES: dict[str, Any] = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB}
+
 #: Each optimizer's ``rich`` options, by class name.
 RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB}
