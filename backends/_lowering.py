@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
 __all__ = ["Kernel", "Reduction", "ReductionPass", "HostProgram", "lower", "host_programs",
-           "render", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
+           "render", "reductions_taken", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "where")
@@ -523,6 +523,18 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
                     stores=tuple(stores), arrays=arrays, n_hoisted=len(lowering.hoisted),
                     body=body, results=results, reductions=reductions)
     return key, lowering.hoisted, kernel
+
+
+def reductions_taken(rule: UpdateRule, scalars: Mapping[str, Any],
+                     present: frozenset[str] | set[str]) -> int:
+    """How many per-tensor reductions a step with ``scalars`` runs (its branches taken):
+    0 for a step of a rule without reductions, or whose reductions sit in branches not
+    taken (Adam without ``cautious``)."""
+    if not rule.reductions:
+        return 0
+    lowering = _Lowering(rule, scalars, frozenset(present), False)
+    lowering.run()
+    return len(lowering.reductions)
 
 
 def render(expr: tuple, call_prefix: str) -> str:

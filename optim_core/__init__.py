@@ -26,8 +26,10 @@ import sys as _sys
 from .optim import Optimizer, update_rule
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
+from .optim import algorithms_pertensor as _algorithms_pertensor
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
 from .optim.algorithms_elementwise import *  # noqa: F403 - likewise
+from .optim.algorithms_pertensor import *  # noqa: F403 - likewise
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -62,6 +64,7 @@ __all__ = [
     "update_rule",
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
+    *_algorithms_pertensor.__all__,
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

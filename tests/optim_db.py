@@ -345,6 +345,55 @@ OPTIM_DB: list[OptimizerInfo] = [
         parabola={"lr": 0.05, "lambd": 0.0}, rosenbrock=({"lr": 2e-3, "lambd": 0.0}, 20000),
         resume={"lambd": 0.1, "t0": 3},
     ),
+    OptimizerInfo(
+        optim_core.LAMB, reference.lamb, None,  # optax.lamb: test_optax_parity.py
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-8, "weight_decay": 0.1},
+            {"lr": 0.01, "eps_root": 1e-6, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.3, 0.9), "weight_decay": 0.1, "eps_root": 1e-8,
+             "maximize": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": st.floats(1e-10, 1e-3), "eps_root": eps,
+            "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-3,
+        # Steps of lr times the parameter's norm: it hovers near the minimum, it does not
+        # settle at a fixed lr; held to the loss reductions.
+        parabola={"lr": 0.01}, parabola_converges=False,
+        rosenbrock=({"lr": 0.005}, 20000), rosenbrock_converges=False,
+        resume={"weight_decay": 0.1},
+    ),
+    OptimizerInfo(
+        optim_core.LARS, reference.lars, None,  # optax.lars: test_optax_parity.py
+        reference_cases=[
+            {},
+            {"lr": 0.5, "momentum": 0.5, "nesterov": True, "weight_decay": 0.1,
+             "trust_coefficient": 0.01, "eps": 1e-6},
+            {"lr": 0.05, "trust_ratio": False, "maximize": True, "momentum": 0.0},
+        ],
+        fused_cases=[
+            {"lr": 0.5},
+            {"lr": 0.5, "nesterov": True, "weight_decay": 0.1, "trust_coefficient": 0.01,
+             "eps": 1e-6, "maximize": True},
+            {"lr": 0.05, "trust_ratio": False},
+        ],
+        rich={"weight_decay": 0.1, "nesterov": True},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "momentum": unit, "nesterov": flag, "weight_decay": decay,
+            "trust_coefficient": st.floats(1e-4, 0.1), "eps": eps, "trust_ratio": flag,
+            "maximize": flag}),
+        fused_flags={"nesterov": True, "trust_ratio": True, "maximize": False},
+        default_lr=1e-3,
+        parabola={"lr": 1.0}, parabola_converges=False,  # as LAMB
+        rosenbrock=({"lr": 2.0}, 5000), rosenbrock_converges=False,
+        resume={"weight_decay": 0.1, "nesterov": True},
+    ),
 ]
 
 #: The entries by class name.

@@ -3,7 +3,8 @@ at two stages, and the recorded generic steps of every rule with reductions.
 
 ``normalized`` (below) is no optimizer of the library: it exists to exercise what the
 registered ones do not, a reduction of a reduction (two reduction passes) and a sum
-beside a norm. The registered rules with reductions come from ``optim_db.py``.
+beside a norm. The registered ones come from ``optim_db.py``: the fused cases whose
+steps reduce (``fused_cases.REDUCING_CASES``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fused_cases import STEPS, GenericStepRecorder, gradient, start_params
-from optim_db import OPTIM_DB
+from fused_cases import REDUCING_CASES, STEPS, GenericStepRecorder, gradient, start_params
 
 import optim_core
 from optim_core.optim.language import update_rule
@@ -46,8 +46,7 @@ class Normalized(optim_core.Optimizer):
 
 #: (optimizer class, options) of every case whose rule has reductions.
 CASES: list[tuple[type, dict]] = [(Normalized, {}), (Normalized, {"lr": 0.3, "beta": 0.3})] + [
-    (info.cls, hyper) for info in OPTIM_DB if info.cls.rule.reductions
-    for hyper in info.fused_cases]
+    (getattr(optim_core, name), hyper) for name, hyper in REDUCING_CASES]
 
 
 def recorded_steps(dtypes: tuple[str, ...] = ("float32", "float64"),

@@ -176,6 +176,39 @@ def asgd(p, g, s, h):
     return p
 
 
+def _trust_ratio(param, update, coefficient=1.0, eps=0.0):
+    """optax.scale_by_trust_ratio's ratio: 1 where either whole-tensor norm is 0."""
+    param_norm, update_norm = np.linalg.norm(param), np.linalg.norm(update)
+    if param_norm == 0 or update_norm == 0:
+        return 1.0
+    return coefficient * param_norm / (update_norm + eps)
+
+
+def lamb(p, g, s, h):
+    """optax.lamb (You et al. 2020): Adam's update plus decay, scaled by the trust ratio."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    g = -g if h.get("maximize", False) else g
+    s["m"] = (1 - b1) * g + b1 * s.get("m", np.zeros_like(p))
+    s["v"] = (1 - b2) * g**2 + b2 * s.get("v", np.zeros_like(p))
+    u = (s["m"] / (1 - b1**t)) / (np.sqrt(s["v"] / (1 - b2**t) + h.get("eps_root", 0.0))
+                                  + h.get("eps", 1e-6))
+    u = u + h.get("weight_decay", 0.0) * p
+    return p - h["lr"] * (u * _trust_ratio(p, u))
+
+
+def lars(p, g, s, h):
+    """optax.lars (You et al. 2017): decay, trust ratio, -lr, then optax.trace."""
+    g = -g if h.get("maximize", False) else g
+    g = g + h.get("weight_decay", 0.0) * p
+    if h.get("trust_ratio", True):
+        g = g * _trust_ratio(p, g, h.get("trust_coefficient", 0.001), h.get("eps", 0.0))
+    u = -h["lr"] * g
+    mu = h.get("momentum", 0.9)
+    s["trace"] = u + mu * s.get("trace", np.zeros_like(p))
+    return p + (u + mu * s["trace"] if h.get("nesterov", False) else s["trace"])
+
+
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
     """A fixed stream of gradients of varied scale and sign (the same for every run)."""
     rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fused_cases import TOLERANCE
+from fused_cases import ELEMENTWISE_CASE_RULES, REDUCING_CASE_RULES, TOLERANCE
 from optim_core.backends._cuda import (
     COMPILE_OPTIONS,
     CUDA_TYPES,
@@ -34,6 +34,7 @@ from optim_core.backends._cuda import (
     kernel_name,
 )
 from optim_core.backends._lowering import lower
+from optim_db import RULES
 from reduction_cases import recorded_steps
 from test_cuda_launch_emulation import CXX, CXXFLAGS, HOST_PRELUDE, Guarded
 
@@ -180,10 +181,11 @@ def host_cupy(monkeypatch):
 
 
 def test_every_reduction_rule_and_dtype_is_covered(specializations):
-    from reduction_cases import CASES
-
+    # With test_cuda_source.py's elementwise cases: every rule of optim_db.py.
     assert {e[0]["rule"].name for e in specializations.values()} == {
-        cls.rule.name for cls, _ in CASES}
+        "normalized", *REDUCING_CASE_RULES}
+    assert ELEMENTWISE_CASE_RULES | REDUCING_CASE_RULES == set(RULES)
+    assert all(e[0]["kernel"].reductions for e in specializations.values())
     assert {dtype for _, dtype in specializations} == set(CUDA_TYPES)
 
 

@@ -48,9 +48,10 @@ def draw_case(data, name: str, *, fused: bool = False) -> dict:
     if fused:
         hyper.update(BY_NAME[name].fused_flags)
         hyper.update({k: max(hyper[k], 1e-3) for k in BRANCHING if k in hyper})
-    if hyper.get("nesterov"):  # valid only with momentum and without dampening
+    if hyper.get("nesterov"):  # valid only with momentum (and SGD's without dampening)
         hyper["momentum"] = max(hyper["momentum"], 0.1)
-        hyper["dampening"] = 0.0
+        if "dampening" in hyper:
+            hyper["dampening"] = 0.0
     return {
         "hyper": hyper,
         "dtype": data.draw(st.sampled_from(["float32", "float64"]), label="dtype"),
