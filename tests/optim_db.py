@@ -346,7 +346,7 @@ OPTIM_DB: list[OptimizerInfo] = [
         resume={"lambd": 0.1, "t0": 3},
     ),
     OptimizerInfo(
-        optim_core.LAMB, reference.lamb, None,  # optax.lamb: test_optax_parity.py
+        optim_core.LAMB, reference.lamb, None,  # optax.lamb: test_lamb_lars_optax.py
         reference_cases=[
             {},
             {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-8, "weight_decay": 0.1},
@@ -370,7 +370,7 @@ OPTIM_DB: list[OptimizerInfo] = [
         resume={"weight_decay": 0.1},
     ),
     OptimizerInfo(
-        optim_core.LARS, reference.lars, None,  # optax.lars: test_optax_parity.py
+        optim_core.LARS, reference.lars, None,  # optax.lars: test_lamb_lars_optax.py
         reference_cases=[
             {},
             {"lr": 0.5, "momentum": 0.5, "nesterov": True, "weight_decay": 0.1,
