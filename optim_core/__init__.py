@@ -26,6 +26,7 @@ import sys as _sys
 from .optim import Optimizer, update_rule
 from .optim import algorithms as _algorithms
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
+from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -59,6 +60,9 @@ __all__ = [
     "Optimizer",
     "update_rule",
     *_algorithms.__all__,
+    "ScheduleFreeSGD",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeOptimizer",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",
