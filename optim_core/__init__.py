@@ -26,6 +26,7 @@ import sys as _sys
 from .optim import Optimizer, update_rule
 from .optim import algorithms as _algorithms
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
+from .optim.quasi_newton import LBFGS
 from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
     CheckpointError,
@@ -63,6 +64,7 @@ __all__ = [
     "ScheduleFreeSGD",
     "ScheduleFreeAdamW",
     "ScheduleFreeOptimizer",
+    "LBFGS",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

@@ -11,7 +11,8 @@ from .algorithms import *  # noqa: F403 - the optimizers, as algorithms.__all__ 
 from .base import Optimizer
 from .language import UpdateRule, update_rule
 from .param_group import ParamGroup
+from .quasi_newton import LBFGS
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 
 __all__ = ["Optimizer", "ParamGroup", "UpdateRule", "update_rule", *algorithms.__all__,
-           "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeOptimizer"]
+           "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeOptimizer", "LBFGS"]
