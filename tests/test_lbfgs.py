@@ -224,3 +224,17 @@ def test_one_param_group_and_a_callable_closure():
         opt.step(None)
     with pytest.raises(TypeError, match="pair"):
         opt.step(lambda: 1.0)
+
+
+def test_torch_leaf_tensors_with_an_autograd_closure(torch):
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        loss = ((p - 2) ** 4).sum()
+        (grad,) = torch.autograd.grad(loss, [p])
+        return loss.detach(), [grad]
+
+    opt = optim_core.LBFGS([p], line_search_fn="strong_wolfe")
+    opt.step(closure)
+    assert p.requires_grad and opt.params[0] is p
+    np.testing.assert_allclose(p.detach().numpy(), 2.0, atol=1e-2)

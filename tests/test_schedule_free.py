@@ -8,6 +8,9 @@ mode: theirs get the ``train()`` call ours do not need (see optim_core.optim.sch
 
 from __future__ import annotations
 
+import itertools
+import shutil
+
 import numpy as np
 import pytest
 
@@ -64,8 +67,14 @@ def torch():
     torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("impl", ["generic", "fused"])
-@pytest.mark.parametrize("name, their_name, hyper", CASES, ids=IDS)
+# Every case on the fused path; the generic path on the richest case of each (it is checked
+# against the paper's form for every option on every library in test_reference.py).
+RUNS = [(*case, "fused") for case in CASES] + [
+    (*CASES[i], "generic") for i in (2, len(SGD_CASES) + 4)]
+RUN_IDS = [f"{i}-fused" for i in IDS] + [f"{IDS[i]}-generic" for i in (2, len(SGD_CASES) + 4)]
+
+
+@pytest.mark.parametrize("name, their_name, hyper, impl", RUNS, ids=RUN_IDS)
 def test_trajectory_and_switches_match_schedulefree(torch, name, their_name, hyper, impl):
     schedulefree = pytest.importorskip("schedulefree")
     start = start_params()
@@ -236,3 +245,69 @@ def test_adamw_needs_a_positive_beta1():
     opt = optim_core.ScheduleFreeAdamW([np.ones(2)])
     with pytest.raises(ValueError, match=r"betas\[0\]"):
         opt.param_groups[0]["betas"] = (0.0, 0.9)
+
+
+def test_switch_kernel_of_numba_matches_generic():
+    from optim_core.backends._generic import GENERIC
+    from optim_core.backends._numba import NumbaImplementation
+
+    from optim_core.optim.rules_schedule_free import schedule_free_switch
+
+    rng = np.random.default_rng(0)
+    # train() and eval() weights (1 - beta, 1 - 1/beta), on both sides of lerp's formula.
+    for weight, dtype in itertools.product((0.1, 0.7, -1 / 9, -2.5), ("float32", "float64")):
+        param, z = (rng.standard_normal(257).astype(dtype) for _ in range(2))
+        expected = param.copy()
+        GENERIC.step(schedule_free_switch, np, [expected], [expected], [{"z": z}],
+                     {"weight": weight})
+        NumbaImplementation().step(schedule_free_switch, np, [param], [param], [{"z": z}],
+                                   {"weight": weight})
+        np.testing.assert_array_equal(param, expected)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_switch_kernel_cuda_source_matches_generic_on_the_host(tmp_path):
+    # The CUDA text of the switch (eval() and train() on a GPU), compiled by nvcc for the
+    # host with the harness of test_cuda_source.py, against the generic path.
+    import subprocess
+
+    from optim_core.backends._cuda import kernel_name
+    from optim_core.backends._generic import GENERIC
+    from optim_core.backends._lowering import lower
+    from test_cuda_source import harness_source
+
+    from optim_core.optim.rules_schedule_free import schedule_free_switch
+
+    rng = np.random.default_rng(1)
+    kernels, inputs, expected = {}, bytearray(), []
+    for weight in (0.1, 0.7, -1 / 9, -2.5):
+        for dtype in (np.dtype("float32"), np.dtype("float64")):
+            _, hoisted, kernel = lower(schedule_free_switch, {"weight": weight},
+                                       frozenset({"z"}))
+            key = (kernel_name(kernel), dtype.name)
+            kernels.setdefault(key, (len(kernels), kernel))
+            param, z = (rng.standard_normal(33).astype(dtype) for _ in range(2))
+            arrays = {"param": param, "grad": param.copy(), "z": z}
+            inputs += np.array([kernels[key][0], 33, len(kernel.arrays), len(hoisted),
+                                dtype.itemsize], dtype=np.int64).tobytes()
+            for name in kernel.arrays:
+                inputs += arrays[name].tobytes()
+            inputs += np.asarray(hoisted, dtype=np.float64).astype(dtype).tobytes()
+            want = param.copy()
+            GENERIC.step(schedule_free_switch, np, [want], [want], [{"z": z.copy()}],
+                         {"weight": weight})
+            expected.append((kernel.arrays, dtype, {"param": want, "z": z}))
+    (tmp_path / "harness.cu").write_text(harness_source(kernels))
+    subprocess.run(["nvcc", "--fmad=false", "-O2", "-std=c++14", "-o", str(tmp_path / "h"),
+                    str(tmp_path / "harness.cu")], check=True, capture_output=True, timeout=600)
+    (tmp_path / "in.bin").write_bytes(bytes(inputs))
+    subprocess.run([str(tmp_path / "h"), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+                   check=True, timeout=120)
+    output, offset = (tmp_path / "out.bin").read_bytes(), 0
+    for names, dtype, want in expected:
+        for name in names:
+            got = np.frombuffer(output[offset:offset + 33 * dtype.itemsize], dtype=dtype)
+            offset += 33 * dtype.itemsize
+            if name in want:
+                np.testing.assert_array_equal(got, want[name], err_msg=name)
+    assert offset == len(output)

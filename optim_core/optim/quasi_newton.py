@@ -266,17 +266,18 @@ class LBFGS:
                     old_stps.append(s)
                     ro.append(1.0 / ys)
                     h_diag = ys / self._dot(y, y)
-                # The two-loop recursion, in one buffer.
+                # The two-loop recursion, in one buffer (q and r are new arrays: updated
+                # in place where the library allows, rebound where it does not).
                 num_old = len(old_dirs)
                 al = [0.0] * num_old
                 q = -flat_grad
                 for i in range(num_old - 1, -1, -1):
                     al[i] = self._dot(old_stps[i], q) * ro[i]
-                    q = q + (-al[i]) * old_dirs[i]
-                d = r = q * h_diag
+                    q += (-al[i]) * old_dirs[i]
+                r = q * h_diag
                 for i in range(num_old):
                     be_i = self._dot(old_dirs[i], r) * ro[i]
-                    r = r + (al[i] - be_i) * old_stps[i]
+                    r += (al[i] - be_i) * old_stps[i]
                 d = r
 
             prev_flat_grad = flat_grad
@@ -343,7 +344,8 @@ class LBFGS:
         return float(self._xp.sum(self._xp.abs(v)))
 
     def _copy(self, x: Any) -> Any:
-        return self._xp.asarray(x, copy=True)
+        detach = getattr(x, "detach", None)  # torch: a copy outside any autograd graph
+        return self._xp.asarray(x if detach is None else detach(), copy=True)
 
     def _evaluate(self, closure: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
         """Call the closure; its loss and its gradients as one flat vector (checked)."""
@@ -395,15 +397,25 @@ class LBFGS:
         return float(loss), flat_grad
 
     def _add_grad(self, step_size: float, update: Any) -> None:
-        """``param += step_size * update[its slice]`` for each parameter."""
+        """``param += step_size * update[its slice]`` for each parameter (in place where
+        the library allows; new arrays for immutable ones)."""
         xp = self._xp
         group = self.param_groups[0]
-        new, offset = [], 0
-        for param, size, shape in zip(group["params"], self._sizes, self._shapes, strict=True):
-            view = xp.reshape(update[offset:offset + size], shape)
-            new.append(param + step_size * view)
-            offset += size
-        self._set_params(new)
+        params = group["params"]
+        out, offset = [], 0
+        with _no_autograd(params):
+            for param, size, shape in zip(params, self._sizes, self._shapes, strict=True):
+                view = xp.reshape(update[offset:offset + size], shape)
+                if view.dtype != param.dtype:
+                    view = xp.astype(view, param.dtype)
+                if ns.is_writeable(param):
+                    param += step_size * view
+                    out.append(param)
+                else:
+                    out.append(param + step_size * view)
+                offset += size
+        if any(o is not p for o, p in zip(out, params, strict=True)):
+            group._store_params(out)
 
     def _set_params(self, values: list[Any]) -> None:
         """Write ``values`` into the parameters (new arrays for immutable libraries)."""
