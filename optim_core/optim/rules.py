@@ -176,8 +176,3 @@ def lion(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize):
 
 
 ALL_RULES = (sgd, dgd, adagrad, rmsprop, adadelta, adam, adamax, nadam, radam, lion)
-
-# Rules defined beside their optimizers, in modules of their own.
-from .rules_schedule_free import SCHEDULE_FREE_RULES  # noqa: E402
-
-ALL_RULES += SCHEDULE_FREE_RULES

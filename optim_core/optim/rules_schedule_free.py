@@ -53,7 +53,3 @@ def schedule_free_switch(param, grad, z, *, weight):
     # gradient is not read (the optimizer passes the parameter in its place).
     param = lerp(param, z, weight)
     return param, z
-
-
-#: The step rules, which every optimizer test table entry exercises.
-SCHEDULE_FREE_RULES = (schedule_free_sgd, schedule_free_adamw)
