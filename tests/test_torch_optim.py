@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,3 +456,22 @@ def test_optimizers_torch_lacks_equal_the_core_on_numpy(name):
         core.step(grads)
     for p, a in zip(model.parameters(), arrays):
         np.testing.assert_allclose(p.detach().numpy(), a, rtol=1e-13, atol=1e-15)
+
+
+def test_the_torch_bench_compares_every_optimizer_torch_has(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench import torch_optim as bench
+
+    pairs = dict(bench._pairs())
+    assert {name: pairs[name] for name in ("Adam", "AdamW", "SGD", "Adagrad")} == dict.fromkeys(
+        ("Adam", "AdamW", "SGD", "Adagrad"), "fused")
+    assert set(SAME_NAMED) <= set(pairs)
+    assert all(mode == "foreach" for name, mode in pairs.items()
+               if name not in ("Adam", "AdamW", "SGD", "Adagrad"))
+    out = tmp_path / "torch.json"
+    assert bench.main(["--quick", "--optimizers", "Adam", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["optimizer"], r["workload"], r["torch_mode"]) for r in report["results"]] == [
+        ("Adam", "1e4", "fused"), ("Adam", "20x100", "fused")]
+    assert all(r["holds"] is None and r["ours_s"] > 0 for r in report["results"])
+    assert "| optimizer | workload |" in out.with_suffix(".md").read_text()
