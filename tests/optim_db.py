@@ -322,6 +322,29 @@ OPTIM_DB: list[OptimizerInfo] = [
         parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3}, 10000),
         resume={"weight_decay": 0.1},
     ),
+    OptimizerInfo(
+        optim_core.ASGD, reference.asgd, "ASGD",
+        reference_cases=[
+            {},
+            # t0 = 3: averaging starts at step 5, within the tested steps.
+            {"lr": 0.05, "lambd": 0.1, "alpha": 0.5, "t0": 3},
+            {"lr": 0.05, "lambd": 0.01, "alpha": 1.5, "t0": 2.5, "weight_decay": 0.1,
+             "maximize": True},
+            {"lr": 0.02, "t0": -1, "weight_decay": 0.01},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.05, "lambd": 0.1, "t0": 3, "weight_decay": 0.1, "maximize": True},
+        ],
+        rich={"lambd": 0.1, "t0": 2, "weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "lambd": st.floats(0.0, 1.0), "alpha": st.floats(0.0, 2.0),
+            "t0": st.floats(-3.0, 6.0), "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": True},
+        default_lr=1e-2,
+        parabola={"lr": 0.05, "lambd": 0.0}, rosenbrock=({"lr": 2e-3, "lambd": 0.0}, 20000),
+        resume={"lambd": 0.1, "t0": 3},
+    ),
 ]
 
 #: The entries by class name.
@@ -355,6 +378,9 @@ def registered_names() -> set[str]:
     """Class names of every optimizer in the registry (what the table must cover)."""
     return {cls.__name__ for cls in OPTIMIZERS.values()}
 
+
+#: Every rule an optimizer of the table runs, by rule name: what the fused tests cover.
+RULES: dict[str, Any] = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB}
 
 #: Each optimizer's ``rich`` options, by class name.
 RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB}

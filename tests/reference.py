@@ -164,6 +164,18 @@ def lion(p, g, s, h):
     return p
 
 
+def asgd(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    lr, lambd = h["lr"], h.get("lambd", 1e-4)
+    g = _grad(p, g, h)
+    eta, mu = s.get("eta", lr), s.get("mu", 1.0)  # the values the previous step left
+    p = p * (1 - lambd * eta) - eta * g
+    s["ax"] = p.copy() if mu == 1 else s["ax"] + mu * (p - s["ax"])
+    s["eta"] = lr / (1 + lambd * lr * t) ** h.get("alpha", 0.75)
+    s["mu"] = 1 / max(1, t - h.get("t0", 1e6))
+    return p
+
+
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
     """A fixed stream of gradients of varied scale and sign (the same for every run)."""
     rng = np.random.default_rng(seed)
