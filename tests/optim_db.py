@@ -65,6 +65,9 @@ class OptimizerInfo:
     #: torch.optim's default learning rate (the paper's for Lion), for the reference
     #: functions when a case gives none; None where the case always gives one.
     default_lr: float | None = None
+    #: Options under which ``lr=0`` leaves the parameters unchanged, where that needs more
+    #: than ``lr=0`` (the tests of that property add them).
+    lr_zero: dict = field(default_factory=dict)
     parabola: dict = field(default_factory=dict)
     rosenbrock: tuple[dict, int] = ({}, 0)
     #: False: it only reduces the loss (by the factor test_convergence.py asks), it does
@@ -344,6 +347,32 @@ OPTIM_DB: list[OptimizerInfo] = [
         default_lr=1e-2,
         parabola={"lr": 0.05, "lambd": 0.0}, rosenbrock=({"lr": 2e-3, "lambd": 0.0}, 20000),
         resume={"lambd": 0.1, "t0": 3},
+    ),
+    OptimizerInfo(
+        optim_core.Rprop, reference.rprop, "Rprop",
+        reference_cases=[
+            {},
+            # Steps reach both bounds within the tested steps.
+            {"lr": 0.05, "etas": (0.3, 1.5), "step_sizes": (0.02, 0.1)},
+            {"lr": 0.01, "etas": (0.6, 1.1), "step_sizes": (0.0, 0.012), "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "etas": (0.3, 1.5), "step_sizes": (5e-3, 2e-2), "maximize": True},
+        ],
+        rich={},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "etas": st.tuples(st.floats(0.05, 0.95), st.floats(1.05, 3.0)),
+            "step_sizes": st.tuples(st.one_of(st.just(0.0), st.floats(1e-8, 1e-3)),
+                                    st.floats(1e-2, 50.0)),
+            "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-2,
+        # The first step clamps the step size lr up to step_sizes[0]: lr = 0 moves the
+        # parameters unless that is 0 too (as in torch).
+        lr_zero={"step_sizes": (0.0, 50.0)},
+        parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3}, 5000),
+        resume={"etas": (0.4, 1.3)},
     ),
 ]
 

@@ -176,6 +176,19 @@ def asgd(p, g, s, h):
     return p
 
 
+def rprop(p, g, s, h):
+    eta_minus, eta_plus = h.get("etas", (0.5, 1.2))
+    low, high = h.get("step_sizes", (1e-6, 50))
+    g = -g if h.get("maximize", False) else g
+    prev = s.get("prev", np.zeros_like(p))
+    step = s.get("step_size", np.full_like(p, h["lr"]))
+    d = np.sign(g * prev)
+    step = np.clip(step * np.where(d > 0, eta_plus, np.where(d < 0, eta_minus, 1.0)), low, high)
+    g = np.where(d < 0, 0.0, g)
+    s["prev"], s["step_size"] = g, step
+    return p - np.sign(g) * step
+
+
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
     """A fixed stream of gradients of varied scale and sign (the same for every run)."""
     rng = np.random.default_rng(seed)

@@ -151,7 +151,7 @@ def test_fused_equals_generic_equals_the_float64_reference(name, data):
 @given(data=st.data())
 def test_lr_zero_is_the_identity_for_any_other_hyperparameters(name, data):
     case = draw_case(data, name)
-    case["hyper"]["lr"] = 0.0
+    case["hyper"].update(BY_NAME[name].lr_zero, lr=0.0)
     before, _ = inputs(case)
     after = run(name, case, "generic")
     for a, b in zip(after, before, strict=True):

@@ -17,11 +17,27 @@ from .algorithms import _doc
 from .base import Optimizer
 from .param_group import Hyperparameter
 
-__all__ = ["ASGD"]
+__all__ = ["ASGD", "Rprop"]
 
 
 def _nonnegative(name: str, value: Any) -> float:
     return _checks.number(name, value, low=0)
+
+
+def _etas(name: str, value: Any) -> tuple[float, float]:
+    minus, plus = _checks.number_pair(name, value, low=0)
+    if not 0.0 < minus < 1.0 < plus:
+        raise ValueError(f"{name} must be (etaminus, etaplus) with 0 < etaminus < 1 < etaplus, "
+                         f"got {value!r:.80}")
+    return minus, plus
+
+
+def _step_sizes(name: str, value: Any) -> tuple[float, float]:
+    low, high = _checks.number_pair(name, value, low=0)
+    if low > high:
+        raise ValueError(f"{name} must be (minimum, maximum) with minimum <= maximum, "
+                         f"got {value!r:.80}")
+    return low, high
 
 
 @_doc
@@ -89,3 +105,61 @@ class ASGD(Optimizer):
         group_state["eta"] = lr / ((1 + group["lambd"] * lr * step) ** group["alpha"])
         group_state["mu"] = 1.0 / max(1.0, step - group["t0"])
         return {"eta": eta, "mu": mu}
+
+
+@_doc
+class Rprop(Optimizer):
+    r"""Resilient backpropagation (Riedmiller & Braun, "A Direct Adaptive Method for Faster
+    Backpropagation Learning: The RPROP Algorithm", ICNN 1993).
+
+    Each element has its own step size :math:`\Delta`, adapted from the sign of
+    :math:`d_t = g_t\,g'_{t-1}`, the gradient times the previous step's (the
+    magnitude of the gradient is never used):
+
+    .. math::
+
+        \Delta_t &= \operatorname{clip}\bigl(\Delta_{t-1}\cdot
+            \begin{cases}\eta_+ & d_t > 0\\ \eta_- & d_t < 0\\ 1 & d_t = 0\end{cases},
+            \;\Delta_{\min}, \Delta_{\max}\bigr) \\
+        g'_t &= \begin{cases} 0 & d_t < 0 \\ g_t & \text{otherwise}\end{cases} \\
+        \theta_t &= \theta_{t-1} - \operatorname{sign}(g'_t)\,\Delta_t
+
+    with :math:`g_t = \pm\nabla f(\theta_{t-1})`, :math:`g'_0 = 0` and
+    :math:`\Delta_0 = \gamma`. Same as ``torch.optim.Rprop`` (states ``prev``
+    :math:`g'` and ``step_size`` :math:`\Delta`, as torch names them). ``lr`` only sets
+    the initial step sizes: changing it after the first step changes nothing, as in torch.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-2
+        Initial step size :math:`\gamma`.
+    etas : (float, float), default (0.5, 1.2)
+        :math:`(\eta_-, \eta_+)`, with :math:`0 < \eta_- < 1 < \eta_+`.
+    step_sizes : (float, float), default (1e-6, 50)
+        :math:`(\Delta_{\min}, \Delta_{\max})`, with
+        :math:`0 \le \Delta_{\min} \le \Delta_{\max}` (torch does not check them).
+    maximize : bool, default False
+    {common}
+
+    Notes
+    -----
+    Rprop is meant for full-batch gradients: the signs of mini-batch gradients flip
+    by noise, which shrinks the steps.
+    """
+
+    cli_name = "rprop"
+    weight_decay_kind = "none"
+
+    rule = rules.rprop
+    initial_state = {"step_size": "lr"}
+    hyperparameter_checks = {
+        "etas": Hyperparameter(_etas, ("etaminus", "etaplus")),
+        "step_sizes": Hyperparameter(_step_sizes, ("step_size_min", "step_size_max")),
+    }
+
+    def __init__(self, params: Any, lr: float = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] = (1e-6, 50), *, maximize: bool = False,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
+                                      maximize=maximize), **options)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from .language import update_rule
 
+# The names below are bound per backend by UpdateRule.bind; these placeholders only
+# make the module importable and let linters see the names.
+sqrt = maximum = minimum = sign = where = None
+
 
 @update_rule()
 def asgd(param, grad, ax, *, eta, lambd, weight_decay, maximize, mu):
@@ -27,5 +31,23 @@ def asgd(param, grad, ax, *, eta, lambd, weight_decay, maximize, mu):
     return param, ax
 
 
+@update_rule()
+def rprop(param, grad, prev, step_size, *, etaminus, etaplus, step_size_min, step_size_max,
+          maximize):
+    # torch.optim's single-tensor Rprop: where the gradient kept its sign the step grows,
+    # where it flipped the step shrinks and that element skips this step (its gradient
+    # counts as 0, also for the next comparison).
+    if maximize:
+        grad = -grad
+    direction = grad * prev
+    factor = where(direction > 0, etaplus,
+                   where(direction < 0, etaminus, where(direction == 0, 1, direction)))
+    step_size = minimum(maximum(step_size * factor, step_size_min), step_size_max)
+    grad = where(direction < 0, 0, grad)
+    param = param - sign(grad) * step_size
+    prev = grad
+    return param, prev, step_size
+
+
 #: The rules of this module, in definition order.
-ELEMENTWISE_RULES = (asgd,)
+ELEMENTWISE_RULES = (asgd, rprop)
