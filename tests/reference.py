@@ -189,6 +189,25 @@ def rprop(p, g, s, h):
     return p - np.sign(g) * step
 
 
+def adopt(p, g, s, h):
+    """Taniguchi et al. 2024, Algorithm 1 with the clipping of their implementation."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.9999))
+    p = _decay(p, h)
+    g = _grad(p, g, h)
+    if t == 1:
+        s["m"], s["v"] = np.zeros_like(p), g * g
+        return p
+    u = g / np.maximum(np.sqrt(s["v"]), h.get("eps", 1e-6))
+    if h.get("use_clipping", True):
+        c = (t - 1) ** h.get("clip_exponent", 0.25)
+        u = np.clip(u, -c, c)
+    s["m"] = b1 * s["m"] + (1 - b1) * u
+    step = b1 * s["m"] + (1 - b1) * u if h.get("nesterov", False) else s["m"]
+    s["v"] = b2 * s["v"] + (1 - b2) * g * g
+    return p - h["lr"] * step
+
+
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
     """A fixed stream of gradients of varied scale and sign (the same for every run)."""
     rng = np.random.default_rng(seed)

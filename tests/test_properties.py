@@ -48,7 +48,7 @@ def draw_case(data, name: str, *, fused: bool = False) -> dict:
     if fused:
         hyper.update(BY_NAME[name].fused_flags)
         hyper.update({k: max(hyper[k], 1e-3) for k in BRANCHING if k in hyper})
-    if hyper.get("nesterov"):  # valid only with momentum and without dampening
+    if hyper.get("nesterov") and "momentum" in hyper:  # SGD's: needs momentum, no dampening
         hyper["momentum"] = max(hyper["momentum"], 0.1)
         hyper["dampening"] = 0.0
     return {

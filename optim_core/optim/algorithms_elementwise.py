@@ -17,7 +17,7 @@ from .algorithms import _doc
 from .base import Optimizer
 from .param_group import Hyperparameter
 
-__all__ = ["ASGD", "Rprop"]
+__all__ = ["ASGD", "Rprop", "ADOPT"]
 
 
 def _nonnegative(name: str, value: Any) -> float:
@@ -163,3 +163,73 @@ class Rprop(Optimizer):
                  **options: Any) -> None:
         super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
                                       maximize=maximize), **options)
+
+
+@_doc
+class ADOPT(Optimizer):
+    r"""ADOPT, Adam with the current gradient left out of its own normalization (Taniguchi
+    et al., "ADOPT: Modified Adam Can Converge with Any :math:`\beta_2` with the Optimal
+    Rate", NeurIPS 2024).
+
+    .. math::
+
+        v_1 &= g_1^2, \qquad \theta_1 = \theta_0 \quad\text{(the first step only
+            initializes)} \\
+        u_t &= \operatorname{clip}\bigl(g_t / \max(\sqrt{v_{t-1}}, \epsilon),\;
+            \pm (t-1)^{c}\bigr) \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) u_t \\
+        \theta_t &= \theta_{t-1} - \gamma\, m_t
+            \quad(\text{nesterov: } \gamma(\beta_1 m_t + (1-\beta_1) u_t)) \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+
+    for :math:`t > 1`, with :math:`g_t = \pm\nabla f(\theta_{t-1})` plus the L2 term
+    :math:`\lambda\theta_{t-1}`, or with ``decoupled_weight_decay`` the parameter first
+    scaled by :math:`1-\gamma\lambda` (every step, the first included), as the
+    authors' implementation does. The clipping (the paper's stabilization, on by
+    default) bounds :math:`|u_t|` by :math:`(t-1)^{c}`, :math:`c` = ``clip_exponent``.
+
+    The numbers are ``optax.contrib.adopt``'s (optax 0.2.8). Its names map as
+    ``learning_rate`` = ``lr``, ``(b1, b2)`` = ``betas``, ``eps``, ``nesterov``,
+    ``use_clipping``, ``clip_value_fn=lambda count: count ** clip_exponent`` (optax's
+    ``count`` is :math:`t-1`); optax has no ``maximize`` (negate the gradient) and no
+    weight decay (``optax.chain(optax.add_decayed_weights(wd), adopt)`` is the L2
+    form, ``add_decayed_weights`` between ``scale_by_adopt`` and the learning rate the
+    decoupled one, equal up to rounding). States ``exp_avg`` (optax's ``mu``) and
+    ``exp_avg_sq`` (``nu``).
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.9999)
+    eps : float, default 1e-6
+        Lower bound of :math:`\sqrt{v}` in the normalization.
+    weight_decay : float, default 0
+    decoupled_weight_decay : bool, default False
+    use_clipping : bool, default True
+    clip_exponent : float, default 0.25
+    nesterov : bool, default False
+    maximize : bool, default False
+    {common}
+    """
+
+    cli_name = "adopt"
+    weight_decay_kind = "switchable"
+
+    rule = rules.adopt
+    hyperparameter_checks = {"use_clipping": Hyperparameter(_checks.boolean),
+                             "clip_exponent": Hyperparameter(_nonnegative)}
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999),
+                 eps: float = 1e-6, weight_decay: float = 0, decoupled_weight_decay: bool = False,
+                 *, use_clipping: bool = True, clip_exponent: float = 0.25,
+                 nesterov: bool = False, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      use_clipping=use_clipping, clip_exponent=clip_exponent,
+                                      nesterov=nesterov, maximize=maximize), **options)
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        step = group_state["step"]
+        return {"initialize": step == 1,
+                "clip": float(step - 1) ** group["clip_exponent"] if step > 1 else 0.0}

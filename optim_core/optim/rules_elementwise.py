@@ -49,5 +49,32 @@ def rprop(param, grad, prev, step_size, *, etaminus, etaplus, step_size_min, ste
     return param, prev, step_size
 
 
+@update_rule()
+def adopt(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay, maximize, initialize, use_clipping, clip, nesterov):
+    # optax's scale_by_adopt (its order of operations): the first step only fills the
+    # second moment; later ones normalize the gradient by the previous second moment.
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    if initialize:
+        exp_avg_sq = grad * grad
+    else:
+        normed = grad / maximum(sqrt(exp_avg_sq), eps)
+        if use_clipping:
+            normed = minimum(maximum(normed, -clip), clip)
+        exp_avg = (1 - beta1) * normed + beta1 * exp_avg
+        if nesterov:
+            param = param - lr * ((1 - beta1) * normed + beta1 * exp_avg)
+        else:
+            param = param - lr * exp_avg
+        exp_avg_sq = (1 - beta2) * (grad * grad) + beta2 * exp_avg_sq
+    return param, exp_avg, exp_avg_sq
+
+
 #: The rules of this module, in definition order.
-ELEMENTWISE_RULES = (asgd, rprop)
+ELEMENTWISE_RULES = (asgd, rprop, adopt)
