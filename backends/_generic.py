@@ -22,6 +22,7 @@ import numpy as np
 from optim_core import _namespace as ns
 
 from ._operations import generic_operations
+from ._quantized import QuantizedState, block_count, code_count, dequantize, store_quantized
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -67,14 +68,53 @@ def checked_state_names(rule: UpdateRule, index: int, param: Any, state: Mapping
                                     "the same state entries")
     for name in names:
         array = state[name]
+        if type(array) is QuantizedState:
+            _check_quantized(index, name, array, shape)
+            continue
         got = getattr(array, "shape", None)
-        if got is None or tuple(got) != shape or array.dtype != dtype:
+        if got is None or tuple(got) != shape or array.dtype != state_dtype(dtype):
             what = (f"shape {tuple(got)} and dtype {array.dtype}" if got is not None
                     else f"type {type(array).__name__}")
             raise TensorMismatch(index, f"state {name!r} has {what}, the parameter shape "
                                         f"{shape} and dtype {dtype}: it was resized or "
                                         "replaced after its state was made")
     return names
+
+
+def state_dtype(dtype: Any) -> Any:
+    """The dtype of the (unquantized) states of a parameter of ``dtype``: float32 for
+    float16, whose exponent range a second moment (a squared gradient) underflows, the
+    parameter's own otherwise (bfloat16 has float32's exponent range)."""
+    try:
+        if np.dtype(dtype) == np.float16:
+            return np.dtype(np.float32)
+    except TypeError:
+        name = str(dtype)
+        if name.endswith("float16") and "bfloat16" not in name:
+            return _float32_like(dtype)
+    return dtype
+
+
+def _float32_like(dtype: Any) -> Any:
+    """float32 of the library ``dtype`` comes from (torch.float16 -> torch.float32)."""
+    module = sys.modules.get(type(dtype).__module__.split(".")[0])
+    return getattr(module, "float32", np.float32)
+
+
+def _check_quantized(index: int, name: str, state: QuantizedState,
+                     shape: tuple[int, ...]) -> None:
+    """A quantized state's codes and scales are as long as its parameter needs."""
+    codes, absmax = state.codes, state.absmax
+    want_codes, want_blocks = code_count(state.bits, state.size), block_count(state.bits,
+                                                                            state.size)
+    if state.shape != shape or tuple(codes.shape) != (want_codes,) or \
+            tuple(absmax.shape) != (want_blocks,) or str(codes.dtype).rsplit(".")[-1] != \
+            "uint8" or str(absmax.dtype).rsplit(".")[-1] != "float32":
+        raise TensorMismatch(index, f"quantized state {name!r} has shape {state.shape}, codes "
+                                    f"{tuple(codes.shape)} {codes.dtype} and scales "
+                                    f"{tuple(absmax.shape)} {absmax.dtype}; the parameter "
+                                    f"shape {shape} needs {want_codes} uint8 codes and "
+                                    f"{want_blocks} float32 scales")
 
 
 class PreparedStep:
@@ -117,6 +157,12 @@ class GenericImplementation:
             for param, grad, state in zip(params, grads, states):
                 given = [state.get(name) for name in rule.states]
                 compute = _compute_dtype(xp, param.dtype)
+                if any(type(s) is QuantizedState for s in given):
+                    # The storage kind is not the rule's business: dequantized into the
+                    # compute dtype, stepped by the same rule, quantized again.
+                    values = compute if compute is not None else param.dtype
+                    given = [dequantize(xp, s, values, like=param)
+                             if type(s) is QuantizedState else s for s in given]
                 if compute is None:
                     new_param, *new_states = update(param, grad, *given, **scalars)
                 else:
@@ -127,7 +173,10 @@ class GenericImplementation:
                 param = _store(xp, param, new_param)
                 for name, value, before in zip(rule.states, new_states, given):
                     if name in state and value is not before:
-                        state[name] = _store(xp, state[name], value)
+                        if type(state[name]) is QuantizedState:
+                            store_quantized(xp, state[name], value)
+                        else:
+                            state[name] = _store(xp, state[name], value)
                 out.append(param)
         return out
 

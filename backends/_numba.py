@@ -31,11 +31,13 @@ import numpy as np
 from ._fused import FusedImplementation
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
 from ._lowering import Kernel, lower, render
+from ._quantized import BLOCK_SIZES, midpoints, quantization_map
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
-__all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kernel_source"]
+__all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kernel_source",
+           "quantized_kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
 _GENERATOR_VERSION = 2
@@ -108,6 +110,135 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     return "\n".join(lines[:-2]) + "\n"
 
 
+#: Quantization blocks per iteration of a quantized kernel's parallel loop: each iteration
+#: allocates its scratch block once, and 16 blocks (4096 elements at 8 bits) amortize it.
+_CHUNK_BLOCKS = 16
+
+_QUANTIZED_PRELUDE = [
+    "@numba.njit(inline='always')",
+    "def _maxabs(m, v):",
+    "    # The running absmax of a block; a NaN stays, as xp.max keeps it.",
+    "    a = np.abs(v)",
+    "    return m if (m >= a or m != m) else a",
+    "",
+    "",
+    "@numba.njit(inline='always')",
+    "def _code(mids, x):",
+    "    # The number of midpoints below x (searchsorted, side='left'; a NaN above all).",
+    "    lo = 0",
+    "    hi = mids.shape[0]",
+    "    while lo < hi:",
+    "        mid = (lo + hi) >> 1",
+    "        if x <= T(mids[mid]):",
+    "            hi = mid",
+    "        else:",
+    "            lo = mid + 1",
+    "    return lo",
+    "",
+    "",
+]
+
+
+def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
+    """The numba module for ``kernel`` with the states of ``layout`` quantized.
+
+    ``layout`` is ``((state, bits, signed), ...)`` for the quantized states (see
+    :mod:`._quantized`). Each such state is four arguments, ``q_<state>`` (uint8 codes),
+    ``m_<state>`` (float32 absmax per block), ``map_<state>`` and ``mid_<state>`` (the
+    float32 map and its midpoints); the others are arrays as in :func:`kernel_source`.
+    One pass: each block's elements are loaded (quantized states dequantized with the
+    block's old scale), run through the rule's body, the parameter and unquantized states
+    stored, the new quantized values kept in a block-sized scratch array with their
+    absmax; then the block's codes and scale are written. Blocks are independent, so the
+    parallel loop runs over chunks of :data:`_CHUNK_BLOCKS` blocks.
+    """
+    quantized = {name: (bits, signed) for name, bits, signed in layout}
+    bits = {b for b, _ in quantized.values()}
+    assert len(bits) == 1, layout
+    (bits,) = bits
+    block = BLOCK_SIZES[bits]
+    arguments = []
+    for a in kernel.arrays:
+        arguments += [f"q_{a}", f"m_{a}", f"map_{a}", f"mid_{a}"] if a in quantized \
+            else [f"a_{a}"]
+    hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
+    requantized = [a for a in kernel.stores if a in quantized]
+    loads = []
+    for a in kernel.loads:
+        if a not in quantized:
+            loads.append(f"                l_{a} = a_{a}[i]")
+        elif bits == 8:
+            loads.append(f"                l_{a} = T(map_{a}[q_{a}[i]]) * s_{a}")
+        else:
+            loads.append(f"                l_{a} = T(map_{a}[(q_{a}[i >> 1] >> ((i & 1) << 2)) "
+                         f"& 15]) * s_{a}")
+    body = loads + [f"                v_{target} = {render(expr, '_')}"
+                    for target, expr in kernel.body]
+    for a in kernel.stores:
+        if a in quantized:
+            body += [f"                buf_{a}[i - start] = v_{kernel.results[a]}",
+                     f"                x_{a} = _maxabs(x_{a}, v_{kernel.results[a]})"]
+        else:
+            body.append(f"                a_{a}[i] = v_{kernel.results[a]}")
+    requantize = []
+    for a in requantized:
+        requantize += [
+            f"            amax_{a} = np.float32(x_{a})",
+            f"            m_{a}[b] = amax_{a}",
+            f"            scale_{a} = T(amax_{a})",
+            f"            if not scale_{a} > 0:",
+            f"                scale_{a} = T(1)",
+        ]
+        if bits == 8:
+            requantize += [
+                "            for i in range(start, stop):",
+                f"                q_{a}[i] = _code(mid_{a}, buf_{a}[i - start] / scale_{a})",
+            ]
+        else:
+            requantize += [
+                "            for j in range(start >> 1, (stop + 1) >> 1):",
+                "                k = 2 * j - start",
+                f"                low = _code(mid_{a}, buf_{a}[k] / scale_{a})",
+                "                if 2 * j + 1 < stop:",
+                f"                    high = _code(mid_{a}, buf_{a}[k + 1] / scale_{a})",
+                "                else:  # past the end: a zero, as the generic path pads",
+                f"                    high = _code(mid_{a}, T(0) / scale_{a})",
+                f"                q_{a}[j] = low | (high << 4)",
+            ]
+    lines = kernel_source(kernel, dtype).split("\n@numba.njit(parallel=True")[0].rstrip("\n")
+    lines = [lines.replace(f"rule {kernel.rule!r};", f"rule {kernel.rule!r} (quantized "
+                           f"{layout!r});", 1), "", "", *_QUANTIZED_PRELUDE]
+    for name, parallel, loop in (("kernel", True, "numba.prange"),
+                                 ("kernel_serial", False, "range")):
+        lines += [
+            f"@numba.njit(parallel={parallel}, cache=False, fastmath=False, error_model='numpy', "
+            "nogil=True, boundscheck=False)",
+            f"def {name}({', '.join(arguments)}{hoisted}):",
+            "    n = a_param.shape[0]",
+            f"    blocks = (n + {block - 1}) // {block}",
+            f"    for c in {loop}((blocks + {_CHUNK_BLOCKS - 1}) // {_CHUNK_BLOCKS}):",
+            *(f"        buf_{a} = np.empty({block}, T)" for a in requantized),
+            f"        for b in range(c * {_CHUNK_BLOCKS}, min((c + 1) * {_CHUNK_BLOCKS}, blocks)):",
+            f"            start = b * {block}",
+            f"            stop = min(start + {block}, n)",
+            *(f"            s_{a} = T(m_{a}[b])" for a in kernel.loads if a in quantized),
+            *(f"            x_{a} = T(0)" for a in requantized),
+            "            for i in range(start, stop):",
+            *body,
+            *requantize,
+            "",
+            "",
+        ]
+    return "\n".join(lines[:-2]) + "\n"
+
+
+#: Writable copies of the maps and midpoints for the kernels (numba types a read-only
+#: array apart, and one signature serves every call).
+_KERNEL_TABLES = {(bits, signed): (np.array(quantization_map(bits, signed)),
+                                   np.array(midpoints(bits, signed)))
+                  for bits in BLOCK_SIZES for signed in (True, False)}
+
+
 class NumbaImplementation(FusedImplementation):
     """The fused NumPy implementation: one compiled pass per tensor, multi-threaded for
     tensors of 2**20 elements or more.
@@ -130,15 +261,16 @@ class NumbaImplementation(FusedImplementation):
         super().__init__()
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
-                   dtype: np.dtype) -> tuple[Any, list[float]]:
+                   dtype: np.dtype, layout: tuple = ()) -> tuple[Any, list[float]]:
         """The compiled kernels (parallel, serial) of this step's specialization and the
-        hoisted values."""
+        hoisted values; ``layout`` names the quantized states (see
+        :func:`quantized_kernel_source`)."""
         key, hoisted, _ = lower(rule, scalars, present, build=False)
-        cache_key = (rule.name, key, _DTYPES[dtype])
+        cache_key = (rule.name, key, _DTYPES[dtype], *((layout,) if layout else ()))
         kernel = self.compiled.get(cache_key)
         if kernel is None:
             _, _, lowered = lower(rule, scalars, present)
-            kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype])
+            kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype], layout)
         return kernel, hoisted
 
     large_size = _PARALLEL_MIN_SIZE
@@ -161,8 +293,39 @@ class NumbaImplementation(FusedImplementation):
                 import numba
 
                 scalar = numba.from_dtype(dtype)
-                dispatcher.compile((numba.types.Array(scalar, 1, "C"),) * n_arrays
-                                   + (scalar,) * n_hoisted)
+                if kernels.layout:
+                    arrays = self._quantized_signature(kernels.arrays, scalar)
+                else:
+                    arrays = (numba.types.Array(scalar, 1, "C"),) * n_arrays
+                dispatcher.compile(arrays + (scalar,) * n_hoisted)
+
+    @staticmethod
+    def _quantized_signature(names: tuple, scalar: Any) -> tuple:
+        """numba types of a quantized kernel's arrays (see :func:`quantized_kernel_source`)."""
+        import numba
+
+        kinds = {"a": scalar, "q": numba.types.uint8, "m": numba.types.float32,
+                 "map": numba.types.float32, "mid": numba.types.float32}
+        return tuple(numba.types.Array(kinds[name.split("_", 1)[0]], 1, "C")
+                     for name in names)
+
+    def quantized_arrays(self, state: Any) -> tuple:
+        """A quantized state's kernel arguments: codes, scales, map, midpoints."""
+        table, mids = _KERNEL_TABLES[state.bits, state.signed]
+        return (state.codes, state.absmax, table, mids)
+
+    def quantized_fusable(self, param: Any, states: tuple) -> bool:
+        """NumPy codes and scales, C-contiguous and writeable, of an otherwise fusable tensor."""
+        from ._quantized import is_quantized
+
+        for state in states:
+            if not is_quantized(state):
+                continue
+            for array, dtype in ((state.codes, np.uint8), (state.absmax, np.float32)):
+                if not (isinstance(array, np.ndarray) and array.dtype == dtype and
+                        array.flags.c_contiguous and array.flags.writeable):
+                    return False
+        return self.fusable([param, *(s for s in states if not is_quantized(s))])
 
     def kernel_array(self, array: Any) -> Any:
         """The kernel's 1-D view of a C-contiguous array."""
@@ -195,15 +358,19 @@ _LOAD_LOCK = threading.Lock()
 
 
 class _Kernels(NamedTuple):
-    """One specialization's compiled loops: on all threads, and on the calling thread."""
+    """One specialization's compiled loops: on all threads, and on the calling thread;
+    for a quantized one its layout and argument names."""
 
     parallel: Any
     serial: Any
+    layout: tuple = ()
+    arrays: tuple = ()
 
 
-def _load(kernel: Kernel, dtype: str) -> _Kernels:
+def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
     """Import (once per process) the generated module for ``kernel``; return its kernels."""
-    source = kernel_source(kernel, dtype)
+    source = quantized_kernel_source(kernel, dtype, layout) if layout else \
+        kernel_source(kernel, dtype)
     digest = hashlib.sha256(f"{_GENERATOR_VERSION}\n{source}".encode()).hexdigest()[:20]
     module_name = f"optim_core_kernel_{kernel.rule}_{dtype}_{digest}"
     # One lock: threads stepping on a cold cache import each module once, and its file is
@@ -213,4 +380,10 @@ def _load(kernel: Kernel, dtype: str) -> _Kernels:
         if module is None:
             module = _MODULES[module_name] = import_kernel_module(
                 module_name, source, ("kernel", "kernel_serial"))
-    return _Kernels(module.kernel, module.kernel_serial)
+    if not layout:
+        return _Kernels(module.kernel, module.kernel_serial)
+    quantized = {name for name, _, _ in layout}
+    names = tuple(n for a in kernel.arrays
+                  for n in ((f"q_{a}", f"m_{a}", f"map_{a}", f"mid_{a}") if a in quantized
+                            else (f"a_{a}",)))
+    return _Kernels(module.kernel, module.kernel_serial, layout, names)
