@@ -319,3 +319,37 @@ def test_quantized_adam_still_solves_a_least_squares_problem(bits):
     start = float(np.mean(target ** 2))
     assert losses[bits] < 0.05 * start
     assert losses[bits] < 2 * losses[32] + 1e-3 * start
+
+
+def test_fit_trains_with_8bit_states_and_resumes_them_bit_for_bit(tmp_path):
+    from optim_core import fit, models
+
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((200, 64)).astype(np.float32)
+    y = (X[:, :3].argmax(axis=1)).astype(np.int64)
+
+    def run(epochs, **options):
+        model = models.MLP([64, 96, 3])  # a 6144-element weight: quantized
+        history = fit(model, X, y, optimizer="adam", lr=0.01, epochs=epochs, batch_size=50,
+                      seed=1, progress=False, state_bits=8, **options)
+        return model, history
+
+    model, history = run(4)
+    assert isinstance(history.optimizer.state[0][0]["exp_avg"], QuantizedState)
+    assert float(model.score(X, y)) > 0.8
+    path = tmp_path / "run.ckpt"
+    run(2, checkpoint=path)
+    resumed, _ = run(4, checkpoint=path, resume=True)
+    for name, value in model.params.items():
+        assert np.asarray(resumed.params[name]).tobytes() == np.asarray(value).tobytes()
+
+
+def test_the_cli_passes_state_bits_to_the_optimizers_that_take_it():
+    from optim_core.tools.cli import _state_bits, build_parser
+
+    args = build_parser().parse_args(["compare", "--state-bits", "4"])
+    assert _state_bits("adam", args) == {"state_bits": 4}
+    assert _state_bits("adagrad", args) == {}  # keeps 32-bit states
+    assert _state_bits("adam", build_parser().parse_args(["compare"])) == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--state-bits", "16"])
