@@ -160,7 +160,7 @@ class FusedImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None) -> PreparedStep:
+                cache: dict | None = None, rounding: Any = None) -> PreparedStep:
         """Check every tensor and find its kernels (compiling where needed); write nothing.
 
         Parameters
@@ -168,6 +168,9 @@ class FusedImplementation:
         cache : dict, optional
             Kept by the caller for one group across steps: the checked records of its
             tensors (see the module docstring). Without it every tensor is checked in full.
+        rounding : Rounding, optional
+            How 16-bit parameters are stored (see :mod:`._rounding`); those always take
+            the generic path.
 
         Raises
         ------
@@ -217,7 +220,7 @@ class FusedImplementation:
         def run() -> list[Any]:
             if generic:
                 GENERIC._run(rule, xp, [params[i] for i in generic], [grads[i] for i in generic],
-                             [states[i] for i in generic], scalars)
+                             [states[i] for i in generic], scalars, rounding, generic)
             self.launch(tensors)
             return params if isinstance(params, list) else list(params)
 

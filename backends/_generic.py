@@ -23,6 +23,7 @@ from optim_core import _namespace as ns
 
 from ._operations import generic_operations
 from ._quantized import QuantizedState, block_count, code_count, dequantize, store_quantized
+from ._rounding import COMPENSATION, Rounding, is_16bit, stochastic_round
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -134,15 +135,18 @@ class GenericImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None) -> PreparedStep:
+                cache: dict | None = None, rounding: Rounding | None = None) -> PreparedStep:
         """Check every tensor (:func:`checked_state_names`); the step, ready to run.
 
-        ``cache`` is accepted for the fused implementations' sake and not used.
+        ``cache`` is accepted for the fused implementations' sake and not used;
+        ``rounding`` says how 16-bit parameters are stored (see :mod:`._rounding`;
+        None: to nearest).
         """
         expected = None
         for index, (param, state) in enumerate(zip(params, states, strict=True)):
             expected = checked_state_names(rule, index, param, state, expected)
-        return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars))
+        return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars,
+                                              rounding))
 
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
@@ -150,13 +154,24 @@ class GenericImplementation:
         return self.prepare(rule, xp, params, grads, states, scalars).run()
 
     def _run(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
-             states: Sequence[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
+             states: Sequence[dict[str, Any]], scalars: dict[str, Any],
+             rounding: Rounding | None = None,
+             indices: Sequence[int] | None = None) -> list[Any]:
+        """Step each tensor; ``indices`` are their positions in the group (for the keys of
+        stochastic rounding), ``range(len(params))`` by default."""
         update = rule.bind(generic_operations(xp))
         out = []
+        indices = range(len(params)) if indices is None else indices
         with _no_autograd(params):
-            for param, grad, state in zip(params, grads, states):
+            for index, param, grad, state in zip(indices, params, grads, states):
                 given = [state.get(name) for name in rule.states]
                 compute = _compute_dtype(xp, param.dtype)
+                kind = rounding.kind if rounding is not None and is_16bit(param.dtype) \
+                    else "nearest"
+                stored = param
+                if kind == "compensated":
+                    # Kahan: the step sees the parameter plus what rounding dropped.
+                    param = xp.astype(param, compute) + xp.astype(state[COMPENSATION], compute)
                 if any(type(s) is QuantizedState for s in given):
                     # The storage kind is not the rule's business: dequantized into the
                     # compute dtype, stepped by the same rule, quantized again.
@@ -170,7 +185,16 @@ class GenericImplementation:
                     new_param, *new_states = update(xp.astype(param, compute),
                                                     xp.astype(grad, compute), *given,
                                                     **scalars)
-                param = _store(xp, param, new_param)
+                if kind == "stochastic":
+                    new_param = stochastic_round(xp, new_param, stored.dtype,
+                                                 rounding.key(index))
+                    param = _store(xp, stored, new_param)
+                elif kind == "compensated":
+                    param = _store(xp, stored, new_param)
+                    residual = new_param - xp.astype(param, compute)
+                    state[COMPENSATION] = _store(xp, state[COMPENSATION], residual)
+                else:
+                    param = _store(xp, param, new_param)
                 for name, value, before in zip(rule.states, new_states, given):
                     if name in state and value is not before:
                         if type(state[name]) is QuantizedState:

@@ -51,6 +51,7 @@ from ..backends._quantized import (
     code_count,
     new_quantized_state,
 )
+from ..backends._rounding import COMPENSATION, Rounding, is_16bit
 from .flat import FlatStorage
 from .language import UpdateRule
 from .memory import check_no_overlap
@@ -107,6 +108,20 @@ class Optimizer:
         quantizes again in one pass (see :mod:`optim_core.backends._quantized`). Adam
         then holds about 2.03 bytes of state per parameter at 8 bits and 1.06 at 4,
         instead of 8; :meth:`state_nbytes` tells. Not with ``flat=True``.
+    stochastic_rounding : bool
+        For bfloat16 and float16 parameters: store each step's float32 result rounded
+        stochastically (up with the probability of its distance from the value below),
+        so that updates under half a unit in the last place are kept on average instead of
+        lost (Zamirai et al. 2020). The random numbers are a counter-based hash of
+        ``seed``, the step, the tensor and the element: a run is reproducible and the same
+        on NumPy, torch and CuPy. See :mod:`optim_core.backends._rounding`.
+    compensated : bool
+        The other remedy for 16-bit parameters: a Kahan-compensated update. A state
+        ``"compensation"`` of the parameter's dtype keeps what rounding dropped, and the
+        next step updates ``param + compensation``. Costs one 16-bit buffer a parameter;
+        deterministic. Not with ``flat=True`` or ``stochastic_rounding``.
+    seed : int
+        Seeds stochastic rounding.
 
     Attributes
     ----------
@@ -145,7 +160,8 @@ class Optimizer:
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto",
                  backend: Any = "auto", nonfinite: str = "propagate",
-                 flat: bool = False, state_bits: int = 32) -> None:
+                 flat: bool = False, state_bits: int = 32, stochastic_rounding: bool = False,
+                 compensated: bool = False, seed: int = 0) -> None:
         self.nonfinite = nonfinite
         flat = _checks.boolean("flat", flat)
         state_bits = _checks.choice("state_bits", _checks.integer("state_bits", state_bits),
@@ -157,6 +173,16 @@ class Optimizer:
             raise ValueError("flat=True keeps every state in one float buffer: state_bits="
                              f"{state_bits} needs flat=False")
         self.state_bits = state_bits
+        stochastic_rounding = _checks.boolean("stochastic_rounding", stochastic_rounding)
+        compensated = _checks.boolean("compensated", compensated)
+        if stochastic_rounding and compensated:
+            raise ValueError("stochastic_rounding and compensated are two ways to store a "
+                             "16-bit parameter: choose one")
+        if compensated and flat:
+            raise ValueError("compensated=True needs flat=False")
+        self.rounding = "stochastic" if stochastic_rounding else \
+            "compensated" if compensated else "nearest"
+        self.seed = _checks.integer("seed", seed, minimum=0)
         self._schema = GroupSchema(type(self), defaults)
         self.defaults = self._schema.check_group(defaults)
         groups, self._keyed = _parse_params(params)
@@ -477,9 +503,21 @@ class Optimizer:
                           for name, value in fills.items()} for param in params]
                 step_states = [{**st, **f} for st, f in zip(states, fresh, strict=True)]
             names = group["names"]
+        rounding = {}
+        if self.rounding != "nearest":
+            rounding["rounding"] = Rounding(self.rounding, self.seed, after["step"], index)
+        if self.rounding == "compensated" and flat is None and not all(
+                COMPENSATION in st for st in states):
+            # Made at the first step, as the rule's states; every 16-bit parameter has one.
+            extra = [{COMPENSATION: xp.zeros(param.shape, dtype=param.dtype,
+                                             device=ns.device_of(param))}
+                     if is_16bit(param.dtype) and COMPENSATION not in st else {}
+                     for param, st in zip(params, states)]
+            fresh = extra if fresh is None else [{**f, **e} for f, e in zip(fresh, extra)]
+            step_states = [{**st, **e} for st, e in zip(step_states, extra, strict=True)]
         try:
             ready = self.implementation.prepare(rule, xp, params, step_grads, step_states,
-                                                scalars, cache=self._caches[index])
+                                                scalars, cache=self._caches[index], **rounding)
         except TensorMismatch as exc:
             where = f"parameter {names[exc.index]!r}" if names is not None \
                 else f"flat buffer {exc.index} of param group {index}"
@@ -630,7 +668,7 @@ class Optimizer:
                                      group_state[group_index]["step"])
             new_state.append(group_states)
         # Everything checked: convert, then write.
-        converted = [[{name: self._restored(value, param)
+        converted = [[{name: self._restored(value, param, name)
                        for name, value in st.items()}
                       for param, st in zip(group["params"], group_states)]
                      for group, group_states in zip(self.param_groups, new_state)]
@@ -645,6 +683,13 @@ class Optimizer:
             raise TypeError(f"state of parameter {name!r} must be a dict, got {saved!r:.80}")
         checked = {}
         for key, value in saved.items():
+            if key == COMPENSATION and self.rounding == "compensated" and \
+                    is_16bit(param.dtype):
+                if not hasattr(value, "shape") or tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"state {key!r} of parameter {name!r} must have the "
+                                     f"parameter's shape {tuple(param.shape)}")
+                checked[key] = value
+                continue
             if key not in self.rule.states:
                 raise ValueError(f"unknown state {key!r} for {type(self).__name__}")
             if isinstance(value, Mapping) or self._quantizes(key, param):
@@ -661,7 +706,8 @@ class Optimizer:
                                 "not a number type")
             checked[key] = value
         # The rule's order, not the file's: state_dict() is then the same in every process.
-        return {key: checked[key] for key in self.rule.states if key in checked}
+        return {key: checked[key] for key in (*self.rule.states, COMPENSATION)
+                if key in checked}
 
     def _checked_quantized(self, key: str, value: Any, param: Any, name: str) -> dict:
         """A saved quantized state: codes and scales of the lengths this optimizer's
@@ -696,7 +742,7 @@ class Optimizer:
         return {"codes": value["codes"], "absmax": value["absmax"], "bits": bits,
                 "signed": signed}
 
-    def _restored(self, value: Any, param: Any) -> Any:
+    def _restored(self, value: Any, param: Any, name: str) -> Any:
         """A checked saved state on the parameters' namespace and device, exactly."""
         xp = self._xp
         if isinstance(value, Mapping):
@@ -704,7 +750,7 @@ class Optimizer:
                                   _on_device(xp, value["absmax"], param), value["bits"],
                                   value["signed"], tuple(param.shape))
         out = ns.from_numpy(xp, value, like=param)
-        wanted = state_dtype(param.dtype)
+        wanted = param.dtype if name == COMPENSATION else state_dtype(param.dtype)
         return out if out.dtype == wanted else xp.astype(out, wanted)
 
     def _check_group_states(self, states: list[dict[str, Any]], names: list[str],
@@ -713,9 +759,10 @@ class Optimizer:
         group has stepped: a step would otherwise start some buffers afresh."""
         if not states:
             return
-        first = set(states[0])
+        # A compensation buffer belongs to 16-bit parameters only, of any group.
+        first = set(states[0]) - {COMPENSATION}
         for name, st in zip(names, states, strict=True):
-            if set(st) != first:
+            if set(st) - {COMPENSATION} != first:
                 raise ValueError(f"state of parameter {name!r} has {sorted(st)}, that of "
                                  f"{names[0]!r} {sorted(first)}: every parameter of a group "
                                  "must have the same state entries")
