@@ -220,15 +220,16 @@ __host__ __device__ inline T oc_maxabs(T m, T v) {
     const T a = oc_abs(v);
     return (m >= a || m != m) ? m : a;
 }
-// The number of midpoints below x (searchsorted, side='left'; a NaN above all).
-template <typename T>
-__host__ __device__ inline int oc_code(const float* __restrict__ mids, int count, T x) {
-    int lo = 0, hi = count;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (x <= T(mids[mid])) hi = mid; else lo = mid + 1;
+// The number of the 2**bits - 1 midpoints below x (searchsorted, side='left'; a NaN
+// above all): a binary search of fixed steps, without branches.
+template <int BITS, typename T>
+__host__ __device__ inline int oc_code(const float* __restrict__ mids, T x) {
+    int p = 0;
+#pragma unroll
+    for (int step = 1 << (BITS - 1); step > 0; step >>= 1) {
+        p += (!(x <= T(mids[p + step - 1]))) ? step : 0;
     }
-    return lo;
+    return p;
 }
 #endif
 """
@@ -276,7 +277,6 @@ def quantized_cuda_source(kernel: Kernel, layout: tuple) -> str:
         else:
             parameters.append(f"{'const ' if a not in kernel.stores else ''}T* __restrict__ a_{a}")
     parameters += [f"T h{i}" for i in range(kernel.n_hoisted)]
-    count = 2 ** bits - 1
     loads = []
     for a in kernel.loads:
         if a not in quantized:
@@ -305,12 +305,12 @@ def quantized_cuda_source(kernel: Kernel, layout: tuple) -> str:
             f"        if (threadIdx.x == 0) m_{a}[b] = amax_{a};",
         ]
         if bits == 8:
-            write.append(f"        if (first < n) q_{a}[first] = (unsigned char)oc_code("
-                         f"mid_{a}, {count}, r_{a}[0] / scale_{a});")
+            write.append(f"        if (first < n) q_{a}[first] = (unsigned char)oc_code<8>("
+                         f"mid_{a}, r_{a}[0] / scale_{a});")
         else:
             # Past the end, r is 0: the zero the generic path pads with.
-            write.append(f"        if (first < n) q_{a}[first >> 1] = (unsigned char)(oc_code("
-                         f"mid_{a}, {count}, r_{a}[0] / scale_{a}) | (oc_code(mid_{a}, {count}, "
+            write.append(f"        if (first < n) q_{a}[first >> 1] = (unsigned char)(oc_code<4>("
+                         f"mid_{a}, r_{a}[0] / scale_{a}) | (oc_code<4>(mid_{a}, "
                          f"r_{a}[1] / scale_{a}) << 4));")
     combine = [f"                oc_max_{a}[threadIdx.x] = oc_maximum(oc_max_{a}[threadIdx.x], "
                f"oc_max_{a}[threadIdx.x + stride]);" for a in requantized]
