@@ -105,6 +105,43 @@ for _key, _map in _MAPS.items():
     _MIDPOINTS[_key].flags.writeable = False
 
 
+def _code_table(bits: int, signed: bool) -> tuple[np.ndarray, int, np.ndarray]:
+    """A float32's first code and how many midpoints may follow, by its top 13 bits.
+
+    Bucket ``b`` holds the float32 values whose bit pattern starts with ``b`` (sign, the
+    8 exponent bits, 4 significand bits); ``starts[b]`` counts the midpoints below all of
+    them, and at most ``steps`` midpoints lie among them, so the code of ``x`` (the
+    midpoints below it) is ``starts[b]`` plus how many of the next ``steps`` midpoints are
+    below ``x``: ``steps`` independent comparisons instead of a search. The midpoints are
+    returned padded with ``steps`` infinities; the NaN buckets start at the last code.
+    """
+    mids = midpoints(bits, signed)
+    buckets = np.arange(1 << 13, dtype=np.uint32)
+    low = (buckets << 19).view(np.float32)
+    high = ((buckets << 19) | np.uint32(0x7FFFF)).view(np.float32)
+    negative = (buckets >> 12) == 1
+    smallest, largest = np.where(negative, high, low), np.where(negative, low, high)
+    starts = np.searchsorted(mids, smallest, side="left")
+    ends = np.searchsorted(mids, largest, side="left")
+    special = ((buckets >> 4) & 0xFF) == 0xFF  # inf and NaN (an x of inf cannot occur)
+    starts[special] = ends[special] = mids.size
+    steps = int((ends - starts).max())
+    padded = np.concatenate([mids, np.full(steps, np.inf, np.float32)])
+    return starts.astype(np.uint8), steps, padded
+
+
+def code_table(bits: int, signed: bool) -> tuple[np.ndarray, int, np.ndarray]:
+    """``(starts, steps, padded midpoints)`` of :func:`_code_table`, made once."""
+    key = (bits, bool(signed))
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        table = _CODE_TABLES[key] = _code_table(bits, signed)
+    return table
+
+
+_CODE_TABLES: dict[tuple[int, bool], tuple] = {}
+
+
 def quantization_map(bits: int, signed: bool) -> np.ndarray:
     """The (read-only, float32, sorted) map of codes to values in units of a block's absmax."""
     return _MAPS[bits, bool(signed)]

@@ -171,7 +171,7 @@ def test_quantize_and_dequantize_agree_on_every_backend(xp, bits):
 # ------------------------------------------------------------------------- optimizers
 def test_large_tensors_are_quantized_small_ones_stay_float32():
     params = start_params()
-    opt = optim_core.Adam(params, state_bits=8)
+    opt = optim_core.Adam(params, state_bits=8, impl="generic")
     opt.step({k: gradient(v, 0) for k, v in params.items()})
     big, small = opt.state[0]
     assert all(isinstance(v, QuantizedState) and v.bits == 8 for v in big.values())
@@ -182,7 +182,7 @@ def test_large_tensors_are_quantized_small_ones_stay_float32():
 @pytest.mark.parametrize("bits, most", [(32, 8.0), (8, 2.1), (4, 1.1)])
 def test_state_nbytes_counts_codes_and_scales(bits, most):
     param = np.zeros(1 << 16, np.float32)
-    opt = optim_core.Adam([param], state_bits=bits)
+    opt = optim_core.Adam([param], state_bits=bits, impl="generic")
     assert opt.state_nbytes() == 0
     opt.step([np.ones_like(param)])
     per_parameter = opt.state_nbytes() / param.size
@@ -248,14 +248,14 @@ def test_the_multithreaded_pass_equals_the_generic_path():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_states_resume_bit_for_bit_from_a_checkpoint(tmp_path, bits):
     params = start_params()
-    opt = optim_core.Adam(params, lr=0.01, state_bits=bits)
+    opt = optim_core.Adam(params, lr=0.01, state_bits=bits, impl="generic")
     for step in range(3):
         opt.step({k: gradient(v, step) for k, v in params.items()})
     saved = opt.state_dict()
     assert saved["state"][0]["exp_avg"]["codes"].dtype == np.uint8
     optim_core.save_checkpoint(tmp_path / "c", {"params": params, "optimizer": saved})
     loaded = optim_core.load_checkpoint(tmp_path / "c")
-    resumed = optim_core.Adam(loaded["params"], lr=0.01, state_bits=bits)
+    resumed = optim_core.Adam(loaded["params"], lr=0.01, state_bits=bits, impl="generic")
     resumed.load_state_dict(loaded["optimizer"])
     for key, state in quantized_entries(opt).items():
         np.testing.assert_array_equal(quantized_entries(resumed)[key].codes, state.codes)
@@ -312,7 +312,7 @@ def test_quantized_adam_still_solves_a_least_squares_problem(bits):
     losses = {}
     for state_bits in (32, bits):
         w = np.zeros((64, 80), np.float32)
-        opt = optim_core.Adam([w], lr=0.05, state_bits=state_bits)
+        opt = optim_core.Adam([w], lr=0.05, state_bits=state_bits, impl="generic")
         for _ in range(150):
             opt.step([a.T @ (a @ w - target) / 64])
         losses[state_bits] = float(np.mean((a @ w - target) ** 2))
