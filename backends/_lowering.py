@@ -81,8 +81,9 @@ class Reduction:
     Attributes
     ----------
     kind : str
-        ``"sum"`` (the sum of ``expr``) or ``"norm"`` (the square root of the sum of its
-        squares); accumulated in float64.
+        ``"sum"`` (the sum of ``expr``), ``"norm"`` (the square root of the sum of its
+        squares) or ``"size"`` (the number of elements: 1 per element); accumulated in
+        float64.
     expr : tuple
         The lowered argument, an expression as in :attr:`Kernel.body`.
     stage : int
@@ -167,7 +168,8 @@ class Kernel:
         needed: set[str] = set()
         loads: set[str] = set()
         for i in indices:
-            _collect(self.reductions[i].expr, needed, loads)
+            if self.reductions[i].kind != "size":  # a count: its argument is not computed
+                _collect(self.reductions[i].expr, needed, loads)
         body = []
         for target, expr in reversed(self.body):
             if target in needed:
@@ -532,9 +534,18 @@ def reductions_taken(rule: UpdateRule, scalars: Mapping[str, Any],
     taken (Adam without ``cautious``)."""
     if not rule.reductions:
         return 0
-    lowering = _Lowering(rule, scalars, frozenset(present), False)
-    lowering.run()
-    return len(lowering.reductions)
+    present = frozenset(present)
+    key, _, _ = lower(rule, scalars, present, build=False)  # a host program: cheap
+    count = _REDUCTIONS_TAKEN.get((rule.function, key))
+    if count is None:
+        lowering = _Lowering(rule, scalars, present, False)
+        lowering.run()
+        count = _REDUCTIONS_TAKEN[rule.function, key] = len(lowering.reductions)
+    return count
+
+
+#: (rule function, specialization key) -> number of reductions its steps run.
+_REDUCTIONS_TAKEN: dict[tuple[Any, tuple], int] = {}
 
 
 def render(expr: tuple, call_prefix: str) -> str:

@@ -30,6 +30,8 @@ from .optim import algorithms_pertensor as _algorithms_pertensor
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
 from .optim.algorithms_elementwise import *  # noqa: F403 - likewise
 from .optim.algorithms_pertensor import *  # noqa: F403 - likewise
+from .optim.quasi_newton import LBFGS
+from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -65,6 +67,10 @@ __all__ = [
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
     *_algorithms_pertensor.__all__,
+    "ScheduleFreeSGD",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeOptimizer",
+    "LBFGS",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

@@ -33,6 +33,15 @@ def _moments(g, s, b1, b2):
     s["v"] = b2 * s.get("v", np.zeros_like(g)) + (1 - b2) * g**2
 
 
+def _cautious(u, g, h):
+    """Liang et al. 2024 ("Cautious Optimizers"), as their code: the update where it
+    agrees in sign with the gradient, scaled by numel / (mask.sum() + 1)."""
+    if not h.get("cautious", False):
+        return u
+    mask = (u * g > 0).astype(u.dtype)
+    return u * (mask * (mask.size / (mask.sum() + 1)))
+
+
 def gd(p, g, s, h):
     return p - h["lr"] * g
 
@@ -45,7 +54,7 @@ def sgd(p, g, s, h):
             s["b"] = g.copy()
         else:
             s["b"] = mu * s["b"] + (1 - h.get("dampening", 0)) * g
-        g = g + mu * s["b"] if h.get("nesterov", False) else s["b"]
+        g = _cautious(g + mu * s["b"] if h.get("nesterov", False) else s["b"], g, h)
     return p - h["lr"] * g
 
 
@@ -104,7 +113,7 @@ def adam(p, g, s, h):
         s["vmax"] = np.maximum(s.get("vmax", np.zeros_like(p)), v)
         v = s["vmax"]
     v_hat = v / (1 - b2**t)
-    return p - h["lr"] * m_hat / (np.sqrt(v_hat) + eps)
+    return p - h["lr"] * _cautious(m_hat / (np.sqrt(v_hat) + eps), g, h)
 
 
 def adamw(p, g, s, h):
@@ -159,7 +168,7 @@ def lion(p, g, s, h):
     g = -g if h.get("maximize", False) else g
     m = s.get("m", np.zeros_like(p))
     c = b1 * m + (1 - b1) * g
-    p = p * (1 - h["lr"] * h.get("weight_decay", 0)) - h["lr"] * np.sign(c)
+    p = p * (1 - h["lr"] * h.get("weight_decay", 0)) - h["lr"] * _cautious(np.sign(c), g, h)
     s["m"] = b2 * m + (1 - b2) * g
     return p
 
@@ -207,6 +216,38 @@ def lars(p, g, s, h):
     mu = h.get("momentum", 0.9)
     s["trace"] = u + mu * s.get("trace", np.zeros_like(p))
     return p + (u + mu * s["trace"] if h.get("nesterov", False) else s["trace"])
+
+
+def rprop(p, g, s, h):
+    eta_minus, eta_plus = h.get("etas", (0.5, 1.2))
+    low, high = h.get("step_sizes", (1e-6, 50))
+    g = -g if h.get("maximize", False) else g
+    prev = s.get("prev", np.zeros_like(p))
+    step = s.get("step_size", np.full_like(p, h["lr"]))
+    d = np.sign(g * prev)
+    step = np.clip(step * np.where(d > 0, eta_plus, np.where(d < 0, eta_minus, 1.0)), low, high)
+    g = np.where(d < 0, 0.0, g)
+    s["prev"], s["step_size"] = g, step
+    return p - np.sign(g) * step
+
+
+def adopt(p, g, s, h):
+    """Taniguchi et al. 2024, Algorithm 1 with the clipping of their implementation."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.9999))
+    p = _decay(p, h)
+    g = _grad(p, g, h)
+    if t == 1:
+        s["m"], s["v"] = np.zeros_like(p), g * g
+        return p
+    u = g / np.maximum(np.sqrt(s["v"]), h.get("eps", 1e-6))
+    if h.get("use_clipping", True):
+        c = (t - 1) ** h.get("clip_exponent", 0.25)
+        u = np.clip(u, -c, c)
+    s["m"] = b1 * s["m"] + (1 - b1) * u
+    step = b1 * s["m"] + (1 - b1) * u if h.get("nesterov", False) else s["m"]
+    s["v"] = b2 * s["v"] + (1 - b2) * g * g
+    return p - h["lr"] * step
 
 
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):

@@ -14,6 +14,7 @@ from fused_cases import TOLERANCE, gradient, start_params
 from optim_core.backends._lowering import lower
 from reduction_cases import CASES, Normalized, normalized
 
+import optim_core
 from optim_core.optim.language import update_rule
 
 norm = sum = None  # noqa: A001 - placeholders, bound per backend
@@ -133,3 +134,17 @@ def test_reductions_of_an_empty_tensor_are_zero_and_change_nothing():
         opt = Normalized([param], impl=impl)
         opt.step([np.zeros((0, 4))])
         assert param.shape == (0, 4)
+
+
+def test_a_reducing_step_with_quantized_states_takes_the_generic_path():
+    # The quantized kernels have no reduction pass: such tensors are stepped generically.
+    rng = np.random.default_rng(0)
+    start, grad = rng.standard_normal(10000), np.cos(np.arange(10000.0))
+    out = {}
+    for impl in ("fused", "generic"):
+        param = start.copy()
+        opt = optim_core.Adam([param], cautious=True, state_bits=8, impl=impl)
+        for _ in range(3):
+            opt.step([grad])
+        out[impl] = param
+    np.testing.assert_array_equal(out["fused"], out["generic"])

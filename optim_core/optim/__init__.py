@@ -15,6 +15,9 @@ from .algorithms_pertensor import *  # noqa: F403 - likewise
 from .base import Optimizer
 from .language import UpdateRule, update_rule
 from .param_group import ParamGroup
+from .quasi_newton import LBFGS
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 
 __all__ = ["Optimizer", "ParamGroup", "UpdateRule", "update_rule", *algorithms.__all__,
-           *algorithms_elementwise.__all__, *algorithms_pertensor.__all__]
+           *algorithms_elementwise.__all__, *algorithms_pertensor.__all__,
+           "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeOptimizer", "LBFGS"]

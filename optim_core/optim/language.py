@@ -35,8 +35,10 @@ Per-tensor reductions
 ---------------------
 ``sum(x)`` and ``norm(x)`` (:data:`REDUCTIONS`) reduce an elementwise expression
 ``x`` over every element of the tensor: the sum, and the Euclidean norm
-``sqrt(sum(x * x))`` (both 0 for an empty tensor). The result is one value
-per tensor, which broadcasts in elementwise expressions, so LAMB's trust ratio is::
+``sqrt(sum(x * x))`` (both 0 for an empty tensor); ``size(x)`` is its number of
+elements (torch's ``numel()``, a float). The result is one value
+per tensor, which broadcasts in elementwise expressions, so LAMB's trust ratio is
+(without its zero-norm guard)::
 
     trust = norm(param) / norm(update)
     param = param - lr * trust * update
@@ -106,7 +108,8 @@ class UpdateRule:
 
     @property
     def reductions(self) -> tuple[str, ...]:
-        """The per-tensor reductions the rule calls (``sum``, ``norm``), in source order.
+        """The per-tensor reductions the rule calls (``sum``, ``norm``, ``size``), in
+        source order (in any branch).
 
         A rule with any is per tensor: its fused step reads each tensor once more.
         """
