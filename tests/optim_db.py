@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import reference
+import reference_schedule_free
 from hypothesis import strategies as st
 
 import optim_core
@@ -478,6 +479,52 @@ OPTIM_DB: list[OptimizerInfo] = [
         parabola={"lr": 0.03, "betas": (0.9, 0.999, 0.99), "alpha": 2.0},
         rosenbrock=({"lr": 2e-3, "betas": (0.9, 0.99, 0.999), "alpha": 2.0}, 10000),
         resume={"alpha_warmup": 3, "beta3_warmup": 4},
+    ),
+]
+
+# Schedule-Free SGD and AdamW (optim_core/optim/schedule_free.py): checked against the
+# paper's three-sequence form here, and against the schedulefree package over 120 steps,
+# with the train()/eval() switch, in tests/test_schedule_free.py.
+OPTIM_DB += [
+    OptimizerInfo(
+        optim_core.ScheduleFreeSGD, reference_schedule_free.schedule_free_sgd, None,
+        reference_cases=[
+            {"lr": 0.1},  # the default lr=1.0 diverges on the test quadratic
+            {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1},
+            {"lr": 0.2, "warmup_steps": 5, "r": 0.5, "weight_lr_power": 1.0},
+        ],
+        fused_cases=[
+            {"lr": 0.1},
+            {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1, "warmup_steps": 3, "r": 1.0},
+        ],
+        rich={"weight_decay": 0.1, "warmup_steps": 2},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "momentum": st.floats(0.05, 0.95), "weight_decay": decay,
+            "warmup_steps": st.integers(0, 4), "r": st.floats(0.0, 2.0),
+            "weight_lr_power": st.floats(0.0, 3.0)}),
+        default_lr=1.0,
+        parabola={"lr": 0.1}, rosenbrock=({"lr": 2e-3, "r": 4.0}, 10000),
+        resume={"weight_decay": 0.01, "warmup_steps": 3},
+    ),
+    OptimizerInfo(
+        optim_core.ScheduleFreeAdamW, reference_schedule_free.schedule_free_adamw, None,
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": 0.05, "warmup_steps": 4, "r": 1.0, "weight_lr_power": 0.0},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.3, 0.9), "weight_decay": 0.1, "warmup_steps": 3, "r": 0.5},
+        ],
+        rich={"weight_decay": 0.1, "warmup_steps": 2},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": st.tuples(st.floats(0.05, 0.95), unit), "eps": eps,
+            "weight_decay": decay, "warmup_steps": st.integers(0, 4), "r": st.floats(0.0, 2.0),
+            "weight_lr_power": st.floats(0.0, 3.0)}),
+        default_lr=0.0025,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02, "r": 2.0}, 5000),
+        resume={"weight_decay": 0.01, "warmup_steps": 3},
     ),
 ]
 
