@@ -60,9 +60,14 @@ __host__ __device__ inline float oc_sqrt(float x) { return sqrtf(x); }
 __host__ __device__ inline double oc_sqrt(double x) { return sqrt(x); }
 __host__ __device__ inline float oc_abs(float x) { return fabsf(x); }
 __host__ __device__ inline double oc_abs(double x) { return fabs(x); }
-// NaN propagates from either side, as xp.maximum does (fmax would drop it).
+// NaN propagates from either side, as xp.maximum and xp.minimum do (fmax, fmin drop it).
 template <typename T>
 __host__ __device__ inline T oc_maximum(T a, T b) { return (a >= b || a != a) ? a : b; }
+template <typename T>
+__host__ __device__ inline T oc_minimum(T a, T b) { return (a <= b || a != a) ? a : b; }
+// where(condition, a, b): both sides computed, one selected (no divergent branch).
+template <typename T>
+__host__ __device__ inline T oc_where(bool condition, T a, T b) { return condition ? a : b; }
 // sign(0) = 0 and sign(NaN) = NaN, as xp.sign.
 template <typename T>
 __host__ __device__ inline T oc_sign(T x) {
