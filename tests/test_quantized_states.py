@@ -228,6 +228,27 @@ def test_the_fused_pass_equals_the_generic_path_step_by_step(name, hyper, bits):
     assert any(len(k) == 4 and k[3][0][1] == bits for k in fused.implementation.compiled)
 
 
+def test_the_multithreaded_loop_is_the_serial_loop_over_chunks_of_blocks():
+    # Compiling numba's parallel variant costs more than this suite may spend; it is the
+    # serial kernel's text but for its outer loop (prange over chunks of 16 blocks, which
+    # are independent), so the serial kernel's bit-for-bit parity covers its arithmetic.
+    from optim_core.backends._lowering import lower
+    from optim_core.backends._numba import quantized_kernel_source
+
+    from optim_core.optim import rules
+
+    opt = optim_core.Adam([np.zeros(SIZE, np.float32)], state_bits=8)
+    scalars, _ = opt.step_scalars(opt.param_groups[0], opt.group_state[0])
+    _, _, kernel = lower(rules.adam, scalars, frozenset({"exp_avg", "exp_avg_sq"}))
+    layout = (("exp_avg", 8, True), ("exp_avg_sq", 8, False))
+    source = quantized_kernel_source(kernel, "float32", layout)
+    parallel = source[source.index("@numba.njit(parallel=True"):source.index(
+        "@numba.njit(parallel=False")].strip()
+    serial = source[source.index("@numba.njit(parallel=False"):].strip()
+    assert parallel.replace("parallel=True", "parallel=False").replace(
+        "def kernel(", "def kernel_serial(").replace("numba.prange(", "range(") == serial
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_states_resume_bit_for_bit_from_a_checkpoint(tmp_path, bits):
     params = start_params()
