@@ -413,7 +413,7 @@ def test_cpu_tensors_take_the_fused_kernels_through_numpy_views():
     engine = opt._engines[("numpy", None)]
     assert engine.implementation.name != "generic"
     weight = model[0].weight
-    view = opt._slots[weight].view
+    view = opt._slots[id(weight)].view
     assert isinstance(view, np.ndarray) and view.ctypes.data == weight.data_ptr()
 
 
