@@ -475,3 +475,27 @@ def test_the_torch_bench_compares_every_optimizer_torch_has(tmp_path, monkeypatc
         ("Adam", "1e4", "fused"), ("Adam", "20x100", "fused")]
     assert all(r["holds"] is None and r["ours_s"] > 0 for r in report["results"])
     assert "| optimizer | workload |" in out.with_suffix(".md").read_text()
+
+
+def test_complex_parameters_step_as_their_real_views_like_torch():
+    start = torch.randn(4, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    ours_p, torch_p = start.clone().requires_grad_(), start.clone().requires_grad_()
+    ours, theirs = oct.Adam([ours_p], lr=0.1), torch.optim.Adam([torch_p], lr=0.1)
+    for step in range(4):
+        grad = torch.randn(4, 3, dtype=torch.complex128,
+                           generator=torch.Generator().manual_seed(step))
+        ours_p.grad, torch_p.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    np.testing.assert_allclose(ours_p.detach().numpy(), torch_p.detach().numpy(), **TOL)
+    assert ours.state[ours_p]["exp_avg"].dtype == torch.complex128
+
+
+def test_dtypes_numpy_lacks_take_the_generic_path_on_the_tensors():
+    param = torch.ones(6, dtype=torch.bfloat16, requires_grad=True)
+    opt = oct.SGD([param], lr=0.5, momentum=0.9)
+    param.grad = torch.full((6,), 0.5, dtype=torch.bfloat16)
+    opt.step()
+    assert opt._slots[id(param)].kind == ("torch", torch.device("cpu"))
+    assert torch.equal(param.detach(), torch.full((6,), 0.75, dtype=torch.bfloat16))
+    assert opt.state[param]["momentum_buffer"].dtype == torch.bfloat16
