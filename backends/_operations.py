@@ -41,6 +41,9 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
                              for name, function in arrays.items()}}
 
 
+_PYTHON_NUMBERS = (int, float, bool)
+
+
 def _on_arrays_or_host(on_arrays: Callable, on_host: Callable) -> Callable:
     """``on_arrays``, or the host meaning when every argument is a Python number.
 
@@ -51,7 +54,9 @@ def _on_arrays_or_host(on_arrays: Callable, on_host: Callable) -> Callable:
 
     def operation(*args: Any) -> Any:
         for arg in args:
-            if not isinstance(arg, (int, float)):
+            # Exact types: a NumPy scalar (what a ufunc returns for 0-d arrays, np.float64
+            # being a float subclass) keeps its dtype on the array side.
+            if type(arg) not in _PYTHON_NUMBERS:
                 return on_arrays(*args)
         return on_host(*args)
 

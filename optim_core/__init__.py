@@ -28,6 +28,8 @@ from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
 from .optim.algorithms_elementwise import *  # noqa: F403 - likewise
+from .optim.quasi_newton import LBFGS
+from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -62,6 +64,10 @@ __all__ = [
     "update_rule",
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
+    "ScheduleFreeSGD",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeOptimizer",
+    "LBFGS",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

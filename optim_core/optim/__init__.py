@@ -13,6 +13,9 @@ from .algorithms_elementwise import *  # noqa: F403 - likewise
 from .base import Optimizer
 from .language import UpdateRule, update_rule
 from .param_group import ParamGroup
+from .quasi_newton import LBFGS
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 
 __all__ = ["Optimizer", "ParamGroup", "UpdateRule", "update_rule", *algorithms.__all__,
-           *algorithms_elementwise.__all__]
+           *algorithms_elementwise.__all__,
+           "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeOptimizer", "LBFGS"]
