@@ -499,3 +499,35 @@ def test_dtypes_numpy_lacks_take_the_generic_path_on_the_tensors():
     assert opt._slots[id(param)].kind == ("torch", torch.device("cpu"))
     assert torch.equal(param.detach(), torch.full((6,), 0.75, dtype=torch.bfloat16))
     assert opt.state[param]["momentum_buffer"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", [info.name for info in OPTIM_DB
+                                  if hasattr(info.cls, "eval") and hasattr(info.cls, "train")])
+def test_schedule_free_eval_and_train_move_the_tensors_as_the_core_does(name):
+    hyper = BY_NAME[name].reference_cases[0]
+    model = make_model()
+    arrays = [p.detach().numpy().copy() for p in model.parameters()]
+    core = getattr(optim_core, name)(arrays, **hyper)
+    opt = getattr(oct, name)(model.parameters(), **hyper)
+
+    def same():
+        for p, a in zip(model.parameters(), arrays):
+            np.testing.assert_allclose(p.detach().numpy(), a, rtol=1e-13, atol=1e-15)
+
+    for step in range(5):
+        opt.zero_grad()
+        backward(model, step)
+        core.step([p.grad.numpy().copy() for p in model.parameters()])
+        opt.step()
+        if step == 2:
+            opt.eval()
+            core.eval()
+            same()
+            assert opt.state_dict()["train_mode"] is False
+            with pytest.raises(RuntimeError, match="eval mode"):
+                opt.step()
+            restored = pickle.loads(pickle.dumps(opt))
+            assert restored.train_mode is False
+            opt.train()
+            core.train()
+    same()

@@ -57,6 +57,8 @@ from .. import _checks
 from ..optim.base import Optimizer as CoreOptimizer
 from ..optim.param_group import SCHEDULER_KEYS, GroupSchema
 from ..optim.registry import OPTIMIZERS
+from ..optim.rules_schedule_free import schedule_free_switch
+from ..optim.schedule_free import ScheduleFreeOptimizer
 
 __all__ = ["TorchOptimizer", "torch_optimizer", "torch_optimizers"]
 
@@ -630,6 +632,82 @@ class TorchOptimizer(torch.optim.Optimizer):
         return checked
 
 
+
+class _ScheduleFreeModes:
+    """``train()`` and ``eval()`` of the Schedule-Free optimizers on torch tensors, as
+    :class:`~optim_core.optim.schedule_free.ScheduleFreeOptimizer` has them: eval puts
+    every stepped parameter at the average :math:`x`, train back at :math:`y`, with the
+    core's ``schedule_free_switch`` rule; ``step`` refuses in eval mode. The mode is
+    pickled and kept in ``state_dict()["train_mode"]``."""
+
+    _train_mode = True
+
+    @property
+    def train_mode(self) -> bool:
+        return self._train_mode
+
+    def train(self) -> None:
+        r"""Put the parameters at the training point :math:`y` (nothing in train mode)."""
+        if not self._train_mode:
+            self._switch_mode(lambda beta: 1 - beta)
+            self._train_mode = True
+
+    def eval(self) -> None:
+        r"""Put the parameters at the average :math:`x`, to evaluate or save the model."""
+        if self._train_mode:
+            self._switch_mode(lambda beta: 1 - 1 / beta)
+            self._train_mode = False
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if not self._train_mode:
+            raise RuntimeError(f"{type(self).__name__} is in eval mode: its parameters hold "
+                               "the average x, not the training point y. Call .train() "
+                               "before step() (and .eval() before evaluating or saving)")
+        return TorchOptimizer.step(self, closure)
+
+    def _switch_mode(self, weight_of: Callable[[float], float]) -> None:
+        prepared, moved = [], []
+        for group in self.param_groups:
+            by_kind: dict[tuple, list] = {}
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or "z" not in state:
+                    continue  # not stepped yet: y, x and z coincide
+                slot = _Slot(param, _kind(param), state, (), self.core.rule.states)
+                by_kind.setdefault(slot.kind, []).append((param, slot))
+            for kind, members in by_kind.items():
+                engine = self._engine(kind)
+                views = [slot.view for _, slot in members]
+                states = [{"z": slot.states["z"]} for _, slot in members]
+                scalars = {"weight": weight_of(engine.interpolation(group))}
+                with self._on_stream(kind, members[0][0]):
+                    ready = engine.implementation.prepare(schedule_free_switch, engine._xp,
+                                                          views, views, states, scalars)
+                prepared.append((kind, members[0][0], ready))
+                moved += [param for param, _ in members]
+        for kind, param, ready in prepared:
+            with self._on_stream(kind, param):
+                ready.run()
+        if moved:
+            torch.autograd.graph.increment_version(moved)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = TorchOptimizer.state_dict(self)
+        state_dict["train_mode"] = self._train_mode
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, its mode included (the parameters are the
+        caller's: restore them as they were saved, in that mode)."""
+        mode = _checks.boolean("state_dict['train_mode']", state_dict.get("train_mode", True))
+        TorchOptimizer.load_state_dict(
+            self, {k: v for k, v in state_dict.items() if k != "train_mode"})
+        self._train_mode = mode
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**TorchOptimizer.__getstate__(self), "_train_mode": self._train_mode}
+
+
 class _NullContext:
     def __enter__(self) -> None:
         return None
@@ -693,7 +771,10 @@ def torch_optimizer(core: type[CoreOptimizer]) -> type[TorchOptimizer]:
            "torch tensors (see :mod:`optim_core.torch`).\n\n"
            f"Construct it as ``torch.optim.{name}``; ``impl`` as for the core class.\n\n"
            f"{inspect.cleandoc(core.__doc__ or '')}")
-    cls = type(name, (TorchOptimizer,), {
+    # Families with methods of their own beyond step (Schedule-Free's train and eval).
+    bases = (_ScheduleFreeModes, TorchOptimizer) if issubclass(core, ScheduleFreeOptimizer) \
+        else (TorchOptimizer,)
+    cls = type(name, bases, {
         "__module__": "optim_core.torch" if registered else __name__,
         "__qualname__": name,
         "__doc__": doc,
