@@ -541,3 +541,35 @@ def test_import_optim_core_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'import optim_core imported torch'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_cuda_path_views_tensors_through_dlpack_on_torchs_stream(monkeypatch):
+    # No GPU here: a stand-in CuPy (NumPy behind DLPack) and a stand-in current stream walk
+    # the CUDA branch (engine, zero-copy views, stream and device contexts) on CPU tensors.
+    import contextlib
+    import types
+
+    from optim_core.integrations import torch_optim
+
+    entered = []
+
+    @contextlib.contextmanager
+    def context(what, *args):
+        entered.append(what)
+        yield
+
+    fake = types.SimpleNamespace(
+        from_dlpack=np.from_dlpack, zeros=np.zeros,
+        cuda=types.SimpleNamespace(Device=lambda index: context("device", index),
+                                   ExternalStream=lambda ptr, index: context("stream", ptr)))
+    monkeypatch.setattr(torch_optim, "_CUPY", [fake])
+    monkeypatch.setattr(torch_optim, "_kind", lambda param: ("cupy", 0))
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    ours_model, ours, torch_model, theirs = both("Adam", "Adam", {"lr": 0.01})
+    train(ours_model, ours, 3)
+    train(torch_model, theirs, 3)
+    assert_same_params(ours_model, torch_model)
+    assert ("cupy", 0) in ours._engines and {"device", "stream"} <= set(entered)
+    weight = ours_model[0].weight
+    assert ours._slots[id(weight)].view.ctypes.data == weight.data_ptr()
