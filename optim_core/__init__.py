@@ -24,6 +24,7 @@ from . import _source_tree  # noqa: F401, I001
 import sys as _sys
 
 from .optim import Optimizer, update_rule
+from .optim.functional import functional
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
 from .optim import algorithms_pertensor as _algorithms_pertensor
@@ -47,6 +48,7 @@ from .train import (
 from .train import dask_data as dask_support
 from .train import pruning, quantization
 from .integrations import explain
+from .integrations.optax import as_optax
 from .tools import datasets
 
 __version__ = "0.1.0"
@@ -64,6 +66,8 @@ del _name, _module
 __all__ = [
     "Optimizer",
     "update_rule",
+    "functional",
+    "as_optax",
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
     *_algorithms_pertensor.__all__,

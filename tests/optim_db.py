@@ -109,6 +109,34 @@ def _optax_adopt(optax, h: dict):
                        optax.scale_by_learning_rate(lr))
 
 
+def _optax_ademamix(optax, h: dict):
+    """optax.contrib's AdEMAMix with our options; the warmups as the schedules the
+    authors give optax (alpha_scheduler, beta3_scheduler), of optax's count."""
+    import jax.numpy as jnp
+
+    b1, b2, b3 = h.get("betas", (0.9, 0.999, 0.9999))
+    alpha, t_alpha, t_beta = h.get("alpha", 5.0), h.get("alpha_warmup", 0), h.get("beta3_warmup", 0)
+
+    def alpha_schedule(count):
+        warm = (count < t_alpha).astype(jnp.float64)
+        a = count / float(t_alpha)
+        return warm * ((1.0 - a) * 0.0 + a * alpha) + alpha * (1.0 - warm)
+
+    def beta3_schedule(count):
+        def half_life(beta):
+            return jnp.log(0.5) / jnp.log(beta) - 1
+
+        warm = (count < t_beta).astype(jnp.float64)
+        a = count / float(t_beta)
+        mixed = (1.0 - a) * half_life(b1) + a * half_life(b3)
+        return warm * jnp.power(0.5, 1 / (mixed + 1)) + b3 * (1.0 - warm)
+
+    return optax.contrib.ademamix(
+        h.get("lr", 1e-3), b1=b1, b2=b2, b3=beta3_schedule if t_beta else b3,
+        alpha=alpha_schedule if t_alpha else alpha, eps=h.get("eps", 1e-8),
+        eps_root=h.get("eps_root", 0.0), weight_decay=h.get("weight_decay", 0.0))
+
+
 OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo(
         optim_core.GD, reference.gd, "SGD",  # GD is SGD without momentum
@@ -484,6 +512,34 @@ OPTIM_DB: list[OptimizerInfo] = [
         parabola={"lr": 0.01, "betas": (0.9, 0.99)},
         rosenbrock=({"lr": 5e-3, "betas": (0.9, 0.99)}, 5000),
         resume={"nesterov": True},
+    ),
+    OptimizerInfo(
+        optim_core.AdEMAMix, reference.ademamix, None,  # not in torch.optim: optax's
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99, 0.999), "alpha": 8.0, "eps": 1e-6,
+             "eps_root": 1e-8, "weight_decay": 0.1},
+            # Warmups shorter than the steps run: both schedules reach their ends.
+            {"lr": 0.01, "alpha_warmup": 30, "beta3_warmup": 50, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99, 0.999), "weight_decay": 0.1, "maximize": True,
+             "alpha_warmup": 5, "beta3_warmup": 8},
+        ],
+        rich={"weight_decay": 0.1, "alpha_warmup": 3, "beta3_warmup": 4},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": st.tuples(st.floats(0.01, 0.999), unit, st.floats(0.01, 0.9999)),
+            "alpha": st.floats(0.0, 10.0), "eps": eps, "eps_root": st.floats(0.0, 1e-6),
+            "weight_decay": decay, "alpha_warmup": st.integers(0, 6),
+            "beta3_warmup": st.integers(0, 6), "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-3,
+        optax_reference=_optax_ademamix,
+        # A slow momentum of beta3 = 0.9999 outlives these step budgets.
+        parabola={"lr": 0.03, "betas": (0.9, 0.999, 0.99), "alpha": 2.0},
+        rosenbrock=({"lr": 2e-3, "betas": (0.9, 0.99, 0.999), "alpha": 2.0}, 10000),
+        resume={"alpha_warmup": 3, "beta3_warmup": 4},
     ),
 ]
 

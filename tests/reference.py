@@ -250,6 +250,28 @@ def adopt(p, g, s, h):
     return p - h["lr"] * step
 
 
+def ademamix(p, g, s, h):
+    """Pagliardini et al. 2024, Algorithm 1, with the warmups of their section 3."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2, b3 = h.get("betas", (0.9, 0.999, 0.9999))
+    alpha, eps = h.get("alpha", 5.0), h.get("eps", 1e-8)
+    g = -g if h.get("maximize", False) else g
+    t_alpha, t_beta = h.get("alpha_warmup", 0), h.get("beta3_warmup", 0)
+    if t - 1 < t_alpha:
+        alpha = alpha * (t - 1) / t_alpha
+    if t - 1 < t_beta:
+        def half_life(beta):
+            return math.log(0.5) / math.log(beta) - 1
+        a = (t - 1) / t_beta
+        b3 = 0.5 ** (1 / ((1 - a) * half_life(b1) + a * half_life(b3) + 1))
+    s["m1"] = b1 * s.get("m1", np.zeros_like(p)) + (1 - b1) * g
+    s["m2"] = b3 * s.get("m2", np.zeros_like(p)) + (1 - b3) * g
+    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    denom = np.sqrt(s["v"] / (1 - b2**t) + h.get("eps_root", 0.0)) + eps
+    update = (s["m1"] / (1 - b1**t) + alpha * s["m2"]) / denom
+    return p - h["lr"] * (update + h.get("weight_decay", 0.0) * p)
+
+
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
     """A fixed stream of gradients of varied scale and sign (the same for every run)."""
     rng = np.random.default_rng(seed)

@@ -12,12 +12,11 @@ differs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from .. import _checks
-from . import rules
+from . import rules, scalar_math
 from .base import Optimizer
 from .param_group import Hyperparameter
 
@@ -575,8 +574,14 @@ class RAdam(Optimizer):
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
         rectify = rho_t > 5.0
-        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
-                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) if rectify else 1.0
+        if rho_inf > 5.0:
+            # rho_t >= 1 and rho_inf > 5: no zero divisor. The ratio is negative on some
+            # steps that do not rectify, so the root is taken of 1 there (one definition
+            # for host floats and traced arrays: see scalar_math).
+            ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+            rect = scalar_math.sqrt(scalar_math.where(rectify, ratio, 1.0))
+        else:
+            rect = 1.0  # rho_t <= rho_inf <= 5: never rectifies
         return {"bias_correction1": 1 - beta1**step,
                 "bias_correction2_sqrt": bias_correction2**0.5,
                 "rectify": rectify, "rect": rect}
