@@ -676,11 +676,13 @@ class CudaImplementation(FusedImplementation):
 
 
 class _QuantizedKernels(NamedTuple):
-    """A quantized specialization's kernel, its threads a block and its block size."""
+    """A quantized specialization's kernel, its threads a block and its block size (no
+    reduction stages: a reducing step with quantized states takes the generic path)."""
 
     function: Any
     threads: int
     block: int
+    stages: tuple = ()
 
 
 #: (device id, bits, signed) -> the map and its midpoints on that device.
