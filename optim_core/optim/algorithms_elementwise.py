@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import _checks
 from . import rules_elementwise as rules
+from . import scalar_math
 from .algorithms import _doc
 from .base import Optimizer
 from .param_group import Hyperparameter
@@ -116,11 +117,13 @@ class ASGD(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         step, lr = group_state["step"], group["lr"]
-        eta = lr if step == 1 else group_state["eta"]
+        # where and maximum, not `if` and max: the same code runs on traced steps
+        # (optim_core.functional).
+        eta = scalar_math.where(step == 1, lr, group_state["eta"])
         mu = group_state["mu"]
         # The next step's values, as torch computes them (Python floats).
         group_state["eta"] = lr / ((1 + group["lambd"] * lr * step) ** group["alpha"])
-        group_state["mu"] = 1.0 / max(1.0, step - group["t0"])
+        group_state["mu"] = 1.0 / scalar_math.maximum(1.0, step - group["t0"])
         return {"eta": eta, "mu": mu}
 
 
