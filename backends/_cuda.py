@@ -258,18 +258,31 @@ class CudaImplementation(FusedImplementation):
         cache_key = (rule.name, key, dtype.name)
         kernels = self.compiled.get(cache_key)
         if kernels is None:
-            import cupy
-
             _, _, lowered = lower(rule, scalars, present)
-            name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
-            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>",
-                           f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
-            module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
-                                    name_expressions=expressions)
-            batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
-            kernels = _Kernels(*(module.get_function(e) for e in expressions), batch)
-            self.compiled[cache_key] = kernels
+            kernels = self.compiled[cache_key] = self._compile(lowered, dtype)
         return kernels, hoisted
+
+    def compile_kernel(self, kernel: Kernel, dtype: np.dtype) -> _Kernels:
+        """The kernels of any lowered ``kernel`` on ``dtype`` arrays: a stage of a rule with
+        matrix operations (:mod:`._staged`)."""
+        dtype = np.dtype(dtype)
+        cache_key = (kernel.rule, kernel.key, dtype.name)
+        kernels = self.compiled.get(cache_key)
+        if kernels is None:
+            kernels = self.compiled[cache_key] = self._compile(kernel, dtype)
+        return kernels
+
+    @staticmethod
+    def _compile(lowered: Kernel, dtype: np.dtype) -> _Kernels:
+        import cupy
+
+        name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
+        expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>",
+                       f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
+        module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
+                                name_expressions=expressions)
+        batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
+        return _Kernels(*(module.get_function(e) for e in expressions), batch)
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
         """A launch per large tensor, one per :data:`MULTI_TENSORS` small ones."""

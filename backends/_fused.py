@@ -149,7 +149,8 @@ class FusedImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None) -> PreparedStep:
+                cache: dict | None = None,
+                tensor_scalars: Sequence[dict[str, Any]] | None = None) -> PreparedStep:
         """Check every tensor and find its kernels (compiling where needed); write nothing.
 
         Parameters
@@ -157,6 +158,9 @@ class FusedImplementation:
         cache : dict, optional
             Kept by the caller for one group across steps: the checked records of its
             tensors (see the module docstring). Without it every tensor is checked in full.
+        tensor_scalars : list of dict, optional
+            Each tensor's own scalars beside ``scalars`` (tensors with equal ones share
+            their hoisted values).
 
         Raises
         ------
@@ -187,10 +191,16 @@ class FusedImplementation:
                 continue
             if not record.size:
                 continue
-            entry = kernels_of.get(record.spec)
+            spec: Any = record.spec
+            step_scalars = scalars
+            if tensor_scalars is not None and tensor_scalars[index]:
+                spec = (spec, tuple(tensor_scalars[index].items()))
+                step_scalars = {**scalars, **tensor_scalars[index]}
+            entry = kernels_of.get(spec)
             if entry is None:
-                kernels, hoisted = self.kernel_for(rule, scalars, frozenset(names), record.dtype)
-                entry = kernels_of[record.spec] = [
+                kernels, hoisted = self.kernel_for(rule, step_scalars, frozenset(names),
+                                                   record.dtype)
+                entry = kernels_of[spec] = [
                     kernels, [record.dtype.type(h) for h in hoisted], False, False]
             # Which variants (below, at or above large_size) this step needs, to have them
             # ready before anything runs.
@@ -198,13 +208,16 @@ class FusedImplementation:
             arrays = record.arrays
             tensors.append((entry[0], entry[1], (arrays[0], kernel_array(grad), *arrays[1:])))
         for spec, (kernels, hoisted, small_ones, large_ones) in kernels_of.items():
+            spec = spec[0] if isinstance(spec, tuple) else spec
             self.ready(kernels, spec.dtype, len(spec.names) + 2, len(hoisted), small_ones,
                        large_ones)
 
         def run() -> list[Any]:
             if generic:
                 GENERIC._run(rule, xp, [params[i] for i in generic], [grads[i] for i in generic],
-                             [states[i] for i in generic], scalars)
+                             [states[i] for i in generic], scalars,
+                             None if tensor_scalars is None
+                             else [tensor_scalars[i] for i in generic])
             self.launch(tensors)
             return params if isinstance(params, list) else list(params)
 

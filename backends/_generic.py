@@ -94,15 +94,18 @@ class GenericImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None) -> PreparedStep:
+                cache: dict | None = None,
+                tensor_scalars: Sequence[dict[str, Any]] | None = None) -> PreparedStep:
         """Check every tensor (:func:`checked_state_names`); the step, ready to run.
 
-        ``cache`` is accepted for the fused implementations' sake and not used.
+        ``cache`` is accepted for the fused implementations' sake and not used;
+        ``tensor_scalars``, where given, are each tensor's own scalars beside ``scalars``.
         """
         expected = None
         for index, (param, state) in enumerate(zip(params, states, strict=True)):
             expected = checked_state_names(rule, index, param, state, expected)
-        return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars))
+        return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars,
+                                              tensor_scalars))
 
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
@@ -110,11 +113,15 @@ class GenericImplementation:
         return self.prepare(rule, xp, params, grads, states, scalars).run()
 
     def _run(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
-             states: Sequence[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
+             states: Sequence[dict[str, Any]], scalars: dict[str, Any],
+             tensor_scalars: Sequence[dict[str, Any]] | None = None) -> list[Any]:
         update = rule.bind(generic_operations(xp))
         out = []
+        every = scalars
         with _no_autograd(params):
-            for param, grad, state in zip(params, grads, states):
+            for index, (param, grad, state) in enumerate(zip(params, grads, states)):
+                if tensor_scalars is not None:
+                    scalars = {**every, **tensor_scalars[index]}
                 given = [state.get(name) for name in rule.states]
                 compute = _compute_dtype(xp, param.dtype)
                 if compute is None:

@@ -114,6 +114,9 @@ class Optimizer:
     #: Checks of hyperparameters this optimizer has and the shared table
     #: (:data:`~optim_core.optim.param_group.HYPERPARAMETERS`) lacks, by name.
     hyperparameter_checks: ClassVar[Mapping[str, Hyperparameter]] = {}
+    #: The rule's scalars that differ from one tensor of a group to the next (Muon's
+    #: learning rate scaled by the matrix's shape): :meth:`tensor_scalars` derives them.
+    tensor_scalar_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,6 +167,13 @@ class Optimizer:
     def active_states(self, group: Mapping[str, Any]) -> set[str]:
         """Optional states this group needs under its current hyperparameters."""
         return set()
+
+    def tensor_scalars(self, group: Mapping[str, Any], scalars: Mapping[str, Any],
+                       shape: tuple[int, ...]) -> dict[str, Any]:
+        """The scalars of :attr:`tensor_scalar_names` for one tensor of ``shape``, from
+        the group's hyperparameters and this step's ``scalars`` (host values; shapes are
+        known on the host, so no device value is read)."""
+        return {}
 
     def _initial_group_state(self) -> dict[str, Any]:
         return {"step": 0}
@@ -254,6 +264,8 @@ class Optimizer:
                 values[name] = group[source] if part is None else group[source][part]
             elif name == "first_step":
                 values[name] = first_step
+            elif name in self.tensor_scalar_names:
+                continue  # per tensor: tensor_scalars()
             else:
                 raise TypeError(f"rule {self.rule.name} needs the scalar {name!r}, which "
                                 f"{type(self).__name__} neither has as a hyperparameter nor "
@@ -446,9 +458,13 @@ class Optimizer:
                           for name, value in fills.items()} for param in params]
                 step_states = [{**st, **f} for st, f in zip(states, fresh, strict=True)]
             names = group["names"]
+        extra = {}
+        if self.tensor_scalar_names:
+            extra["tensor_scalars"] = [self.tensor_scalars(group, scalars, tuple(p.shape))
+                                       for p in params]
         try:
             ready = self.implementation.prepare(rule, xp, params, step_grads, step_states,
-                                                scalars, cache=self._caches[index])
+                                                scalars, cache=self._caches[index], **extra)
         except TensorMismatch as exc:
             where = f"parameter {names[exc.index]!r}" if names is not None \
                 else f"flat buffer {exc.index} of param group {index}"
