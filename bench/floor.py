@@ -20,7 +20,9 @@ from . import timing
 __all__ = ["STATE_BUFFERS", "bytes_moved", "Bandwidth", "measure_cpu", "measure_gpu"]
 
 #: State buffers each benchmarked optimizer keeps per parameter element.
-STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1}
+STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1,
+                 # Muon's elementwise passes; its Newton-Schulz products are compute-bound.
+                 "muon": 1}
 
 
 def bytes_moved(optimizer: str, numel: int, itemsize: int) -> int:

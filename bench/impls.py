@@ -11,6 +11,11 @@
   CuPy in place of NumPy.
 * ``torch-forloop``, ``torch-foreach``, ``torch-fused``: ``torch.optim`` with
   ``foreach=False``, ``foreach=True`` or ``fused=True``.
+* ``torch-nocast``: Muon only: ``torch.optim.Muon`` with the one ``grad.bfloat16()`` of
+  its Newton-Schulz function replaced by ``grad.clone()`` (its source, patched at build
+  time), so it iterates in the parameters' dtype as ours does by default; torch as
+  shipped (``torch-forloop``) always iterates in bfloat16, which CPUs without bfloat16
+  instructions emulate slowly.
 * ``optax-jit``: optax's transformation and ``optax.apply_updates`` under one
   ``jax.jit`` with the parameters and state donated, where JAX and optax are installed.
 
@@ -36,9 +41,9 @@ from .workloads import Workload
 __all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "WorkloadData",
            "build"]
 
-OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion")
+OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion", "muon")
 IMPLS = ("ours-fused", "ours-flat", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
-         "torch-fused", "optax-jit")
+         "torch-fused", "torch-nocast", "optax-jit")
 
 #: The hyperparameters every implementation runs (``torch.optim``'s defaults; SGD with
 #: momentum 0.9; Lion with the paper's defaults).
@@ -49,10 +54,13 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adagrad": {"lr": 1e-2, "eps": 1e-10},
     "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8},
     "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+    # torch.optim.Muon's defaults (2-D parameters only: the gpt2-small-matrices workload).
+    # torch iterates Newton-Schulz in bfloat16, ours in the parameters' dtype by default.
+    "muon": {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True},
 }
 
 _CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd-momentum": "SGD", "adagrad": "Adagrad",
-                "rmsprop": "RMSprop", "lion": "Lion"}
+                "rmsprop": "RMSprop", "lion": "Lion", "muon": "Muon"}
 
 
 class NotAvailable(Exception):
@@ -265,6 +273,8 @@ _NAIVE = {"adam": _NaiveAdam, "adamw": _NaiveAdamW, "sgd-momentum": _NaiveSGD,
 
 
 def _build_naive(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
+    if optimizer not in _NAIVE:
+        raise NotAvailable(f"no article-style {optimizer} (the article has no matrix steps)")
     xp, clock = _array_library(device)
     params, grads = data.copies(xp.__name__)
     opt = _NAIVE[optimizer](xp, params, **HYPERPARAMETERS[optimizer])
@@ -281,10 +291,19 @@ def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
     if optimizer == "lion":
         raise NotAvailable("torch.optim has no Lion")
     cls = getattr(torch.optim, _CLASS_NAMES[optimizer])
+    if impl == "torch-nocast":
+        if optimizer != "muon":
+            raise NotAvailable("torch-nocast is torch.optim.Muon without its bfloat16 cast")
+        _remove_muons_bfloat16_cast()
+        impl = "torch-forloop"
+    else:
+        _restore_muon()
     mode = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True},
             "torch-fused": {"fused": True}}[impl]
     if next(iter(mode)) not in inspect.signature(cls).parameters:
-        raise NotAvailable(f"torch.optim.{cls.__name__} has no {next(iter(mode))}= option")
+        if impl != "torch-forloop":
+            raise NotAvailable(f"torch.optim.{cls.__name__} has no {next(iter(mode))}= option")
+        mode = {}  # one tensor at a time is all it has (Muon)
     params, grads = data.copies("torch")
     for param, grad in zip(params, grads, strict=True):
         param.requires_grad_()
@@ -296,6 +315,35 @@ def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
         raise NotAvailable(f"torch {impl.removeprefix('torch-')}: {error}") from error
     clock = timing.WallClock() if device == "cpu" else timing.TorchEventClock()
     return Runner(opt.step, clock, f"torch {torch.__version__}")
+
+
+def _remove_muons_bfloat16_cast() -> None:
+    """torch.optim.Muon's Newton-Schulz from its own source, minus the bfloat16 cast.
+
+    The module's function is replaced (torch's loop looks it up at each call) until
+    another torch cell is built, which puts the original back: cells are built and timed
+    one after the other.
+    """
+    from torch.optim import _muon
+
+    original = _ORIGINAL.setdefault("ns", _muon._zeropower_via_newtonschulz)
+    source = inspect.getsource(original)
+    if source.count("grad.bfloat16()") != 1:
+        raise NotAvailable("torch.optim.Muon's source has changed: no single bfloat16 cast")
+    namespace = dict(vars(_muon))
+    exec(compile(source.replace("grad.bfloat16()", "grad.clone()"),  # noqa: S102
+                 "<torch muon, no cast>", "exec"), namespace)
+    _muon._zeropower_via_newtonschulz = namespace["_zeropower_via_newtonschulz"]
+
+
+def _restore_muon() -> None:
+    if "ns" in _ORIGINAL:
+        from torch.optim import _muon
+
+        _muon._zeropower_via_newtonschulz = _ORIGINAL["ns"]
+
+
+_ORIGINAL: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------- optax
@@ -319,6 +367,9 @@ def _optax_transformation(optax, optimizer: str):
 
 
 def _build_optax(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
+    if optimizer == "muon":
+        raise NotAvailable("optax's Muon (optax.contrib) is another algorithm than "
+                           "torch.optim.Muon's; not compared")
     if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
         raise NotAvailable("jax/optax are not installed")
     # JAX would otherwise reserve most of the GPU's memory at import, starving CuPy and torch.
