@@ -119,12 +119,12 @@ def test_every_adjust_lr_fn_scales_by_torchs_ratio(torch_without_bfloat16):
 def test_bfloat16_option_matches_torch_as_shipped_within_bfloat16_rounding(dtype):
     torch = pytest.importorskip("torch")
     pytest.importorskip("ml_dtypes")
-    params = start({"tall": (24, 16), "wide": (8, 20)})
+    params = start({"tall": (12, 8), "wide": (4, 10)})
     hyper = {"lr": 0.02}
     theirs = torch_trajectory(torch, params, hyper, steps=5, dtype=dtype)
     ours, _ = our_trajectory(params, {**hyper, "ns_dtype": "bfloat16"}, steps=5, dtype=dtype)
     plain, _ = our_trajectory(params, hyper, steps=5, dtype=dtype)
-    for name, shape in (("tall", (24, 16)), ("wide", (8, 20))):
+    for name, shape in (("tall", (12, 8)), ("wide", (4, 10))):
         index = list(params).index(name)
         ratio = np.sqrt(max(1, shape[0] / shape[1]))
         # Each step moves every element by lr * ratio * O, |O| <= about 1.2: one bfloat16
@@ -176,6 +176,24 @@ def test_staged_fused_path_equals_the_generic_path(hyper, dtype):
     for step, (got, want) in enumerate(zip(fused, generic, strict=True)):
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, **tolerance, err_msg=f"step {step + 1}")
+
+
+def test_staged_cupy_path_equals_the_generic_numpy_path(xp):
+    # On a GPU: the stages as CUDA kernels, Newton-Schulz through cuBLAS.
+    if xp.name != "cupy":
+        pytest.skip("the CuPy staged path needs a CUDA GPU")
+    params = start({"tall": (33, 17), "wide": (8, 40)})
+    for hyper in MUON_CASES[:3]:
+        want, _ = our_trajectory(params, hyper, steps=5)
+        ours = {k: xp.asarray(v) for k, v in params.items()}
+        opt = optim_core.Muon(ours, **hyper, impl="fused")
+        assert opt.implementation.name == "staged-fused-cuda"
+        for step in range(5):
+            opt.step({k: xp.asarray(quadratic_gradient(xp.to_numpy(v), step))
+                      for k, v in ours.items()})
+            for index, k in enumerate(params):
+                np.testing.assert_allclose(xp.to_numpy(ours[k]), want[step][index],
+                                           rtol=1e-10, atol=1e-12, err_msg=f"{hyper} {k}")
 
 
 @pytest.mark.parametrize("impl", ["generic", "fused"])
@@ -370,3 +388,62 @@ def test_muons_stage_kernels_compile_for_the_device(tmp_path):
                              str(tmp_path / "muon.o"), str(path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_muons_cuda_stages_compute_what_the_generic_path_does_on_the_host(tmp_path):
+    # The stage kernels' CUDA text, compiled by nvcc into a host program (as
+    # test_cuda_source.py does for the elementwise rules), with NumPy's orthogonalize
+    # between the two stages: the generic path's numbers.
+    import array_api_compat.numpy as xp
+    from optim_core.backends._cuda import CUDA_TYPES, kernel_name
+    from optim_core.backends._generic import GENERIC
+    from optim_core.backends._operations import orthogonalize
+    from test_cuda_source import harness_source
+
+    cases = [(scalars, dtype) for scalars in (
+        SCALARS, {**SCALARS, "nesterov": False, "weight_decay": 0.0, "momentum": 0.3})
+        for dtype in CUDA_TYPES]
+    staged_of = [lower_stages(rules.muon, s, {"momentum_buffer"}) for s, _ in cases]
+    kernels = {}
+    for (_, dtype), (_, _, staged) in zip(cases, staged_of, strict=True):
+        for kernel in staged.stages:
+            kernels.setdefault((kernel_name(kernel), dtype), (len(kernels), kernel))
+    (tmp_path / "harness.cu").write_text(harness_source(kernels))
+    subprocess.run(["nvcc", "--fmad=false", "-O2", "-std=c++14", "-o",
+                    str(tmp_path / "harness"), str(tmp_path / "harness.cu")],
+                   check=True, capture_output=True, timeout=600)
+
+    def run_stage(kernel, dtype, arrays, hoisted):
+        index = kernels[kernel_name(kernel), dtype][0]
+        n = arrays[0].size
+        head = np.array([index, n, len(arrays), len(hoisted), np.dtype(dtype).itemsize],
+                        dtype=np.int64)
+        (tmp_path / "in.bin").write_bytes(
+            head.tobytes() + b"".join(np.ascontiguousarray(a, dtype).tobytes() for a in arrays)
+            + np.asarray(hoisted, dtype=np.float64).astype(dtype).tobytes())
+        subprocess.run([str(tmp_path / "harness"), str(tmp_path / "in.bin"),
+                        str(tmp_path / "out.bin")], check=True, timeout=60)
+        out = np.frombuffer((tmp_path / "out.bin").read_bytes(), dtype=dtype)
+        return dict(zip(kernel.arrays, out.reshape(len(arrays), n), strict=True))
+
+    rng = np.random.default_rng(5)
+    for (scalars, dtype), (_, hoisted, staged) in zip(cases, staged_of, strict=True):
+        start = {k: rng.standard_normal((7, 4)).astype(dtype)
+                 for k in ("param", "grad", "momentum_buffer")}
+        want = {k: v.copy() for k, v in start.items()}
+        GENERIC.prepare(rules.muon, xp, [want["param"]], [want["grad"]],
+                        [{"momentum_buffer": want["momentum_buffer"]}], scalars).run()
+        first, second = staged.stages
+        arrays = {**{k: v.reshape(-1) for k, v in start.items()},
+                  "t_in0": np.zeros(28, dtype)}
+        arrays.update(run_stage(first, dtype, [arrays[a] for a in first.arrays], hoisted))
+        [matrix] = staged.matrix
+        arrays["t_out0"] = orthogonalize(xp, arrays["t_in0"].reshape(7, 4),
+                                         *(hoisted[i] for i in matrix.arguments)).reshape(-1)
+        arrays.update(run_stage(second, dtype, [arrays[a] for a in second.arrays], hoisted))
+        tolerance = {"float32": dict(rtol=1e-5, atol=1e-6),
+                     "float64": dict(rtol=1e-12, atol=1e-14)}[dtype]
+        for name in ("param", "momentum_buffer"):
+            np.testing.assert_allclose(arrays[name], want[name].reshape(-1), **tolerance,
+                                       err_msg=f"{scalars} {dtype} {name}")
