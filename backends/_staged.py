@@ -87,9 +87,12 @@ class StagedImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None,
+                cache: dict | None = None, rounding: Any = None,
                 tensor_scalars: Sequence[dict[str, Any]] | None = None) -> PreparedStep:
         """Check every tensor and compile its stages; write nothing.
+
+        ``rounding`` (16-bit parameters, which take the generic path) and
+        ``tensor_scalars`` as for :meth:`FusedImplementation.prepare`.
 
         Raises
         ------
@@ -105,7 +108,8 @@ class StagedImplementation:
                                       np.dtype(params[0].dtype))
             if not first.matrix:  # no matrix operation under these hyperparameters
                 return elementwise.prepare(rule, xp, params, grads, states, scalars,
-                                           cache=cache, tensor_scalars=tensor_scalars)
+                                           cache=cache, rounding=rounding,
+                                           tensor_scalars=tensor_scalars)
         tasks, generic = [], []
         expected = None
         for index, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
@@ -132,8 +136,8 @@ class StagedImplementation:
         def run() -> list[Any]:
             if generic:
                 GENERIC._run(rule, xp, [params[i] for i in generic], [grads[i] for i in generic],
-                             [states[i] for i in generic], scalars,
-                             [own[i] for i in generic])
+                             [states[i] for i in generic], scalars, rounding, generic,
+                             tensor_scalars=[own[i] for i in generic])
             for index, staged, kernels, hoisted, dtype in tasks:
                 self._run_tensor(xp, staged, kernels, hoisted, dtype, params[index],
                                  grads[index], states[index])

@@ -447,3 +447,41 @@ def test_muons_cuda_stages_compute_what_the_generic_path_does_on_the_host(tmp_pa
         for name in ("param", "momentum_buffer"):
             np.testing.assert_allclose(arrays[name], want[name].reshape(-1), **tolerance,
                                        err_msg=f"{scalars} {dtype} {name}")
+
+
+def test_optim_core_torch_muon_with_an_adamw_group_equals_torch_muon_and_adamw(
+        torch_without_bfloat16):
+    # The torch entry point: a model's weights with Muon, its biases in a use_muon=False
+    # group, against torch's two optimizers (Muon without its cast, AdamW).
+    torch = torch_without_bfloat16
+    oct = pytest.importorskip("optim_core.torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        def model():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(),
+                                       torch.nn.Linear(5, 2))
+
+        ours_model, torch_model = model(), model()
+        ours = oct.Muon([{"params": [p for p in ours_model.parameters() if p.ndim == 2]},
+                         {"params": [p for p in ours_model.parameters() if p.ndim != 2],
+                          "use_muon": False, "lr": 3e-3, "weight_decay": 0.01}], lr=0.02)
+        theirs = [torch.optim.Muon([p for p in torch_model.parameters() if p.ndim == 2],
+                                   lr=0.02),
+                  torch.optim.AdamW([p for p in torch_model.parameters() if p.ndim != 2],
+                                    lr=3e-3, weight_decay=0.01)]
+        for step in range(8):
+            generator = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 3, generator=generator), torch.randn(8, 2, generator=generator)
+            for net, opts in ((ours_model, [ours]), (torch_model, theirs)):
+                for opt in opts:
+                    opt.zero_grad()
+                torch.nn.functional.mse_loss(net(x), y).backward()
+                for opt in opts:
+                    opt.step()
+        for a, b in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
+            np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-10,
+                                       atol=1e-12)
+    finally:
+        torch.set_default_dtype(previous)
