@@ -26,6 +26,11 @@ For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
 The result, a :class:`Kernel`, lists which arrays are read and written and the body as
 nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
 
+A rule that calls a matrix operation (Muon's ``orthogonalize``) is lowered by
+:func:`lower_stages` instead: the same walk, cut at each matrix operation into
+elementwise stages (a :class:`StagedKernel`), whose operands and results pass through
+arrays; :mod:`._staged` runs the stages as kernels and the operations between them.
+
 Where a step's host values come from
 ------------------------------------
 Two stages, each in one place. The optimizer derives the rule's keyword scalars
