@@ -13,6 +13,13 @@ else ``b``, element by element. Its condition is one comparison of arrays (``s <
 ``x >= threshold``); the language allows a comparison of arrays nowhere else, and at
 least one of ``a`` and ``b`` must be an array (a scalar takes the other's dtype).
 
+The reductions (:data:`REDUCTIONS`) take an elementwise expression and give one value
+per tensor: ``sum(x)`` is ``xp.sum(x)``, ``norm(x)`` the Euclidean norm
+``xp.linalg.vector_norm(x)`` over every element (both 0 for an empty tensor), and
+``size(x)`` the number of elements (``x.numel()``, as a float). They have no
+host meaning: their value exists only beside the tensor (see
+:mod:`optim_core.optim.language`).
+
 Matrix operations
 -----------------
 ``orthogonalize`` (:data:`MATRIX_OPERATIONS`) acts on a whole 2-D tensor, not per
@@ -29,13 +36,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OPERATIONS", "MATRIX_OPERATIONS", "generic_operations", "HOST_OPERATIONS",
-           "orthogonalize"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations",
+           "HOST_OPERATIONS", "orthogonalize"]
+
+#: Per-tensor reductions a rule may call: one value per tensor from an elementwise
+#: expression over all of its elements.
+REDUCTIONS = ("sum", "norm", "size")
 
 #: The operations that act on a whole tensor (as the whole value of an assignment).
 MATRIX_OPERATIONS = ("orthogonalize",)
 #: The only functions a rule may call.
-OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where", *MATRIX_OPERATIONS)
+OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where", *REDUCTIONS,
+              *MATRIX_OPERATIONS)
 
 
 def generic_operations(xp: Any) -> dict[str, Callable]:
@@ -47,13 +59,23 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
             return start + weight * (end - start)
         return end - (end - start) * (1 - weight)
 
+    def norm(x: Any) -> Any:
+        linalg = getattr(xp, "linalg", None)
+        if linalg is not None and hasattr(linalg, "vector_norm"):
+            return linalg.vector_norm(x)
+        return xp.sqrt(xp.sum(x * x))  # a namespace without the linalg extension
+
     arrays = {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "minimum": xp.minimum,
               "sign": xp.sign, "where": xp.where}
+    def size(x: Any) -> float:
+        return float(math.prod(x.shape))
+
     def orthogonalize_xp(x: Any, a: float, b: float, c: float, eps: float, steps: float,
                          bfloat16: bool = False) -> Any:
         return orthogonalize(xp, x, a, b, c, eps, steps, bfloat16)
 
-    return {"lerp": lerp, "orthogonalize": orthogonalize_xp,
+    return {"lerp": lerp, "sum": xp.sum, "norm": norm, "size": size,
+            "orthogonalize": orthogonalize_xp,
             **{name: _on_arrays_or_host(function, HOST_OPERATIONS[name])
                for name, function in arrays.items()}}
 

@@ -25,7 +25,8 @@ STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmspro
                  "muon": 1,
                  "schedulefree-sgd": 1, "schedulefree-adamw": 2,
                  # L-BFGS is no single pass: its "floor" is one pass's, a scale only.
-                 "lbfgs": 0}
+                 "lbfgs": 0,
+                 "asgd": 1, "rprop": 2, "adopt": 2, "ademamix": 3}
 
 
 def bytes_moved(optimizer: str, numel: int, itemsize: int) -> int:
