@@ -213,11 +213,13 @@ class NumbaImplementation(FusedImplementation):
             self._ready_table(kernels, dtype, data.n_arrays, len(hoisted), split > first,
                               last > split)
             calls.append((kernels, hoisted, first, split, last))
-        ordered = grads if data.order is None else data.order(grads)
-        grad_ids = np.fromiter(map(id, ordered), np.int64, len(data.keep))
-        if _numba_plan.check_module().check(_numba_plan.array_layout(), grad_ids, data.ids,
-                                            data.addresses, data.descrs, data.shapes,
-                                            data.table) >= 0:
+        # An object array holds the gradients (in table order) and is, in memory, the
+        # table of their addresses (ids): made in C, with no Python int per gradient.
+        ordered = np.fromiter(grads if data.order is None else data.order(grads), object,
+                              len(data.keep))
+        if _numba_plan.check_module().check(_numba_plan.array_layout(), ordered.ctypes.data,
+                                            data.ids, data.addresses, data.descrs,
+                                            data.shapes, data.table) >= 0:
             return None
         table, large = data.table, data.large
 

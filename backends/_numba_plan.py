@@ -69,7 +69,7 @@ def _load32(typingctx, address):
     return _types.int64(_types.int64), codegen
 
 
-@numba.njit(cache=False, nogil=False, boundscheck=False)
+@numba.njit(inline="always")
 def _same_shape(obj, layout, shapes, t):
     nd = shapes[t, 0]
     if _load32(obj + layout[2]) != nd:
@@ -82,27 +82,34 @@ def _same_shape(obj, layout, shapes, t):
 
 
 @numba.njit(cache=False, nogil=False, boundscheck=False)
-def check(layout, grad_ids, ids, addresses, descrs, shapes, table):
+def check(layout, grads, ids, addresses, descrs, shapes, table):
     """-1 if every planned array is as planned and every gradient fits (its address
-    then written into column 2 of the table); else the first row that is not."""
+    then written into column 2 of the table); else the first row that is not.
+
+    ``grads`` is the address of the gradients' object pointers, one per row."""
     # layout: offsets of ob_type, data, nd, dimensions, descr, flags; then the address
     # of numpy.ndarray and the flags planned arrays and gradients must have.
-    for t in range(grad_ids.shape[0]):
-        descr = descrs[t]
-        for j in range(ids.shape[1]):
+    # One kind of array at a time (parameters, then each state, then the gradients):
+    # objects made one after another lie one after another, which the prefetcher likes.
+    rows = ids.shape[0]
+    bad = rows
+    for j in range(ids.shape[1]):
+        for t in range(rows):
             obj = ids[t, j]
-            if _load64(obj + layout[1]) != addresses[t, j] \\
-                    or _load64(obj + layout[4]) != descr \\
-                    or (_load32(obj + layout[5]) & layout[7]) != layout[7] \\
+            if _load64(obj + layout[1]) != addresses[t, j] \
+                    or _load64(obj + layout[4]) != descrs[t] \
+                    or (_load32(obj + layout[5]) & layout[7]) != layout[7] \
                     or not _same_shape(obj, layout, shapes, t):
-                return t
-        grad = grad_ids[t]
-        if _load64(grad + layout[0]) != layout[6] or _load64(grad + layout[4]) != descr \\
-                or (_load32(grad + layout[5]) & layout[8]) != layout[8] \\
+                bad = min(bad, t)
+                break
+    for t in range(bad):
+        grad = _load64(grads + 8 * t)
+        if _load64(grad + layout[0]) != layout[6] or _load64(grad + layout[4]) != descrs[t] \
+                or (_load32(grad + layout[5]) & layout[8]) != layout[8] \
                 or not _same_shape(grad, layout, shapes, t):
             return t
         table[t, 2] = _load64(grad + layout[1])
-    return -1
+    return -1 if bad == rows else bad
 '''
 
 
@@ -155,7 +162,7 @@ def check_module() -> Any:
 
     digest = hashlib.sha256(CHECK_SOURCE.encode()).hexdigest()[:20]
     return import_kernel_module(f"optim_core_plan_check_{digest}", CHECK_SOURCE,
-                                ("check", "_same_shape"))
+                                ("check",))
 
 
 class TablePlan:

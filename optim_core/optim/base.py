@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
@@ -189,9 +190,8 @@ class Optimizer:
     @property
     def params(self) -> list[Any] | dict[str, Any]:
         """The parameters, in the structure they were given (a list or a dict)."""
-        if self._keyed:
-            return {n: p for g in self.param_groups for n, p in zip(g["names"], g["params"])}
-        return [p for g in self.param_groups for p in g["params"]]
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        return dict(zip(self._names, params)) if self._keyed else list(params)
 
     @property
     def grad_views(self) -> list[Any] | dict[str, Any]:
