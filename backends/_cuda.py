@@ -22,18 +22,21 @@ float32/float64) are stepped by the generic path instead, one by one.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._fused import FusedImplementation
 from ._lowering import Kernel, lower, render
+from ._quantized import BLOCK_SIZES, midpoints, quantization_map
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
-           "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE"]
+           "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE",
+           "quantized_cuda_source", "quantized_kernel_name", "quantized_threads"]
 
 #: NVRTC/nvcc options every generated kernel is compiled with.
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++14")
@@ -57,9 +60,14 @@ __host__ __device__ inline float oc_sqrt(float x) { return sqrtf(x); }
 __host__ __device__ inline double oc_sqrt(double x) { return sqrt(x); }
 __host__ __device__ inline float oc_abs(float x) { return fabsf(x); }
 __host__ __device__ inline double oc_abs(double x) { return fabs(x); }
-// NaN propagates from either side, as xp.maximum does (fmax would drop it).
+// NaN propagates from either side, as xp.maximum and xp.minimum do (fmax, fmin drop it).
 template <typename T>
 __host__ __device__ inline T oc_maximum(T a, T b) { return (a >= b || a != a) ? a : b; }
+template <typename T>
+__host__ __device__ inline T oc_minimum(T a, T b) { return (a <= b || a != a) ? a : b; }
+// where(condition, a, b): both sides computed, one selected (no divergent branch).
+template <typename T>
+__host__ __device__ inline T oc_where(bool condition, T a, T b) { return condition ? a : b; }
 // sign(0) = 0 and sign(NaN) = NaN, as xp.sign.
 template <typename T>
 __host__ __device__ inline T oc_sign(T x) {
@@ -208,6 +216,146 @@ def cuda_source(kernel: Kernel) -> str:
     return "\n".join(lines) + "\n"
 
 
+_QUANTIZED_PRELUDE = """\
+#ifndef OPTIM_CORE_QUANTIZED_PRELUDE
+#define OPTIM_CORE_QUANTIZED_PRELUDE
+// The running absmax of a block; a NaN stays, as xp.max keeps it.
+template <typename T>
+__host__ __device__ inline T oc_maxabs(T m, T v) {
+    const T a = oc_abs(v);
+    return (m >= a || m != m) ? m : a;
+}
+// The number of the 2**bits - 1 midpoints below x (searchsorted, side='left'; a NaN
+// above all): a binary search of fixed steps, without branches.
+template <int BITS, typename T>
+__host__ __device__ inline int oc_code(const float* __restrict__ mids, T x) {
+    int p = 0;
+#pragma unroll
+    for (int step = 1 << (BITS - 1); step > 0; step >>= 1) {
+        p += (!(x <= T(mids[p + step - 1]))) ? step : 0;
+    }
+    return p;
+}
+#endif
+"""
+
+
+def quantized_kernel_name(kernel: Kernel, layout: tuple) -> str:
+    """The C++ name of the quantized ``__global__`` template of ``kernel`` and ``layout``."""
+    digest = hashlib.sha256(repr((kernel.digest, layout)).encode()).hexdigest()[:16]
+    return f"optim_core_{kernel.rule}_q_{digest}"
+
+
+def quantized_threads(layout: tuple) -> int:
+    """Threads per CUDA block of a quantized kernel: one per byte of codes of a block."""
+    bits = layout[0][1]
+    return BLOCK_SIZES[bits] // (8 // bits)
+
+
+def quantized_cuda_source(kernel: Kernel, layout: tuple) -> str:
+    """CUDA C++ source of ``kernel`` with the states of ``layout`` quantized.
+
+    ``layout`` is ``((state, bits, signed), ...)`` (see :mod:`._quantized`). Defines
+    ``template <typename T> __global__ void name(long long n, T* param, const T* grad,
+    <per state: T* state, or unsigned char* q_state, float* m_state, const float*
+    map_state, const float* mid_state>, T h0, ...)`` with ``name =
+    quantized_kernel_name(kernel, layout)``, to be launched with
+    :func:`quantized_threads` threads a block. A CUDA block steps one quantization block
+    at a time (grid-stride over blocks): each thread takes one byte of codes (one element
+    at 8 bits, two at 4), dequantizes with the block's old scale, runs the rule's body,
+    stores the parameter and the unquantized states and keeps the new quantized values in
+    registers; a shared-memory reduction gives the block's new absmax; then every thread
+    writes its codes and thread 0 the scale. One pass over memory, no temporary array.
+    """
+    quantized = {name: (bits, signed) for name, bits, signed in layout}
+    (bits,) = {b for b, _ in quantized.values()}
+    block, per_thread = BLOCK_SIZES[bits], 8 // bits
+    threads = block // per_thread
+    name = quantized_kernel_name(kernel, layout)
+    requantized = [a for a in kernel.stores if a in quantized]
+    parameters = []
+    for a in kernel.arrays:
+        if a in quantized:
+            parameters += [f"unsigned char* __restrict__ q_{a}", f"float* __restrict__ m_{a}",
+                           f"const float* __restrict__ map_{a}",
+                           f"const float* __restrict__ mid_{a}"]
+        else:
+            parameters.append(f"{'const ' if a not in kernel.stores else ''}T* __restrict__ a_{a}")
+    parameters += [f"T h{i}" for i in range(kernel.n_hoisted)]
+    loads = []
+    for a in kernel.loads:
+        if a not in quantized:
+            loads.append(f"            const T l_{a} = a_{a}[i];")
+        elif bits == 8:
+            loads.append(f"            const T l_{a} = T(map_{a}[q_{a}[i]]) * s_{a};")
+        else:
+            loads.append(f"            const T l_{a} = T(map_{a}[(q_{a}[i >> 1] >> ((i & 1) << 2))"
+                         f" & 15]) * s_{a};")
+    body = loads + [f"            const T v_{target} = {render(expr, 'oc_')};"
+                    for target, expr in kernel.body]
+    for a in kernel.stores:
+        result = f"v_{kernel.results[a]}"
+        if a in quantized:
+            body += [f"            r_{a}[e] = {result};",
+                     f"            x_{a} = oc_maxabs(x_{a}, {result});"]
+        else:
+            body.append(f"            a_{a}[i] = {result};")
+    reduce, write = [], []
+    for a in requantized:
+        reduce += [f"        oc_max_{a}[threadIdx.x] = x_{a};"]
+        write += [
+            f"        const float amax_{a} = (float)oc_max_{a}[0];",
+            f"        T scale_{a} = T(amax_{a});",
+            f"        if (!(scale_{a} > T(0))) scale_{a} = T(1);",
+            f"        if (threadIdx.x == 0) m_{a}[b] = amax_{a};",
+        ]
+        if bits == 8:
+            write.append(f"        if (first < n) q_{a}[first] = (unsigned char)oc_code<8>("
+                         f"mid_{a}, r_{a}[0] / scale_{a});")
+        else:
+            # Past the end, r is 0: the zero the generic path pads with.
+            write.append(f"        if (first < n) q_{a}[first >> 1] = (unsigned char)(oc_code<4>("
+                         f"mid_{a}, r_{a}[0] / scale_{a}) | (oc_code<4>(mid_{a}, "
+                         f"r_{a}[1] / scale_{a}) << 4));")
+    combine = [f"                oc_max_{a}[threadIdx.x] = oc_maximum(oc_max_{a}[threadIdx.x], "
+               f"oc_max_{a}[threadIdx.x + stride]);" for a in requantized]
+    lines = [
+        f"// Generated by optim_core from rule {kernel.rule!r}; key {kernel.key!r}; "
+        f"quantized {layout!r}.",
+        _PRELUDE,
+        _QUANTIZED_PRELUDE,
+        "template <typename T>",
+        f"__global__ void {name}(long long n, {', '.join(parameters)}) {{",
+        *(f"    __shared__ T oc_max_{a}[{threads}];" for a in requantized),
+        f"    const long long blocks = (n + {block - 1}) / {block};",
+        "    for (long long b = blockIdx.x; b < blocks; b += gridDim.x) {",
+        f"        const long long first = b * {block} + (long long)threadIdx.x * {per_thread};",
+        *(f"        const T s_{a} = T(m_{a}[b]);" for a in kernel.loads if a in quantized),
+        *(f"        T r_{a}[{per_thread}];" for a in requantized),
+        *(f"        T x_{a} = T(0);" for a in requantized),
+        f"        for (int e = 0; e < {per_thread}; ++e) {{",
+        *(f"            r_{a}[e] = T(0);" for a in requantized),
+        "            const long long i = first + e;",
+        "            if (i >= n) continue;",
+        *body,
+        "        }",
+        *reduce,
+        "        __syncthreads();",
+        f"        for (int stride = {threads // 2}; stride > 0; stride >>= 1) {{",
+        "            if (threadIdx.x < stride) {",
+        *combine,
+        "            }",
+        "            __syncthreads();",
+        "        }",
+        *write,
+        "        // The shared maxima are the next block's.",
+        "        __syncthreads();",
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 class CudaImplementation(FusedImplementation):
     """The fused CuPy implementation: generated kernels, in place, a few launches a step.
 
@@ -252,11 +400,22 @@ class CudaImplementation(FusedImplementation):
         self.threads, self.max_blocks, self.multi_max_size = threads, max_blocks, multi_max_size
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
-                   dtype: np.dtype) -> tuple[_Kernels, list[float]]:
-        """The compiled kernels of this step's specialization and the hoisted values."""
+                   dtype: np.dtype, layout: tuple = ()) -> tuple[Any, list[float]]:
+        """The compiled kernels of this step's specialization and the hoisted values
+        (``layout``: the quantized states, see :func:`quantized_cuda_source`)."""
         key, hoisted, _ = lower(rule, scalars, present, build=False)
-        cache_key = (rule.name, key, dtype.name)
+        cache_key = (rule.name, key, dtype.name, *((layout,) if layout else ()))
         kernels = self.compiled.get(cache_key)
+        if kernels is None and layout:
+            import cupy
+
+            _, _, lowered = lower(rule, scalars, present)
+            expression = f"{quantized_kernel_name(lowered, layout)}<{CUDA_TYPES[dtype.name]}>"
+            module = cupy.RawModule(code=quantized_cuda_source(lowered, layout),
+                                    options=COMPILE_OPTIONS, name_expressions=[expression])
+            kernels = self.compiled[cache_key] = _QuantizedKernels(
+                module.get_function(expression), quantized_threads(layout),
+                BLOCK_SIZES[layout[0][1]])
         if kernels is None:
             import cupy
 
@@ -279,6 +438,13 @@ class CudaImplementation(FusedImplementation):
         small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
         for kernels, hoisted, arrays in tensors:
             n = arrays[0].size
+            if type(kernels) is _QuantizedKernels:
+                # A CUDA block a quantization block (grid-stride beyond max_blocks).
+                blocks = min(-(-n // kernels.block), self.max_blocks)
+                kernels.function((blocks,), (kernels.threads,), (np.int64(n), *arrays,
+                                                                 *hoisted))
+                self.launches += 1
+                continue
             addresses = [a.data.ptr for a in arrays]
             aligned = all(address % 16 == 0 for address in addresses)
             pack = 16 // arrays[0].dtype.itemsize
@@ -301,6 +467,32 @@ class CudaImplementation(FusedImplementation):
         first = arrays[0]
         return np.dtype(first.dtype).name in CUDA_TYPES and all(
             a.dtype == first.dtype and a.flags.c_contiguous for a in arrays)
+
+    def quantized_arrays(self, state: Any) -> tuple:
+        """A quantized state's kernel arguments: codes, scales, and the map and midpoints
+        on the codes' device (copied there once per device)."""
+        import cupy
+
+        device = state.codes.device.id
+        tables = _DEVICE_TABLES.get((device, state.bits, state.signed))
+        if tables is None:
+            with cupy.cuda.Device(device):
+                tables = _DEVICE_TABLES[device, state.bits, state.signed] = (
+                    cupy.asarray(quantization_map(state.bits, state.signed)),
+                    cupy.asarray(midpoints(state.bits, state.signed)))
+        return (state.codes, state.absmax, *tables)
+
+    def quantized_fusable(self, param: Any, states: tuple) -> bool:
+        """C-contiguous CuPy codes (uint8) and scales (float32) beside fusable arrays."""
+        from ._quantized import is_quantized
+
+        for state in states:
+            if is_quantized(state) and not all(
+                    type(a).__module__.startswith("cupy") and a.dtype == dtype
+                    and a.flags.c_contiguous for a, dtype in ((state.codes, np.uint8),
+                                                              (state.absmax, np.float32))):
+                return False
+        return self.fusable([param, *(s for s in states if not is_quantized(s))])
 
     def grad_fusable(self, grad: Any, record: Any) -> bool:
         """A C-contiguous gradient of the parameter's dtype."""
@@ -328,6 +520,18 @@ class CudaImplementation(FusedImplementation):
         # A size-one NumPy array of the table's struct type is passed by value.
         function((total,), (self.threads,), (table.view(kernels.batch), np.int32(count), *hoisted))
         self.launches += 1
+
+
+class _QuantizedKernels(NamedTuple):
+    """A quantized specialization's kernel, its threads a block and its block size."""
+
+    function: Any
+    threads: int
+    block: int
+
+
+#: (device id, bits, signed) -> the map and its midpoints on that device.
+_DEVICE_TABLES: dict[tuple, tuple] = {}
 
 
 class _Kernels(NamedTuple):

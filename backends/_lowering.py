@@ -17,8 +17,11 @@ For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
   math to float64, and a new ``lr`` is only a new argument value.
 * ``lerp`` with a scalar weight is expanded into torch's two-sided formula, the side
   chosen on the host (``abs(weight) < 0.5``) as the generic ``lerp`` of
-  :mod:`._operations` does, so the emitters only implement ``sqrt``, ``abs``,
-  ``maximum`` and ``sign``.
+  :mod:`._operations` does, so the emitters only implement
+  :data:`ELEMENTWISE_OPERATIONS`.
+* ``where``'s condition, a comparison of arrays, becomes a ``("cmp", ...)``
+  expression: the one place a kernel body compares, element by element (no branch:
+  both sides are computed, then one is selected).
 
 The result, a :class:`Kernel`, lists which arrays are read and written and the body as
 nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
@@ -55,9 +58,11 @@ __all__ = ["Kernel", "HostProgram", "lower", "host_programs", "render",
            "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
-ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "sign")
+ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "where")
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==",
+                ast.NotEq: "!="}
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,9 @@ class Kernel:
     body : tuple
         ``(target, expr)`` assignments. An ``expr`` is ``("load", name)``,
         ``("local", name)``, ``("hoisted", index)``, ``("neg", expr)``,
-        ``("bin", op, left, right)`` with op in ``+ - * /``, or
-        ``("call", operation, (expr, ...))``.
+        ``("bin", op, left, right)`` with op in ``+ - * /``,
+        ``("call", operation, (expr, ...))``, or ``("cmp", op, left, right)`` with op
+        in ``< <= > >= == !=`` (only as ``where``'s first argument).
     results : dict
         For each stored array, the local holding its new value.
     """
@@ -188,6 +194,10 @@ class _Lowering:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return self.wrap("bin", _BINOPS[type(node.op)], self.expression(node.left),
                              self.expression(node.right))
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 \
+                and type(node.ops[0]) in _COMPARISONS:
+            return self.wrap("cmp", _COMPARISONS[type(node.ops[0])],
+                             self.expression(node.left), self.expression(node.comparators[0]))
         if isinstance(node, ast.Call) and node.func.id == "lerp":
             return self.expression(self.expand_lerp(node))
         if isinstance(node, ast.Call) and node.func.id in ELEMENTWISE_OPERATIONS:
@@ -391,6 +401,8 @@ def render(expr: tuple, call_prefix: str) -> str:
         return f"(-{render(expr[1], call_prefix)})"
     if kind == "bin":
         return f"({render(expr[2], call_prefix)} {expr[1]} {render(expr[3], call_prefix)})"
+    if kind == "cmp":
+        return f"({render(expr[2], call_prefix)} {expr[1]} {render(expr[3], call_prefix)})"
     if kind == "call":
         args = ", ".join(render(a, call_prefix) for a in expr[2])
         return f"{call_prefix}{expr[1]}({args})"
@@ -400,11 +412,14 @@ def render(expr: tuple, call_prefix: str) -> str:
 def unsupported_reason(rule: UpdateRule) -> str | None:
     """Why ``rule`` cannot be lowered to an elementwise kernel, or None if it can.
 
-    The language allows comparisons and boolean operators anywhere, but kernels only
-    support them in ``if`` tests, which are resolved on the host.
+    The language allows comparisons and boolean operators of scalars anywhere, but
+    kernels only support them in ``if`` tests, which are resolved on the host, and a
+    comparison as ``where``'s condition, which kernels evaluate per element.
     """
     tests = {id(n) for s in ast.walk(rule.tree) if isinstance(s, ast.If)
              for n in ast.walk(s.test)}
+    tests |= {id(call.args[0]) for call in ast.walk(rule.tree)
+              if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "where"}
     for node in ast.walk(rule.tree):
         logical = isinstance(node, (ast.Compare, ast.BoolOp)) or (
             isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -33,11 +34,13 @@ from ._fused import FusedImplementation
 from ._generic import PreparedStep
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
 from ._lowering import Kernel, lower, render
+from ._quantized import BLOCK_SIZES, code_table, quantization_map
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
-__all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kernel_source"]
+__all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kernel_source",
+           "quantized_kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
 _GENERATOR_VERSION = 3
@@ -98,6 +101,17 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         "",
         "",
         "@numba.njit(inline='always')",
+        "def _minimum(a, b):",
+        "    # NaN propagates from either side, as xp.minimum does.",
+        "    return a if (a <= b or a != a) else b",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _where(condition, a, b):",
+        "    return a if condition else b",
+        "",
+        "",
+        "@numba.njit(inline='always')",
         "def _sign(x):",
         "    # sign(0) = 0 and sign(NaN) = NaN, as xp.sign.",
         "    return T(1) if x > 0 else (T(-1) if x < 0 else (T(0) if x == 0 else x))",
@@ -138,6 +152,176 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     return "\n".join(lines[:-2]) + "\n"
 
 
+#: Quantization blocks per iteration of a quantized kernel's parallel loop: each iteration
+#: allocates its scratch block once, and 16 blocks (4096 elements at 8 bits) amortize it.
+_CHUNK_BLOCKS = 16
+
+_QUANTIZED_PRELUDE = [
+    "@numba.njit(inline='always')",
+    "def _maxabs(m, v):",
+    "    # The running absmax of a block; a NaN stays, as xp.max keeps it.",
+    "    a = np.abs(v)",
+    "    return m if (m >= a or m != m) else a",
+    "",
+    "",
+    "@numba.njit(inline='always')",
+    "def _code8(mids, x):",
+    "    # The number of the 255 midpoints below x (searchsorted, side='left'; a NaN",
+    "    # above all): a binary search of fixed steps, without branches (a data-dependent",
+    "    # branch a step mispredicts half the time).",
+    "    p = 0",
+    *(f"    p += {step} * np.int64(not (x <= T(mids[p + {step - 1}])))"
+      for step in (128, 64, 32, 16, 8, 4, 2, 1)),
+    "    return p",
+    "",
+    "",
+    "@numba.njit(inline='always')",
+    "def _code4(mids, x):",
+    "    # The same over the 15 midpoints of a 4-bit map.",
+    "    p = 0",
+    *(f"    p += {step} * np.int64(not (x <= T(mids[p + {step - 1}])))"
+      for step in (8, 4, 2, 1)),
+    "    return p",
+    "",
+    "",
+]
+
+
+def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
+    """The numba module for ``kernel`` with the states of ``layout`` quantized.
+
+    ``layout`` is ``((state, bits, signed), ...)`` for the quantized states (see
+    :mod:`._quantized`). Each such state is five arguments, ``q_<state>`` (uint8 codes),
+    ``m_<state>`` (float32 absmax per block), ``map_<state>``, ``mid_<state>`` (the
+    float32 map and its midpoints, padded) and ``st_<state>`` (the first code of each
+    float32 bucket, :func:`~optim_core.backends._quantized.code_table`); the others are
+    arrays as in :func:`kernel_source`.
+
+    One pass over memory, block by block: the block's codes are dequantized (with its old
+    scale) into a block-sized scratch array; the rule's body runs over the block, reading
+    the parameter, the gradient, the unquantized states and the scratch, and writing the
+    parameter, the unquantized states and the scratch; then the block's new absmax is
+    taken and its codes written. Each of those is a loop of its own over the block, so the
+    rule's arithmetic compiles to vector instructions as in :func:`kernel_source` (a table
+    lookup inside it would keep it scalar). In float32 the code of a value is its
+    bucket's first code plus a few independent comparisons; in float64 a binary search.
+    Blocks are independent: the parallel loop runs over chunks of :data:`_CHUNK_BLOCKS`.
+    """
+    quantized = {name: (bits, signed) for name, bits, signed in layout}
+    bits = {b for b, _ in quantized.values()}
+    assert len(bits) == 1, layout
+    (bits,) = bits
+    block = BLOCK_SIZES[bits]
+    arguments = []
+    for a in kernel.arrays:
+        arguments += [f"q_{a}", f"m_{a}", f"map_{a}", f"mid_{a}", f"st_{a}"] \
+            if a in quantized else [f"a_{a}"]
+    hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
+    requantized = [a for a in kernel.stores if a in quantized]
+    scratch = [a for a in kernel.arrays if a in quantized and
+               (a in kernel.loads or a in kernel.stores)]
+    indent = " " * 12
+    # Views of the block: loops over range(count) index them from 0, which LLVM needs
+    # to vectorize (an index start + j must be checked for wraparound: 6x slower).
+    codes_slice = "start:stop" if bits == 8 else "start >> 1:(stop + 1) >> 1"
+    lines_block = [f"{indent}w_{a} = a_{a}[start:stop]" for a in kernel.arrays
+                   if a not in quantized and (a in kernel.loads or a in kernel.stores)]
+    lines_block += [f"{indent}qv_{a} = q_{a}[{codes_slice}]" for a in scratch]
+    for a in kernel.loads:
+        if a not in quantized:
+            continue
+        lines_block += [f"{indent}s_{a} = T(m_{a}[b])",
+                        f"{indent}for j in range(count):"]
+        if bits == 8:
+            lines_block.append(f"{indent}    buf_{a}[j] = T(map_{a}[qv_{a}[j]]) * s_{a}")
+        else:
+            lines_block.append(f"{indent}    buf_{a}[j] = T(map_{a}[(qv_{a}[j >> 1] >> "
+                               f"((j & 1) << 2)) & 15]) * s_{a}")
+    lines_block.append(f"{indent}for j in range(count):")
+    for a in kernel.loads:
+        source = f"buf_{a}[j]" if a in quantized else f"w_{a}[j]"
+        lines_block.append(f"{indent}    l_{a} = {source}")
+    lines_block += [f"{indent}    v_{target} = {render(expr, '_')}"
+                    for target, expr in kernel.body]
+    for a in kernel.stores:
+        target = f"buf_{a}[j]" if a in quantized else f"w_{a}[j]"
+        lines_block.append(f"{indent}    {target} = v_{kernel.results[a]}")
+    for a in requantized:
+        # The absmax with eight running maxima: eight independent chains instead of one
+        # (the max of maxima is the max; a NaN stays in any).
+        lanes = 8
+        lines_block += [
+            *(f"{indent}x{k}_{a} = T(0)" for k in range(lanes)),
+            f"{indent}for j in range(0, count - {lanes - 1}, {lanes}):",
+            *(f"{indent}    x{k}_{a} = _maxabs(x{k}_{a}, buf_{a}[j + {k}])"
+              for k in range(lanes)),
+            f"{indent}for j in range(count - count % {lanes}, count):",
+            f"{indent}    x0_{a} = _maxabs(x0_{a}, buf_{a}[j])",
+            f"{indent}x_{a} = x0_{a}",
+            *(f"{indent}x_{a} = _maxabs(x_{a}, x{k}_{a})" for k in range(1, lanes)),
+            f"{indent}amax_{a} = np.float32(x_{a})",
+            f"{indent}m_{a}[b] = amax_{a}",
+            f"{indent}scale_{a} = T(amax_{a})",
+            f"{indent}if not scale_{a} > 0:",
+            f"{indent}    scale_{a} = T(1)",
+            f"{indent}for j in range(count):",
+            f"{indent}    buf_{a}[j] = buf_{a}[j] / scale_{a}",
+            f"{indent}for j in range(count, {block}):",
+            f"{indent}    buf_{a}[j] = T(0)  # past the end: a zero, as the generic path pads",
+        ]
+        per_byte = ("j",) if bits == 8 else ("2 * j", "2 * j + 1")
+        lines_block.append(f"{indent}for j in range({block // len(per_byte)}):")
+        codes = []
+        for number, element in enumerate(per_byte):
+            lines_block.append(f"{indent}    x{number} = buf_{a}[{element}]")
+            if dtype == "float32":
+                steps = code_table(bits, quantized[a][1])[1]
+                lines_block += [
+                    f"{indent}    p{number} = np.int64(st_{a}[ubuf_{a}[{element}] >> 19])",
+                    f"{indent}    c{number} = min(p{number}"
+                    + "".join(f" + np.int64(not (x{number} <= mid_{a}[p{number} + {k}]))"
+                              for k in range(steps)) + f", {2 ** bits - 1})"]
+            else:
+                lines_block.append(f"{indent}    c{number} = _code{bits}(mid_{a}, x{number})")
+            codes.append(f"c{number}")
+        bound = "count" if bits == 8 else "(count + 1) >> 1"
+        value = codes[0] if bits == 8 else f"{codes[0]} | ({codes[1]} << 4)"
+        lines_block += [f"{indent}    if j < {bound}:",
+                        f"{indent}        qv_{a}[j] = {value}"]
+    lines = kernel_source(kernel, dtype).split("\n@numba.njit(parallel=True")[0].rstrip("\n")
+    lines = [lines.replace(f"rule {kernel.rule!r};", f"rule {kernel.rule!r} (quantized "
+                           f"{layout!r});", 1), "", "", *_QUANTIZED_PRELUDE]
+    for name, parallel, loop in (("kernel", True, "numba.prange"),
+                                 ("kernel_serial", False, "range")):
+        lines += [
+            f"@numba.njit(parallel={parallel}, cache=False, fastmath=False, error_model='numpy', "
+            "nogil=True, boundscheck=False)",
+            f"def {name}({', '.join(arguments)}{hoisted}):",
+            "    n = a_param.shape[0]",
+            f"    blocks = (n + {block - 1}) // {block}",
+            f"    for c in {loop}((blocks + {_CHUNK_BLOCKS - 1}) // {_CHUNK_BLOCKS}):",
+            *(f"        buf_{a} = np.empty({block}, T)" for a in scratch),
+            *(f"        ubuf_{a} = buf_{a}.view(np.uint32)" for a in requantized
+              if dtype == "float32"),
+            f"        for b in range(c * {_CHUNK_BLOCKS}, min((c + 1) * {_CHUNK_BLOCKS}, blocks)):",
+            f"            start = b * {block}",
+            f"            stop = min(start + {block}, n)",
+            "            count = stop - start",
+            *lines_block,
+            "",
+            "",
+        ]
+    return "\n".join(lines[:-2]) + "\n"
+
+
+#: Writable copies of the maps and midpoints for the kernels (numba types a read-only
+#: array apart, and one signature serves every call).
+_KERNEL_TABLES = {(bits, signed): (np.array(quantization_map(bits, signed)),
+                                   np.array(code_table(bits, signed)[2]),
+                                   np.array(code_table(bits, signed)[0]))
+                  for bits in BLOCK_SIZES for signed in (True, False)}
+
+
 class NumbaImplementation(FusedImplementation):
     """The fused NumPy implementation: one compiled pass per tensor, multi-threaded for
     tensors of 2**20 elements or more.
@@ -158,27 +342,31 @@ class NumbaImplementation(FusedImplementation):
         import numba  # noqa: F401 - fail here, at selection, if numba is broken
 
         super().__init__()
+        self.threads = _ThreadChoice()
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
-                   dtype: np.dtype) -> tuple[Any, list[float]]:
+                   dtype: np.dtype, layout: tuple = ()) -> tuple[Any, list[float]]:
         """The compiled kernels (parallel, serial) of this step's specialization and the
-        hoisted values."""
+        hoisted values; ``layout`` names the quantized states (see
+        :func:`quantized_kernel_source`)."""
         key, hoisted, _ = lower(rule, scalars, present, build=False)
-        cache_key = (rule.name, key, _DTYPES[dtype])
+        cache_key = (rule.name, key, _DTYPES[dtype], *((layout,) if layout else ()))
         kernel = self.compiled.get(cache_key)
         if kernel is None:
             _, _, lowered = lower(rule, scalars, present)
-            kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype])
+            kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype], layout)
         return kernel, hoisted
 
     large_size = _PARALLEL_MIN_SIZE
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
-        """One compiled call per tensor: the multi-threaded loop from 2**20 elements."""
+        """One compiled call per tensor: from 2**20 elements, the loop :attr:`threads`
+        finds faster now (multi-threaded or not)."""
         for kernels, hoisted, arrays in tensors:
-            kernel = kernels.parallel if arrays[0].size >= _PARALLEL_MIN_SIZE \
-                else kernels.serial
-            kernel(*arrays, *hoisted)
+            if arrays[0].size >= _PARALLEL_MIN_SIZE:
+                self.threads.run(kernels, arrays, hoisted)
+            else:
+                kernels.serial(*arrays, *hoisted)
         self.launches += len(tensors)
 
     def ready(self, kernels: Any, dtype: np.dtype, n_arrays: int, n_hoisted: int,
@@ -186,13 +374,46 @@ class NumbaImplementation(FusedImplementation):
         """Compile (or load from the disk cache) the loops a step needs before any runs:
         numba otherwise compiles at the first call, when earlier tensors are already
         written."""
-        for needed, dispatcher in ((small, kernels.serial), (large, kernels.parallel)):
+        # A large tensor may run either loop (see _ThreadChoice).
+        for needed, dispatcher in ((small or large, kernels.serial),
+                                   (large, kernels.parallel)):
             if needed and not dispatcher.overloads:
                 import numba
 
                 scalar = numba.from_dtype(dtype)
-                dispatcher.compile((numba.types.Array(scalar, 1, "C"),) * n_arrays
-                                   + (scalar,) * n_hoisted)
+                if kernels.layout:
+                    arrays = self._quantized_signature(kernels.arrays, scalar)
+                else:
+                    arrays = (numba.types.Array(scalar, 1, "C"),) * n_arrays
+                dispatcher.compile(arrays + (scalar,) * n_hoisted)
+
+    @staticmethod
+    def _quantized_signature(names: tuple, scalar: Any) -> tuple:
+        """numba types of a quantized kernel's arrays (see :func:`quantized_kernel_source`)."""
+        import numba
+
+        kinds = {"a": scalar, "q": numba.types.uint8, "m": numba.types.float32,
+                 "map": numba.types.float32, "mid": numba.types.float32,
+                 "st": numba.types.uint8}
+        return tuple(numba.types.Array(kinds[name.split("_", 1)[0]], 1, "C")
+                     for name in names)
+
+    def quantized_arrays(self, state: Any) -> tuple:
+        """A quantized state's kernel arguments: codes, scales, map, midpoints, buckets."""
+        return (state.codes, state.absmax, *_KERNEL_TABLES[state.bits, state.signed])
+
+    def quantized_fusable(self, param: Any, states: tuple) -> bool:
+        """NumPy codes and scales, C-contiguous and writeable, of an otherwise fusable tensor."""
+        from ._quantized import is_quantized
+
+        for state in states:
+            if not is_quantized(state):
+                continue
+            for array, dtype in ((state.codes, np.uint8), (state.absmax, np.float32)):
+                if not (isinstance(array, np.ndarray) and array.dtype == dtype and
+                        array.flags.c_contiguous and array.flags.writeable):
+                    return False
+        return self.fusable([param, *(s for s in states if not is_quantized(s))])
 
     keeps_plans = True
 
@@ -231,8 +452,8 @@ class NumbaImplementation(FusedImplementation):
                     launches += 1
                 for row in range(split, last):
                     index, arrays = large[row]
-                    kernels.parallel(arrays[0], grads[index].reshape(-1), *arrays[1:],
-                                     *hoisted)
+                    self.threads.run(kernels, (arrays[0], grads[index].reshape(-1),
+                                               *arrays[1:]), hoisted)
                     launches += 1
             self.launches += launches
             return params
@@ -278,22 +499,72 @@ class NumbaImplementation(FusedImplementation):
         return flags.c_contiguous and flags.writeable and flags.aligned
 
 
+class _ThreadChoice:
+    """Which loop a large tensor runs: numba's multi-threaded one or the serial one.
+
+    On idle cores the threaded loop is faster; beside other busy processes it can be far
+    slower, as it waits at its end for every worker, and a worker whose core is taken
+    waits for a time slice (on 2 busy cores, a 2**20-element Adam step took 60 ms
+    threaded against 0.7 ms serial). So both are timed as they run: each call takes the
+    loop with the lower recent time per element (a moving average), and the other one is
+    tried again now and then (its time then replacing the old one), at intervals that
+    double (up to :data:`MAX_INTERVAL` calls) each time it loses, so a slow probe costs
+    little on average. Both loops compute
+    every element the same way, so the choice changes the speed only, never a result.
+    """
+
+    MAX_INTERVAL = 256
+    __slots__ = ("per_element", "interval", "countdown", "lock")
+
+    def __init__(self) -> None:
+        self.per_element = {True: None, False: None}  # parallel? -> seconds per element
+        self.interval, self.countdown = 2, 2
+        self.lock = threading.Lock()
+
+    def run(self, kernels: Any, arrays: tuple, hoisted: list) -> None:
+        parallel, serial = self.per_element[True], self.per_element[False]
+        if parallel is None or serial is None:
+            threaded = parallel is None
+        else:
+            threaded = parallel <= serial
+            self.countdown -= 1
+            if self.countdown <= 0:
+                threaded = not threaded  # a probe of the other loop
+        start = time.perf_counter()
+        (kernels.parallel if threaded else kernels.serial)(*arrays, *hoisted)
+        seconds = (time.perf_counter() - start) / max(arrays[0].size, 1)
+        with self.lock:
+            before = self.per_element[threaded]
+            # A probe's time replaces the old one (long out of date by then).
+            self.per_element[threaded] = seconds if before is None or self.countdown <= 0 \
+                else 0.5 * before + 0.5 * seconds
+            if self.countdown <= 0:
+                other = self.per_element[not threaded]
+                won = other is not None and self.per_element[threaded] < other
+                self.interval = 2 if won else min(2 * self.interval, self.MAX_INTERVAL)
+                self.countdown = self.interval
+
+
 _MODULES: dict[str, Any] = {}
 _LOAD_LOCK = threading.Lock()
 
 
 class _Kernels(NamedTuple):
     """One specialization's compiled loops: on all threads, on the calling thread, and
-    on the calling thread over a table of tensors."""
+    on the calling thread over a table of tensors (None for a quantized one); for a
+    quantized one its layout and argument names."""
 
     parallel: Any
     serial: Any
-    table: Any
+    table: Any = None
+    layout: tuple = ()
+    arrays: tuple = ()
 
 
-def _load(kernel: Kernel, dtype: str) -> _Kernels:
+def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
     """Import (once per process) the generated module for ``kernel``; return its kernels."""
-    source = kernel_source(kernel, dtype)
+    source = quantized_kernel_source(kernel, dtype, layout) if layout else \
+        kernel_source(kernel, dtype)
     digest = hashlib.sha256(f"{_GENERATOR_VERSION}\n{source}".encode()).hexdigest()[:20]
     module_name = f"optim_core_kernel_{kernel.rule}_{dtype}_{digest}"
     # One lock: threads stepping on a cold cache import each module once, and its file is
@@ -302,5 +573,12 @@ def _load(kernel: Kernel, dtype: str) -> _Kernels:
         module = _MODULES.get(module_name)
         if module is None:
             module = _MODULES[module_name] = import_kernel_module(
-                module_name, source, ("kernel", "kernel_serial", "kernel_table"))
-    return _Kernels(module.kernel, module.kernel_serial, module.kernel_table)
+                module_name, source, ("kernel", "kernel_serial") if layout
+                else ("kernel", "kernel_serial", "kernel_table"))
+    if not layout:
+        return _Kernels(module.kernel, module.kernel_serial, module.kernel_table)
+    quantized = {name for name, _, _ in layout}
+    names = tuple(n for a in kernel.arrays
+                  for n in ((f"q_{a}", f"m_{a}", f"map_{a}", f"mid_{a}", f"st_{a}")
+                            if a in quantized else (f"a_{a}",)))
+    return _Kernels(module.kernel, module.kernel_serial, None, layout, names)

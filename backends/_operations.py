@@ -5,8 +5,13 @@ Each has an array meaning, for the generic path on any array API namespace
 (:func:`generic_operations`), and a host meaning on Python floats
 (:data:`HOST_OPERATIONS`), which the lowering uses for scalar-only subexpressions it
 evaluates before a kernel runs. Both follow the array API standard's functions of the
-same names (NaN propagates through ``maximum``); ``lerp`` is ``torch.lerp``'s
-two-sided formula, exact at both ends.
+same names (NaN propagates through ``maximum`` and ``minimum``); ``lerp`` is
+``torch.lerp``'s two-sided formula, exact at both ends.
+
+``where(condition, a, b)`` is the standard's ``where``: ``a`` where the condition holds,
+else ``b``, element by element. Its condition is one comparison of arrays (``s < 0``,
+``x >= threshold``); the language allows a comparison of arrays nowhere else, and at
+least one of ``a`` and ``b`` must be an array (a scalar takes the other's dtype).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 __all__ = ["OPERATIONS", "generic_operations", "HOST_OPERATIONS"]
 
 #: The only functions a rule may call.
-OPERATIONS = ("sqrt", "abs", "maximum", "sign", "lerp")
+OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where")
 
 
 def generic_operations(xp: Any) -> dict[str, Callable]:
@@ -30,8 +35,33 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
             return start + weight * (end - start)
         return end - (end - start) * (1 - weight)
 
-    return {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "sign": xp.sign,
-            "lerp": lerp}
+    arrays = {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "minimum": xp.minimum,
+              "sign": xp.sign, "where": xp.where}
+    return {"lerp": lerp, **{name: _on_arrays_or_host(function, HOST_OPERATIONS[name])
+                             for name, function in arrays.items()}}
+
+
+_PYTHON_NUMBERS = (int, float, bool)
+
+
+def _on_arrays_or_host(on_arrays: Callable, on_host: Callable) -> Callable:
+    """``on_arrays``, or the host meaning when every argument is a Python number.
+
+    A call on scalars only (``minimum(high, 1.0)``) is host float64 math, as the
+    lowering hoists it: an array library would return a 0-d float64 array (NumPy) that
+    promotes float32 math after it, or refuse Python numbers (array_api_strict).
+    """
+
+    def operation(*args: Any) -> Any:
+        for arg in args:
+            # Exact types: a NumPy scalar (what a ufunc returns for 0-d arrays, np.float64
+            # being a float subclass) keeps its dtype on the array side.
+            if type(arg) not in _PYTHON_NUMBERS:
+                return on_arrays(*args)
+        return on_host(*args)
+
+    operation.__name__ = on_arrays.__name__ if hasattr(on_arrays, "__name__") else "operation"
+    return operation
 
 
 def _host_maximum(a: float, b: float) -> float:
@@ -40,6 +70,18 @@ def _host_maximum(a: float, b: float) -> float:
     if b != b:
         return b
     return a if a >= b else b
+
+
+def _host_minimum(a: float, b: float) -> float:
+    if a != a:  # NaN propagates, as in xp.minimum
+        return a
+    if b != b:
+        return b
+    return a if a <= b else b
+
+
+def _host_where(condition: bool, a: float, b: float) -> float:
+    return a if condition else b
 
 
 def _host_sign(a: float) -> float:
@@ -58,5 +100,6 @@ def _host_lerp(start: float, end: float, weight: float) -> float:
 
 #: Scalar versions of the operations, for hoisted subexpressions (host float64 math).
 HOST_OPERATIONS: dict[str, Callable] = {"sqrt": math.sqrt, "abs": abs,
-                                        "maximum": _host_maximum, "sign": _host_sign,
-                                        "lerp": _host_lerp}
+                                        "maximum": _host_maximum, "minimum": _host_minimum,
+                                        "sign": _host_sign, "lerp": _host_lerp,
+                                        "where": _host_where}

@@ -25,7 +25,11 @@ import sys as _sys
 
 from .optim import Optimizer, update_rule
 from .optim import algorithms as _algorithms
+from .optim import algorithms_elementwise as _algorithms_elementwise
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
+from .optim.algorithms_elementwise import *  # noqa: F403 - likewise
+from .optim.quasi_newton import LBFGS
+from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -59,6 +63,11 @@ __all__ = [
     "Optimizer",
     "update_rule",
     *_algorithms.__all__,
+    *_algorithms_elementwise.__all__,
+    "ScheduleFreeSGD",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeOptimizer",
+    "LBFGS",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import reference
+import reference_schedule_free
 from hypothesis import strategies as st
 
 import optim_core
@@ -65,6 +66,13 @@ class OptimizerInfo:
     #: torch.optim's default learning rate (the paper's for Lion), for the reference
     #: functions when a case gives none; None where the case always gives one.
     default_lr: float | None = None
+    #: ``optax_reference(optax, hyper)``: optax's transformation of the same algorithm
+    #: and options (the tests negate the gradient for ``maximize``), checked in float64
+    #: over 100+ steps by test_optax_parity.py; None where optax has no counterpart.
+    optax_reference: Callable[..., Any] | None = None
+    #: Options under which ``lr=0`` leaves the parameters unchanged, where that needs more
+    #: than ``lr=0`` (the tests of that property add them).
+    lr_zero: dict = field(default_factory=dict)
     parabola: dict = field(default_factory=dict)
     rosenbrock: tuple[dict, int] = ({}, 0)
     #: False: it only reduces the loss (by the factor test_convergence.py asks), it does
@@ -84,6 +92,21 @@ class OptimizerInfo:
 
     def make(self, params: Any, **options: Any) -> optim_core.Optimizer:
         return self.cls(params, **options)
+
+
+def _optax_adopt(optax, h: dict):
+    """optax.contrib's ADOPT with our options (see ADOPT's docstring for the names)."""
+    b1, b2 = h.get("betas", (0.9, 0.9999))
+    exponent = h.get("clip_exponent", 0.25)
+    scale = optax.contrib.scale_by_adopt(
+        b1=b1, b2=b2, eps=h.get("eps", 1e-6), nesterov=h.get("nesterov", False),
+        use_clipping=h.get("use_clipping", True),
+        clip_value_fn=lambda count: count ** exponent)
+    lr, wd = h.get("lr", 1e-3), h.get("weight_decay", 0.0)
+    if wd and h.get("decoupled_weight_decay", False):
+        return optax.chain(scale, optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))
+    return optax.chain(*([optax.add_decayed_weights(wd)] if wd else []), scale,
+                       optax.scale_by_learning_rate(lr))
 
 
 OPTIM_DB: list[OptimizerInfo] = [
@@ -322,6 +345,131 @@ OPTIM_DB: list[OptimizerInfo] = [
         parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3}, 10000),
         resume={"weight_decay": 0.1},
     ),
+    OptimizerInfo(
+        optim_core.ASGD, reference.asgd, "ASGD",
+        reference_cases=[
+            {},
+            # t0 = 3: averaging starts at step 5, within the tested steps.
+            {"lr": 0.05, "lambd": 0.1, "alpha": 0.5, "t0": 3},
+            {"lr": 0.05, "lambd": 0.01, "alpha": 1.5, "t0": 2.5, "weight_decay": 0.1,
+             "maximize": True},
+            {"lr": 0.02, "t0": -1, "weight_decay": 0.01},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.05, "lambd": 0.1, "t0": 3, "weight_decay": 0.1, "maximize": True},
+        ],
+        rich={"lambd": 0.1, "t0": 2, "weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "lambd": st.floats(0.0, 1.0), "alpha": st.floats(0.0, 2.0),
+            "t0": st.floats(-3.0, 6.0), "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": True},
+        default_lr=1e-2,
+        parabola={"lr": 0.05, "lambd": 0.0}, rosenbrock=({"lr": 2e-3, "lambd": 0.0}, 20000),
+        resume={"lambd": 0.1, "t0": 3},
+    ),
+    OptimizerInfo(
+        optim_core.Rprop, reference.rprop, "Rprop",
+        reference_cases=[
+            {},
+            # Steps reach both bounds within the tested steps.
+            {"lr": 0.05, "etas": (0.3, 1.5), "step_sizes": (0.02, 0.1)},
+            {"lr": 0.01, "etas": (0.6, 1.1), "step_sizes": (0.0, 0.012), "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "etas": (0.3, 1.5), "step_sizes": (5e-3, 2e-2), "maximize": True},
+        ],
+        rich={},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "etas": st.tuples(st.floats(0.05, 0.95), st.floats(1.05, 3.0)),
+            "step_sizes": st.tuples(st.one_of(st.just(0.0), st.floats(1e-8, 1e-3)),
+                                    st.floats(1e-2, 50.0)),
+            "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-2,
+        # The first step clamps the step size lr up to step_sizes[0]: lr = 0 moves the
+        # parameters unless that is 0 too (as in torch).
+        lr_zero={"step_sizes": (0.0, 50.0)},
+        parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3}, 5000),
+        resume={"etas": (0.4, 1.3)},
+    ),
+    OptimizerInfo(
+        optim_core.ADOPT, reference.adopt, None,  # not in torch.optim: optax's
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-4, "nesterov": True},
+            {"lr": 0.01, "use_clipping": False, "weight_decay": 0.1},
+            {"lr": 0.01, "clip_exponent": 0.5, "weight_decay": 0.1,
+             "decoupled_weight_decay": True, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99), "nesterov": True, "use_clipping": False,
+             "weight_decay": 0.1, "maximize": True},
+            {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        rich={"weight_decay": 0.1, "nesterov": True},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": st.floats(1e-8, 1e-3), "weight_decay": decay,
+            "decoupled_weight_decay": flag, "use_clipping": flag,
+            "clip_exponent": st.floats(0.0, 1.0), "nesterov": flag, "maximize": flag}),
+        fused_flags={"use_clipping": True, "nesterov": False, "maximize": False,
+                     "decoupled_weight_decay": False},
+        default_lr=1e-3,
+        optax_reference=_optax_adopt,
+        # beta2 = 0.9999 normalizes by a second moment that forgets the large early
+        # gradients too slowly for these step budgets.
+        parabola={"lr": 0.01, "betas": (0.9, 0.99)},
+        rosenbrock=({"lr": 5e-3, "betas": (0.9, 0.99)}, 5000),
+        resume={"nesterov": True},
+    ),
+]
+
+# Schedule-Free SGD and AdamW (optim_core/optim/schedule_free.py): checked against the
+# paper's three-sequence form here, and against the schedulefree package over 120 steps,
+# with the train()/eval() switch, in tests/test_schedule_free.py.
+OPTIM_DB += [
+    OptimizerInfo(
+        optim_core.ScheduleFreeSGD, reference_schedule_free.schedule_free_sgd, None,
+        reference_cases=[
+            {"lr": 0.1},  # the default lr=1.0 diverges on the test quadratic
+            {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1},
+            {"lr": 0.2, "warmup_steps": 5, "r": 0.5, "weight_lr_power": 1.0},
+        ],
+        fused_cases=[
+            {"lr": 0.1},
+            {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1, "warmup_steps": 3, "r": 1.0},
+        ],
+        rich={"weight_decay": 0.1, "warmup_steps": 2},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "momentum": st.floats(0.05, 0.95), "weight_decay": decay,
+            "warmup_steps": st.integers(0, 4), "r": st.floats(0.0, 2.0),
+            "weight_lr_power": st.floats(0.0, 3.0)}),
+        default_lr=1.0,
+        parabola={"lr": 0.1}, rosenbrock=({"lr": 2e-3, "r": 4.0}, 10000),
+        resume={"weight_decay": 0.01, "warmup_steps": 3},
+    ),
+    OptimizerInfo(
+        optim_core.ScheduleFreeAdamW, reference_schedule_free.schedule_free_adamw, None,
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": 0.05, "warmup_steps": 4, "r": 1.0, "weight_lr_power": 0.0},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.3, 0.9), "weight_decay": 0.1, "warmup_steps": 3, "r": 0.5},
+        ],
+        rich={"weight_decay": 0.1, "warmup_steps": 2},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": st.tuples(st.floats(0.05, 0.95), unit), "eps": eps,
+            "weight_decay": decay, "warmup_steps": st.integers(0, 4), "r": st.floats(0.0, 2.0),
+            "weight_lr_power": st.floats(0.0, 3.0)}),
+        default_lr=0.0025,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02, "r": 2.0}, 5000),
+        resume={"weight_decay": 0.01, "warmup_steps": 3},
+    ),
 ]
 
 #: The entries by class name.
@@ -355,6 +503,9 @@ def registered_names() -> set[str]:
     """Class names of every optimizer in the registry (what the table must cover)."""
     return {cls.__name__ for cls in OPTIMIZERS.values()}
 
+
+#: Every rule an optimizer of the table runs, by rule name: what the fused tests cover.
+RULES: dict[str, Any] = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB}
 
 #: Each optimizer's ``rich`` options, by class name.
 RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB}

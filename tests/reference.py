@@ -164,6 +164,50 @@ def lion(p, g, s, h):
     return p
 
 
+def asgd(p, g, s, h):
+    t = s["t"] = s.get("t", 0) + 1
+    lr, lambd = h["lr"], h.get("lambd", 1e-4)
+    g = _grad(p, g, h)
+    eta, mu = s.get("eta", lr), s.get("mu", 1.0)  # the values the previous step left
+    p = p * (1 - lambd * eta) - eta * g
+    s["ax"] = p.copy() if mu == 1 else s["ax"] + mu * (p - s["ax"])
+    s["eta"] = lr / (1 + lambd * lr * t) ** h.get("alpha", 0.75)
+    s["mu"] = 1 / max(1, t - h.get("t0", 1e6))
+    return p
+
+
+def rprop(p, g, s, h):
+    eta_minus, eta_plus = h.get("etas", (0.5, 1.2))
+    low, high = h.get("step_sizes", (1e-6, 50))
+    g = -g if h.get("maximize", False) else g
+    prev = s.get("prev", np.zeros_like(p))
+    step = s.get("step_size", np.full_like(p, h["lr"]))
+    d = np.sign(g * prev)
+    step = np.clip(step * np.where(d > 0, eta_plus, np.where(d < 0, eta_minus, 1.0)), low, high)
+    g = np.where(d < 0, 0.0, g)
+    s["prev"], s["step_size"] = g, step
+    return p - np.sign(g) * step
+
+
+def adopt(p, g, s, h):
+    """Taniguchi et al. 2024, Algorithm 1 with the clipping of their implementation."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.9999))
+    p = _decay(p, h)
+    g = _grad(p, g, h)
+    if t == 1:
+        s["m"], s["v"] = np.zeros_like(p), g * g
+        return p
+    u = g / np.maximum(np.sqrt(s["v"]), h.get("eps", 1e-6))
+    if h.get("use_clipping", True):
+        c = (t - 1) ** h.get("clip_exponent", 0.25)
+        u = np.clip(u, -c, c)
+    s["m"] = b1 * s["m"] + (1 - b1) * u
+    step = b1 * s["m"] + (1 - b1) * u if h.get("nesterov", False) else s["m"]
+    s["v"] = b2 * s["v"] + (1 - b2) * g * g
+    return p - h["lr"] * step
+
+
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):
     """A fixed stream of gradients of varied scale and sign (the same for every run)."""
     rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from fused_cases import CASES, IDS, TOLERANCE, gradient, start_params
+from optim_db import RULES
 
 import optim_core
 from optim_core.optim import rules
@@ -131,7 +132,7 @@ def test_fused_step_allocates_no_full_size_temporary():
 def test_every_rule_lowers_to_a_numba_kernel():
     from optim_core.backends._lowering import unsupported_reason
 
-    for rule in rules.ALL_RULES:
+    for rule in RULES.values():
         assert unsupported_reason(rule) is None, rule.name
 
 

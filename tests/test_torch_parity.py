@@ -26,23 +26,65 @@ def float64_torch_scalars():
     torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("name, reference, hyper", CASES,
-                         ids=[case_id(n, h, '-default') for n, _, h in CASES])
-def test_trajectory_matches_torch_optim(name, reference, hyper):
-    rng = np.random.default_rng(7)
-    shapes = [(4, 3), (6,), ()]
-    start = [rng.standard_normal(s) for s in shapes]
+def _pair(name: str, hyper: dict, start: list[np.ndarray]):
+    """Ours (generic) and torch.optim's optimizer over copies of ``start``."""
     ours = [p.copy() for p in start]
     opt = getattr(optim_core, name)(ours, **hyper, impl="generic")
     theirs = [torch.tensor(p, requires_grad=True) for p in start]
     torch_opt = getattr(torch.optim, BY_NAME[name].torch_name)(theirs, **hyper,
                                                                    foreach=False)
+    return ours, opt, theirs, torch_opt
+
+
+def _step_both(ours, opt, theirs, torch_opt, step: int) -> None:
+    grads = [quadratic_gradient(p, step) for p in ours]
+    opt.step(grads)
+    for t, g in zip(theirs, grads):
+        t.grad = torch.tensor(g)
+    torch_opt.step()
+
+
+def _assert_same(name, hyper, step, ours, opt, theirs, torch_opt) -> None:
+    for i, (mine, t) in enumerate(zip(ours, theirs)):
+        where = f"{name} {hyper}: step {step + 1}, param {i}"
+        np.testing.assert_allclose(mine, t.detach().numpy(), rtol=1e-12, atol=1e-15,
+                                   err_msg=where)
+        # Our state buffers carry torch's names (exp_avg, momentum_buffer, ax, prev, ...).
+        torch_state = torch_opt.state[t]
+        for key, value in opt.state[0][i].items():
+            if key in torch_state:
+                np.testing.assert_allclose(value, torch_state[key].numpy(), rtol=1e-12,
+                                           atol=1e-15, err_msg=f"{where}, state {key!r}")
+
+
+@pytest.mark.parametrize("name, reference, hyper", CASES,
+                         ids=[case_id(n, h, '-default') for n, _, h in CASES])
+def test_trajectory_matches_torch_optim(name, reference, hyper):
+    rng = np.random.default_rng(7)
+    # A 0-d and an empty tensor among them: torch.optim steps both.
+    shapes = [(4, 3), (6,), (), (0,)]
+    pair = _pair(name, hyper, [rng.standard_normal(s) for s in shapes])
     for step in range(STEPS):
-        grads = [quadratic_gradient(p, step) for p in ours]
-        opt.step(grads)
-        for t, g in zip(theirs, grads):
-            t.grad = torch.tensor(g)
-        torch_opt.step()
-        for i, (mine, t) in enumerate(zip(ours, theirs)):
-            np.testing.assert_allclose(mine, t.detach().numpy(), rtol=1e-12, atol=1e-15,
-                                       err_msg=f"{name} {hyper}: step {step + 1}, param {i}")
+        _step_both(*pair, step)
+        _assert_same(name, hyper, step, *pair)
+
+
+FIRST_CASES = {name: hyper for name, _, hyper in reversed(CASES)}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_CASES))
+def test_a_learning_rate_written_between_steps_acts_as_in_torch(name):
+    # Some optimizers carry lr-derived values from one step to the next (ASGD's eta):
+    # a schedule's write must take effect when torch's does.
+    hyper = FIRST_CASES[name]
+    rng = np.random.default_rng(3)
+    pair = _pair(name, hyper, [rng.standard_normal(s) for s in [(3, 2), ()]])
+    ours, opt, theirs, torch_opt = pair
+    lr = opt.param_groups[0]["lr"]
+    for step in range(8):
+        if step in (3, 5):
+            lr *= 0.5 if step == 3 else 3.0
+            opt.param_groups[0]["lr"] = lr
+            torch_opt.param_groups[0]["lr"] = lr
+        _step_both(*pair, step)
+        _assert_same(name, hyper, step, *pair)

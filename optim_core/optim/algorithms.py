@@ -107,6 +107,7 @@ class SGD(Optimizer):
     cli_name = "sgd"
     weight_decay_kind = "l2"
 
+    quantized_states = {"momentum_buffer": True}
     rule = rules.sgd
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -262,6 +263,7 @@ class RMSprop(Optimizer):
     cli_name = "rmsprop"
     weight_decay_kind = "l2"
 
+    quantized_states = {"square_avg": False, "grad_avg": True, "momentum_buffer": True}
     rule = rules.rmsprop
 
     def __init__(self, params: Any, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8,
@@ -356,6 +358,7 @@ class Adam(Optimizer):
     cli_name = "adam"
     weight_decay_kind = "switchable"
 
+    quantized_states = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
     rule = rules.adam
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -578,6 +581,7 @@ class Lion(Optimizer):
     cli_name = "lion"
     weight_decay_kind = "decoupled"
 
+    quantized_states = {"exp_avg": True}
     rule = rules.lion
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),

@@ -19,6 +19,10 @@ The language
   ``+ - * /``, unary minus, numeric literals, comparisons of scalars, and the calls
   in :data:`OPERATIONS`. An ``if`` may test scalars only: every element takes the
   same branch, so kernels never diverge.
+* Elementwise choices are ``where(condition, a, b)``: the condition is one comparison
+  with an array on a side (``s < 0``), the only place a comparison of arrays may
+  appear, and ``a`` or ``b`` (or both) is an array; a scalar side takes the array's
+  dtype. ``minimum`` and ``maximum`` clamp (``minimum(maximum(x, low), high)``).
 * The last statement is ``return param, state_1, ...``: the new parameter and new
   states, in argument order (without ``grad``).
 
@@ -143,9 +147,56 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
             len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
         ):
             raise TypeError(f"rule {name}: assign to one plain name at a time")
+    _check_elementwise_choices(tree, name, _array_names(tree, returned))
     last = tree.body[-1]
     if not (isinstance(last, ast.Return) and isinstance(last.value, ast.Tuple)
             and tuple(getattr(e, "id", None) for e in last.value.elts) == returned):
         raise TypeError(f"rule {name}: must end with 'return {', '.join(returned)}'")
     if any(isinstance(n, ast.Return) for n in ast.walk(tree) if n is not last):
         raise TypeError(f"rule {name}: only one return, at the end")
+
+
+def _mentions(node: ast.AST, names: set[str]) -> bool:
+    return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
+
+
+def _array_names(tree: ast.FunctionDef, arrays: tuple[str, ...]) -> set[str]:
+    """The names that hold an array somewhere: the array arguments, and any name assigned
+    an expression of arrays (flow-insensitive, so a name that is an array in one branch
+    counts as one everywhere)."""
+    names = {"grad", *arrays}
+    assignments = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)]
+    changed = True
+    while changed:
+        changed = False
+        for node in assignments:
+            target = node.targets[0].id
+            if target not in names and _mentions(node.value, names):
+                names.add(target)
+                changed = True
+    return names
+
+
+def _check_elementwise_choices(tree: ast.FunctionDef, name: str, arrays: set[str]) -> None:
+    """``where``'s form, and no comparison or logic of arrays anywhere else."""
+    conditions = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.func.id == "where":
+            if len(node.args) != 3:
+                raise TypeError(f"rule {name}: where takes (condition, a, b)")
+            condition, *sides = node.args
+            if not (isinstance(condition, ast.Compare) and len(condition.ops) == 1
+                    and _mentions(condition, arrays)):
+                raise TypeError(f"rule {name}: where's condition must be one comparison "
+                                f"of arrays, not {ast.unparse(condition)!r} (test scalars "
+                                "with an if)")
+            if not any(_mentions(side, arrays) for side in sides):
+                raise TypeError(f"rule {name}: where needs an array as a or b, got "
+                                f"{ast.unparse(node)!r}")
+            conditions.add(id(condition))
+    for node in ast.walk(tree):
+        logical = isinstance(node, (ast.Compare, ast.BoolOp)) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
+        if logical and id(node) not in conditions and _mentions(node, arrays):
+            raise TypeError(f"rule {name}: {ast.unparse(node)!r} compares arrays outside "
+                            "where's condition")
