@@ -217,7 +217,7 @@ class FusedImplementation:
     def plan_step(self, rule: UpdateRule, params: list[Any], grads: Sequence[Any],
                   states: list[dict[str, Any]], scalars: dict[str, Any],
                   active: frozenset[str], known: list[Any], shapes: list[tuple[int, ...]],
-                  cache: dict) -> PreparedStep | None:
+                  cache: dict, finite: bool = False) -> PreparedStep | None:
         """One group's step through its kept plan, checked and ready; or None.
 
         A plan holds what the group's steps need of every tensor (addresses, sizes,
@@ -229,6 +229,9 @@ class FusedImplementation:
         step then checks, in one compiled pass, that every array is still where and
         what it was (not resized, replaced or made non-contiguous) and every gradient
         fits its parameter, and runs one compiled call per specialization.
+
+        With ``finite`` (a non-finite policy other than "propagate"), a gradient that is
+        not finite also gives None.
 
         None means the plan does not apply (the first step, a gradient of another dtype,
         anything not as planned): the caller takes the full path, which checks
@@ -252,7 +255,7 @@ class FusedImplementation:
             cache["plan"] = plan
         if plan.data is None:
             return None
-        return self.planned_step(rule, plan.data, grads, scalars, params)
+        return self.planned_step(rule, plan.data, grads, scalars, params, finite)
 
     def _plan(self, rule: UpdateRule, plan: _Plan) -> Any:
         """Check every tensor of ``plan`` in full and make what its steps need, or None if
@@ -280,8 +283,10 @@ class FusedImplementation:
         raise NotImplementedError
 
     def planned_step(self, rule: UpdateRule, data: Any, grads: Sequence[Any],
-                     scalars: dict[str, Any], params: list[Any]) -> PreparedStep | None:
-        """Check the gradients and the planned arrays; the step, or None (per library)."""
+                     scalars: dict[str, Any], params: list[Any],
+                     finite: bool = False) -> PreparedStep | None:
+        """Check the gradients and the planned arrays (and, with ``finite``, that every
+        gradient is finite); the step, or None (per library)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- shared

@@ -149,6 +149,22 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         "",
         "",
     ]
+    # Whether the gradients of rows first .. last - 1 are all finite (x * 0 is 0 for a
+    # finite x and NaN otherwise; the sum of a tensor's is NaN if any one is not).
+    lines += [
+        decorator.format(False),
+        "def finite_table(table, first, last):",
+        "    for t in range(first, last):",
+        "        a_grad = _pointer(table[t, 2], T(0))",
+        "        total = T(0)",
+        "        for i in range(table[t, 0]):",
+        "            total += a_grad[i] * T(0)",
+        "        if total != T(0):",
+        "            return t",
+        "    return -1",
+        "",
+        "",
+    ]
     return "\n".join(lines[:-2]) + "\n"
 
 
@@ -423,9 +439,10 @@ class NumbaImplementation(FusedImplementation):
         return _numba_plan.make_plan(names, records, states, _PARALLEL_MIN_SIZE)
 
     def planned_step(self, rule: UpdateRule, data: Any, grads: Any, scalars: dict[str, Any],
-                     params: list[Any]) -> PreparedStep | None:
+                     params: list[Any], finite: bool = False) -> PreparedStep | None:
         """The kernels of each specialization, compiled; then one compiled pass checks
-        every planned array and gradient and fills the table (None if any differs)."""
+        every planned array and gradient and fills the table (None if any differs, or,
+        with ``finite``, if a gradient is not finite)."""
         present = frozenset(data.names)
         calls = []
         for dtype, first, split, last in data.specs:
@@ -442,6 +459,9 @@ class NumbaImplementation(FusedImplementation):
                                             data.ids, data.addresses, data.descrs,
                                             data.shapes, data.table) >= 0:
             return None
+        if finite and any(kernels.finite(data.table, first, last) >= 0
+                          for kernels, _, first, _, last in calls):
+            return None  # the full path skips or raises, naming the parameter
         table, large = data.table, data.large
 
         def run() -> list[Any]:
@@ -466,6 +486,9 @@ class NumbaImplementation(FusedImplementation):
         import numba
 
         scalar = numba.from_dtype(dtype)
+        if not kernels.finite.overloads:
+            kernels.finite.compile((numba.types.Array(numba.types.int64, 2, "C"),
+                                    numba.types.int64, numba.types.int64))
         if small and not kernels.table.overloads:
             kernels.table.compile((numba.types.Array(numba.types.int64, 2, "C"),
                                    numba.types.int64, numba.types.int64)
@@ -559,6 +582,7 @@ class _Kernels(NamedTuple):
     table: Any = None
     layout: tuple = ()
     arrays: tuple = ()
+    finite: Any = None
 
 
 def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
@@ -574,9 +598,10 @@ def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
         if module is None:
             module = _MODULES[module_name] = import_kernel_module(
                 module_name, source, ("kernel", "kernel_serial") if layout
-                else ("kernel", "kernel_serial", "kernel_table"))
+                else ("kernel", "kernel_serial", "kernel_table", "finite_table"))
     if not layout:
-        return _Kernels(module.kernel, module.kernel_serial, module.kernel_table)
+        return _Kernels(module.kernel, module.kernel_serial, module.kernel_table,
+                        finite=module.finite_table)
     quantized = {name for name, _, _ in layout}
     names = tuple(n for a in kernel.arrays
                   for n in ((f"q_{a}", f"m_{a}", f"map_{a}", f"mid_{a}", f"st_{a}")

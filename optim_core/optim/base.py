@@ -400,8 +400,11 @@ class Optimizer:
         """
         implementation = self.implementation
         if not getattr(implementation, "keeps_plans", False) or self._flat is not None \
-                or self._nonfinite != "propagate" or self.rounding != "nearest":
+                or self.rounding != "nearest":
             return None
+        # Other policies: the plan checks that every gradient is finite (compiled), and
+        # leaves a step that has one that is not to the full path, which skips or raises.
+        finite = self._nonfinite != "propagate"
         self._check_group_structure()
         names = self._names
         if self._keyed:
@@ -424,7 +427,7 @@ class Optimizer:
             ready = implementation.plan_step(
                 self.rule, params, given[position:position + count], self.state[index],
                 scalars, self._required_states | self.active_states(group),
-                self._known[index], self._shapes[index], self._caches[index])
+                self._known[index], self._shapes[index], self._caches[index], finite)
             if ready is None:
                 return None
             prepared.append((index, ready, after))
