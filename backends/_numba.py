@@ -483,16 +483,15 @@ class NumbaImplementation(FusedImplementation):
     def _ready_table(self, kernels: _Kernels, dtype: np.dtype, n_arrays: int, n_hoisted: int,
                      small: bool, large: bool) -> None:
         """Compile the table loop (small tensors) and the multi-threaded one (large)."""
-        import numba
+        if not kernels.finite.overloads or (small and not kernels.table.overloads):
+            import numba
 
-        scalar = numba.from_dtype(dtype)
-        if not kernels.finite.overloads:
-            kernels.finite.compile((numba.types.Array(numba.types.int64, 2, "C"),
-                                    numba.types.int64, numba.types.int64))
-        if small and not kernels.table.overloads:
-            kernels.table.compile((numba.types.Array(numba.types.int64, 2, "C"),
-                                   numba.types.int64, numba.types.int64)
-                                  + (scalar,) * n_hoisted)
+            rows = (numba.types.Array(numba.types.int64, 2, "C"), numba.types.int64,
+                    numba.types.int64)
+            if not kernels.finite.overloads:
+                kernels.finite.compile(rows)
+            if small and not kernels.table.overloads:
+                kernels.table.compile(rows + (numba.from_dtype(dtype),) * n_hoisted)
         if large:
             self.ready(kernels, dtype, n_arrays, n_hoisted, False, True)
 
