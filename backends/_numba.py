@@ -514,6 +514,8 @@ class NumbaImplementation(FusedImplementation):
         calls = []
         for dtype, first, split, last in data.specs:
             kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
+            if kernels.table is None:
+                return None  # a specialization with reduction passes: the full path
             hoisted = [dtype.type(h) for h in hoisted]
             self._ready_table(kernels, dtype, data.n_arrays, len(hoisted), split > first,
                               last > split)

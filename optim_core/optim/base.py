@@ -408,11 +408,10 @@ class Optimizer:
 
     @functools.cached_property
     def _plannable(self) -> bool:
-        """Whether step plans can take this rule: one elementwise pass with the same
-        scalars for every tensor (no reduction pass, matrix operation or per-tensor
-        scalars, whose steps take the full path)."""
-        rule = self.rule
-        return not (rule.reductions or rule.matrix_operations or self.tensor_scalar_names)
+        """Whether step plans can take this rule: the same scalars for every tensor and no
+        matrix operation (those steps take the full path; so does a specialization with a
+        reduction pass, which the implementation declines)."""
+        return not (self.rule.matrix_operations or self.tensor_scalar_names)
 
     def _planned_step(self, grads: Any) -> list[Any] | dict[str, Any] | None:
         """The step through each group's kept plan (see
