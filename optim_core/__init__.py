@@ -23,7 +23,7 @@ The founding article's FAQ on model size and interpretability has its own module
 from . import _source_tree  # noqa: F401, I001
 import sys as _sys
 
-from .optim import Optimizer, update_rule
+from .optim import Hyperparameter, Optimizer, RuleError, UpdateRule, update_rule
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
@@ -62,6 +62,9 @@ del _name, _module
 __all__ = [
     "Optimizer",
     "update_rule",
+    "UpdateRule",
+    "RuleError",
+    "Hyperparameter",
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
     "ScheduleFreeSGD",

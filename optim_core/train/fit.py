@@ -151,10 +151,11 @@ class History:
                 f"{', stopped early' if self.stopped_early else ''})")
 
 
-def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = None,
-                   weight_decay: float | None = None, nonfinite: str = "raise",
-                   **kwargs: Any) -> Optimizer:
-    """Build the optimizer called ``name`` (case-insensitive; see :data:`OPTIMIZERS`).
+def make_optimizer(name: str | type[Optimizer], params: Mapping[str, Any], *,
+                   lr: float | None = None, weight_decay: float | None = None,
+                   nonfinite: str = "raise", **kwargs: Any) -> Optimizer:
+    """Build the optimizer called ``name`` (case-insensitive; see :data:`OPTIMIZERS`), or
+    of class ``name`` (any :class:`~optim_core.Optimizer` subclass, registered or not).
 
     ``lr=None`` keeps the optimizer's default. ``weight_decay`` is decoupled decay,
     passed to optimizers that implement it (AdamW and Lion always, Adam, NAdam and
@@ -162,7 +163,7 @@ def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = N
     :func:`fit`, so it is not passed here. None keeps the optimizer's default
     (AdamW's 0.01).
     """
-    cls = _registry.optimizer_class(name)
+    cls = _optimizer_class(name)
     if "weight_decay" in kwargs:
         raise TypeError("give weight_decay as fit's weight_decay (decoupled decay); "
                         "use l2= for an L2 penalty")
@@ -180,6 +181,13 @@ def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = N
     elif weight_decay is not None and cls.weight_decay_kind == "decoupled":
         kwargs["weight_decay"] = 0.0
     return cls(dict(params), nonfinite=nonfinite, **kwargs)
+
+
+def _optimizer_class(optimizer: str | type[Optimizer]) -> type[Optimizer]:
+    """The class an optimizer given by name or by class stands for."""
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        return optimizer
+    return _registry.optimizer_class(optimizer)
 
 
 def _built_on(optimizer: Optimizer, params: Mapping[str, Any]) -> bool:
@@ -237,7 +245,7 @@ class _Run:
 
     data: Any  # a data adapter (optim_core.train.data)
     validation: Any  # a data adapter, or None
-    optimizer: str | Optimizer
+    optimizer: str | type[Optimizer] | Optimizer
     optimizer_kwargs: dict[str, Any]
     lr: float | None
     epochs: int
@@ -263,7 +271,7 @@ class _Run:
         return isinstance(self.optimizer, Optimizer)
 
 
-def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
+def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Optimizer = "adam",
         lr: float | None = None, epochs: int = 10, batch_size: int | None = None,
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None,
         schedule: Callable[[float, int], float] | None = None,
@@ -293,9 +301,10 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         are integers ``0 .. n_classes - 1``. Dask arrays (both) train on a Dask
         cluster with the parameters in memory, in the chunks' library; mini-batches
         are then shuffled chunk by chunk (see :mod:`optim_core.train.dask_data`).
-    optimizer : str or Optimizer
-        A name from :data:`OPTIMIZERS` (case-insensitive), or an optimizer already
-        built on ``model.params`` (a dict, so gradients can be matched by name).
+    optimizer : str, Optimizer subclass or Optimizer
+        A name from :data:`OPTIMIZERS` (case-insensitive), an optimizer class (one of
+        your own needs no ``cli_name``), or an optimizer already built on
+        ``model.params`` (a dict, so gradients can be matched by name).
     lr : float, optional
         Base learning rate; None keeps the optimizer's default (or an instance's
         current rate).
@@ -481,13 +490,15 @@ def _checked_run(model: Any, X: Any, y: Any, *, optimizer: Any, lr: Any, epochs:
                              "(the same dict of arrays, or copies of them with flat=True)")
         if lr is not None:
             lr = _nonnegative("lr", lr)
-    elif isinstance(optimizer, str):
-        _registry.optimizer_class(optimizer)  # ValueError listing the known names
+    elif isinstance(optimizer, str) or (isinstance(optimizer, type)
+                                        and issubclass(optimizer, Optimizer)):
+        _optimizer_class(optimizer)  # ValueError listing the known names
         if "weight_decay" in optimizer_kwargs:
             raise TypeError("give weight_decay as fit's weight_decay (decoupled decay); "
                             "use l2= for an L2 penalty")
     else:
-        raise TypeError(f"optimizer must be a name or an Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a name, an Optimizer subclass or an Optimizer, "
+                        f"got {type(optimizer).__name__}")
     checkpoint_every = checks.integer("checkpoint_every", checkpoint_every, minimum=1)
     resume = checks.boolean("resume", resume)
     if checkpoint is not None:
@@ -530,7 +541,7 @@ def _run_settings(model: Model, run: _Run, seed: int) -> dict[str, Any]:
         "model": type(model).__name__,
         "param_shapes": {name: list(shape) for name, shape in model.param_shapes().items()},
         "optimizer": (type(optimizer).__name__ if isinstance(optimizer, Optimizer)
-                      else _registry.optimizer_class(optimizer).__name__),
+                      else _optimizer_class(optimizer).__name__),
         "n_samples": run.data.n_samples, "batch_size": run.batch_size, "shuffle": run.shuffle,
         "lr": run.lr, "weight_decay": run.weight_decay, "l1": run.l1, "l2": run.l2,
         "clip_norm": run.clip_norm, "clip_value": run.clip_value, "seed": seed,
