@@ -34,6 +34,7 @@ from .. import _checks as checks
 from .. import _namespace as ns
 from ..optim import registry as _registry
 from ..optim.base import Optimizer
+from ..optim.schedule_free import ScheduleFreeOptimizer
 from . import data as data_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
 from .extras import progress_bar
@@ -305,6 +306,15 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Opti
         A name from :data:`OPTIMIZERS` (case-insensitive), an optimizer class (one of
         your own needs no ``cli_name``), or an optimizer already built on
         ``model.params`` (a dict, so gradients can be matched by name).
+        A schedule-free optimizer (:class:`~optim_core.ScheduleFreeAdamW`,
+        :class:`~optim_core.ScheduleFreeSGD`) trains at its point :math:`y` and is
+        evaluated at the average :math:`x`, as the ``schedulefree`` package
+        prescribes: each epoch starts with ``optimizer.train()`` and ends with
+        ``optimizer.eval()``, so ``val_loss``/``val_metric``, the callbacks (early
+        stopping and its best weights), the checkpoints and the model ``fit`` returns
+        are at :math:`x` (the optimizer is left in eval mode; call ``train()`` to step
+        it yourself, or ``fit`` again, which does). ``train_loss`` is measured at
+        :math:`y`, where the gradients are taken.
     lr : float, optional
         Base learning rate; None keeps the optimizer's default (or an instance's
         current rate).
@@ -730,10 +740,17 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
     bar = progress_bar(epochs, "fit", "epoch", run.progress)
     if bar is not None and first_epoch > 1:
         bar.update(min(first_epoch - 1, epochs))
+    # A schedule-free optimizer trains at y and is evaluated at the average x: each epoch
+    # starts with train() and ends with eval(), so validation, callbacks (early
+    # stopping's best weights), checkpoints and the returned model all see x.
+    averaged = isinstance(optimizer, ScheduleFreeOptimizer)
     try:
         for epoch in range(first_epoch, epochs + 1):
             started = time.perf_counter()
             loss_sum = correct_sum = None
+            if averaged:
+                optimizer.train()
+                params.pull()
             for X_batch, y_batch in data.batches(run.batch_size, run.shuffle,
                                                  _epoch_rng(seed, epoch)):
                 if schedule is not None:
@@ -754,6 +771,9 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
                 loss_sum = weighted if loss_sum is None else loss_sum + weighted
                 if classifier:
                     correct_sum = correct if correct_sum is None else correct_sum + correct
+            if averaged:
+                optimizer.eval()
+                params.pull()  # new arrays on immutable libraries
             logs = _epoch_logs(model, epoch, loss_sum, correct_sum, data, validation, params,
                                started)
             history.epochs.append(logs)
