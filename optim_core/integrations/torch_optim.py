@@ -57,6 +57,8 @@ from .. import _checks
 from ..optim.base import Optimizer as CoreOptimizer
 from ..optim.param_group import SCHEDULER_KEYS, GroupSchema
 from ..optim.registry import OPTIMIZERS
+from ..optim.rules_schedule_free import schedule_free_switch
+from ..optim.schedule_free import ScheduleFreeOptimizer
 
 __all__ = ["TorchOptimizer", "torch_optimizer", "torch_optimizers"]
 
@@ -202,10 +204,14 @@ def _checked_params(value: Any) -> list[torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- tensors
+_COMPLEX = frozenset({torch.complex64, torch.complex128})
+
+
 def _real(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor outside autograd, complex ones as their real view (as torch.optim)."""
-    tensor = tensor.detach()
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    if tensor.requires_grad or tensor.grad_fn is not None:
+        tensor = tensor.detach()
+    return torch.view_as_real(tensor) if tensor.dtype in _COMPLEX else tensor
 
 
 _NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64,
@@ -254,7 +260,7 @@ class _Slot:
     parameter's storage and its state tensors are the same objects."""
 
     __slots__ = ("param", "ptr", "shape", "kind", "view", "state", "ids", "tensors", "states",
-                 "counters", "grad", "grad_ptr", "grad_view")
+                 "present", "counters", "grad", "grad_ptr", "grad_view")
 
     def __init__(self, param: torch.Tensor, kind: tuple[str, Any], state: dict | None,
                  counter_names: tuple[str, ...], rule_states: tuple[str, ...]) -> None:
@@ -266,13 +272,17 @@ class _Slot:
         self.ids, self.tensors = tuple(map(id, values)), values
         self.states = {name: _view(kind[0], state[name]) for name in rule_states
                        if state is not None and name in state}
+        self.present = tuple(self.states)
         # Host views of the scalar state (step, mu_product): read and written per step.
         self.counters = {name: (state[name], _scalar_view(state[name])) for name in counter_names
                          if state is not None and name in state}
         self.grad = self.grad_ptr = self.grad_view = None
 
     def holds(self, param: torch.Tensor, state: dict | None) -> bool:
-        if param.data_ptr() != self.ptr or param.shape != self.shape or state is not self.state:
+        """Whether the record still describes ``param`` and its ``state``: the same
+        objects and storage (``p.data = ...`` moves a parameter to new storage)."""
+        if param is not self.param or state is not self.state or param.data_ptr() != self.ptr \
+                or param.shape != self.shape:
             return False
         return state is None or tuple(map(id, state.values())) == self.ids
 
@@ -384,7 +394,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         hyper = [k for k in defaults if k not in self.torch_keys]
         self._rules = _GroupRules(self.core, hyper, self.torch_keys)
         self._engines: dict[tuple[str, Any], CoreOptimizer] = {}
-        self._slots: dict[torch.Tensor, _Slot] = {}
+        # By id(param): a tensor's own hash runs Python code; the record holds the tensor.
+        self._slots: dict[int, _Slot] = {}
         self._caches: dict[tuple, dict] = {}
         self._counters: tuple[str, ...] | None = None
 
@@ -425,21 +436,24 @@ class TorchOptimizer(torch.optim.Optimizer):
             self.param_groups[index] = group
         counter_names = self._counter_names
         rule_states = self.core.rule.states
+        slots, state_of = self._slots, self.state.get
+        empty = (None,) * len(counter_names)
         buckets: dict[tuple, list] = {}
         for param in group["params"]:
             grad = param.grad
             if grad is None:
                 continue
-            state = self.state.get(param) or None  # an empty entry is no state yet
-            slot = self._slots.get(param)
+            state = state_of(param) or None  # an empty entry is no state yet
+            slot = slots.get(id(param))
             if slot is None or not slot.holds(param, state):
-                slot = self._slots[param] = _Slot(param, _kind(param), state, counter_names,
-                                                  rule_states)
+                slot = slots[id(param)] = _Slot(param, _kind(param), state, counter_names,
+                                                rule_states)
             if grad is not slot.grad or grad.data_ptr() != slot.grad_ptr:
                 _check_grad(type(self).__name__, grad, param)
-            counters = tuple(_read(slot.counters[n]) if n in slot.counters else None
-                             for n in counter_names)
-            key = (slot.kind, tuple(slot.states), counters)
+            counters = slot.counters
+            values = tuple(_read(counters[n]) if n in counters else None
+                           for n in counter_names) if counters else empty
+            key = (slot.kind, slot.present, values)
             buckets.setdefault(key, []).append((param, slot, grad))
         return [self._prepare_bucket(index, ordinal, group, key, members)
                 for ordinal, (key, members) in enumerate(buckets.items())]
@@ -460,14 +474,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         scalars, after = engine.step_scalars(group, group_state, first_step=bool(new))
         fills = {name: group[engine.initial_state[name]] if name in engine.initial_state else 0
                  for name in new}
-        params, grads, states, fresh = [], [], [], []
-        for param, slot, grad in members:
-            made = {name: torch.full_like(param, value, memory_format=torch.preserve_format)
-                    for name, value in fills.items()}
-            fresh.append(made)
-            params.append(slot.view)
-            grads.append(slot.grad_of(grad))
-            states.append({**slot.states, **{n: _view(kind[0], t) for n, t in made.items()}})
+        params = [slot.view for _, slot, _ in members]
+        grads = [slot.grad_of(grad) for _, slot, grad in members]
+        if fills:
+            fresh = [{name: torch.full_like(param, value, memory_format=torch.preserve_format)
+                      for name, value in fills.items()} for param, _, _ in members]
+            states = [{**slot.states, **{n: _view(kind[0], t) for n, t in made.items()}}
+                      for (_, slot, _), made in zip(members, fresh)]
+        else:
+            fresh, states = None, [slot.states for _, slot, _ in members]
         cache = self._caches.setdefault((index, ordinal), {})
         with self._on_stream(kind, members[0][0]):
             ready = engine.implementation.prepare(rule, engine._xp, params, grads, states,
@@ -477,14 +492,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         def run() -> list[torch.Tensor]:
             with self._on_stream(kind, members[0][0]):
                 ready.run()
-            stepped = []
-            for (param, slot, _), made in zip(members, fresh):
+            for position, (param, slot, _) in enumerate(members):
+                made = fresh[position] if fresh is not None else None
                 if made or len(slot.counters) != len(counters_after):
-                    slot = self._install(param, slot, made)
+                    slot = self._install(param, slot, made or {})
                 for name, counter in slot.counters.items():
                     _write(counter, counters_after[name])
-                stepped.append(param)
-            return stepped
+            return [param for param, _, _ in members]
 
         return run
 
@@ -505,8 +519,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         state.update(ordered)
         # The record of the parameter again, over the state it has now (the caller writes
         # the counters' values).
-        slot = self._slots[param] = _Slot(param, slot.kind, state, self._counter_names,
-                                          self.core.rule.states)
+        slot = self._slots[id(param)] = _Slot(param, slot.kind, state, self._counter_names,
+                                              self.core.rule.states)
         return slot
 
     @property
@@ -618,6 +632,82 @@ class TorchOptimizer(torch.optim.Optimizer):
         return checked
 
 
+
+class _ScheduleFreeModes:
+    """``train()`` and ``eval()`` of the Schedule-Free optimizers on torch tensors, as
+    :class:`~optim_core.optim.schedule_free.ScheduleFreeOptimizer` has them: eval puts
+    every stepped parameter at the average :math:`x`, train back at :math:`y`, with the
+    core's ``schedule_free_switch`` rule; ``step`` refuses in eval mode. The mode is
+    pickled and kept in ``state_dict()["train_mode"]``."""
+
+    _train_mode = True
+
+    @property
+    def train_mode(self) -> bool:
+        return self._train_mode
+
+    def train(self) -> None:
+        r"""Put the parameters at the training point :math:`y` (nothing in train mode)."""
+        if not self._train_mode:
+            self._switch_mode(lambda beta: 1 - beta)
+            self._train_mode = True
+
+    def eval(self) -> None:
+        r"""Put the parameters at the average :math:`x`, to evaluate or save the model."""
+        if self._train_mode:
+            self._switch_mode(lambda beta: 1 - 1 / beta)
+            self._train_mode = False
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if not self._train_mode:
+            raise RuntimeError(f"{type(self).__name__} is in eval mode: its parameters hold "
+                               "the average x, not the training point y. Call .train() "
+                               "before step() (and .eval() before evaluating or saving)")
+        return TorchOptimizer.step(self, closure)
+
+    def _switch_mode(self, weight_of: Callable[[float], float]) -> None:
+        prepared, moved = [], []
+        for group in self.param_groups:
+            by_kind: dict[tuple, list] = {}
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or "z" not in state:
+                    continue  # not stepped yet: y, x and z coincide
+                slot = _Slot(param, _kind(param), state, (), self.core.rule.states)
+                by_kind.setdefault(slot.kind, []).append((param, slot))
+            for kind, members in by_kind.items():
+                engine = self._engine(kind)
+                views = [slot.view for _, slot in members]
+                states = [{"z": slot.states["z"]} for _, slot in members]
+                scalars = {"weight": weight_of(engine.interpolation(group))}
+                with self._on_stream(kind, members[0][0]):
+                    ready = engine.implementation.prepare(schedule_free_switch, engine._xp,
+                                                          views, views, states, scalars)
+                prepared.append((kind, members[0][0], ready))
+                moved += [param for param, _ in members]
+        for kind, param, ready in prepared:
+            with self._on_stream(kind, param):
+                ready.run()
+        if moved:
+            torch.autograd.graph.increment_version(moved)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = TorchOptimizer.state_dict(self)
+        state_dict["train_mode"] = self._train_mode
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, its mode included (the parameters are the
+        caller's: restore them as they were saved, in that mode)."""
+        mode = _checks.boolean("state_dict['train_mode']", state_dict.get("train_mode", True))
+        TorchOptimizer.load_state_dict(
+            self, {k: v for k, v in state_dict.items() if k != "train_mode"})
+        self._train_mode = mode
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**TorchOptimizer.__getstate__(self), "_train_mode": self._train_mode}
+
+
 class _NullContext:
     def __enter__(self) -> None:
         return None
@@ -681,7 +771,10 @@ def torch_optimizer(core: type[CoreOptimizer]) -> type[TorchOptimizer]:
            "torch tensors (see :mod:`optim_core.torch`).\n\n"
            f"Construct it as ``torch.optim.{name}``; ``impl`` as for the core class.\n\n"
            f"{inspect.cleandoc(core.__doc__ or '')}")
-    cls = type(name, (TorchOptimizer,), {
+    # Families with methods of their own beyond step (Schedule-Free's train and eval).
+    bases = (_ScheduleFreeModes, TorchOptimizer) if issubclass(core, ScheduleFreeOptimizer) \
+        else (TorchOptimizer,)
+    cls = type(name, bases, {
         "__module__": "optim_core.torch" if registered else __name__,
         "__qualname__": name,
         "__doc__": doc,

@@ -2,7 +2,8 @@
 
 Imports only the array layer (:mod:`optim_core._namespace`) and
 :mod:`optim_core.backends`; nothing of training, tools or integrations. Every
-optimizer class of :mod:`.algorithms` and :mod:`.algorithms_elementwise` (their
+optimizer class of :mod:`.algorithms`, :mod:`.algorithms_elementwise` and
+:mod:`.algorithms_pertensor` (their
 ``__all__``) is public here and in :mod:`optim_core`, so a new optimizer is listed
 once, beside its definition.
 
@@ -12,9 +13,10 @@ language, :mod:`.language`), :class:`Optimizer` (what a subclass sets: its Notes
 :class:`RuleError` (a rule outside the language).
 """
 
-from . import algorithms, algorithms_elementwise
+from . import algorithms, algorithms_elementwise, algorithms_pertensor
 from .algorithms import *  # noqa: F403 - the optimizers, as algorithms.__all__ lists them
 from .algorithms_elementwise import *  # noqa: F403 - likewise
+from .algorithms_pertensor import *  # noqa: F403 - likewise
 from .base import Optimizer
 from .language import RuleError, UpdateRule, update_rule
 from .param_group import Hyperparameter, ParamGroup
@@ -23,5 +25,5 @@ from .schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFre
 
 __all__ = ["Optimizer", "ParamGroup", "Hyperparameter", "UpdateRule", "RuleError",
            "update_rule", *algorithms.__all__,
-           *algorithms_elementwise.__all__,
+           *algorithms_elementwise.__all__, *algorithms_pertensor.__all__,
            "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeOptimizer", "LBFGS"]

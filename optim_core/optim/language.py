@@ -45,11 +45,12 @@ Operations
     ``where(condition, a, b)``, the elementwise choice: the condition is one
     comparison with an array on a side (``s < 0``), the only place arrays may be
     compared, and ``a`` or ``b`` (or both) is an array (a scalar side takes the
-    array's dtype). :data:`OPERATIONS` is the authoritative list; each has the array
-    API standard's meaning (generic path) and the same meaning in both kernels.
+    array's dtype). And the per-tensor reductions ``sum(x)``, ``norm(x)`` and
+    ``size(x)``, described below. :data:`OPERATIONS` is the authoritative list; each has
+    the array API standard's meaning (generic path) and the same meaning in both kernels.
     Their names are bound when a rule runs, whatever the defining module holds;
-    ``from optim_core.optim.language import sqrt, where`` imports stand-ins that let
-    linters and editors see them.
+    ``from optim_core.optim.language import sqrt, where, norm`` imports stand-ins that
+    let linters and editors see them.
 
 A call on scalars only (``sqrt(1 - beta2)``) and every other scalar-only
 subexpression is computed once per step on the host in float64 and passed to the
@@ -64,6 +65,29 @@ which, from the hyperparameters); the rule must touch it only inside an ``if`` t
 false whenever the state is absent. The generic path then passes ``None`` for it and
 kernels a dummy scalar. On the step that allocates it, ``first_step`` is True (SGD
 copies the gradient into a new momentum buffer).
+
+Per-tensor reductions
+---------------------
+``sum(x)`` and ``norm(x)`` (:data:`REDUCTIONS`) reduce an elementwise expression
+``x`` over every element of the tensor: the sum, and the Euclidean norm
+``sqrt(sum(x * x))`` (both 0 for an empty tensor); ``size(x)`` is its number of
+elements (torch's ``numel()``, a float). The result is one value
+per tensor, which broadcasts in elementwise expressions, so LAMB's trust ratio is
+(without its zero-norm guard)::
+
+    trust = norm(param) / norm(update)
+    param = param - lr * trust * update
+
+A reduction's value stays with the tensor (an ``if`` cannot test it: that would
+synchronize a device with the host); it may feed another reduction
+(``norm(x / norm(y))``). Each reduction takes exactly one argument and is never
+applied to scalars only. The generic path evaluates them with the namespace's own
+functions (``xp.sum``, ``xp.linalg.vector_norm``). The fused paths run every
+reduction that depends on no other as one pass over the tensor before the
+elementwise pass, which then reads their values (so a rule with reductions reads
+each tensor twice and writes it once); a reduction of a reduction adds a pass. Fused
+reductions accumulate in float64 whatever the tensor's dtype. Rules with reductions
+are per tensor, so they refuse ``flat=True`` (whose buffers hold many tensors).
 
 What is refused, and when
 -------------------------
@@ -85,10 +109,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from optim_core.backends import OPERATIONS, generic_operations
+from optim_core.backends import OPERATIONS, REDUCTIONS, generic_operations
 
-__all__ = ["OPERATIONS", "RuleError", "UpdateRule", "update_rule",
-           "sqrt", "maximum", "minimum", "sign", "lerp", "where"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "RuleError", "UpdateRule", "update_rule",
+           "sqrt", "maximum", "minimum", "sign", "lerp", "where", "norm", "size"]
 
 
 class RuleError(TypeError):
@@ -136,14 +160,17 @@ def _stand_in(name: str) -> Callable[..., Any]:
 
 
 # Importable stand-ins of the operations (a rule's own calls are bound per backend by
-# UpdateRule.bind, whatever its module holds). abs is Python's builtin name already; an
-# operation added later is found by __getattr__ below.
+# UpdateRule.bind, whatever its module holds). abs and sum are Python's builtin names
+# already (linters know them; __getattr__ gives their stand-ins, as for any operation
+# added later).
 sqrt = _stand_in("sqrt")
 maximum = _stand_in("maximum")
 minimum = _stand_in("minimum")
 sign = _stand_in("sign")
 lerp = _stand_in("lerp")
 where = _stand_in("where")
+norm = _stand_in("norm")
+size = _stand_in("size")
 
 
 def __getattr__(name: str) -> Any:
@@ -183,6 +210,16 @@ class UpdateRule:
     def name(self) -> str:
         """The rule's function name (it names the generated kernels)."""
         return self.function.__name__
+
+    @property
+    def reductions(self) -> tuple[str, ...]:
+        """The per-tensor reductions the rule calls (``sum``, ``norm``, ``size``), in
+        source order (in any branch).
+
+        A rule with any is per tensor: its fused step reads each tensor once more.
+        """
+        return tuple(node.func.id for node in ast.walk(self.tree)
+                     if isinstance(node, ast.Call) and node.func.id in REDUCTIONS)
 
     @property
     def source(self) -> str:
@@ -338,8 +375,9 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
                 called = ast.unparse(node.func)
                 raise RuleError(f"{place(node)}: {called}() cannot be called in a rule; "
                                 f"only the operations {', '.join(OPERATIONS)} can")
-            if node.keywords:
-                raise RuleError(f"{place(node)}: operations take positional arguments only")
+            if node.keywords or (node.func.id in REDUCTIONS and len(node.args) != 1):
+                raise RuleError(f"{place(node)}: {ast.unparse(node)!r}: operations take "
+                                "positional arguments, a reduction exactly one")
         if isinstance(node, ast.If):
             used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             if not used <= scalars:
@@ -349,6 +387,13 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
             len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
         ):
             raise RuleError(f"{place(node)}: assign to one plain name at a time")
+    # A rule's own name for an operation it calls would shadow it on the generic path.
+    bound = {a.arg for a in (*tree.args.args, *tree.args.kwonlyargs)} | {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    if bound & called:
+        raise RuleError(f"rule {name}: {sorted(bound & called)} both names a value and is "
+                        "called")
     _check_names(tree, scalars, returned, place)
     _check_elementwise_choices(tree, name, _array_names(tree, returned))
     last = tree.body[-1]
