@@ -216,6 +216,38 @@ def test_fit_takes_the_class_itself_and_hands_weight_decay_over(readme):
     assert history.train_loss[-1] < history.train_loss[0]
 
 
+def test_the_torch_and_jax_adapters_take_it_too(readme):
+    want, _ = run(readme.AdaBelief, "float64", steps=3, impl="generic")
+    start = start_params("float64")
+    torch = pytest.importorskip("torch")
+    from optim_core.torch import torch_optimizer
+
+    tensors = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in start.values()]
+    opt = torch_optimizer(readme.AdaBelief)([{"params": tensors[:1], "weight_decay": 0.1},
+                                            {"params": tensors[1:]}], **HYPER)
+    for step in range(3):
+        for t in tensors:
+            t.grad = torch.from_numpy(gradient(t.detach().numpy(), step))
+        opt.step()
+    for t, w in zip(tensors, want, strict=True):
+        np.testing.assert_allclose(t.detach().numpy(), w, rtol=1e-12, atol=1e-15)
+
+    jax = pytest.importorskip("jax")
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        pure = optim_core.functional(readme.AdaBelief, **HYPER, weight_decay=0.0)
+        params = {"vector": jax.numpy.asarray(start["vector"])}
+        state, update = pure.init(params), jax.jit(pure.update)
+        for step in range(3):
+            grads = {"vector": jax.numpy.asarray(gradient(np.asarray(params["vector"]), step))}
+            params, state = update(grads, state, params)
+        np.testing.assert_allclose(np.asarray(params["vector"]), want[1], rtol=1e-12,
+                                   atol=1e-15)
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 # ---------------------------------------------------------------------------- refusals
 # Functions outside the language, each with what the error names. They are plain
 # functions here: update_rule refuses them in the test.
