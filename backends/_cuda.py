@@ -16,7 +16,7 @@ with ``--fmad=false``: the generic path rounds after every operation, and so mus
 the kernel (a fused multiply-add would round once). ``sqrt`` and ``/`` are
 IEEE-rounded (NVRTC's default, no fast math).
 
-A rule with per-tensor reductions (``sum``, ``norm``; see :mod:`._lowering`) runs, per
+A rule with per-tensor reductions (``sum``, ``norm``, ``size``; see :mod:`._lowering`) runs, per
 tensor, one reduction launch per stage before the update launch: each thread
 accumulates its grid-stride share in float64 registers and adds it with one
 ``atomicAdd`` to one of :data:`REDUCTION_SLOTS` slots (by lane, so a warp's 32 adds go
@@ -528,30 +528,43 @@ class CudaImplementation(FusedImplementation):
                 module.get_function(expression), quantized_threads(layout),
                 BLOCK_SIZES[layout[0][1]])
         if kernels is None:
-            import cupy
-
             _, _, lowered = lower(rule, scalars, present)
-            name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
-            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>"]
-            if lowered.reductions:
-                for stage in range(lowered.n_stages):
-                    expressions += [f"{name}_reduce{stage}<{ctype}>", f"{name}_finish{stage}"]
-            else:
-                expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
-            module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
-                                    name_expressions=expressions)
-            functions = [module.get_function(e) for e in expressions]
-            batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
-            if lowered.reductions:
-                counts = tuple(len(lowered.reduction_pass(p).reductions)
-                               for p in range(lowered.n_stages))
-                kernels = _Kernels(functions[0], functions[1], None, None, batch,
-                                   tuple(zip(functions[2::2], functions[3::2])), counts,
-                                   accumulator_length(lowered))
-            else:
-                kernels = _Kernels(*functions, batch)
-            self.compiled[cache_key] = kernels
+            kernels = self.compiled[cache_key] = self._compile(lowered, dtype)
         return kernels, hoisted
+
+    def compile_kernel(self, kernel: Kernel, dtype: np.dtype) -> _Kernels:
+        """The kernels of any lowered ``kernel`` on ``dtype`` arrays: a stage of a rule with
+        matrix operations (:mod:`._staged`)."""
+        dtype = np.dtype(dtype)
+        cache_key = (kernel.rule, kernel.key, dtype.name)
+        kernels = self.compiled.get(cache_key)
+        if kernels is None:
+            kernels = self.compiled[cache_key] = self._compile(kernel, dtype)
+        return kernels
+
+    @staticmethod
+    def _compile(lowered: Kernel, dtype: np.dtype) -> _Kernels:
+        """Compile ``lowered``'s CUDA source with NVRTC; its kernels."""
+        import cupy
+
+        name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
+        expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>"]
+        if lowered.reductions:
+            for stage in range(lowered.n_stages):
+                expressions += [f"{name}_reduce{stage}<{ctype}>", f"{name}_finish{stage}"]
+        else:
+            expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
+        module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
+                                name_expressions=expressions)
+        functions = [module.get_function(e) for e in expressions]
+        batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
+        if lowered.reductions:
+            counts = tuple(len(lowered.reduction_pass(p).reductions)
+                           for p in range(lowered.n_stages))
+            return _Kernels(functions[0], functions[1], None, None, batch,
+                            tuple(zip(functions[2::2], functions[3::2])), counts,
+                            accumulator_length(lowered))
+        return _Kernels(*functions, batch)
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
         """A launch per large tensor, one per :data:`MULTI_TENSORS` small ones."""
@@ -559,10 +572,10 @@ class CudaImplementation(FusedImplementation):
         # (0: element-wise), and the small tensors' sizes and addresses. There is one kernels
         # object per specialization and dtype.
         small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
-        reducing = [entry for entry in tensors if entry[0].stages]
+        reducing = [entry for entry in tensors if getattr(entry[0], "stages", ())]
         if reducing:
             self._launch_reducing(reducing)
-            tensors = [entry for entry in tensors if not entry[0].stages]
+            tensors = [entry for entry in tensors if not getattr(entry[0], "stages", ())]
         for kernels, hoisted, arrays in tensors:
             n = arrays[0].size
             if type(kernels) is _QuantizedKernels:
@@ -676,11 +689,13 @@ class CudaImplementation(FusedImplementation):
 
 
 class _QuantizedKernels(NamedTuple):
-    """A quantized specialization's kernel, its threads a block and its block size."""
+    """A quantized specialization's kernel, its threads a block and its block size (no
+    reduction stages: a reducing step with quantized states takes the generic path)."""
 
     function: Any
     threads: int
     block: int
+    stages: tuple = ()
 
 
 #: (device id, bits, signed) -> the map and its midpoints on that device.

@@ -15,7 +15,7 @@ parameter and the states it changed. ``fastmath`` stays off and ``error_model`` 
 NumPy's, so IEEE semantics (rounding, no contraction into FMA, inf/NaN instead of
 exceptions) match the generic path bit for bit.
 
-A rule with per-tensor reductions (``sum``, ``norm``) gets one more loop per reduction
+A rule with per-tensor reductions (``sum``, ``norm``, ``size``) gets one more loop per reduction
 stage (see :mod:`._lowering`), run first: a ``prange`` reduction of the stage's
 values in float64, returned to the caller, which finishes them (the square root of a
 norm), types them to the parameter's dtype and passes them to the next loop as
@@ -359,6 +359,15 @@ class NumbaImplementation(FusedImplementation):
             _, _, lowered = lower(rule, scalars, present)
             kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype], layout)
         return kernel, hoisted
+
+    def compile_kernel(self, kernel: Kernel, dtype: np.dtype) -> _Kernels:
+        """The loops (parallel, serial) of any lowered ``kernel`` on ``dtype`` arrays: a
+        stage of a rule with matrix operations (:mod:`._staged`)."""
+        cache_key = (kernel.rule, kernel.key, _DTYPES[np.dtype(dtype)])
+        kernels = self.compiled.get(cache_key)
+        if kernels is None:
+            kernels = self.compiled[cache_key] = _load(kernel, _DTYPES[np.dtype(dtype)])
+        return kernels
 
     large_size = _PARALLEL_MIN_SIZE
 

@@ -250,8 +250,9 @@ class ADOPT(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         step = group_state["step"]
-        return {"initialize": step == 1,
-                "clip": float(step - 1) ** group["clip_exponent"] if step > 1 else 0.0}
+        # No if on the step: the same code runs on traced steps (optim_core.functional).
+        # At the first step the clip value (0 ** c) is not used.
+        return {"initialize": step == 1, "clip": (step - 1) ** group["clip_exponent"]}
 
 
 def _half_life(beta: float) -> float:
@@ -346,11 +347,17 @@ class AdEMAMix(Optimizer):
         step = group_state["step"]
         count = step - 1  # optax's count: the steps before this one
         beta1, beta2, beta3 = group["betas"]
-        alpha = group["alpha"]
-        if count < group["alpha_warmup"]:
-            alpha = count / group["alpha_warmup"] * alpha
-        if count < group["beta3_warmup"]:
-            a = count / group["beta3_warmup"]
-            beta3 = 0.5 ** (1 / ((1 - a) * _half_life(beta1) + a * _half_life(beta3) + 1))
+        alpha, t_alpha, t_beta = group["alpha"], group["alpha_warmup"], group["beta3_warmup"]
+        # Ifs on hyperparameters only; where on the step, which may be traced
+        # (optim_core.functional). Both sides are computed: the warm side is kept finite
+        # past the warmup by capping its count.
+        if t_alpha:
+            alpha = scalar_math.where(count < t_alpha,
+                                      scalar_math.minimum(count, t_alpha) / t_alpha * alpha,
+                                      alpha)
+        if t_beta:
+            a = scalar_math.minimum(count, t_beta) / t_beta
+            warm = 0.5 ** (1 / ((1 - a) * _half_life(beta1) + a * _half_life(beta3) + 1))
+            beta3 = scalar_math.where(count < t_beta, warm, beta3)
         return {"alpha": alpha, "beta3": beta3, "bias_correction1": 1 - beta1**step,
                 "bias_correction2": 1 - beta2**step}

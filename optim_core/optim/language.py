@@ -46,8 +46,9 @@ Operations
     comparison with an array on a side (``s < 0``), the only place arrays may be
     compared, and ``a`` or ``b`` (or both) is an array (a scalar side takes the
     array's dtype). And the per-tensor reductions ``sum(x)``, ``norm(x)`` and
-    ``size(x)``, described below. :data:`OPERATIONS` is the authoritative list; each has
-    the array API standard's meaning (generic path) and the same meaning in both kernels.
+    ``size(x)`` and the matrix operation ``orthogonalize``, described below.
+    :data:`OPERATIONS` is the authoritative list; each has the array API standard's
+    meaning (generic path) and the same meaning in the kernels.
     Their names are bound when a rule runs, whatever the defining module holds;
     ``from optim_core.optim.language import sqrt, where, norm`` imports stand-ins that
     let linters and editors see them.
@@ -56,6 +57,17 @@ A call on scalars only (``sqrt(1 - beta2)``) and every other scalar-only
 subexpression is computed once per step on the host in float64 and passed to the
 kernel as an argument in the parameter's dtype, so a new learning rate is a new
 argument value, never a new compilation.
+
+Matrix operations
+-----------------
+A call of a matrix operation (:data:`MATRIX_OPERATIONS`: ``orthogonalize``, Newton-Schulz
+orthogonalization, as ``torch.optim.Muon`` runs it) acts on the whole tensor, not per
+element, so it may only be the whole value of an assignment,
+``update = orthogonalize(update, a, b, c, eps, steps, bfloat16)``: its first argument an
+elementwise expression, the others scalars. The generic path calls it like any other
+operation; the fused paths cut the rule there into elementwise stages, each a generated
+kernel, with the matrix operation run between them through the array library's own
+``matmul`` (see :mod:`optim_core.backends._lowering`).
 
 Optional states
 ---------------
@@ -86,8 +98,11 @@ functions (``xp.sum``, ``xp.linalg.vector_norm``). The fused paths run every
 reduction that depends on no other as one pass over the tensor before the
 elementwise pass, which then reads their values (so a rule with reductions reads
 each tensor twice and writes it once); a reduction of a reduction adds a pass. Fused
-reductions accumulate in float64 whatever the tensor's dtype. Rules with reductions
-are per tensor, so they refuse ``flat=True`` (whose buffers hold many tensors).
+reductions accumulate in float64 whatever the tensor's dtype. A step whose branches
+reach a reduction is per tensor, so it refuses ``flat=True`` (whose buffers hold many
+tensors); a reduction inside an ``if`` that is false (Adam without ``cautious``)
+costs nothing. Reductions are over the whole tensor; reductions over one axis
+(Adafactor's row and column means) are not in the language yet.
 
 What is refused, and when
 -------------------------
@@ -109,10 +124,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from optim_core.backends import OPERATIONS, REDUCTIONS, generic_operations
+from optim_core.backends import MATRIX_OPERATIONS, OPERATIONS, REDUCTIONS, generic_operations
 
-__all__ = ["OPERATIONS", "REDUCTIONS", "RuleError", "UpdateRule", "update_rule",
-           "sqrt", "maximum", "minimum", "sign", "lerp", "where", "norm", "size"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "RuleError", "UpdateRule",
+           "update_rule", "sqrt", "maximum", "minimum", "sign", "lerp", "where", "norm", "size",
+           "orthogonalize"]
 
 
 class RuleError(TypeError):
@@ -171,6 +187,7 @@ lerp = _stand_in("lerp")
 where = _stand_in("where")
 norm = _stand_in("norm")
 size = _stand_in("size")
+orthogonalize = _stand_in("orthogonalize")
 
 
 def __getattr__(name: str) -> Any:
@@ -210,6 +227,13 @@ class UpdateRule:
     def name(self) -> str:
         """The rule's function name (it names the generated kernels)."""
         return self.function.__name__
+
+    @property
+    def matrix_operations(self) -> tuple[str, ...]:
+        """The matrix operations the rule calls (empty for an elementwise rule)."""
+        return tuple(sorted({node.func.id for node in ast.walk(self.tree)
+                             if isinstance(node, ast.Call)
+                             and node.func.id in MATRIX_OPERATIONS}))
 
     @property
     def reductions(self) -> tuple[str, ...]:
@@ -359,6 +383,8 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
                     returned: tuple[str, ...],
                     place: Callable[[ast.AST], str] | None = None) -> None:
     place = place or (lambda node: f"rule {name}")
+    # ast.walk visits an assignment before its value: the calls seen as whole values.
+    matrix_calls: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # docstring
@@ -378,6 +404,14 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
             if node.keywords or (node.func.id in REDUCTIONS and len(node.args) != 1):
                 raise RuleError(f"{place(node)}: {ast.unparse(node)!r}: operations take "
                                 "positional arguments, a reduction exactly one")
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and getattr(node.value.func, "id", None) in MATRIX_OPERATIONS:
+            matrix_calls.add(id(node.value))
+            _check_matrix_call(node.value, name, scalars)
+        if isinstance(node, ast.Call) and node.func.id in MATRIX_OPERATIONS \
+                and id(node) not in matrix_calls:
+            raise RuleError(f"{place(node)}: a matrix operation ({node.func.id}) must be "
+                            "the whole value of an assignment")
         if isinstance(node, ast.If):
             used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             if not used <= scalars:
@@ -417,6 +451,22 @@ def _check_names(tree: ast.FunctionDef, scalars: set[str], arrays: tuple[str, ..
                 if node.id in OPERATIONS else ""
             raise RuleError(f"{place(node)}: {node.id!r} is neither an argument nor assigned "
                             f"in the rule{hint}")
+
+
+def _check_matrix_call(call: ast.Call, name: str, scalars: set[str]) -> None:
+    """A matrix operation: one elementwise operand, then scalar arguments, no keywords."""
+    if call.keywords or len(call.args) < 2:
+        raise RuleError(f"rule {name}: {call.func.id} takes an array and scalar arguments, "
+                        "positionally")
+    for argument in call.args[1:]:
+        used = {n.id for n in ast.walk(argument) if isinstance(n, ast.Name)} \
+            - set(OPERATIONS)
+        if not used <= scalars:
+            raise RuleError(f"rule {name}: the arguments of {call.func.id} after the first "
+                            f"must be scalars, not {sorted(used - scalars)}")
+    if any(isinstance(n, ast.Call) and n.func.id in MATRIX_OPERATIONS
+           for n in ast.walk(call.args[0])):
+        raise RuleError(f"rule {name}: matrix operations may not be nested")
 
 
 def _mentions(node: ast.AST, names: set[str]) -> bool:
