@@ -23,7 +23,7 @@ The founding article's FAQ on model size and interpretability has its own module
 from . import _source_tree  # noqa: F401, I001
 import sys as _sys
 
-from .optim import Optimizer, update_rule
+from .optim import Hyperparameter, Optimizer, RuleError, UpdateRule, update_rule
 from .optim.functional import functional
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
@@ -66,6 +66,9 @@ del _name, _module
 __all__ = [
     "Optimizer",
     "update_rule",
+    "UpdateRule",
+    "RuleError",
+    "Hyperparameter",
     "functional",
     "as_optax",
     *_algorithms.__all__,

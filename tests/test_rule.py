@@ -60,10 +60,10 @@ def _rule_with(body: str):
 
 @pytest.mark.parametrize("body, message", [
     ("    param = np.exp(param)", "only"),
-    ("    for i in range(3):\n        param = param", "For"),
+    ("    for i in range(3):\n        param = param", "a for loop"),
     ("    if param > 0:\n        param = param", "only test scalars"),
     ("    param, s = s, param", "one plain name"),
-    ("    param = param ** 2", "Pow"),
+    ("    param = param ** 2", "the power operator"),
     ("    param = where(lr > 0, param, grad)", "one comparison of arrays"),
     ("    param = where(0 < param < 1, param, grad)", "one comparison of arrays"),
     ("    param = where(param > 0, param)", "takes \\(condition, a, b\\)"),

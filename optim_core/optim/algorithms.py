@@ -189,8 +189,7 @@ class DGD(Optimizer):
                  **options: Any) -> None:
         super().__init__(params, dict(lr=lr, decay=decay), **options)
 
-    def _initial_group_state(self) -> dict[str, Any]:
-        return {"step": 0, "decay_product": 1.0}
+    initial_group_state = {"decay_product": 1.0}
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         alpha = group["lr"] * group_state["decay_product"]
@@ -512,8 +511,7 @@ class NAdam(Optimizer):
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       maximize=maximize), **options)
 
-    def _initial_group_state(self) -> dict[str, Any]:
-        return {"step": 0, "mu_product": 1.0}
+    initial_group_state = {"mu_product": 1.0}
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         step, lr, psi = group_state["step"], group["lr"], group["momentum_decay"]

@@ -111,9 +111,8 @@ class ASGD(Optimizer):
         super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
                                       weight_decay=weight_decay, maximize=maximize), **options)
 
-    def _initial_group_state(self) -> dict[str, Any]:
-        # eta is set by the first step (to that step's lr), before which it is unused.
-        return {"step": 0, "eta": 0.0, "mu": 1.0}
+    # eta is set by the first step (to that step's lr), before which it is unused.
+    initial_group_state = {"eta": 0.0, "mu": 1.0}
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         step, lr = group_state["step"], group["lr"]

@@ -2,7 +2,8 @@
 
 An optimizer is an :class:`~optim_core.optim.language.UpdateRule` (its elementwise
 math), a table of hyperparameter defaults, and a ``scalars`` method computing the host
-values the rule needs each step. Everything else lives here, once.
+values the rule needs each step. Everything else lives here, once. Subclassing
+:class:`Optimizer` is public API: see its Notes for what a subclass sets.
 
 Validate first, then write
 --------------------------
@@ -66,7 +67,7 @@ from .param_group import (
     Hyperparameter,
     ParamGroup,
 )
-from .registry import register
+from .registry import WEIGHT_DECAY_KINDS, register
 
 __all__ = ["Optimizer", "STATE_DICT_VERSION"]
 
@@ -136,13 +137,62 @@ class Optimizer:
         Per group, per parameter: its state arrays by name.
     group_state : list of dict
         Per group: the step count and any scalar state of the optimizer.
+
+    Notes
+    -----
+    **Writing an optimizer.** A subclass is a complete optimizer (generic path on
+    every array API library, fused numba and CUDA kernels, state dicts, checkpoints,
+    param groups, every option above) once it sets:
+
+    ``rule`` (required)
+        An :class:`~optim_core.optim.language.UpdateRule`, a function decorated with
+        :func:`optim_core.update_rule`. Its keyword scalars are filled each step from
+        the group's hyperparameters by name (a pair by its parts: ``betas`` gives
+        ``beta1, beta2``), then from :meth:`scalars`, then ``first_step``.
+    ``__init__``
+        Takes ``params``, the hyperparameters with their defaults, and ``**options``
+        (``impl``, ``backend``, ``nonfinite``, ``flat``, ...), and calls
+        ``super().__init__(params, dict(lr=lr, ...), **options)``.
+    :meth:`scalars`
+        Host values the rule needs beyond the hyperparameters (bias corrections,
+        a decayed step size), in float64, from the group and the exact integer
+        ``group_state["step"]``.
+    ``hyperparameter_checks``
+        ``{name: Hyperparameter(check, parts)}`` for each hyperparameter that the
+        shared table :data:`~optim_core.optim.param_group.HYPERPARAMETERS` (``lr``,
+        ``betas``, ``eps``, ``weight_decay``, ``momentum``, ``maximize``, ...) lacks;
+        ``check(name, value)`` returns the value to store or raises ValueError or
+        TypeError. A hyperparameter no check covers is refused when the optimizer is
+        made. Relations between hyperparameters: :meth:`check_relations` and
+        ``related_hyperparameters``.
+    ``initial_state``, ``initial_group_state``, :meth:`active_states`, ``quantized_states``
+        Optional: a state's fill (a hyperparameter's name; zero otherwise), scalar
+        state kept per group beyond the step count, which optional states a group
+        needs, which states ``state_bits=8`` or ``4`` may quantize.
+    ``weight_decay_kind``
+        How the class applies ``weight_decay`` ("none", "l2", "decoupled",
+        "switchable"), which :func:`optim_core.fit` reads to hand its decoupled
+        ``weight_decay`` over or apply it itself.
+    ``cli_name``
+        Optional. A class that sets one joins the registry
+        (:data:`optim_core.optim.registry.OPTIMIZERS`), so ``fit(optimizer=name)``,
+        the command line and the tools know it by that name; a class without one is
+        used as ``fit(optimizer=MyOptimizer)`` or as an instance.
+
+    The class attributes are checked when the class is defined (TypeError), the rule
+    when it is decorated (:class:`~optim_core.optim.language.RuleError`).
     """
 
     rule: ClassVar[UpdateRule]
-    #: Initial value of each state buffer (zero when not listed).
+    #: The value each state buffer starts at: the name of a hyperparameter whose value
+    #: fills it (Adagrad's ``{"sum": "initial_accumulator_value"}``); zero when not listed.
     initial_state: ClassVar[Mapping[str, str]] = {}
+    #: Scalar state of each group beyond the step count, with its starting value
+    #: (DGD's ``{"decay_product": 1.0}``): :meth:`scalars` reads and updates it in the
+    #: step's copy of the group state, and state dicts keep it.
+    initial_group_state: ClassVar[Mapping[str, float]] = {}
     #: The lower-case name fit, the CLI and the tools know it by; a class that defines
-    #: one joins :data:`optim_core.optim.registry.OPTIMIZERS`.
+    #: one joins :data:`optim_core.optim.registry.OPTIMIZERS`. Optional.
     cli_name: ClassVar[str | None] = None
     #: How ``weight_decay`` is applied; see :data:`optim_core.optim.registry.WEIGHT_DECAY_KINDS`.
     weight_decay_kind: ClassVar[str] = "none"
@@ -162,13 +212,18 @@ class Optimizer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "cli_name" in cls.__dict__:
+        _check_class(cls)
+        if "cli_name" in cls.__dict__ and cls.cli_name is not None:
             register(cls)
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto",
                  backend: Any = "auto", nonfinite: str = "propagate",
                  flat: bool = False, state_bits: int = 32, stochastic_rounding: bool = False,
                  compensated: bool = False, seed: int = 0) -> None:
+        if not isinstance(getattr(type(self), "rule", None), UpdateRule):
+            raise TypeError(f"{type(self).__name__} has no update rule: set the class "
+                            "attribute rule to a function decorated with "
+                            "@optim_core.update_rule")
         self.nonfinite = nonfinite
         flat = _checks.boolean("flat", flat)
         state_bits = _checks.choice("state_bits", _checks.integer("state_bits", state_bits),
@@ -221,17 +276,31 @@ class Optimizer:
 
     # ----------------------------------------------------------------- per optimizer
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
-        """Host scalars of this step beyond the hyperparameters.
+        """Host scalars of this step beyond the hyperparameters (override in a subclass).
 
-        ``group_state`` is this step's own copy of the group state, its ``step``
-        already counting this step; an optimizer that keeps scalar state (a running
-        product, say) updates it there, and the copy becomes the group state only if
-        the step succeeds.
+        Parameters
+        ----------
+        group : mapping
+            The param group's hyperparameters (checked values: Python floats, bools,
+            tuples for pairs).
+        group_state : dict
+            This step's own copy of the group state, its ``step`` (an exact Python
+            int) already counting this step, so the first step sees 1. An optimizer
+            with scalar state (a running product, declared in
+            ``initial_group_state``) updates it here; the copy becomes the group
+            state only if the step succeeds.
+
+        Returns
+        -------
+        dict
+            Keyword scalars of the rule by name, Python numbers or bools; they take
+            precedence over hyperparameters of the same name.
         """
         return {}
 
     def active_states(self, group: Mapping[str, Any]) -> set[str]:
-        """Optional states this group needs under its current hyperparameters."""
+        """The rule's optional states this group needs under its current hyperparameters
+        (SGD's ``momentum_buffer`` when ``momentum != 0``); override in a subclass."""
         return set()
 
     def tensor_scalars(self, group: Mapping[str, Any], scalars: Mapping[str, Any],
@@ -242,7 +311,7 @@ class Optimizer:
         return {}
 
     def _initial_group_state(self) -> dict[str, Any]:
-        return {"step": 0}
+        return {"step": 0, **self.initial_group_state}
 
     @classmethod
     def check_relations(cls, group: Mapping[str, Any]) -> None:
@@ -886,6 +955,45 @@ class Optimizer:
                 values[key] = _checks.number(f"group_state[{index}][{key!r}]", entry[key])
             checked.append({key: values[key] for key in entry})
         return checked
+
+
+def _check_class(cls: type) -> None:
+    """The class attributes a subclass sets, checked when it is defined (TypeError)."""
+    name = cls.__name__
+    rule = getattr(cls, "rule", None)
+    if rule is None:
+        return  # an abstract base (ScheduleFreeOptimizer); __init__ refuses to run one
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"{name}.rule must be an UpdateRule (a function decorated with "
+                        f"@optim_core.update_rule), got {type(rule).__name__}")
+    if cls.weight_decay_kind not in WEIGHT_DECAY_KINDS:
+        raise TypeError(f"{name}.weight_decay_kind must be one of {WEIGHT_DECAY_KINDS}, "
+                        f"got {cls.weight_decay_kind!r}")
+    for attribute, mapping, kind in (("initial_state", cls.initial_state, str),
+                                     ("quantized_states", cls.quantized_states, bool)):
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"{name}.{attribute} must be a dict, got {type(mapping).__name__}")
+        unknown = sorted(set(mapping) - set(rule.states))
+        if unknown:
+            raise TypeError(f"{name}.{attribute} names {unknown}, which are not states of "
+                            f"its rule {rule.name} ({list(rule.states)})")
+        wrong = [k for k, v in mapping.items() if not isinstance(v, kind)]
+        if wrong:
+            raise TypeError(f"{name}.{attribute}[{wrong[0]!r}] must be a {kind.__name__}, "
+                            f"got {mapping[wrong[0]]!r}")
+    group_state = cls.initial_group_state
+    if not isinstance(group_state, Mapping) or "step" in group_state or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in group_state.items()):
+        raise TypeError(f"{name}.initial_group_state must map names other than 'step' to "
+                        f"numbers, got {group_state!r:.80}")
+    checks = cls.hyperparameter_checks
+    if not isinstance(checks, Mapping) or not all(
+            isinstance(v, Hyperparameter) for v in checks.values()):
+        raise TypeError(f"{name}.hyperparameter_checks must map names to "
+                        "optim_core.Hyperparameter(check, parts)")
+    if not isinstance(cls.related_hyperparameters, (set, frozenset)):
+        raise TypeError(f"{name}.related_hyperparameters must be a set of names")
 
 
 def _exported(value: Any) -> Any:

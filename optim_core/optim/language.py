@@ -1,30 +1,62 @@
-"""Update rules: each optimizer's elementwise math, written exactly once.
+"""The rule language: each optimizer's elementwise update, written exactly once.
 
-An update rule is a plain Python function in a deliberately small language, so
-that the same source can be
+An update rule is a plain Python function in a deliberately small language, so that
+the same source can be
 
 * called directly on arrays of any array API namespace (the generic path), and
-* translated into compiled kernels (NumPy/numba and CUDA fast paths in
+* translated into compiled kernels (the NumPy/numba and CUDA fast paths of
   :mod:`optim_core.backends`), by walking its syntax tree.
+
+This is public API: :func:`update_rule` turns such a function into an
+:class:`UpdateRule`, and a subclass of :class:`optim_core.Optimizer` that names it as
+its ``rule`` is a complete optimizer, with the generic path and both fused kernels
+and no kernel code (the README's "Writing your own optimizer" shows one).
 
 The language
 ------------
 ``def name(param, grad, state_1, ..., *, scalar_1, ...)``
 
-* Positional arguments are elementwise arrays: the parameter, its gradient, then
-  the optimizer's per-element state buffers, in a fixed order.
-* Keyword-only arguments are scalars (Python floats and bools) computed on the
-  host once per step: hyperparameters and derived values such as bias corrections.
-* The body is a sequence of assignments and ``if``/``else`` blocks. Expressions use
-  ``+ - * /``, unary minus, numeric literals, comparisons of scalars, and the calls
-  in :data:`OPERATIONS`. An ``if`` may test scalars only: every element takes the
-  same branch, so kernels never diverge.
-* Elementwise choices are ``where(condition, a, b)``: the condition is one comparison
-  with an array on a side (``s < 0``), the only place a comparison of arrays may
-  appear, and ``a`` or ``b`` (or both) is an array; a scalar side takes the array's
-  dtype. ``minimum`` and ``maximum`` clamp (``minimum(maximum(x, low), high)``).
-* The last statement is ``return param, state_1, ...``: the new parameter and new
-  states, in argument order (without ``grad``).
+Arguments
+    Positional arguments are elementwise arrays: the parameter, its gradient, then
+    the optimizer's per-element state buffers (any names, in a fixed order; each
+    starts at zero, or at a hyperparameter's value, see
+    ``Optimizer.initial_state``). Keyword-only arguments are scalars (Python floats
+    and bools) computed on the host once per step: a hyperparameter of the
+    optimizer by name (a pair by its parts: ``betas`` is ``beta1, beta2``), a value
+    the optimizer's ``scalars()`` derives (bias corrections, decayed step sizes), or
+    ``first_step`` (True on a step that allocates states: the group's first step, or
+    a later one that allocates an optional state). No defaults, ``*args`` or
+    ``**kwargs``.
+Statements
+    Assignments to one plain name (``m = beta1 * m + (1 - beta1) * grad``, no ``+=``)
+    and ``if``/``else`` blocks whose test uses scalars only: every element takes the
+    same branch, so kernels never diverge (each outcome is one kernel specialization,
+    compiled once). The last statement, and the only ``return``, is
+    ``return param, state_1, ...``: the new parameter and new states, in argument
+    order, without ``grad``.
+Expressions
+    Names, numeric literals, ``+ - * /``, unary minus, and calls of the operations in
+    :data:`OPERATIONS` (no attributes such as ``np.exp``, no indexing, no ``**``: write
+    ``x * x``). Comparisons and ``and``/``or``/``not`` of scalars in ``if`` tests.
+Operations
+    ``sqrt(x)``, ``abs(x)``, ``sign(x)``; ``maximum(a, b)`` and ``minimum(a, b)``
+    (NaN propagates; ``minimum(maximum(x, low), high)`` clamps); ``lerp(a, b, w)``,
+    torch's two-sided ``a + w * (b - a)``, exact at both ends, with a scalar ``w``;
+    ``where(condition, a, b)``, the elementwise choice: the condition is one
+    comparison with an array on a side (``s < 0``), the only place arrays may be
+    compared, and ``a`` or ``b`` (or both) is an array (a scalar side takes the
+    array's dtype). And the per-tensor reductions ``sum(x)``, ``norm(x)`` and
+    ``size(x)`` and the matrix operation ``orthogonalize``, described below.
+    :data:`OPERATIONS` is the authoritative list; each has the array API standard's
+    meaning (generic path) and the same meaning in the kernels.
+    Their names are bound when a rule runs, whatever the defining module holds;
+    ``from optim_core.optim.language import sqrt, where, norm`` imports stand-ins that
+    let linters and editors see them.
+
+A call on scalars only (``sqrt(1 - beta2)``) and every other scalar-only
+subexpression is computed once per step on the host in float64 and passed to the
+kernel as an argument in the parameter's dtype, so a new learning rate is a new
+argument value, never a new compilation.
 
 Matrix operations
 -----------------
@@ -37,10 +69,14 @@ operation; the fused paths cut the rule there into elementwise stages, each a ge
 kernel, with the matrix operation run between them through the array library's own
 ``matmul`` (see :mod:`optim_core.backends._lowering`).
 
+Optional states
+---------------
 A state listed in ``optional_states`` is only allocated when the optimizer needs it
-(``amsgrad``'s running maximum, a momentum buffer); the rule must touch it only
-inside an ``if`` that is false whenever the state is absent. The generic path then
-passes ``None`` for it and kernels a dummy scalar.
+(``amsgrad``'s running maximum, a momentum buffer: ``Optimizer.active_states`` says
+which, from the hyperparameters); the rule must touch it only inside an ``if`` that is
+false whenever the state is absent. The generic path then passes ``None`` for it and
+kernels a dummy scalar. On the step that allocates it, ``first_step`` is True (SGD
+copies the gradient into a new momentum buffer).
 
 Per-tensor reductions
 ---------------------
@@ -67,6 +103,14 @@ reach a reduction is per tensor, so it refuses ``flat=True`` (whose buffers hold
 tensors); a reduction inside an ``if`` that is false (Adam without ``cautious``)
 costs nothing. Reductions are over the whole tensor; reductions over one axis
 (Adafactor's row and column means) are not in the language yet.
+
+What is refused, and when
+-------------------------
+:func:`update_rule` checks the whole function when it is decorated (at import time)
+and raises :class:`RuleError` (a TypeError) naming the rule, the line and what is not
+allowed: a construct outside the language, a call of anything but an operation, a
+name that is neither an argument nor assigned, an ``if`` testing an array, a
+comparison of arrays outside ``where``, a wrong ``return``.
 """
 
 from __future__ import annotations
@@ -82,7 +126,14 @@ from typing import Any
 
 from optim_core.backends import MATRIX_OPERATIONS, OPERATIONS, REDUCTIONS, generic_operations
 
-__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "UpdateRule", "update_rule"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "RuleError", "UpdateRule",
+           "update_rule", "sqrt", "maximum", "minimum", "sign", "lerp", "where", "norm", "size",
+           "orthogonalize"]
+
+
+class RuleError(TypeError):
+    """A function outside the rule language, refused by :func:`update_rule` when it is
+    decorated; the message names the rule, the line and what is not allowed."""
 
 
 _ALLOWED_NODES = (
@@ -93,10 +144,64 @@ _ALLOWED_NODES = (
     ast.BoolOp, ast.And, ast.Or, ast.Call,
 )
 
+# What the language lacks, said the way a user wrote it (the node's class name otherwise).
+_REFUSED = {
+    ast.Attribute: "attribute access (call the operations by their bare names)",
+    ast.Subscript: "indexing (a rule sees every element alike)",
+    ast.For: "a for loop (a rule is elementwise: write it for one element)",
+    ast.While: "a while loop",
+    ast.AugAssign: "augmented assignment (write x = x + y)",
+    ast.AnnAssign: "annotated assignment",
+    ast.Pow: "the power operator ** (write x * x, or use sqrt)",
+    ast.FloorDiv: "the operator //", ast.Mod: "the operator %", ast.MatMult: "the operator @",
+    ast.IfExp: "a conditional expression (use an if statement on scalars, or where)",
+    ast.Lambda: "a lambda", ast.ListComp: "a comprehension", ast.GeneratorExp: "a generator",
+    ast.List: "a list", ast.Dict: "a dict", ast.Import: "an import",
+    ast.ImportFrom: "an import", ast.Global: "global", ast.Nonlocal: "nonlocal",
+    ast.With: "a with block", ast.Try: "a try block", ast.Raise: "raise",
+    ast.Assert: "assert", ast.FunctionDef: "a nested function", ast.Starred: "unpacking",
+}
+
+
+def _stand_in(name: str) -> Callable[..., Any]:
+    def operation(*args: Any) -> Any:
+        raise RuntimeError(f"{name} is an operation of the rule language: it runs inside an "
+                           "update rule, where each backend binds it (see "
+                           "optim_core.update_rule)")
+
+    operation.__name__ = operation.__qualname__ = name
+    operation.__doc__ = (f"Stand-in for the rule language's ``{name}``, for linters and "
+                         "editors; a rule's call is bound to the backend's operation.")
+    return operation
+
+
+# Importable stand-ins of the operations (a rule's own calls are bound per backend by
+# UpdateRule.bind, whatever its module holds). abs and sum are Python's builtin names
+# already (linters know them; __getattr__ gives their stand-ins, as for any operation
+# added later).
+sqrt = _stand_in("sqrt")
+maximum = _stand_in("maximum")
+minimum = _stand_in("minimum")
+sign = _stand_in("sign")
+lerp = _stand_in("lerp")
+where = _stand_in("where")
+norm = _stand_in("norm")
+size = _stand_in("size")
+orthogonalize = _stand_in("orthogonalize")
+
+
+def __getattr__(name: str) -> Any:
+    if name in OPERATIONS:
+        return _stand_in(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 @dataclass(frozen=True)
 class UpdateRule:
-    """One optimizer's elementwise update, parsed and checked at import time.
+    """One optimizer's elementwise update, parsed and checked when it was defined.
+
+    Made by :func:`update_rule`; an :class:`~optim_core.Optimizer` subclass names one
+    as its ``rule``.
 
     Attributes
     ----------
@@ -108,6 +213,8 @@ class UpdateRule:
         States that exist only under some hyperparameters.
     scalars : tuple of str
         Names of the keyword-only scalar arguments.
+    tree : ast.FunctionDef
+        The checked syntax tree (decorators removed) the fused kernels are generated from.
     """
 
     function: Callable[..., tuple]
@@ -118,6 +225,7 @@ class UpdateRule:
 
     @property
     def name(self) -> str:
+        """The rule's function name (it names the generated kernels)."""
         return self.function.__name__
 
     @property
@@ -156,47 +264,145 @@ class UpdateRule:
 
     def __call__(self, xp: Any, param: Any, grad: Any, states: Mapping[str, Any],
                  scalars: Mapping[str, Any]) -> tuple:
-        """Apply the rule to arrays of namespace ``xp`` (the generic path)."""
+        """Apply the rule to arrays of namespace ``xp`` (the generic path).
+
+        Parameters
+        ----------
+        xp : module
+            An array API namespace (``array_api_compat.array_namespace(param)``).
+        param, grad : arrays
+        states : mapping
+            The state arrays by name; an absent optional state is passed as None.
+        scalars : mapping
+            Every keyword scalar of the rule by name.
+
+        Returns
+        -------
+        tuple
+            The new parameter and new states, as the rule returns them (nothing is
+            written in place).
+        """
         fn = self.bind(generic_operations(xp))
         return fn(param, grad, *(states.get(name) for name in self.states), **scalars)
 
 
-def update_rule(*, optional_states: tuple[str, ...] = ()) -> Callable[[Callable], UpdateRule]:
-    """Decorator turning a function in the rule language into an :class:`UpdateRule`."""
+def update_rule(function: Callable | None = None, *,
+                optional_states: tuple[str, ...] = ()) -> Any:
+    """Turn a function in the rule language into an :class:`UpdateRule`.
+
+    Use it as a decorator, ``@update_rule`` or ``@update_rule(optional_states=(...))``.
+    The function's source is read (:func:`inspect.getsource`: define rules in a file,
+    a module or a notebook cell, not at an interactive prompt), parsed and checked
+    against the language of :mod:`optim_core.optim.language` once, here.
+
+    Parameters
+    ----------
+    function : callable, optional
+        ``def name(param, grad, *states, *, scalars...)`` in the rule language.
+    optional_states : tuple of str
+        States allocated only when the optimizer's ``active_states`` asks for them;
+        the rule touches them only under an ``if`` that is false when they are absent.
+
+    Returns
+    -------
+    UpdateRule, or a decorator making one
+
+    Raises
+    ------
+    RuleError
+        If the function is outside the language (a TypeError subclass; the message
+        names the rule, the line and the construct).
+
+    Examples
+    --------
+    Sign descent with momentum (the names of the operations are bound when the rule
+    runs; ``from optim_core.optim.language import sign`` lets linters see ``sign``):
+
+    >>> from optim_core import update_rule
+    >>> @update_rule
+    ... def signum(param, grad, momentum_buffer, *, lr, beta1):
+    ...     momentum_buffer = beta1 * momentum_buffer + (1 - beta1) * grad
+    ...     param = param - lr * sign(momentum_buffer)
+    ...     return param, momentum_buffer                     # doctest: +SKIP
+    """
+    if function is not None:
+        if not callable(function):
+            raise TypeError("update_rule is used as @update_rule or "
+                            "@update_rule(optional_states=(...)); got "
+                            f"{type(function).__name__}")
+        return update_rule(optional_states=optional_states)(function)
+    if isinstance(optional_states, str) or not all(
+            isinstance(name, str) for name in optional_states):
+        raise TypeError(f"optional_states must be a tuple of state names, got "
+                        f"{optional_states!r}")
 
     def decorate(function: Callable) -> UpdateRule:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
-        assert isinstance(tree, ast.FunctionDef)
+        name = getattr(function, "__name__", repr(function))
+        try:
+            source = textwrap.dedent(inspect.getsource(function))
+        except (OSError, TypeError) as exc:
+            raise RuleError(f"rule {name}: its source cannot be read ({exc}); define rules "
+                            "with def in a file, a module or a notebook cell") from None
+        tree = ast.parse(source).body[0]
+        if not isinstance(tree, ast.FunctionDef) or tree.name != name:
+            raise RuleError(f"rule {name}: a rule is a function defined with def")
         tree.decorator_list = []
         args = tree.args
+        at = _place(name, function, tree)
+        if args.vararg or args.kwarg or args.posonlyargs or args.defaults or any(
+                d is not None for d in args.kw_defaults):
+            raise RuleError(f"{at}: arguments are (param, grad, *states, *, scalars...) "
+                            "with no defaults, *args or **kwargs")
         positional = [a.arg for a in args.args]
         scalars = tuple(a.arg for a in args.kwonlyargs)
         if positional[:2] != ["param", "grad"]:
-            raise TypeError(f"rule {function.__name__}: must start with (param, grad, ...)")
+            raise RuleError(f"{at}: must start with (param, grad, ...), got "
+                            f"({', '.join(positional)})")
         states = tuple(positional[2:])
         unknown = set(optional_states) - set(states)
         if unknown:
-            raise TypeError(f"rule {function.__name__}: unknown optional states {unknown}")
-        _check_language(tree, function.__name__, set(scalars), ("param", *states))
+            raise RuleError(f"rule {name}: unknown optional states {sorted(unknown)} "
+                            f"(its states are {list(states)})")
+        _check_language(tree, name, set(scalars), ("param", *states),
+                        lambda node: _place(name, function, node))
         return UpdateRule(function, states, frozenset(optional_states), scalars, tree)
 
     return decorate
 
 
+def _place(name: str, function: Callable, node: ast.AST) -> str:
+    """``rule NAME (file, line N)`` for messages: where the user wrote ``node``."""
+    code = getattr(function, "__code__", None)
+    line = getattr(node, "lineno", None)
+    if code is None or line is None:
+        return f"rule {name}"
+    return f"rule {name} ({code.co_filename}, line {code.co_firstlineno + line - 1})"
+
+
 def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
-                    returned: tuple[str, ...]) -> None:
+                    returned: tuple[str, ...],
+                    place: Callable[[ast.AST], str] | None = None) -> None:
+    place = place or (lambda node: f"rule {name}")
     # ast.walk visits an assignment before its value: the calls seen as whole values.
     matrix_calls: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # docstring
-        if not isinstance(node, _ALLOWED_NODES):
-            raise TypeError(f"rule {name}: {type(node).__name__} is not allowed in a rule")
+        # An operator has no line of its own: it is refused with its expression's.
+        operators = [node.op] if isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp)) \
+            else list(node.ops) if isinstance(node, ast.Compare) else []
+        for refused in [n for n in operators if not isinstance(n, _ALLOWED_NODES)] + (
+                [node] if not isinstance(node, _ALLOWED_NODES) or (
+                    isinstance(node, ast.FunctionDef) and node is not tree) else []):
+            what = _REFUSED.get(type(refused), f"{type(refused).__name__}")
+            raise RuleError(f"{place(node)}: {what} is not allowed in a rule")
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in OPERATIONS):
-                raise TypeError(f"rule {name}: only {OPERATIONS} may be called")
+                called = ast.unparse(node.func)
+                raise RuleError(f"{place(node)}: {called}() cannot be called in a rule; "
+                                f"only the operations {', '.join(OPERATIONS)} can")
             if node.keywords or (node.func.id in REDUCTIONS and len(node.args) != 1):
-                raise TypeError(f"rule {name}: {ast.unparse(node)!r}: operations take "
+                raise RuleError(f"{place(node)}: {ast.unparse(node)!r}: operations take "
                                 "positional arguments, a reduction exactly one")
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
                 and getattr(node.value.func, "id", None) in MATRIX_OPERATIONS:
@@ -204,46 +410,65 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
             _check_matrix_call(node.value, name, scalars)
         if isinstance(node, ast.Call) and node.func.id in MATRIX_OPERATIONS \
                 and id(node) not in matrix_calls:
-            raise TypeError(f"rule {name}: a matrix operation ({node.func.id}) must be the "
-                            "whole value of an assignment")
+            raise RuleError(f"{place(node)}: a matrix operation ({node.func.id}) must be "
+                            "the whole value of an assignment")
         if isinstance(node, ast.If):
             used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             if not used <= scalars:
-                raise TypeError(f"rule {name}: an if may only test scalars, not {used - scalars}")
+                raise RuleError(f"{place(node)}: an if may only test scalars, not "
+                                f"{sorted(used - scalars)} (choose per element with where)")
         if isinstance(node, ast.Assign) and not (
             len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
         ):
-            raise TypeError(f"rule {name}: assign to one plain name at a time")
+            raise RuleError(f"{place(node)}: assign to one plain name at a time")
     # A rule's own name for an operation it calls would shadow it on the generic path.
     bound = {a.arg for a in (*tree.args.args, *tree.args.kwonlyargs)} | {
         n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)}
     if bound & called:
-        raise TypeError(f"rule {name}: {sorted(bound & called)} both names a value and is "
+        raise RuleError(f"rule {name}: {sorted(bound & called)} both names a value and is "
                         "called")
+    _check_names(tree, scalars, returned, place)
     _check_elementwise_choices(tree, name, _array_names(tree, returned))
     last = tree.body[-1]
     if not (isinstance(last, ast.Return) and isinstance(last.value, ast.Tuple)
             and tuple(getattr(e, "id", None) for e in last.value.elts) == returned):
-        raise TypeError(f"rule {name}: must end with 'return {', '.join(returned)}'")
+        raise RuleError(f"{place(last)}: must end with 'return {', '.join(returned)}'")
     if any(isinstance(n, ast.Return) for n in ast.walk(tree) if n is not last):
-        raise TypeError(f"rule {name}: only one return, at the end")
+        raise RuleError(f"rule {name}: only one return, at the end")
+
+
+def _check_names(tree: ast.FunctionDef, scalars: set[str], arrays: tuple[str, ...],
+                 place: Callable[[ast.AST], str]) -> None:
+    """Every name read is an argument, an operation called, or assigned somewhere."""
+    known = {"grad", *arrays, *scalars,
+             *(n.targets[0].id for n in ast.walk(tree) if isinstance(n, ast.Assign))}
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and \
+                node.id not in known and id(node) not in called:
+            hint = " (an operation is only called, as in sqrt(x))" \
+                if node.id in OPERATIONS else ""
+            raise RuleError(f"{place(node)}: {node.id!r} is neither an argument nor assigned "
+                            f"in the rule{hint}")
 
 
 def _check_matrix_call(call: ast.Call, name: str, scalars: set[str]) -> None:
     """A matrix operation: one elementwise operand, then scalar arguments, no keywords."""
     if call.keywords or len(call.args) < 2:
-        raise TypeError(f"rule {name}: {call.func.id} takes an array and scalar arguments, "
+        raise RuleError(f"rule {name}: {call.func.id} takes an array and scalar arguments, "
                         "positionally")
     for argument in call.args[1:]:
         used = {n.id for n in ast.walk(argument) if isinstance(n, ast.Name)} \
             - set(OPERATIONS)
         if not used <= scalars:
-            raise TypeError(f"rule {name}: the arguments of {call.func.id} after the first "
+            raise RuleError(f"rule {name}: the arguments of {call.func.id} after the first "
                             f"must be scalars, not {sorted(used - scalars)}")
     if any(isinstance(n, ast.Call) and n.func.id in MATRIX_OPERATIONS
            for n in ast.walk(call.args[0])):
-        raise TypeError(f"rule {name}: matrix operations may not be nested")
+        raise RuleError(f"rule {name}: matrix operations may not be nested")
+
+
 def _mentions(node: ast.AST, names: set[str]) -> bool:
     return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
 
@@ -271,20 +496,20 @@ def _check_elementwise_choices(tree: ast.FunctionDef, name: str, arrays: set[str
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and node.func.id == "where":
             if len(node.args) != 3:
-                raise TypeError(f"rule {name}: where takes (condition, a, b)")
+                raise RuleError(f"rule {name}: where takes (condition, a, b)")
             condition, *sides = node.args
             if not (isinstance(condition, ast.Compare) and len(condition.ops) == 1
                     and _mentions(condition, arrays)):
-                raise TypeError(f"rule {name}: where's condition must be one comparison "
+                raise RuleError(f"rule {name}: where's condition must be one comparison "
                                 f"of arrays, not {ast.unparse(condition)!r} (test scalars "
                                 "with an if)")
             if not any(_mentions(side, arrays) for side in sides):
-                raise TypeError(f"rule {name}: where needs an array as a or b, got "
+                raise RuleError(f"rule {name}: where needs an array as a or b, got "
                                 f"{ast.unparse(node)!r}")
             conditions.add(id(condition))
     for node in ast.walk(tree):
         logical = isinstance(node, (ast.Compare, ast.BoolOp)) or (
             isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
         if logical and id(node) not in conditions and _mentions(node, arrays):
-            raise TypeError(f"rule {name}: {ast.unparse(node)!r} compares arrays outside "
+            raise RuleError(f"rule {name}: {ast.unparse(node)!r} compares arrays outside "
                             "where's condition")

@@ -30,14 +30,27 @@ __all__ = ["ParamGroup", "GroupSchema", "Hyperparameter", "HYPERPARAMETERS", "SC
 class Hyperparameter(NamedTuple):
     """How one hyperparameter is checked, and what the rules call its parts.
 
+    Public as ``optim_core.Hyperparameter``: an optimizer of your own declares each
+    hyperparameter that :data:`HYPERPARAMETERS` lacks in its ``hyperparameter_checks``.
+
     Attributes
     ----------
     check : callable
         ``check(name, value)`` returns the value to store (a Python float, bool or
-        tuple) or raises :class:`~optim_core._checks.WrongTypeError` or ValueError.
+        tuple) or raises TypeError (a wrong kind of value) or ValueError (out of
+        range), with a message naming ``name``. It runs whenever the value is written:
+        when the optimizer is made, and on ``opt.param_groups[i][name] = value``.
     parts : tuple of str
         For a pair, the rule's scalar names of its elements (``betas`` is
         ``beta1, beta2`` in every rule); empty when the rule takes the value by name.
+
+    Examples
+    --------
+    >>> def positive(name, value):
+    ...     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    ...         raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    ...     return float(value)
+    >>> checks = {"gamma": Hyperparameter(positive)}
     """
 
     check: Callable[[str, Any], Any]

@@ -3,7 +3,9 @@
 A class joins by defining ``cli_name`` (the lower-case name :func:`optim_core.fit`, the
 command line and the tools accept); :meth:`Optimizer.__init_subclass__` registers it
 when the class is created, so adding an optimizer never means editing a list here or
-in the training code.
+in the training code. Joining is optional: a class of your own without a ``cli_name``
+is an optimizer all the same (``fit(optimizer=MyOptimizer)``, or an instance), only
+unknown by name.
 """
 
 from __future__ import annotations

@@ -112,8 +112,7 @@ class ScheduleFreeOptimizer(Optimizer):
         or AdamW's ``betas[0]``)."""
         raise NotImplementedError
 
-    def _initial_group_state(self) -> dict[str, Any]:
-        return {"step": 0, "lr_max": -1.0, "weight_sum": 0.0}
+    initial_group_state: ClassVar[Mapping[str, float]] = {"lr_max": -1.0, "weight_sum": 0.0}
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         # schedulefree's step, with k = the steps taken before this one.

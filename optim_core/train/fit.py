@@ -34,6 +34,7 @@ from .. import _checks as checks
 from .. import _namespace as ns
 from ..optim import registry as _registry
 from ..optim.base import Optimizer
+from ..optim.schedule_free import ScheduleFreeOptimizer
 from . import data as data_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
 from .extras import progress_bar
@@ -151,10 +152,11 @@ class History:
                 f"{', stopped early' if self.stopped_early else ''})")
 
 
-def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = None,
-                   weight_decay: float | None = None, nonfinite: str = "raise",
-                   **kwargs: Any) -> Optimizer:
-    """Build the optimizer called ``name`` (case-insensitive; see :data:`OPTIMIZERS`).
+def make_optimizer(name: str | type[Optimizer], params: Mapping[str, Any], *,
+                   lr: float | None = None, weight_decay: float | None = None,
+                   nonfinite: str = "raise", **kwargs: Any) -> Optimizer:
+    """Build the optimizer called ``name`` (case-insensitive; see :data:`OPTIMIZERS`), or
+    of class ``name`` (any :class:`~optim_core.Optimizer` subclass, registered or not).
 
     ``lr=None`` keeps the optimizer's default. ``weight_decay`` is decoupled decay,
     passed to optimizers that implement it (AdamW and Lion always, Adam, NAdam and
@@ -162,7 +164,7 @@ def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = N
     :func:`fit`, so it is not passed here. None keeps the optimizer's default
     (AdamW's 0.01).
     """
-    cls = _registry.optimizer_class(name)
+    cls = _optimizer_class(name)
     if "weight_decay" in kwargs:
         raise TypeError("give weight_decay as fit's weight_decay (decoupled decay); "
                         "use l2= for an L2 penalty")
@@ -180,6 +182,13 @@ def make_optimizer(name: str, params: Mapping[str, Any], *, lr: float | None = N
     elif weight_decay is not None and cls.weight_decay_kind == "decoupled":
         kwargs["weight_decay"] = 0.0
     return cls(dict(params), nonfinite=nonfinite, **kwargs)
+
+
+def _optimizer_class(optimizer: str | type[Optimizer]) -> type[Optimizer]:
+    """The class an optimizer given by name or by class stands for."""
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        return optimizer
+    return _registry.optimizer_class(optimizer)
 
 
 def _built_on(optimizer: Optimizer, params: Mapping[str, Any]) -> bool:
@@ -237,7 +246,7 @@ class _Run:
 
     data: Any  # a data adapter (optim_core.train.data)
     validation: Any  # a data adapter, or None
-    optimizer: str | Optimizer
+    optimizer: str | type[Optimizer] | Optimizer
     optimizer_kwargs: dict[str, Any]
     lr: float | None
     epochs: int
@@ -263,7 +272,7 @@ class _Run:
         return isinstance(self.optimizer, Optimizer)
 
 
-def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
+def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Optimizer = "adam",
         lr: float | None = None, epochs: int = 10, batch_size: int | None = None,
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None,
         schedule: Callable[[float, int], float] | None = None,
@@ -293,9 +302,19 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         are integers ``0 .. n_classes - 1``. Dask arrays (both) train on a Dask
         cluster with the parameters in memory, in the chunks' library; mini-batches
         are then shuffled chunk by chunk (see :mod:`optim_core.train.dask_data`).
-    optimizer : str or Optimizer
-        A name from :data:`OPTIMIZERS` (case-insensitive), or an optimizer already
-        built on ``model.params`` (a dict, so gradients can be matched by name).
+    optimizer : str, Optimizer subclass or Optimizer
+        A name from :data:`OPTIMIZERS` (case-insensitive), an optimizer class (one of
+        your own needs no ``cli_name``), or an optimizer already built on
+        ``model.params`` (a dict, so gradients can be matched by name).
+        A schedule-free optimizer (:class:`~optim_core.ScheduleFreeAdamW`,
+        :class:`~optim_core.ScheduleFreeSGD`) trains at its point :math:`y` and is
+        evaluated at the average :math:`x`, as the ``schedulefree`` package
+        prescribes: each epoch starts with ``optimizer.train()`` and ends with
+        ``optimizer.eval()``, so ``val_loss``/``val_metric``, the callbacks (early
+        stopping and its best weights), the checkpoints and the model ``fit`` returns
+        are at :math:`x` (the optimizer is left in eval mode; call ``train()`` to step
+        it yourself, or ``fit`` again, which does). ``train_loss`` is measured at
+        :math:`y`, where the gradients are taken.
     lr : float, optional
         Base learning rate; None keeps the optimizer's default (or an instance's
         current rate).
@@ -481,13 +500,15 @@ def _checked_run(model: Any, X: Any, y: Any, *, optimizer: Any, lr: Any, epochs:
                              "(the same dict of arrays, or copies of them with flat=True)")
         if lr is not None:
             lr = _nonnegative("lr", lr)
-    elif isinstance(optimizer, str):
-        _registry.optimizer_class(optimizer)  # ValueError listing the known names
+    elif isinstance(optimizer, str) or (isinstance(optimizer, type)
+                                        and issubclass(optimizer, Optimizer)):
+        _optimizer_class(optimizer)  # ValueError listing the known names
         if "weight_decay" in optimizer_kwargs:
             raise TypeError("give weight_decay as fit's weight_decay (decoupled decay); "
                             "use l2= for an L2 penalty")
     else:
-        raise TypeError(f"optimizer must be a name or an Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a name, an Optimizer subclass or an Optimizer, "
+                        f"got {type(optimizer).__name__}")
     checkpoint_every = checks.integer("checkpoint_every", checkpoint_every, minimum=1)
     resume = checks.boolean("resume", resume)
     if checkpoint is not None:
@@ -530,7 +551,7 @@ def _run_settings(model: Model, run: _Run, seed: int) -> dict[str, Any]:
         "model": type(model).__name__,
         "param_shapes": {name: list(shape) for name, shape in model.param_shapes().items()},
         "optimizer": (type(optimizer).__name__ if isinstance(optimizer, Optimizer)
-                      else _registry.optimizer_class(optimizer).__name__),
+                      else _optimizer_class(optimizer).__name__),
         "n_samples": run.data.n_samples, "batch_size": run.batch_size, "shuffle": run.shuffle,
         "lr": run.lr, "weight_decay": run.weight_decay, "l1": run.l1, "l2": run.l2,
         "clip_norm": run.clip_norm, "clip_value": run.clip_value, "seed": seed,
@@ -719,10 +740,17 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
     bar = progress_bar(epochs, "fit", "epoch", run.progress)
     if bar is not None and first_epoch > 1:
         bar.update(min(first_epoch - 1, epochs))
+    # A schedule-free optimizer trains at y and is evaluated at the average x: each epoch
+    # starts with train() and ends with eval(), so validation, callbacks (early
+    # stopping's best weights), checkpoints and the returned model all see x.
+    averaged = isinstance(optimizer, ScheduleFreeOptimizer)
     try:
         for epoch in range(first_epoch, epochs + 1):
             started = time.perf_counter()
             loss_sum = correct_sum = None
+            if averaged:
+                optimizer.train()
+                params.pull()
             for X_batch, y_batch in data.batches(run.batch_size, run.shuffle,
                                                  _epoch_rng(seed, epoch)):
                 if schedule is not None:
@@ -743,6 +771,9 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
                 loss_sum = weighted if loss_sum is None else loss_sum + weighted
                 if classifier:
                     correct_sum = correct if correct_sum is None else correct_sum + correct
+            if averaged:
+                optimizer.eval()
+                params.pull()  # new arrays on immutable libraries
             logs = _epoch_logs(model, epoch, loss_sum, correct_sum, data, validation, params,
                                started)
             history.epochs.append(logs)
