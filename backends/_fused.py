@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._generic import GENERIC, PreparedStep, TensorMismatch, checked_state_names
+from ._lowering import reductions_taken
+from ._quantized import is_quantized
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -37,16 +39,17 @@ __all__ = ["FusedImplementation"]
 
 
 class _Spec:
-    """A (states present, dtype) pair, interned: a dict key hashed by identity, so a step
-    looks each tensor's specialization up without building and hashing a tuple."""
+    """A (states present, dtype, quantized states) triple, interned: a dict key hashed by
+    identity, so a step looks each tensor's specialization up without building and hashing
+    a tuple. ``layout`` is ``((state, bits, signed), ...)`` of the quantized states."""
 
-    __slots__ = ("names", "dtype")
+    __slots__ = ("names", "dtype", "layout")
 
-    def __init__(self, names: tuple[str, ...], dtype: np.dtype) -> None:
-        self.names, self.dtype = names, dtype
+    def __init__(self, names: tuple[str, ...], dtype: np.dtype, layout: tuple = ()) -> None:
+        self.names, self.dtype, self.layout = names, dtype, layout
 
 
-_SPECS: dict[tuple[tuple[str, ...], np.dtype], _Spec] = {}
+_SPECS: dict[tuple, _Spec] = {}
 
 
 class _Tensor:
@@ -62,15 +65,15 @@ class _Tensor:
     __slots__ = ("param", "size", "names", "state_ids", "arrays", "dtype", "fused", "spec")
 
     def __init__(self, param: Any, names: tuple[str, ...], state: dict[str, Any],
-                 arrays: tuple[Any, ...], dtype: Any, fused: bool) -> None:
+                 arrays: tuple[Any, ...], dtype: Any, fused: bool, layout: tuple = ()) -> None:
         self.param, self.size, self.names = param, param.size, names
         # The states themselves stay referenced through ``arrays`` (or this tuple).
         self.state_ids = (tuple(map(id, state.values())), tuple(state.values()))
         self.arrays, self.dtype, self.fused = arrays, dtype, fused
-        key = (names, dtype)
+        key = (names, dtype, layout)
         spec = _SPECS.get(key)
         if spec is None:
-            spec = _SPECS.setdefault(key, _Spec(names, dtype))
+            spec = _SPECS.setdefault(key, _Spec(names, dtype, layout))
         self.spec, self.names = spec, spec.names  # one tuple per spec: compared by identity
 
     def holds(self, param: Any, state: dict[str, Any]) -> bool:
@@ -111,9 +114,18 @@ class FusedImplementation:
 
     # ----------------------------------------------------------------- per library
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
-                   dtype: np.dtype) -> tuple[Any, list[float]]:
-        """The compiled kernels of this step's specialization and the hoisted values."""
+                   dtype: np.dtype, layout: tuple = ()) -> tuple[Any, list[float]]:
+        """The compiled kernels of this step's specialization and the hoisted values;
+        ``layout`` lists the quantized states, ``((state, bits, signed), ...)``."""
         raise NotImplementedError
+
+    def quantized_arrays(self, state: Any) -> tuple:
+        """A quantized state's kernel arguments (codes, scales, map, midpoints)."""
+        raise NotImplementedError
+
+    def quantized_fusable(self, param: Any, states: tuple) -> bool:
+        """Whether a quantized kernel takes this tensor's arrays as they are."""
+        return False
 
     def fusable(self, arrays: list[Any]) -> bool:
         """Whether a kernel takes ``arrays`` (param, grad, states) as they are."""
@@ -149,7 +161,7 @@ class FusedImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None) -> PreparedStep:
+                cache: dict | None = None, rounding: Any = None) -> PreparedStep:
         """Check every tensor and find its kernels (compiling where needed); write nothing.
 
         Parameters
@@ -157,6 +169,9 @@ class FusedImplementation:
         cache : dict, optional
             Kept by the caller for one group across steps: the checked records of its
             tensors (see the module docstring). Without it every tensor is checked in full.
+        rounding : Rounding, optional
+            How 16-bit parameters are stored (see :mod:`._rounding`); those always take
+            the generic path.
 
         Raises
         ------
@@ -185,11 +200,18 @@ class FusedImplementation:
             if not (record.fused and grad_fusable(grad, record)):
                 generic.append(index)
                 continue
+            if record.spec.layout and rule.reductions and reductions_taken(
+                    rule, scalars, frozenset(names)):
+                # The quantized kernels have no reduction pass: the generic path steps it.
+                generic.append(index)
+                continue
             if not record.size:
                 continue
             entry = kernels_of.get(record.spec)
             if entry is None:
-                kernels, hoisted = self.kernel_for(rule, scalars, frozenset(names), record.dtype)
+                layout = record.spec.layout
+                kernels, hoisted = self.kernel_for(rule, scalars, frozenset(names), record.dtype,
+                                                   *((layout,) if layout else ()))
                 entry = kernels_of[record.spec] = [
                     kernels, [record.dtype.type(h) for h in hoisted], False, False]
             # Which variants (below, at or above large_size) this step needs, to have them
@@ -204,7 +226,7 @@ class FusedImplementation:
         def run() -> list[Any]:
             if generic:
                 GENERIC._run(rule, xp, [params[i] for i in generic], [grads[i] for i in generic],
-                             [states[i] for i in generic], scalars)
+                             [states[i] for i in generic], scalars, rounding, generic)
             self.launch(tensors)
             return params if isinstance(params, list) else list(params)
 
@@ -216,6 +238,14 @@ class FusedImplementation:
         names = checked_state_names(rule, index, param, state, expected)
         states = tuple(state[n] for n in names)
         dtype = np.dtype(param.dtype)
-        fused = self.fusable([param, *states])
-        arrays = tuple(self.kernel_array(a) for a in (param, *states)) if fused else ()
-        return _Tensor(param, names, state, arrays, dtype, fused)
+        layout = tuple((n, s.bits, s.signed) for n, s in zip(names, states) if is_quantized(s))
+        if layout:
+            # A quantized state is four kernel arguments: codes, scales, map, midpoints.
+            fused = self.quantized_fusable(param, states)
+            arrays = (self.kernel_array(param), *(
+                a for s in states for a in (self.quantized_arrays(s) if is_quantized(s)
+                                            else (self.kernel_array(s),)))) if fused else ()
+        else:
+            fused = self.fusable([param, *states])
+            arrays = tuple(self.kernel_array(a) for a in (param, *states)) if fused else ()
+        return _Tensor(param, names, state, arrays, dtype, fused, layout)

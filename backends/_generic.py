@@ -22,6 +22,8 @@ import numpy as np
 from optim_core import _namespace as ns
 
 from ._operations import generic_operations
+from ._quantized import QuantizedState, block_count, code_count, dequantize, store_quantized
+from ._rounding import COMPENSATION, Rounding, is_16bit, stochastic_round
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -67,14 +69,53 @@ def checked_state_names(rule: UpdateRule, index: int, param: Any, state: Mapping
                                     "the same state entries")
     for name in names:
         array = state[name]
+        if type(array) is QuantizedState:
+            _check_quantized(index, name, array, shape)
+            continue
         got = getattr(array, "shape", None)
-        if got is None or tuple(got) != shape or array.dtype != dtype:
+        if got is None or tuple(got) != shape or array.dtype != state_dtype(dtype):
             what = (f"shape {tuple(got)} and dtype {array.dtype}" if got is not None
                     else f"type {type(array).__name__}")
             raise TensorMismatch(index, f"state {name!r} has {what}, the parameter shape "
                                         f"{shape} and dtype {dtype}: it was resized or "
                                         "replaced after its state was made")
     return names
+
+
+def state_dtype(dtype: Any) -> Any:
+    """The dtype of the (unquantized) states of a parameter of ``dtype``: float32 for
+    float16, whose exponent range a second moment (a squared gradient) underflows, the
+    parameter's own otherwise (bfloat16 has float32's exponent range)."""
+    try:
+        if np.dtype(dtype) == np.float16:
+            return np.dtype(np.float32)
+    except TypeError:
+        name = str(dtype)
+        if name.endswith("float16") and "bfloat16" not in name:
+            return _float32_like(dtype)
+    return dtype
+
+
+def _float32_like(dtype: Any) -> Any:
+    """float32 of the library ``dtype`` comes from (torch.float16 -> torch.float32)."""
+    module = sys.modules.get(type(dtype).__module__.split(".")[0])
+    return getattr(module, "float32", np.float32)
+
+
+def _check_quantized(index: int, name: str, state: QuantizedState,
+                     shape: tuple[int, ...]) -> None:
+    """A quantized state's codes and scales are as long as its parameter needs."""
+    codes, absmax = state.codes, state.absmax
+    want_codes, want_blocks = code_count(state.bits, state.size), block_count(state.bits,
+                                                                            state.size)
+    if state.shape != shape or tuple(codes.shape) != (want_codes,) or \
+            tuple(absmax.shape) != (want_blocks,) or str(codes.dtype).rsplit(".")[-1] != \
+            "uint8" or str(absmax.dtype).rsplit(".")[-1] != "float32":
+        raise TensorMismatch(index, f"quantized state {name!r} has shape {state.shape}, codes "
+                                    f"{tuple(codes.shape)} {codes.dtype} and scales "
+                                    f"{tuple(absmax.shape)} {absmax.dtype}; the parameter "
+                                    f"shape {shape} needs {want_codes} uint8 codes and "
+                                    f"{want_blocks} float32 scales")
 
 
 class PreparedStep:
@@ -94,15 +135,18 @@ class GenericImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None) -> PreparedStep:
+                cache: dict | None = None, rounding: Rounding | None = None) -> PreparedStep:
         """Check every tensor (:func:`checked_state_names`); the step, ready to run.
 
-        ``cache`` is accepted for the fused implementations' sake and not used.
+        ``cache`` is accepted for the fused implementations' sake and not used;
+        ``rounding`` says how 16-bit parameters are stored (see :mod:`._rounding`;
+        None: to nearest).
         """
         expected = None
         for index, (param, state) in enumerate(zip(params, states, strict=True)):
             expected = checked_state_names(rule, index, param, state, expected)
-        return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars))
+        return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars,
+                                              rounding))
 
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
@@ -110,13 +154,30 @@ class GenericImplementation:
         return self.prepare(rule, xp, params, grads, states, scalars).run()
 
     def _run(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
-             states: Sequence[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
+             states: Sequence[dict[str, Any]], scalars: dict[str, Any],
+             rounding: Rounding | None = None,
+             indices: Sequence[int] | None = None) -> list[Any]:
+        """Step each tensor; ``indices`` are their positions in the group (for the keys of
+        stochastic rounding), ``range(len(params))`` by default."""
         update = rule.bind(generic_operations(xp))
         out = []
+        indices = range(len(params)) if indices is None else indices
         with _no_autograd(params):
-            for param, grad, state in zip(params, grads, states):
+            for index, param, grad, state in zip(indices, params, grads, states):
                 given = [state.get(name) for name in rule.states]
                 compute = _compute_dtype(xp, param.dtype)
+                kind = rounding.kind if rounding is not None and is_16bit(param.dtype) \
+                    else "nearest"
+                stored = param
+                if kind == "compensated":
+                    # Kahan: the step sees the parameter plus what rounding dropped.
+                    param = xp.astype(param, compute) + xp.astype(state[COMPENSATION], compute)
+                if any(type(s) is QuantizedState for s in given):
+                    # The storage kind is not the rule's business: dequantized into the
+                    # compute dtype, stepped by the same rule, quantized again.
+                    values = compute if compute is not None else param.dtype
+                    given = [dequantize(xp, s, values, like=param)
+                             if type(s) is QuantizedState else s for s in given]
                 if compute is None:
                     new_param, *new_states = update(param, grad, *given, **scalars)
                 else:
@@ -124,10 +185,22 @@ class GenericImplementation:
                     new_param, *new_states = update(xp.astype(param, compute),
                                                     xp.astype(grad, compute), *given,
                                                     **scalars)
-                param = _store(xp, param, new_param)
+                if kind == "stochastic":
+                    new_param = stochastic_round(xp, new_param, stored.dtype,
+                                                 rounding.key(index))
+                    param = _store(xp, stored, new_param)
+                elif kind == "compensated":
+                    param = _store(xp, stored, new_param)
+                    residual = new_param - xp.astype(param, compute)
+                    state[COMPENSATION] = _store(xp, state[COMPENSATION], residual)
+                else:
+                    param = _store(xp, param, new_param)
                 for name, value, before in zip(rule.states, new_states, given):
                     if name in state and value is not before:
-                        state[name] = _store(xp, state[name], value)
+                        if type(state[name]) is QuantizedState:
+                            store_quantized(xp, state[name], value)
+                        else:
+                            state[name] = _store(xp, state[name], value)
                 out.append(param)
         return out
 

@@ -14,6 +14,13 @@
 * ``optax-jit``: optax's transformation and ``optax.apply_updates`` under one
   ``jax.jit`` with the parameters and state donated, where JAX and optax are installed.
 
+Schedule-Free SGD and AdamW run against the ``schedulefree`` package (torch) in the
+``torch-forloop`` and ``torch-foreach`` rows (its ``foreach=False`` and ``True``); L-BFGS
+(``ours-generic``: it is no elementwise rule) against ``torch.optim.LBFGS`` in the
+``torch-forloop`` row, each step a fresh optimizer's one ``step(closure)`` on
+:func:`bench.workloads.quadratic_objective` from the same start (see
+:func:`_build_lbfgs`).
+
 Every implementation runs the same hyperparameters (:data:`HYPERPARAMETERS`,
 ``torch.optim``'s defaults). One that cannot run a combination raises
 :class:`NotAvailable`; the benchmark records it as "n/a" with the reason.
@@ -21,6 +28,7 @@ Every implementation runs the same hyperparameters (:data:`HYPERPARAMETERS`,
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -31,12 +39,14 @@ from typing import Any
 import numpy as np
 
 from . import timing
-from .workloads import Workload
+from .workloads import Workload, quadratic_objective
 
 __all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "WorkloadData",
            "build"]
 
-OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion")
+OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion",
+              "schedulefree-sgd", "schedulefree-adamw", "lbfgs", "asgd", "rprop", "adopt",
+              "ademamix")
 IMPLS = ("ours-fused", "ours-flat", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
          "torch-fused", "optax-jit")
 
@@ -49,10 +59,26 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adagrad": {"lr": 1e-2, "eps": 1e-10},
     "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8},
     "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+    # schedulefree's defaults.
+    "schedulefree-sgd": {"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 0,
+                         "r": 0.0, "weight_lr_power": 2.0},
+    "schedulefree-adamw": {"lr": 0.0025, "betas": (0.9, 0.999), "eps": 1e-8,
+                           "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0,
+                           "weight_lr_power": 2.0},
+    # Ten iterations with the line search, a short history.
+    "lbfgs": {"lr": 1.0, "max_iter": 10, "history_size": 10, "line_search_fn": "strong_wolfe"},
+    # torch.optim's defaults (ASGD, Rprop); optax.contrib's (ADOPT, AdEMAMix).
+    "asgd": {"lr": 1e-2, "lambd": 1e-4, "alpha": 0.75, "t0": 1e6, "weight_decay": 0.0},
+    "rprop": {"lr": 1e-2, "etas": (0.5, 1.2), "step_sizes": (1e-6, 50)},
+    "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6},
+    "ademamix": {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "alpha": 5.0, "eps": 1e-8,
+                 "weight_decay": 0.0},
 }
 
 _CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd-momentum": "SGD", "adagrad": "Adagrad",
-                "rmsprop": "RMSprop", "lion": "Lion"}
+                "rmsprop": "RMSprop", "lion": "Lion", "schedulefree-sgd": "ScheduleFreeSGD",
+                "schedulefree-adamw": "ScheduleFreeAdamW", "lbfgs": "LBFGS", "asgd": "ASGD",
+                "rprop": "Rprop", "adopt": "ADOPT", "ademamix": "AdEMAMix"}
 
 
 class NotAvailable(Exception):
@@ -148,6 +174,10 @@ def build(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     family = impl.split("-")[0]
+    if optimizer == "lbfgs":
+        return _build_lbfgs(impl, data, device)
+    if optimizer.startswith("schedulefree") and family == "torch":
+        return _build_schedulefree(impl, optimizer, data, device)
     return _BUILDERS[family](impl, optimizer, data, device)
 
 
@@ -161,11 +191,11 @@ def _array_library(device: str):
 
 
 def _build_ours(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
-    from optim_core.optim import algorithms as optimizers
+    import optim_core
 
     xp, clock = _array_library(device)
     params, grads = data.copies(xp.__name__)
-    cls = getattr(optimizers, _CLASS_NAMES[optimizer])
+    cls = getattr(optim_core, _CLASS_NAMES[optimizer])
     options = {"impl": "generic" if impl == "ours-generic" else "fused"}
     if impl == "ours-flat":
         options["flat"] = True
@@ -265,6 +295,8 @@ _NAIVE = {"adam": _NaiveAdam, "adamw": _NaiveAdamW, "sgd-momentum": _NaiveSGD,
 
 
 def _build_naive(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
+    if optimizer not in _NAIVE:
+        raise NotAvailable(f"no article-style version of {optimizer}")
     xp, clock = _array_library(device)
     params, grads = data.copies(xp.__name__)
     opt = _NAIVE[optimizer](xp, params, **HYPERPARAMETERS[optimizer])
@@ -278,8 +310,8 @@ def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
         raise NotAvailable("torch is not installed")
     import torch
 
-    if optimizer == "lion":
-        raise NotAvailable("torch.optim has no Lion")
+    if optimizer in ("lion", "adopt", "ademamix"):
+        raise NotAvailable(f"torch.optim has no {_CLASS_NAMES[optimizer]}")
     cls = getattr(torch.optim, _CLASS_NAMES[optimizer])
     mode = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True},
             "torch-fused": {"fused": True}}[impl]
@@ -314,11 +346,25 @@ def _optax_transformation(optax, optimizer: str):
         extra = ({"eps_in_sqrt": False}
                  if "eps_in_sqrt" in inspect.signature(optax.rmsprop).parameters else {})
         return optax.rmsprop(h["lr"], decay=h["alpha"], eps=h["eps"], **extra)
+    if optimizer == "rprop":
+        # optax's variant: where the sign product is 0 it keeps the step size unclamped.
+        return optax.rprop(h["lr"], eta_minus=h["etas"][0], eta_plus=h["etas"][1],
+                           min_step_size=h["step_sizes"][0], max_step_size=h["step_sizes"][1])
+    if optimizer == "adopt":
+        return optax.contrib.adopt(h["lr"], b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"])
+    if optimizer == "ademamix":
+        b1, b2, b3 = h["betas"]
+        return optax.contrib.ademamix(h["lr"], b1=b1, b2=b2, b3=b3, alpha=h["alpha"],
+                                      eps=h["eps"], weight_decay=h["weight_decay"])
+    if optimizer == "asgd":
+        raise NotAvailable("optax has no ASGD")
     return optax.lion(h["lr"], b1=h["betas"][0], b2=h["betas"][1],
                       weight_decay=h["weight_decay"])
 
 
 def _build_optax(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
+    if optimizer.startswith("schedulefree"):
+        raise NotAvailable("schedule-free methods are compared with the schedulefree package")
     if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
         raise NotAvailable("jax/optax are not installed")
     # JAX would otherwise reserve most of the GPU's memory at import, starving CuPy and torch.
@@ -346,6 +392,83 @@ def _build_optax(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
 
     clock = timing.WallClock(lambda: jax.block_until_ready(carry["params"]))
     return Runner(step, clock, f"optax {optax.__version__}, jax {jax.__version__}")
+
+
+# --------------------------------------------------------------------------- schedule-free
+def _build_schedulefree(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
+    """The schedulefree package's optimizer (torch): foreach=False or True."""
+    if impl == "torch-fused":
+        raise NotAvailable("schedulefree has no fused implementation")
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("schedulefree") \
+            is None:
+        raise NotAvailable("torch/schedulefree are not installed")
+    import schedulefree
+    import torch
+
+    cls = {"schedulefree-sgd": schedulefree.SGDScheduleFree,
+           "schedulefree-adamw": schedulefree.AdamWScheduleFree}[optimizer]
+    params, grads = data.copies("torch")
+    for param, grad in zip(params, grads, strict=True):
+        param.requires_grad_()
+        param.grad = grad
+    opt = cls(params, **HYPERPARAMETERS[optimizer], foreach=impl == "torch-foreach")
+    opt.train()
+    clock = timing.WallClock() if device == "cpu" else timing.TorchEventClock()
+    version = importlib.metadata.version("schedulefree")
+    return Runner(opt.step, clock, f"schedulefree {version}, torch {torch.__version__}")
+
+
+# --------------------------------------------------------------------------- L-BFGS
+def _build_lbfgs(impl: str, data: WorkloadData, device: str) -> Runner:
+    """One L-BFGS step (``HYPERPARAMETERS["lbfgs"]``) of a fresh optimizer from the same
+    start, on :func:`~bench.workloads.quadratic_objective`: every repeat does the same
+    iterations, line search and evaluations. Ours (ours-generic) on NumPy or CuPy arrays,
+    torch.optim.LBFGS (torch-forloop) on torch tensors; the closures do the same work."""
+    hyper = HYPERPARAMETERS["lbfgs"]
+    if impl == "ours-generic":
+        import optim_core
+
+        xp, clock = _array_library(device)
+        params, grads = data.copies(xp.__name__)
+        start = [p.copy() for p in params]
+        objective = quadratic_objective(xp, params, grads)
+
+        def closure() -> tuple[Any, list[Any]]:
+            return objective(params)
+
+        def step() -> None:
+            for param, value in zip(params, start, strict=True):
+                param[...] = value
+            optim_core.LBFGS(params, **hyper).step(closure)
+
+        return Runner(step, clock, "array API operations of the parameters' namespace")
+    if impl != "torch-forloop":
+        raise NotAvailable("L-BFGS is no elementwise rule: ours-generic against "
+                           "torch.optim.LBFGS (torch-forloop)")
+    if importlib.util.find_spec("torch") is None:
+        raise NotAvailable("torch is not installed")
+    import torch
+
+    params, grads = data.copies("torch")
+    start = [p.clone() for p in params]
+    objective = quadratic_objective(torch, params, grads)
+    for param in params:
+        param.requires_grad_()
+
+    def torch_closure() -> Any:
+        loss, gradients = objective([p.detach() for p in params])
+        for param, grad in zip(params, gradients, strict=True):
+            param.grad = grad
+        return loss
+
+    def torch_step() -> None:
+        with torch.no_grad():
+            for param, value in zip(params, start, strict=True):
+                param.copy_(value)
+        torch.optim.LBFGS(params, **hyper).step(torch_closure)
+
+    clock = timing.WallClock() if device == "cpu" else timing.TorchEventClock()
+    return Runner(torch_step, clock, f"torch {torch.__version__}")
 
 
 _BUILDERS = {"ours": _build_ours, "naive": _build_naive, "torch": _build_torch,

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Workload", "RESNET50", "GPT2_SMALL", "single", "many", "resolve", "WORKLOAD_NAMES"]
+__all__ = ["Workload", "RESNET50", "GPT2_SMALL", "single", "many", "resolve", "WORKLOAD_NAMES",
+           "quadratic_objective"]
 
 
 @dataclass(frozen=True)
@@ -290,3 +293,27 @@ def parse_size(text: str) -> int:
 def _size_name(numel: int) -> str:
     exponent = round(math.log10(numel))
     return f"1e{exponent}" if 10**exponent == numel else str(numel)
+
+
+def quadratic_objective(xp: Any, params: Sequence[Any], grads: Sequence[Any]
+                        ) -> Callable[[Sequence[Any]], tuple[Any, list[Any]]]:
+    """What the L-BFGS rows minimize: a diagonal quadratic over a workload's tensors,
+
+    ``f(p) = sum_i 0.5 * c_i (p_i - t_i)^2`` with targets ``t`` the workload's gradients and
+    curvatures ``c = 1 + 100 |t|`` (about 1 to 5: L-BFGS has work to do). Returns
+    ``objective(params) -> (loss, grads)`` in namespace ``xp`` (NumPy, CuPy or torch), two
+    temporaries and one dot product per tensor, the loss left on the device.
+    """
+    targets = list(grads)
+    curvatures = [1 + 100 * xp.abs(t) for t in targets]
+
+    def objective(current: Sequence[Any]) -> tuple[Any, list[Any]]:
+        loss, out = 0.0, []
+        for param, target, curvature in zip(current, targets, curvatures, strict=True):
+            delta = param - target
+            grad = curvature * delta
+            loss = loss + xp.sum(grad * delta)
+            out.append(grad)
+        return 0.5 * loss, out
+
+    return objective

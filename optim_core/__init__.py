@@ -29,8 +29,12 @@ from .optim import Optimizer, update_rule
 from .optim.functional import functional
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
+from .optim import algorithms_pertensor as _algorithms_pertensor
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
 from .optim.algorithms_elementwise import *  # noqa: F403 - likewise
+from .optim.algorithms_pertensor import *  # noqa: F403 - likewise
+from .optim.quasi_newton import LBFGS
+from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
     CheckpointError,
     EarlyStopping,
@@ -68,6 +72,11 @@ __all__ = [
     "as_optax",
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
+    *_algorithms_pertensor.__all__,
+    "ScheduleFreeSGD",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeOptimizer",
+    "LBFGS",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

@@ -27,6 +27,8 @@ ALLOWED = {
                                  "optim_core.integrations"},
     # The flat name of the scikit-learn estimators (a module of its own: it imports sklearn).
     "optim_core.sklearn": {"optim_core.integrations"},
+    # The flat name of the torch.optim drop-ins (imports torch).
+    "optim_core.torch": {"optim_core.integrations", "optim_core.optim"},
 }
 
 

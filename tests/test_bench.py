@@ -78,7 +78,7 @@ def test_many_small_and_single_workloads(bench):
 
 @pytest.mark.parametrize(("optimizer", "per_element"), [
     ("adam", 28), ("adamw", 28), ("sgd-momentum", 20), ("adagrad", 20), ("rmsprop", 20),
-    ("lion", 20)])
+    ("lion", 20), ("schedulefree-sgd", 20), ("schedulefree-adamw", 28)])
 def test_bytes_moved_counts_each_array_read_and_written_once(bench, optimizer, per_element):
     assert bench.floor.bytes_moved(optimizer, 1000, 4) == per_element * 1000
     assert bench.floor.bytes_moved(optimizer, 1000, 8) == 2 * per_element * 1000
@@ -141,3 +141,23 @@ def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("optimizer, impls", [
+    ("schedulefree-sgd", ("ours-fused", "ours-flat", "torch-forloop", "torch-foreach")),
+    ("schedulefree-adamw", ("ours-generic", "torch-foreach")),
+    ("lbfgs", ("ours-generic", "torch-forloop")),
+])
+def test_schedule_free_and_lbfgs_rows_run_against_their_references(bench, optimizer, impls):
+    import bench.impls
+
+    pytest.importorskip("torch")
+    if optimizer.startswith("schedulefree"):
+        pytest.importorskip("schedulefree")
+    data = bench.impls.WorkloadData(bench.workloads.many(3, 50), "float32")
+    for impl in impls:
+        runner = bench.impls.build(impl, optimizer, data, "cpu")
+        runner.step()
+        runner.step()
+    with pytest.raises(bench.impls.NotAvailable):
+        bench.impls.build("naive-numpy", optimizer, data, "cpu")

@@ -48,9 +48,10 @@ def draw_case(data, name: str, *, fused: bool = False) -> dict:
     if fused:
         hyper.update(BY_NAME[name].fused_flags)
         hyper.update({k: max(hyper[k], 1e-3) for k in BRANCHING if k in hyper})
-    if hyper.get("nesterov"):  # valid only with momentum and without dampening
+    if hyper.get("nesterov") and "momentum" in hyper:  # SGD's: needs momentum, no dampening
         hyper["momentum"] = max(hyper["momentum"], 0.1)
-        hyper["dampening"] = 0.0
+        if "dampening" in hyper:
+            hyper["dampening"] = 0.0
     return {
         "hyper": hyper,
         "dtype": data.draw(st.sampled_from(["float32", "float64"]), label="dtype"),
@@ -151,7 +152,7 @@ def test_fused_equals_generic_equals_the_float64_reference(name, data):
 @given(data=st.data())
 def test_lr_zero_is_the_identity_for_any_other_hyperparameters(name, data):
     case = draw_case(data, name)
-    case["hyper"]["lr"] = 0.0
+    case["hyper"].update(BY_NAME[name].lr_zero, lr=0.0)
     before, _ = inputs(case)
     after = run(name, case, "generic")
     for a, b in zip(after, before, strict=True):

@@ -161,6 +161,20 @@ def test_where_minimum_maximum_generic_meaning(dtype, xp):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_where_minimum_maximum_on_0d_arrays_keep_the_dtype(dtype):
+    # NumPy's functions return NumPy scalars for 0-d arrays (np.float64 is a float
+    # subclass): they stay arrays of the parameter's dtype, not host floats.
+    param, grad, s = (np.asarray(v[3], dtype=dtype) for v in choice_inputs(dtype))
+    want_param, want_s = expected_choices(param[None], grad[None], s[None])
+    opt = Choices([param], impl="generic")
+    opt.state[0][0]["s"] = s
+    opt.step([grad])
+    assert param.dtype == dtype and opt.state[0][0]["s"].dtype == dtype
+    np.testing.assert_array_equal(param[None], want_param)
+    np.testing.assert_array_equal(opt.state[0][0]["s"][None], want_s)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_where_minimum_maximum_fused_numpy_is_the_generic_path_bit_for_bit(dtype):
     assert unsupported_reason(choices) is None
     results = []

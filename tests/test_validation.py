@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from optim_db import NAMES, RICH
+from optim_db import BY_NAME, NAMES, RICH
 
 import optim_core
 from optim_core import Optimizer
@@ -348,7 +348,7 @@ def test_lr_zero_is_the_identity(name, impl):
     rng = np.random.default_rng(5)
     params = [rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)]
     before = [p.copy() for p in params]
-    opt = make(name, params, lr=0.0, impl=impl)
+    opt = make(name, params, **BY_NAME[name].lr_zero, lr=0.0, impl=impl)
     for _ in range(4):
         opt.step([rng.standard_normal((3, 3)), rng.standard_normal(4).astype(np.float32)])
     for p, b in zip(params, before, strict=True):

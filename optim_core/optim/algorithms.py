@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .. import _checks
 from . import rules, scalar_math
 from .base import Optimizer
+from .param_group import Hyperparameter
 
 __all__ = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "Lion"]
@@ -31,8 +33,21 @@ _COMMON = """
 
 
 def _doc(cls: type) -> type:
-    cls.__doc__ = cls.__doc__.replace("    {common}", _COMMON.strip("\n"))
+    cls.__doc__ = cls.__doc__.replace("    {common}", _COMMON.strip("\n")).replace(
+        "{cautious}", _CAUTIOUS_DOC)
     return cls
+
+
+#: The ``cautious`` option's check, for the optimizers that have it.
+_CAUTIOUS = {"cautious": Hyperparameter(_checks.boolean)}
+
+_CAUTIOUS_DOC = """cautious : bool, default False
+        Cautious update (Liang et al., "Cautious Optimizers: Improving Training with One
+        Line of Code", 2024): the update :math:`u` is kept only where it agrees in sign
+        with the gradient, :math:`m = [u \\odot g > 0]`, and rescaled by
+        ``numel / (m.sum() + 1)`` per tensor, as the paper's code does. The fused paths
+        then read each tensor twice (a reduction pass for ``m.sum()``), and ``flat=True``
+        is refused."""
 
 
 @_doc
@@ -61,7 +76,7 @@ class GD(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         return dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                    maximize=False, first_step=False)
+                    maximize=False, first_step=False, cautious=False)
 
 
 @_doc
@@ -93,6 +108,9 @@ class SGD(Optimizer):
         Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
         Ascend instead of descend.
+    {cautious}
+        With momentum only: :math:`u` is the momentum step (with Nesterov's correction);
+        without momentum the option does nothing.
     {common}
 
     Notes
@@ -106,14 +124,16 @@ class SGD(Optimizer):
     cli_name = "sgd"
     weight_decay_kind = "l2"
 
+    quantized_states = {"momentum_buffer": True}
     rule = rules.sgd
+    hyperparameter_checks = _CAUTIOUS
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 **options: Any) -> None:
+                 cautious: bool = False, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize), **options)
+                                      maximize=maximize, cautious=cautious), **options)
 
     related_hyperparameters = frozenset({"nesterov", "momentum", "dampening"})
 
@@ -261,6 +281,7 @@ class RMSprop(Optimizer):
     cli_name = "rmsprop"
     weight_decay_kind = "l2"
 
+    quantized_states = {"square_avg": False, "grad_avg": True, "momentum_buffer": True}
     rule = rules.rmsprop
 
     def __init__(self, params: Any, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8,
@@ -343,6 +364,9 @@ class Adam(Optimizer):
     amsgrad : bool, default False
     maximize : bool, default False
     decoupled_weight_decay : bool, default False
+    {cautious}
+        :math:`u = m_t / (\\sqrt{\\hat v_t}/\\sqrt{1-\\beta_2^t} + \\epsilon)`, before the step
+        size; the weight decay is applied as without it.
     {common}
 
     Notes
@@ -355,16 +379,19 @@ class Adam(Optimizer):
     cli_name = "adam"
     weight_decay_kind = "switchable"
 
+    quantized_states = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
     rule = rules.adam
+    hyperparameter_checks = _CAUTIOUS
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False,
-                 **options: Any) -> None:
+                 cautious: bool = False, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay), **options)
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      cautious=cautious), **options)
 
     def active_states(self, group: Mapping[str, Any]) -> set[str]:
         return {"max_exp_avg_sq"} if group["amsgrad"] else set()
@@ -390,6 +417,8 @@ class AdamW(Adam):
     weight_decay : float, default 1e-2
     amsgrad : bool, default False
     maximize : bool, default False
+    {cautious}
+        As :class:`Adam`'s (the decay is applied as without it).
     {common}
     """
 
@@ -398,9 +427,9 @@ class AdamW(Adam):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, **options: Any) -> None:
+                 maximize: bool = False, cautious: bool = False, **options: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, **options)
+                         decoupled_weight_decay=True, cautious=cautious, **options)
 
 
 @_doc
@@ -577,15 +606,20 @@ class Lion(Optimizer):
     betas : (float, float), default (0.9, 0.99)
     weight_decay : float, default 0
     maximize : bool, default False
+    {cautious}
+        :math:`u = \\mathrm{sign}(c_t)`, as the paper's C-Lion.
     {common}
     """
 
     cli_name = "lion"
     weight_decay_kind = "decoupled"
 
+    quantized_states = {"exp_avg": True}
     rule = rules.lion
+    hyperparameter_checks = _CAUTIOUS
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0, *, maximize: bool = False, **options: Any) -> None:
+                 weight_decay: float = 0, *, maximize: bool = False, cautious: bool = False,
+                 **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize), **options)
+                                      maximize=maximize, cautious=cautious), **options)

@@ -33,6 +33,7 @@ calls from several threads run one at a time and lose no update.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -41,7 +42,17 @@ import numpy as np
 
 from .. import _checks, backends
 from .. import _namespace as ns
-from ..backends._generic import TensorMismatch
+from ..backends._generic import TensorMismatch, state_dtype
+from ..backends._lowering import reductions_taken
+from ..backends._quantized import (
+    QUANTIZE_MIN_SIZE,
+    STATE_BITS,
+    QuantizedState,
+    block_count,
+    code_count,
+    new_quantized_state,
+)
+from ..backends._rounding import COMPENSATION, Rounding, is_16bit
 from .flat import FlatStorage
 from .language import UpdateRule
 from .memory import check_no_overlap
@@ -88,6 +99,30 @@ class Optimizer:
         use :attr:`params` (views into the buffer) from then on, and write gradients
         into :attr:`grad_views` to pass them without a copy. NumPy, CuPy and torch
         arrays only. See :mod:`optim_core.optim.flat`.
+    state_bits : {32, 8, 4}
+        Width of the states listed in :attr:`quantized_states` (first and second
+        moments, momentum buffers). 8 and 4 store each state of a tensor of at least
+        :data:`~optim_core.backends._quantized.QUANTIZE_MIN_SIZE` (4096) elements as
+        block-wise codes with one float32 absmax scale per block (256 elements at 8 bits,
+        128 at 4), with the dynamic maps of Dettmers et al. 2022 and the 4-bit maps of Li
+        et al. 2023; smaller tensors keep float32 states. A step dequantizes, updates and
+        quantizes again in one pass (see :mod:`optim_core.backends._quantized`). Adam
+        then holds about 2.03 bytes of state per parameter at 8 bits and 1.06 at 4,
+        instead of 8; :meth:`state_nbytes` tells. Not with ``flat=True``.
+    stochastic_rounding : bool
+        For bfloat16 and float16 parameters: store each step's float32 result rounded
+        stochastically (up with the probability of its distance from the value below),
+        so that updates under half a unit in the last place are kept on average instead of
+        lost (Zamirai et al. 2020). The random numbers are a counter-based hash of
+        ``seed``, the step, the tensor and the element: a run is reproducible and the same
+        on NumPy, torch and CuPy. See :mod:`optim_core.backends._rounding`.
+    compensated : bool
+        The other remedy for 16-bit parameters: a Kahan-compensated update. A state
+        ``"compensation"`` of the parameter's dtype keeps what rounding dropped, and the
+        next step updates ``param + compensation``. Costs one 16-bit buffer a parameter;
+        deterministic. Not with ``flat=True`` or ``stochastic_rounding``.
+    seed : int
+        Seeds stochastic rounding.
 
     Attributes
     ----------
@@ -114,6 +149,10 @@ class Optimizer:
     #: Checks of hyperparameters this optimizer has and the shared table
     #: (:data:`~optim_core.optim.param_group.HYPERPARAMETERS`) lacks, by name.
     hyperparameter_checks: ClassVar[Mapping[str, Hyperparameter]] = {}
+    #: The states ``state_bits=8`` or ``4`` quantizes, each with its map: True for the
+    #: signed map (first moments, momentum), False for the unsigned one (second moments).
+    #: An optimizer without any refuses ``state_bits`` other than 32.
+    quantized_states: ClassVar[Mapping[str, bool]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -122,9 +161,29 @@ class Optimizer:
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto",
                  backend: Any = "auto", nonfinite: str = "propagate",
-                 flat: bool = False) -> None:
+                 flat: bool = False, state_bits: int = 32, stochastic_rounding: bool = False,
+                 compensated: bool = False, seed: int = 0) -> None:
         self.nonfinite = nonfinite
         flat = _checks.boolean("flat", flat)
+        state_bits = _checks.choice("state_bits", _checks.integer("state_bits", state_bits),
+                                    STATE_BITS)
+        if state_bits != 32 and not self.quantized_states:
+            raise ValueError(f"{type(self).__name__} has no state that state_bits={state_bits} "
+                             "could quantize; use state_bits=32")
+        if state_bits != 32 and flat:
+            raise ValueError("flat=True keeps every state in one float buffer: state_bits="
+                             f"{state_bits} needs flat=False")
+        self.state_bits = state_bits
+        stochastic_rounding = _checks.boolean("stochastic_rounding", stochastic_rounding)
+        compensated = _checks.boolean("compensated", compensated)
+        if stochastic_rounding and compensated:
+            raise ValueError("stochastic_rounding and compensated are two ways to store a "
+                             "16-bit parameter: choose one")
+        if compensated and flat:
+            raise ValueError("compensated=True needs flat=False")
+        self.rounding = "stochastic" if stochastic_rounding else \
+            "compensated" if compensated else "nearest"
+        self.seed = _checks.integer("seed", seed, minimum=0)
         self._schema = GroupSchema(type(self), defaults)
         self.defaults = self._schema.check_group(defaults)
         groups, self._keyed = _parse_params(params)
@@ -149,6 +208,9 @@ class Optimizer:
         self._required_states = frozenset(self.rule.states) - self.rule.optional_states
         self._lock = threading.Lock()
         self._remember_params()
+        if self._flat is not None:
+            for index in range(len(self.param_groups)):
+                self._check_flat_reductions(index)
 
     # ----------------------------------------------------------------- per optimizer
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +339,7 @@ class Optimizer:
                 "optimizer": type(self).__name__,
                 "param_groups": groups,
                 "group_state": [dict(s) for s in self.group_state],
-                "state": [{name: ns.to_numpy(arr) for name, arr in st.items()}
+                "state": [{name: _exported(arr) for name, arr in st.items()}
                           for states in self.state for st in states],
             }
 
@@ -433,6 +495,7 @@ class Optimizer:
                                            first_step=bool(new and states))
         fresh = None
         if flat is not None:
+            self._check_flat_reductions(index, scalars)
             params, step_grads, step_states = flat.buffers(index)
             if new:
                 fresh = flat.new_states(index, fills)
@@ -441,14 +504,25 @@ class Optimizer:
         else:
             params, step_grads, step_states = group["params"], grads, states
             if new:
-                fresh = [{name: xp.full(param.shape, value, dtype=param.dtype,
-                                        device=ns.device_of(param))
+                fresh = [{name: self._new_state(param, name, value)
                           for name, value in fills.items()} for param in params]
                 step_states = [{**st, **f} for st, f in zip(states, fresh, strict=True)]
             names = group["names"]
+        rounding = {}
+        if self.rounding != "nearest":
+            rounding["rounding"] = Rounding(self.rounding, self.seed, after["step"], index)
+        if self.rounding == "compensated" and flat is None and not all(
+                COMPENSATION in st for st in states):
+            # Made at the first step, as the rule's states; every 16-bit parameter has one.
+            extra = [{COMPENSATION: xp.zeros(param.shape, dtype=param.dtype,
+                                             device=ns.device_of(param))}
+                     if is_16bit(param.dtype) and COMPENSATION not in st else {}
+                     for param, st in zip(params, states)]
+            fresh = extra if fresh is None else [{**f, **e} for f, e in zip(fresh, extra)]
+            step_states = [{**st, **e} for st, e in zip(step_states, extra, strict=True)]
         try:
             ready = self.implementation.prepare(rule, xp, params, step_grads, step_states,
-                                                scalars, cache=self._caches[index])
+                                                scalars, cache=self._caches[index], **rounding)
         except TensorMismatch as exc:
             where = f"parameter {names[exc.index]!r}" if names is not None \
                 else f"flat buffer {exc.index} of param group {index}"
@@ -472,6 +546,56 @@ class Optimizer:
             self.group_state[index].update(after)
 
         return run
+
+    def _check_flat_reductions(self, index: int, scalars: dict[str, Any] | None = None) -> None:
+        """A flat buffer holds many tensors: a step that reduces each tensor (``norm``,
+        ``sum``) cannot run on it. ValueError if group ``index``'s step would."""
+        if not self.rule.reductions:
+            return
+        if scalars is None:
+            scalars, _ = self.step_scalars(self.param_groups[index], self.group_state[index])
+        present = frozenset(self.rule.states) - self.rule.optional_states \
+            | self.active_states(self.param_groups[index])
+        if reductions_taken(self.rule, scalars, present):
+            raise ValueError(f"flat=True stores many tensors in one buffer, but "
+                             f"{type(self).__name__}'s step reduces each tensor on its own "
+                             f"(param group {index}); use flat=False")
+
+    def _quantizes(self, name: str, param: Any) -> bool:
+        """Whether state ``name`` of ``param`` is stored quantized."""
+        return self.state_bits != 32 and name in self.quantized_states and \
+            math.prod(param.shape) >= QUANTIZE_MIN_SIZE
+
+    def _new_state(self, param: Any, name: str, fill: float) -> Any:
+        """A new state buffer of ``param`` holding ``fill``: quantized where
+        :attr:`state_bits` says so, else of :func:`~optim_core.backends._generic.state_dtype`
+        (float32 for a float16 parameter, whose exponent range a second moment underflows)."""
+        xp = self._xp
+        if self._quantizes(name, param):
+            return new_quantized_state(xp, param, self.state_bits, self.quantized_states[name],
+                                       fill)
+        return xp.full(param.shape, fill, dtype=state_dtype(param.dtype),
+                       device=ns.device_of(param))
+
+    def state_nbytes(self) -> int:
+        """Bytes the optimizer's per-parameter state holds: every state buffer, quantized
+        ones as their codes and float32 scales (the maps, 1 KiB shared by all, not counted).
+
+        Examples
+        --------
+        Adam's two float32 states cost 8 bytes a parameter; at ``state_bits=8`` about
+        2.03 on tensors of 4096 elements or more, at 4 bits about 1.06.
+        """
+        with self._lock:
+            total = 0
+            for states in self.state:
+                for st in states:
+                    for value in st.values():
+                        if type(value) is QuantizedState:
+                            total += value.nbytes
+                        else:
+                            total += math.prod(value.shape) * _itemsize(value.dtype)
+            return total
 
     def _all_finite(self, grouped: list[list[Any]]) -> bool:
         xp = self._xp
@@ -563,7 +687,7 @@ class Optimizer:
                                      group_state[group_index]["step"])
             new_state.append(group_states)
         # Everything checked: convert, then write.
-        converted = [[{name: ns.from_numpy(self._xp, value, like=param)
+        converted = [[{name: self._restored(value, param, name)
                        for name, value in st.items()}
                       for param, st in zip(group["params"], group_states)]
                      for group, group_states in zip(self.param_groups, new_state)]
@@ -578,8 +702,18 @@ class Optimizer:
             raise TypeError(f"state of parameter {name!r} must be a dict, got {saved!r:.80}")
         checked = {}
         for key, value in saved.items():
+            if key == COMPENSATION and self.rounding == "compensated" and \
+                    is_16bit(param.dtype):
+                if not hasattr(value, "shape") or tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"state {key!r} of parameter {name!r} must have the "
+                                     f"parameter's shape {tuple(param.shape)}")
+                checked[key] = value
+                continue
             if key not in self.rule.states:
                 raise ValueError(f"unknown state {key!r} for {type(self).__name__}")
+            if isinstance(value, Mapping) or self._quantizes(key, param):
+                checked[key] = self._checked_quantized(key, value, param, name)
+                continue
             if not (hasattr(value, "shape") and hasattr(value, "dtype")):
                 raise TypeError(f"state {key!r} of parameter {name!r} is a "
                                 f"{type(value).__name__}, not an array")
@@ -591,7 +725,52 @@ class Optimizer:
                                 "not a number type")
             checked[key] = value
         # The rule's order, not the file's: state_dict() is then the same in every process.
-        return {key: checked[key] for key in self.rule.states if key in checked}
+        return {key: checked[key] for key in (*self.rule.states, COMPENSATION)
+                if key in checked}
+
+    def _checked_quantized(self, key: str, value: Any, param: Any, name: str) -> dict:
+        """A saved quantized state: codes and scales of the lengths this optimizer's
+        state_bits needs for ``param``, and the map it uses (nothing is converted)."""
+        where = f"state {key!r} of parameter {name!r}"
+        if not self._quantizes(key, param):
+            raise ValueError(f"{where} is quantized, but this optimizer keeps it unquantized "
+                             f"(state_bits={self.state_bits}); load it into an optimizer "
+                             "made with the state_bits it was saved with")
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} is unquantized, but this optimizer stores it with "
+                             f"state_bits={self.state_bits}; load it into an optimizer made "
+                             "with the state_bits it was saved with")
+        if set(value) != {"codes", "absmax", "bits", "signed"}:
+            raise ValueError(f"{where} must hold codes, absmax, bits and signed, got "
+                             f"{sorted(map(str, value))}")
+        bits, signed = value["bits"], value["signed"]
+        if type(bits) is not int or bits != self.state_bits or type(signed) is not bool or \
+                signed != self.quantized_states[key]:
+            raise ValueError(f"{where} was saved with bits={bits!r}, signed={signed!r}; this "
+                             f"optimizer uses bits={self.state_bits}, "
+                             f"signed={self.quantized_states[key]}")
+        size = math.prod(param.shape)
+        for part, dtype, length in (("codes", "uint8", code_count(bits, size)),
+                                    ("absmax", "float32", block_count(bits, size))):
+            array = value[part]
+            if not (hasattr(array, "shape") and hasattr(array, "dtype")) or \
+                    str(array.dtype) != dtype or tuple(array.shape) != (length,):
+                got = (f"{tuple(array.shape)} {array.dtype}" if hasattr(array, "dtype")
+                       else type(array).__name__)
+                raise ValueError(f"{where}: {part} must be {length} {dtype} values, got {got}")
+        return {"codes": value["codes"], "absmax": value["absmax"], "bits": bits,
+                "signed": signed}
+
+    def _restored(self, value: Any, param: Any, name: str) -> Any:
+        """A checked saved state on the parameters' namespace and device, exactly."""
+        xp = self._xp
+        if isinstance(value, Mapping):
+            return QuantizedState(_on_device(xp, value["codes"], param),
+                                  _on_device(xp, value["absmax"], param), value["bits"],
+                                  value["signed"], tuple(param.shape))
+        out = ns.from_numpy(xp, value, like=param)
+        wanted = param.dtype if name == COMPENSATION else state_dtype(param.dtype)
+        return out if out.dtype == wanted else xp.astype(out, wanted)
 
     def _check_group_states(self, states: list[dict[str, Any]], names: list[str],
                             step: int) -> None:
@@ -599,9 +778,10 @@ class Optimizer:
         group has stepped: a step would otherwise start some buffers afresh."""
         if not states:
             return
-        first = set(states[0])
+        # A compensation buffer belongs to 16-bit parameters only, of any group.
+        first = set(states[0]) - {COMPENSATION}
         for name, st in zip(names, states, strict=True):
-            if set(st) != first:
+            if set(st) - {COMPENSATION} != first:
                 raise ValueError(f"state of parameter {name!r} has {sorted(st)}, that of "
                                  f"{names[0]!r} {sorted(first)}: every parameter of a group "
                                  "must have the same state entries")
@@ -628,6 +808,30 @@ class Optimizer:
                 values[key] = _checks.number(f"group_state[{index}][{key!r}]", entry[key])
             checked.append({key: values[key] for key in entry})
         return checked
+
+
+def _exported(value: Any) -> Any:
+    """A state as :meth:`Optimizer.state_dict` holds it: a NumPy array, or a quantized
+    state's codes and scales (exact) with its map's name."""
+    if type(value) is QuantizedState:
+        return {"codes": ns.to_numpy(value.codes), "absmax": ns.to_numpy(value.absmax),
+                "bits": value.bits, "signed": value.signed}
+    return ns.to_numpy(value)
+
+
+def _on_device(xp: Any, array: Any, like: Any) -> Any:
+    """A host array on ``like``'s namespace and device, keeping its own dtype."""
+    return xp.asarray(np.array(array, copy=True), device=ns.device_of(like))
+
+
+def _itemsize(dtype: Any) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        size = getattr(dtype, "itemsize", None)
+        if size is None:  # array_api_strict dtypes
+            size = np.dtype(str(dtype).rsplit(".", 1)[-1]).itemsize
+        return int(size)
 
 
 def _sequence(value: Any, what: str) -> Sequence[Any]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _namespace as ns
+from ..backends._generic import state_dtype
 
 __all__ = ["FlatStorage", "Segment"]
 
@@ -146,7 +147,7 @@ class FlatStorage:
         segment of the group, not yet installed (:meth:`install` does, once the step has
         run)."""
         xp = self._xp
-        return [{name: xp.full(segment.param.shape, value, dtype=segment.param.dtype,
+        return [{name: xp.full(segment.param.shape, value, dtype=state_dtype(segment.param.dtype),
                                device=ns.device_of(segment.param))
                  for name, value in fills.items()} for segment in self.segments[group_index]]
 
@@ -180,7 +181,7 @@ class FlatStorage:
         for group_index, segment, names in plans:
             buffers = {}
             for name in names:
-                buffer = xp.empty(segment.param.shape, dtype=segment.param.dtype,
+                buffer = xp.empty(segment.param.shape, dtype=state_dtype(segment.param.dtype),
                                   device=ns.device_of(segment.param))
                 for i, span in zip(segment.indices, segment.spans, strict=True):
                     view = self._view(buffer, *span)

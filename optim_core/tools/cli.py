@@ -102,6 +102,14 @@ def _known_optimizers() -> dict[str, Any]:
     return OPTIMIZERS
 
 
+def _state_bits(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``{"state_bits": n}`` for an optimizer that quantizes its states, when asked."""
+    bits = getattr(args, "state_bits", 32)
+    if bits == 32 or not _known_optimizers()[name].quantized_states:
+        return {}
+    return {"state_bits": bits}
+
+
 def _literal(text: str) -> Any:
     lowered = text.lower()
     if lowered in ("true", "false"):
@@ -204,6 +212,11 @@ def _data_flags(hidden: Sequence[int] = (64,)) -> argparse.ArgumentParser:
     data.add_argument("--impl", choices=("auto", "fused", "generic"), default="auto",
                       help="optimizer implementation: fused kernels where they exist, or "
                            "the generic array API path (default: auto)")
+    data.add_argument("--state-bits", type=int, choices=(32, 8, 4), default=32,
+                      help="width of the optimizer's moment states: 8 or 4 store them "
+                           "block-wise quantized on tensors of 4096 elements or more, for "
+                           "the optimizers that support it (adam, adamw, lion, sgd, rmsprop; "
+                           "the others keep 32) (default: 32)")
     data.add_argument("--seed", type=int, default=0,
                       help="seeds the data split, the initial parameters and the batch order")
     run = parent.add_argument_group("training and output")
@@ -404,8 +417,10 @@ def _describe(args: argparse.Namespace, dataset: datasets.Dataset) -> str:
     model = ("mlp " + "-".join(map(str, [dataset.n_features, *args.hidden,
                                           dataset.n_classes or 1]))
              if args.model == "mlp" else "linear")
+    bits = getattr(args, "state_bits", 32)
+    bits = "" if bits == 32 else f", state bits: {bits}"
     return (f"{dataset.describe()}\nmodel: {model}, backend: {args.backend}, dtype: "
-            f"{args.dtype}, impl: {args.impl}, batch size: {args.batch_size}")
+            f"{args.dtype}, impl: {args.impl}{bits}, batch size: {args.batch_size}")
 
 
 def _prepare_out(path: Path) -> Path:
@@ -428,9 +443,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     specs = [parse_optimizer_spec(s) for s in args.optimizers.split(",") if s.strip()]
     if not specs:
         raise UsageError("--optimizers is empty")
-    if args.lr is not None:
-        for spec in specs:
+    for spec in specs:
+        if args.lr is not None:
             spec.setdefault("lr", args.lr)
+        for key, value in _state_bits(spec["optimizer"], args).items():
+            spec.setdefault(key, value)
     labels = [spec["label"] for spec in specs]
     if len(set(labels)) != len(labels):
         raise UsageError(f"--optimizers lists a spec twice: {','.join(labels)}")
@@ -461,6 +478,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
         raise UsageError(f"lr-find scans the learning rate itself; drop it from "
                          f"--optimizer {args.optimizer!r}")
     name, options = spec.pop("optimizer"), {k: v for k, v in spec.items() if k != "label"}
+    options = {**_state_bits(name, args), **options}
     if args.start_lr >= args.end_lr:
         raise UsageError(f"--start-lr ({args.start_lr:g}) must be below --end-lr "
                          f"({args.end_lr:g})")
@@ -489,6 +507,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             raise UsageError(f"tune --optimizers takes names, got {name!r}; the learning "
                              f"rates to try go in --lrs")
     names = [parse_optimizer_spec(name)["optimizer"] for name in args.optimizers]
+    state_options = [_state_bits(name, args) for name in names]
+    if args.state_bits != 32 and not all(state_options):
+        raise UsageError(f"--state-bits {args.state_bits}: "
+                         f"{', '.join(n for n, o in zip(names, state_options) if not o)} "
+                         "keep 32-bit states; tune them without --state-bits")
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")
     dataset, xp = _load(args)
@@ -502,7 +525,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     factory = _model_factory(args, dataset)
     result = tools.tune(factory, X, y, optimizers=names, lrs=args.lrs,
                         batch_sizes=args.batch_sizes, k=args.folds, epochs=args.epochs,
-                        seed=args.seed, progress=not args.no_progress, impl=args.impl)
+                        seed=args.seed, progress=not args.no_progress, impl=args.impl,
+                        **(state_options[0] if state_options else {}))
     print(f"\n{args.folds}-fold cross-validation on the training split, {args.epochs} epochs "
           f"per fold\n")
     print(result.format())
@@ -512,7 +536,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     best = result.best_config
     model = factory()
     fit(model, X, y, epochs=args.epochs, seed=args.seed, progress=False, impl=args.impl,
-        **best)
+        **(state_options[0] if state_options else {}), **best)
     test_score = float(model.score(X_test, y_test))
     print(f"best configuration retrained on the whole training split: test "
           f"{result.metric_name} {test_score:.4f}")
@@ -595,7 +619,8 @@ def _trained(args: argparse.Namespace) -> tuple[datasets.Dataset, Any, list[Any]
     from ..train.fit import fit
 
     model = _model_factory(args, dataset)()
-    options = dict(optimizer=name, batch_size=args.batch_size, impl=args.impl, **spec)
+    options = dict(optimizer=name, batch_size=args.batch_size, impl=args.impl,
+                   **{**_state_bits(name, args), **spec})
     fit(model, arrays[0], arrays[1], epochs=args.epochs, seed=args.seed,
         progress=not args.no_progress, **options)
     return dataset, model, arrays, options, out

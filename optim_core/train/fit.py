@@ -374,7 +374,9 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | Optimizer = "adam",
         A run that had stopped early is not continued.
     **optimizer_kwargs
         Further hyperparameters for an optimizer given by name (``momentum=0.9``,
-        ``betas=(0.9, 0.99)``, ``impl="generic"``...).
+        ``betas=(0.9, 0.99)``, ``impl="generic"``, ``state_bits=8`` for block-wise 8-bit
+        moment states (see :class:`~optim_core.Optimizer`)...). A checkpoint keeps
+        quantized states' codes and scales exactly, so a resumed run is the same.
 
     Returns
     -------
