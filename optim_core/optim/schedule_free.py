@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 
 from .. import _checks
 from ..backends._generic import TensorMismatch
+from . import scalar_math
 from .algorithms import _doc
 from .base import Optimizer
 from .param_group import Hyperparameter
@@ -118,10 +119,14 @@ class ScheduleFreeOptimizer(Optimizer):
         # schedulefree's step, with k = the steps taken before this one.
         k = group_state["step"] - 1
         lr = self.scheduled_lr(group, k)
-        lr_max = group_state["lr_max"] = max(lr, group_state["lr_max"])
+        # scalar_math's maximum and where, not max and `if`: the same code runs on traced
+        # steps (optim_core.functional); the untaken side divides by 1, never by 0.
+        lr_max = group_state["lr_max"] = scalar_math.maximum(lr, group_state["lr_max"])
         weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
         weight_sum = group_state["weight_sum"] = group_state["weight_sum"] + weight
-        ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+        nonzero = weight_sum != 0
+        ckp1 = scalar_math.where(nonzero, weight / scalar_math.where(nonzero, weight_sum, 1.0),
+                                 0.0)
         return {"scheduled_lr": lr, "ckp1": ckp1,
                 "y_step": lr * (self.interpolation(group) * (1 - ckp1) - 1)}
 
@@ -134,7 +139,7 @@ class ScheduleFreeOptimizer(Optimizer):
         """The learning rate of step ``k + 1`` (``k`` steps taken): ``lr`` times the linear
         warmup ``(k + 1) / warmup_steps`` during the first ``warmup_steps`` steps."""
         warmup = group["warmup_steps"]
-        sched = (k + 1) / warmup if k < warmup else 1.0
+        sched = scalar_math.where(k < warmup, (k + 1) / warmup, 1.0) if warmup > 0 else 1.0
         return group["lr"] * sched
 
     def train(self) -> None:
