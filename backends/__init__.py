@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 from optim_core import _namespace as ns
 
 from ._generic import GENERIC
-from ._operations import OPERATIONS, REDUCTIONS, generic_operations
+from ._operations import MATRIX_OPERATIONS, OPERATIONS, REDUCTIONS, generic_operations
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
 __all__ = ["Backend", "select_backend", "select_implementation", "IMPLEMENTATIONS", "OPERATIONS",
-           "REDUCTIONS", "generic_operations"]
+           "REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations"]
 
 IMPLEMENTATIONS = ("auto", "fused", "generic")
 
@@ -122,12 +122,30 @@ def _fused_for(backend: Backend, rule: UpdateRule) -> tuple[Any | None, str]:
     if why_not is not None:
         return None, why_not
     if backend.name == "numpy":
-        return _numba_implementation()
-    if backend.name == "cupy":
+        elementwise, why_not = _numba_implementation()
+    elif backend.name == "cupy":
         from ._cuda import CUDA
 
-        return CUDA, ""
-    return None, f"no fused kernel exists for {backend.name} arrays"
+        elementwise, why_not = CUDA, ""
+    else:
+        return None, f"no fused kernel exists for {backend.name} arrays"
+    if elementwise is not None and rule.matrix_operations:
+        # Elementwise stages as kernels, the matrix operations through the library's matmul.
+        return _staged_implementation(elementwise), ""
+    return elementwise, why_not
+
+
+_STAGED: dict[int, Any] = {}
+
+
+def _staged_implementation(elementwise: Any) -> Any:
+    """The staged implementation over ``elementwise`` (one per process, as it is)."""
+    staged = _STAGED.get(id(elementwise))
+    if staged is None:
+        from ._staged import StagedImplementation
+
+        staged = _STAGED[id(elementwise)] = StagedImplementation(elementwise)
+    return staged
 
 
 _NUMBA: list[tuple[Any | None, str]] = []

@@ -528,30 +528,43 @@ class CudaImplementation(FusedImplementation):
                 module.get_function(expression), quantized_threads(layout),
                 BLOCK_SIZES[layout[0][1]])
         if kernels is None:
-            import cupy
-
             _, _, lowered = lower(rule, scalars, present)
-            name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
-            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>"]
-            if lowered.reductions:
-                for stage in range(lowered.n_stages):
-                    expressions += [f"{name}_reduce{stage}<{ctype}>", f"{name}_finish{stage}"]
-            else:
-                expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
-            module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
-                                    name_expressions=expressions)
-            functions = [module.get_function(e) for e in expressions]
-            batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
-            if lowered.reductions:
-                counts = tuple(len(lowered.reduction_pass(p).reductions)
-                               for p in range(lowered.n_stages))
-                kernels = _Kernels(functions[0], functions[1], None, None, batch,
-                                   tuple(zip(functions[2::2], functions[3::2])), counts,
-                                   accumulator_length(lowered))
-            else:
-                kernels = _Kernels(*functions, batch)
-            self.compiled[cache_key] = kernels
+            kernels = self.compiled[cache_key] = self._compile(lowered, dtype)
         return kernels, hoisted
+
+    def compile_kernel(self, kernel: Kernel, dtype: np.dtype) -> _Kernels:
+        """The kernels of any lowered ``kernel`` on ``dtype`` arrays: a stage of a rule with
+        matrix operations (:mod:`._staged`)."""
+        dtype = np.dtype(dtype)
+        cache_key = (kernel.rule, kernel.key, dtype.name)
+        kernels = self.compiled.get(cache_key)
+        if kernels is None:
+            kernels = self.compiled[cache_key] = self._compile(kernel, dtype)
+        return kernels
+
+    @staticmethod
+    def _compile(lowered: Kernel, dtype: np.dtype) -> _Kernels:
+        """Compile ``lowered``'s CUDA source with NVRTC; its kernels."""
+        import cupy
+
+        name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
+        expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>"]
+        if lowered.reductions:
+            for stage in range(lowered.n_stages):
+                expressions += [f"{name}_reduce{stage}<{ctype}>", f"{name}_finish{stage}"]
+        else:
+            expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
+        module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
+                                name_expressions=expressions)
+        functions = [module.get_function(e) for e in expressions]
+        batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
+        if lowered.reductions:
+            counts = tuple(len(lowered.reduction_pass(p).reductions)
+                           for p in range(lowered.n_stages))
+            return _Kernels(functions[0], functions[1], None, None, batch,
+                            tuple(zip(functions[2::2], functions[3::2])), counts,
+                            accumulator_length(lowered))
+        return _Kernels(*functions, batch)
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
         """A launch per large tensor, one per :data:`MULTI_TENSORS` small ones."""

@@ -161,7 +161,8 @@ class FusedImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None, rounding: Any = None) -> PreparedStep:
+                cache: dict | None = None, rounding: Any = None,
+                tensor_scalars: Sequence[dict[str, Any]] | None = None) -> PreparedStep:
         """Check every tensor and find its kernels (compiling where needed); write nothing.
 
         Parameters
@@ -172,6 +173,9 @@ class FusedImplementation:
         rounding : Rounding, optional
             How 16-bit parameters are stored (see :mod:`._rounding`); those always take
             the generic path.
+        tensor_scalars : list of dict, optional
+            Each tensor's own scalars beside ``scalars`` (tensors with equal ones share
+            their hoisted values).
 
         Raises
         ------
@@ -207,12 +211,17 @@ class FusedImplementation:
                 continue
             if not record.size:
                 continue
-            entry = kernels_of.get(record.spec)
+            spec: Any = record.spec
+            step_scalars = scalars
+            if tensor_scalars is not None and tensor_scalars[index]:
+                spec = (spec, tuple(tensor_scalars[index].items()))
+                step_scalars = {**scalars, **tensor_scalars[index]}
+            entry = kernels_of.get(spec)
             if entry is None:
                 layout = record.spec.layout
-                kernels, hoisted = self.kernel_for(rule, scalars, frozenset(names), record.dtype,
-                                                   *((layout,) if layout else ()))
-                entry = kernels_of[record.spec] = [
+                kernels, hoisted = self.kernel_for(rule, step_scalars, frozenset(names),
+                                                   record.dtype, *((layout,) if layout else ()))
+                entry = kernels_of[spec] = [
                     kernels, [record.dtype.type(h) for h in hoisted], False, False]
             # Which variants (below, at or above large_size) this step needs, to have them
             # ready before anything runs.
@@ -220,13 +229,16 @@ class FusedImplementation:
             arrays = record.arrays
             tensors.append((entry[0], entry[1], (arrays[0], kernel_array(grad), *arrays[1:])))
         for spec, (kernels, hoisted, small_ones, large_ones) in kernels_of.items():
+            spec = spec[0] if isinstance(spec, tuple) else spec
             self.ready(kernels, spec.dtype, len(spec.names) + 2, len(hoisted), small_ones,
                        large_ones)
 
         def run() -> list[Any]:
             if generic:
                 GENERIC._run(rule, xp, [params[i] for i in generic], [grads[i] for i in generic],
-                             [states[i] for i in generic], scalars, rounding, generic)
+                             [states[i] for i in generic], scalars, rounding, generic,
+                             None if tensor_scalars is None
+                             else [tensor_scalars[i] for i in generic])
             self.launch(tensors)
             return params if isinstance(params, list) else list(params)
 

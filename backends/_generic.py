@@ -135,18 +135,20 @@ class GenericImplementation:
 
     def prepare(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
                 states: Sequence[dict[str, Any]], scalars: dict[str, Any],
-                cache: dict | None = None, rounding: Rounding | None = None) -> PreparedStep:
+                cache: dict | None = None, rounding: Rounding | None = None,
+                tensor_scalars: Sequence[dict[str, Any]] | None = None) -> PreparedStep:
         """Check every tensor (:func:`checked_state_names`); the step, ready to run.
 
         ``cache`` is accepted for the fused implementations' sake and not used;
         ``rounding`` says how 16-bit parameters are stored (see :mod:`._rounding`;
-        None: to nearest).
+        None: to nearest); ``tensor_scalars``, where given, are each tensor's own scalars
+        beside ``scalars``.
         """
         expected = None
         for index, (param, state) in enumerate(zip(params, states, strict=True)):
             expected = checked_state_names(rule, index, param, state, expected)
         return PreparedStep(lambda: self._run(rule, xp, params, grads, states, scalars,
-                                              rounding))
+                                              rounding, None, tensor_scalars))
 
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
@@ -156,14 +158,20 @@ class GenericImplementation:
     def _run(self, rule: UpdateRule, xp: Any, params: Sequence[Any], grads: Sequence[Any],
              states: Sequence[dict[str, Any]], scalars: dict[str, Any],
              rounding: Rounding | None = None,
-             indices: Sequence[int] | None = None) -> list[Any]:
+             indices: Sequence[int] | None = None,
+             tensor_scalars: Sequence[dict[str, Any]] | None = None) -> list[Any]:
         """Step each tensor; ``indices`` are their positions in the group (for the keys of
-        stochastic rounding), ``range(len(params))`` by default."""
+        stochastic rounding), ``range(len(params))`` by default; ``tensor_scalars`` each
+        tensor's own scalars beside ``scalars`` (in the order of ``params``)."""
         update = rule.bind(generic_operations(xp))
         out = []
         indices = range(len(params)) if indices is None else indices
+        every = scalars
         with _no_autograd(params):
-            for index, param, grad, state in zip(indices, params, grads, states):
+            for position, (index, param, grad, state) in enumerate(
+                    zip(indices, params, grads, states)):
+                if tensor_scalars is not None:
+                    scalars = {**every, **tensor_scalars[position]}
                 given = [state.get(name) for name in rule.states]
                 compute = _compute_dtype(xp, param.dtype)
                 kind = rounding.kind if rounding is not None and is_16bit(param.dtype) \

@@ -34,6 +34,11 @@ For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
 The result, a :class:`Kernel`, lists which arrays are read and written and the body as
 nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
 
+A rule that calls a matrix operation (Muon's ``orthogonalize``) is lowered by
+:func:`lower_stages` instead: the same walk, cut at each matrix operation into
+elementwise stages (a :class:`StagedKernel`), whose operands and results pass through
+arrays; :mod:`._staged` runs the stages as kernels and the operations between them.
+
 Where a step's host values come from
 ------------------------------------
 Two stages, each in one place. The optimizer derives the rule's keyword scalars
@@ -58,13 +63,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._operations import HOST_OPERATIONS as _HOST_OPERATIONS
-from ._operations import REDUCTIONS
+from ._operations import MATRIX_OPERATIONS, REDUCTIONS
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
 __all__ = ["Kernel", "Reduction", "ReductionPass", "HostProgram", "lower", "host_programs",
-           "render", "reductions_taken", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
+           "render", "reductions_taken", "unsupported_reason", "ELEMENTWISE_OPERATIONS",
+           "lower_stages", "StagedKernel", "MatrixStep"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "where")
@@ -242,6 +248,16 @@ class _Lowering:
     versions: dict = field(default_factory=dict)
     # Every host evaluation in order, for this specialization's HostProgram.
     trace: list = field(default_factory=list)
+    # Staged lowering (rules with matrix operations, see lower_stages): the current
+    # stage, the stage of each body entry, the arrays each stage loads, the matrix
+    # operations met, and the locals a later stage reads.
+    staged: bool = False
+    stage: int = 0
+    body_stages: list = field(default_factory=list)
+    stage_loads: list = field(default_factory=lambda: [set()])
+    local_stage: dict = field(default_factory=dict)
+    matrix: list = field(default_factory=list)
+    carries: dict = field(default_factory=dict)
     # Per-tensor reductions in the order met, and each local's level (see _level).
     reductions: list = field(default_factory=list)
     levels: dict = field(default_factory=dict)
@@ -266,6 +282,10 @@ class _Lowering:
                 continue
             assert isinstance(statement, ast.Assign)
             target = statement.targets[0].id
+            value = statement.value
+            if isinstance(value, ast.Call) and value.func.id in MATRIX_OPERATIONS:
+                self.matrix_operation(target, value)
+                continue
             if self.is_scalar(statement.value):
                 self.env[target] = self.evaluate(statement.value)
                 self.trace.append(("assign", target, statement.value))
@@ -277,6 +297,8 @@ class _Lowering:
                 version = self.versions[target] = self.versions.get(target, -1) + 1
                 local = f"{target}_{version}"
                 self.body.append((local, expr))
+                self.body_stages.append(self.stage)
+                self.local_stage[local] = self.stage
                 self.local_names[target] = local
                 self.levels[local] = _level(expr, self.levels, self.reductions)
 
@@ -309,8 +331,18 @@ class _Lowering:
                 raise ValueError(f"rule {self.rule.name}: state {node.id!r} is used but was "
                                  "not allocated under these hyperparameters")
             if node.id in self.local_names:
-                return ("local", self.local_names[node.id])
+                local = self.local_names[node.id]
+                if isinstance(local, tuple):  # a matrix operation's result, an array
+                    self.stage_loads[self.stage].add(local[1])
+                    return ("load", local[1])
+                stage = self.local_stage.get(local, self.stage)
+                if stage != self.stage:  # computed by an earlier stage: kept in an array
+                    self.carries[local] = stage
+                    self.stage_loads[self.stage].add(f"t_keep_{local}")
+                    return ("load", f"t_keep_{local}")
+                return ("local", local)
             self.loads.add(node.id)
+            self.stage_loads[self.stage].add(node.id)
             return ("load", node.id)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return self.wrap("neg", self.expression(node.operand))
@@ -336,6 +368,30 @@ class _Lowering:
                              tuple(self.expression(a) for a in node.args))
         raise NotImplementedError(
             f"rule {self.rule.name}: {ast.unparse(node)!r} has no elementwise lowering")
+
+    def matrix_operation(self, target: str, call: ast.Call) -> None:
+        """``target = operation(operand, scalars...)``: the stage ends with the operand
+        written to an array, the operation runs on it, and the next stage reads its result."""
+        if not self.staged:
+            raise NotImplementedError(
+                f"rule {self.rule.name}: {call.func.id} is a matrix operation, which no "
+                "elementwise kernel can run (lower_stages cuts the rule there)")
+        operand = self.expression(call.args[0])
+        arguments = []
+        for argument in call.args[1:]:
+            self.hoisted.append(self.evaluate(argument))
+            self.trace.append(("hoist", None, argument))
+            arguments.append(len(self.hoisted) - 1)
+        index = len(self.matrix)
+        self.matrix.append((call.func.id, operand, tuple(arguments)))
+        self.env[target] = _ARRAY
+        if self.build:
+            self.body.append((f"t_in{index}", operand))
+            self.body_stages.append(self.stage)
+            self.local_stage[f"t_in{index}"] = self.stage
+        self.stage += 1
+        self.stage_loads.append(set())
+        self.local_names[target] = ("array", f"t_out{index}")
 
     def wrap(self, *parts: Any) -> tuple | None:
         return parts if self.build else None
@@ -525,6 +581,146 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
                     stores=tuple(stores), arrays=arrays, n_hoisted=len(lowering.hoisted),
                     body=body, results=results, reductions=reductions)
     return key, lowering.hoisted, kernel
+
+
+@dataclass(frozen=True)
+class MatrixStep:
+    """A matrix operation between two stages of a :class:`StagedKernel`.
+
+    Attributes
+    ----------
+    operation : str
+        Its name in :data:`~._operations.MATRIX_OPERATIONS`.
+    source : str
+        The array (``t_in<k>``) the previous stage wrote its operand to.
+    target : str
+        The array (``t_out<k>``) its result is, read by the following stages.
+    arguments : tuple of int
+        Indices into the hoisted values of its scalar arguments (host values, passed
+        as they are, not cast to the parameter's dtype).
+    """
+
+    operation: str
+    source: str
+    target: str
+    arguments: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StagedKernel:
+    """A rule with matrix operations, cut into elementwise stages (see :func:`lower_stages`).
+
+    Stage ``k`` is a :class:`Kernel` whose arrays are ``param``, ``grad``, the present
+    states, then the temporaries it reads or writes; :attr:`matrix` ``[k]`` runs after
+    it. Every stage takes all the hoisted values (the matrix steps' arguments among
+    them), so one list serves the whole step.
+
+    Attributes
+    ----------
+    temporaries : tuple of str
+        The arrays of the parameter's size and dtype a step allocates for its stages:
+        each matrix operand ``t_in<k>`` and each local one stage computes and a later
+        one reads (``t_keep_<local>``). Results ``t_out<k>`` are the matrix steps' own.
+    """
+
+    rule: str
+    key: tuple
+    stages: tuple[Kernel, ...]
+    matrix: tuple[MatrixStep, ...]
+    temporaries: tuple[str, ...]
+    n_hoisted: int
+
+
+def lower_stages(rule: UpdateRule, scalars: Mapping[str, Any],
+                 present: frozenset[str] | set[str], *,
+                 build: bool = True) -> tuple[tuple, list, StagedKernel | None]:
+    """:func:`lower` for a rule that may call matrix operations.
+
+    The walk is the same (branches and lerp sides decided on the host, scalar
+    subexpressions hoisted); at each matrix operation the current stage ends: it writes
+    the operand to the array ``t_in<k>``, the operation runs on it with the namespace's
+    own ``matmul`` (:func:`~._operations.orthogonalize`), and the following stages read
+    its result ``t_out<k>``. A parameter or state is written by the stage that computes
+    its last value (the last stage reading its old value, if later), and a local one
+    stage computes and a later one reads goes through an array ``t_keep_<local>``.
+    Where the branches taken call no matrix operation the result has one stage and no
+    matrix step, the kernel :func:`lower` gives.
+
+    Returns
+    -------
+    key, hoisted
+        As :func:`lower`; the hoisted values include the matrix steps' arguments.
+    staged : StagedKernel or None
+        When ``build`` is true.
+    """
+    present = frozenset(present)
+    entry = _HOST_PROGRAMS.setdefault((rule.function, present), [0, []])
+    if not build:
+        last, programs = entry
+        for index in (last, *range(len(programs))):
+            if index < len(programs):
+                hoisted = programs[index].hoisted(scalars)
+                if hoisted is not None:
+                    entry[0] = index
+                    return programs[index].key, hoisted, None
+    lowering = _Lowering(rule, scalars, present, build, staged=True)
+    lowering.run()
+    states = tuple(s for s in rule.states if s in present)
+    key = (tuple(lowering.decisions), states)
+    if all(program.key != key for program in entry[1]):
+        entry[1].append(_host_program(rule, key, lowering.trace))
+    if not build:
+        return key, lowering.hoisted, None
+    if lowering.matrix and lowering.reductions:
+        raise NotImplementedError(f"rule {rule.name}: reductions beside a matrix operation "
+                                  "have no staged lowering")
+    n_stages = len(lowering.matrix) + 1
+    bodies: list[list] = [[] for _ in range(n_stages)]
+    for (target, expr), stage in zip(lowering.body, lowering.body_stages, strict=True):
+        bodies[stage].append((target, expr))
+    stores: list[dict[str, str]] = [{} for _ in range(n_stages)]
+    carries = dict(lowering.carries)
+    for index in range(len(lowering.matrix)):
+        stores[index][f"t_in{index}"] = f"t_in{index}"
+    for name in ("param", *states):
+        local = lowering.local_names.get(name)
+        if local is None:
+            continue
+        readers = [s for s in range(n_stages) if name in lowering.stage_loads[s]]
+        if isinstance(local, tuple):  # the result of a matrix operation itself
+            made, value = int(local[1][len("t_out"):]) + 1, ("load", local[1])
+        else:
+            made, value = lowering.local_stage[local], ("local", local)
+        stage = max([made, *readers])
+        if stage != made and value[0] == "local":  # its old value is read after: later
+            carries[local] = made
+            value = ("load", f"t_keep_{local}")
+        if value[0] == "load":
+            result = f"{name}_result"
+            bodies[stage].append((result, value))
+            lowering.stage_loads[stage].add(value[1])
+        else:
+            result = local
+        stores[stage][name] = result
+    for local, stage in carries.items():
+        stores[stage][f"t_keep_{local}"] = local
+    temporaries = tuple(sorted({a for st in stores for a in st if a.startswith("t_")}))
+    kernels = []
+    base = ("param", "grad", *states)
+    for stage in range(n_stages):
+        loads = lowering.stage_loads[stage]
+        temps = sorted({a for a in loads | set(stores[stage]) if a.startswith("t_")})
+        arrays = (*base, *temps)
+        kernels.append(Kernel(
+            rule=rule.name, key=(*key, ("stage", stage)),
+            loads=tuple(a for a in arrays if a in loads),
+            stores=tuple(a for a in arrays if a in stores[stage]), arrays=arrays,
+            n_hoisted=len(lowering.hoisted), body=tuple(bodies[stage]),
+            results=dict(stores[stage])))
+    matrix = tuple(MatrixStep(operation, f"t_in{index}", f"t_out{index}", arguments)
+                   for index, (operation, _, arguments) in enumerate(lowering.matrix))
+    return key, lowering.hoisted, StagedKernel(rule.name, key, tuple(kernels), matrix,
+                                               temporaries, len(lowering.hoisted))
 
 
 def reductions_taken(rule: UpdateRule, scalars: Mapping[str, Any],

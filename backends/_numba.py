@@ -360,6 +360,15 @@ class NumbaImplementation(FusedImplementation):
             kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype], layout)
         return kernel, hoisted
 
+    def compile_kernel(self, kernel: Kernel, dtype: np.dtype) -> _Kernels:
+        """The loops (parallel, serial) of any lowered ``kernel`` on ``dtype`` arrays: a
+        stage of a rule with matrix operations (:mod:`._staged`)."""
+        cache_key = (kernel.rule, kernel.key, _DTYPES[np.dtype(dtype)])
+        kernels = self.compiled.get(cache_key)
+        if kernels is None:
+            kernels = self.compiled[cache_key] = _load(kernel, _DTYPES[np.dtype(dtype)])
+        return kernels
+
     large_size = _PARALLEL_MIN_SIZE
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:

@@ -19,6 +19,15 @@ per tensor: ``sum(x)`` is ``xp.sum(x)``, ``norm(x)`` the Euclidean norm
 ``size(x)`` the number of elements (``x.numel()``, as a float). They have no
 host meaning: their value exists only beside the tensor (see
 :mod:`optim_core.optim.language`).
+
+Matrix operations
+-----------------
+``orthogonalize`` (:data:`MATRIX_OPERATIONS`) acts on a whole 2-D tensor, not per
+element: Newton-Schulz orthogonalization, as ``torch.optim.Muon`` runs it. Its meaning is
+the same on every path, written once here with the namespace's own ``matmul`` (BLAS on
+NumPy, cuBLAS on CuPy); the fused paths run the elementwise stages around it as generated
+kernels (see :mod:`._lowering`) and call this function between them. It has no host
+meaning: a matrix operation never takes scalar arguments only.
 """
 
 from __future__ import annotations
@@ -27,14 +36,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OPERATIONS", "REDUCTIONS", "generic_operations", "HOST_OPERATIONS"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations",
+           "HOST_OPERATIONS", "orthogonalize"]
 
 #: Per-tensor reductions a rule may call: one value per tensor from an elementwise
 #: expression over all of its elements.
 REDUCTIONS = ("sum", "norm", "size")
 
+#: The operations that act on a whole tensor (as the whole value of an assignment).
+MATRIX_OPERATIONS = ("orthogonalize",)
 #: The only functions a rule may call.
-OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where", *REDUCTIONS)
+OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where", *REDUCTIONS,
+              *MATRIX_OPERATIONS)
 
 
 def generic_operations(xp: Any) -> dict[str, Callable]:
@@ -57,9 +70,116 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
     def size(x: Any) -> float:
         return float(math.prod(x.shape))
 
+    def orthogonalize_xp(x: Any, a: float, b: float, c: float, eps: float, steps: float,
+                         bfloat16: bool = False) -> Any:
+        return orthogonalize(xp, x, a, b, c, eps, steps, bfloat16)
+
     return {"lerp": lerp, "sum": xp.sum, "norm": norm, "size": size,
+            "orthogonalize": orthogonalize_xp,
             **{name: _on_arrays_or_host(function, HOST_OPERATIONS[name])
                for name, function in arrays.items()}}
+
+
+def orthogonalize(xp: Any, x: Any, a: float, b: float, c: float, eps: float, steps: float,
+                  bfloat16: bool = False) -> Any:
+    r"""Newton-Schulz orthogonalization of the 2-D array ``x``, as ``torch.optim.Muon``.
+
+    .. math::
+
+        X_0 = G / \max(\lVert G\rVert_F, \epsilon), \qquad
+        A_k = X_k X_k^\top, \qquad
+        X_{k+1} = a X_k + (b A_k + c A_k^2) X_k
+
+    for ``steps`` iterations, on :math:`G^\top` where ``x`` has more rows than columns
+    (so the Gram matrix is the smaller one), transposed back at the end. The quintic's
+    coefficients (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural
+    networks") push every singular value towards 1 in few steps; the result is about
+    :math:`U S' V^\top` with :math:`S'` near the identity, not exactly :math:`U V^\top`.
+    The operations and their order are those of torch 2.13's
+    ``torch.optim._muon._zeropower_via_newtonschulz``, products through ``xp.matmul``
+    and the norm on the device (no host synchronization).
+
+    Parameters
+    ----------
+    xp : namespace
+    x : array, 2-D
+    a, b, c : float
+        The quintic's coefficients.
+    eps : float
+        Lower bound of the norm the input is divided by (a zero input stays zero).
+    steps : int-valued float
+        Number of iterations.
+    bfloat16 : bool
+        Iterate in bfloat16 as torch 2.13 always does: the input rounded to bfloat16, and
+        every operation computed in float32 from bfloat16 operands and rounded to
+        bfloat16 (torch's CPU and cuBLAS bfloat16 products accumulate in float32). The
+        result is returned in ``x``'s dtype. False (the default) iterates in ``x``'s dtype.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"orthogonalize takes a 2-D array, got {x.ndim}-D")
+    dtype = x.dtype
+    transpose = x.shape[0] > x.shape[1]
+    if transpose:
+        x = x.T
+    if bfloat16:
+        low, f32 = bfloat16_dtype(xp), xp.float32
+
+        def rounded(value: Any) -> Any:
+            return xp.astype(xp.astype(value, low), f32)
+
+        # float64 -> bfloat16 goes through float32 in torch (c10::BFloat16(float)).
+        x = rounded(xp.astype(x, f32))
+        norm = rounded(_norm(xp, x))
+        x = rounded(x / xp.maximum(norm, rounded(xp.asarray(eps, dtype=f32))))
+        for _ in range(int(steps)):
+            gram = rounded(xp.matmul(x, x.T))
+            update = rounded(b * gram + c * xp.matmul(gram, gram))
+            x = rounded(a * x + xp.matmul(update, x))
+        x = xp.astype(x, dtype)
+    else:
+        norm = _norm(xp, x)
+        x = x / xp.maximum(norm, xp.asarray(eps, dtype=norm.dtype))
+        for _ in range(int(steps)):
+            gram = xp.matmul(x, x.T)
+            update = b * gram + c * xp.matmul(gram, gram)
+            x = a * x + xp.matmul(update, x)
+    return x.T if transpose else x
+
+
+def _norm(xp: Any, x: Any) -> Any:
+    """The Frobenius norm of ``x`` as a 0-d array of its namespace (no host value)."""
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "vector_norm"):
+        return linalg.vector_norm(x)
+    return xp.sqrt(xp.sum(x * x))
+
+
+def bfloat16_dtype(xp: Any) -> Any:
+    """The bfloat16 dtype of namespace ``xp``: torch's own, ``ml_dtypes.bfloat16`` for NumPy.
+
+    Raises
+    ------
+    ImportError
+        NumPy without ml_dtypes installed.
+    TypeError
+        A library without a bfloat16 dtype (CuPy, array_api_strict).
+    """
+    own = getattr(xp, "bfloat16", None)
+    if own is not None:
+        return own
+    name = getattr(xp, "__name__", "")
+    if name.endswith("torch"):
+        import sys
+
+        return sys.modules["torch"].bfloat16
+    if name.endswith("numpy"):
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ImportError("bfloat16 on NumPy needs ml_dtypes: pip install ml_dtypes") \
+                from None
+        return ml_dtypes.bfloat16
+    raise TypeError(f"{name or xp!r} arrays have no bfloat16 dtype")
 
 
 _PYTHON_NUMBERS = (int, float, bool)

@@ -21,6 +21,8 @@ __all__ = ["STATE_BUFFERS", "bytes_moved", "Bandwidth", "measure_cpu", "measure_
 
 #: State buffers each benchmarked optimizer keeps per parameter element.
 STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1,
+                 # Muon's elementwise passes; its Newton-Schulz products are compute-bound.
+                 "muon": 1,
                  "schedulefree-sgd": 1, "schedulefree-adamw": 2,
                  # L-BFGS is no single pass: its "floor" is one pass's, a scale only.
                  "lbfgs": 0,

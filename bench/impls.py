@@ -11,6 +11,11 @@
   CuPy in place of NumPy.
 * ``torch-forloop``, ``torch-foreach``, ``torch-fused``: ``torch.optim`` with
   ``foreach=False``, ``foreach=True`` or ``fused=True``.
+* ``torch-nocast``: Muon only: ``torch.optim.Muon`` with the one ``grad.bfloat16()`` of
+  its Newton-Schulz function replaced by ``grad.clone()`` (its source, patched at build
+  time), so it iterates in the parameters' dtype as ours does by default; torch as
+  shipped (``torch-forloop``) always iterates in bfloat16, which CPUs without bfloat16
+  instructions emulate slowly.
 * ``optax-jit``: optax's transformation and ``optax.apply_updates`` under one
   ``jax.jit`` with the parameters and state donated, where JAX and optax are installed.
 
@@ -46,9 +51,9 @@ __all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "
 
 OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion",
               "schedulefree-sgd", "schedulefree-adamw", "lbfgs", "asgd", "rprop", "adopt",
-              "ademamix")
+              "ademamix", "muon")
 IMPLS = ("ours-fused", "ours-flat", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
-         "torch-fused", "optax-jit")
+         "torch-fused", "torch-nocast", "optax-jit")
 
 #: The hyperparameters every implementation runs (``torch.optim``'s defaults; SGD with
 #: momentum 0.9; Lion with the paper's defaults).
@@ -73,12 +78,15 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6},
     "ademamix": {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "alpha": 5.0, "eps": 1e-8,
                  "weight_decay": 0.0},
+    # torch.optim.Muon's defaults (2-D parameters only: the gpt2-small-matrices workload).
+    # torch iterates Newton-Schulz in bfloat16, ours in the parameters' dtype by default.
+    "muon": {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True},
 }
 
 _CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd-momentum": "SGD", "adagrad": "Adagrad",
                 "rmsprop": "RMSprop", "lion": "Lion", "schedulefree-sgd": "ScheduleFreeSGD",
                 "schedulefree-adamw": "ScheduleFreeAdamW", "lbfgs": "LBFGS", "asgd": "ASGD",
-                "rprop": "Rprop", "adopt": "ADOPT", "ademamix": "AdEMAMix"}
+                "rprop": "Rprop", "adopt": "ADOPT", "ademamix": "AdEMAMix", "muon": "Muon"}
 
 
 class NotAvailable(Exception):
@@ -313,10 +321,19 @@ def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
     if optimizer in ("lion", "adopt", "ademamix"):
         raise NotAvailable(f"torch.optim has no {_CLASS_NAMES[optimizer]}")
     cls = getattr(torch.optim, _CLASS_NAMES[optimizer])
+    if impl == "torch-nocast":
+        if optimizer != "muon":
+            raise NotAvailable("torch-nocast is torch.optim.Muon without its bfloat16 cast")
+        _remove_muons_bfloat16_cast()
+        impl = "torch-forloop"
+    else:
+        _restore_muon()
     mode = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True},
             "torch-fused": {"fused": True}}[impl]
     if next(iter(mode)) not in inspect.signature(cls).parameters:
-        raise NotAvailable(f"torch.optim.{cls.__name__} has no {next(iter(mode))}= option")
+        if impl != "torch-forloop":
+            raise NotAvailable(f"torch.optim.{cls.__name__} has no {next(iter(mode))}= option")
+        mode = {}  # one tensor at a time is all it has (Muon)
     params, grads = data.copies("torch")
     for param, grad in zip(params, grads, strict=True):
         param.requires_grad_()
@@ -328,6 +345,35 @@ def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
         raise NotAvailable(f"torch {impl.removeprefix('torch-')}: {error}") from error
     clock = timing.WallClock() if device == "cpu" else timing.TorchEventClock()
     return Runner(opt.step, clock, f"torch {torch.__version__}")
+
+
+def _remove_muons_bfloat16_cast() -> None:
+    """torch.optim.Muon's Newton-Schulz from its own source, minus the bfloat16 cast.
+
+    The module's function is replaced (torch's loop looks it up at each call) until
+    another torch cell is built, which puts the original back: cells are built and timed
+    one after the other.
+    """
+    from torch.optim import _muon
+
+    original = _ORIGINAL.setdefault("ns", _muon._zeropower_via_newtonschulz)
+    source = inspect.getsource(original)
+    if source.count("grad.bfloat16()") != 1:
+        raise NotAvailable("torch.optim.Muon's source has changed: no single bfloat16 cast")
+    namespace = dict(vars(_muon))
+    exec(compile(source.replace("grad.bfloat16()", "grad.clone()"),  # noqa: S102
+                 "<torch muon, no cast>", "exec"), namespace)
+    _muon._zeropower_via_newtonschulz = namespace["_zeropower_via_newtonschulz"]
+
+
+def _restore_muon() -> None:
+    if "ns" in _ORIGINAL:
+        from torch.optim import _muon
+
+        _muon._zeropower_via_newtonschulz = _ORIGINAL["ns"]
+
+
+_ORIGINAL: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------- optax
@@ -365,6 +411,9 @@ def _optax_transformation(optax, optimizer: str):
 def _build_optax(impl: str, optimizer: str, data: WorkloadData, device: str) -> Runner:
     if optimizer.startswith("schedulefree"):
         raise NotAvailable("schedule-free methods are compared with the schedulefree package")
+    if optimizer == "muon":
+        raise NotAvailable("optax's Muon (optax.contrib) is another algorithm than "
+                           "torch.optim.Muon's; not compared")
     if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
         raise NotAvailable("jax/optax are not installed")
     # JAX would otherwise reserve most of the GPU's memory at import, starving CuPy and torch.

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Workload", "RESNET50", "GPT2_SMALL", "single", "many", "resolve", "WORKLOAD_NAMES",
-           "quadratic_objective"]
+__all__ = ["Workload", "RESNET50", "GPT2_SMALL", "GPT2_SMALL_MATRICES", "GPT2_SMALL_BLOCK",
+           "single", "many", "resolve", "WORKLOAD_NAMES", "quadratic_objective"]
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,15 @@ _GPT2_SMALL_TENSORS: tuple[tuple[str, tuple[int, ...]], ...] = (
 
 RESNET50 = Workload("resnet50", _RESNET50_TENSORS)
 GPT2_SMALL = Workload("gpt2-small", _GPT2_SMALL_TENSORS)
+#: GPT-2 small's hidden matrices, what Muon optimizes in practice (the embeddings, biases
+#: and layer norms go to AdamW): per block the attention's c_attn (768, 2304) and c_proj
+#: (768, 768), the MLP's c_fc (768, 3072) and c_proj (3072, 768); 48 tensors, 84,934,656
+#: parameters.
+GPT2_SMALL_MATRICES = Workload("gpt2-small-matrices", tuple(
+    (name, shape) for name, shape in _GPT2_SMALL_TENSORS
+    if len(shape) == 2 and name.startswith("h.")))
+#: One block's four of them (a twelfth of the step), for a quick Muon measurement.
+GPT2_SMALL_BLOCK = Workload("gpt2-small-block", GPT2_SMALL_MATRICES.tensors[:4])
 
 
 def single(numel: int) -> Workload:
@@ -260,7 +269,8 @@ def many(count: int, numel: int) -> Workload:
 
 
 #: Workload names :func:`resolve` accepts besides "single" and "COUNTxNUMEL".
-WORKLOAD_NAMES = ("single", "resnet50", "gpt2-small", "1000x1000")
+WORKLOAD_NAMES = ("single", "resnet50", "gpt2-small", "gpt2-small-matrices", "gpt2-small-block",
+                  "1000x1000")
 
 
 def resolve(name: str, sizes: list[int]) -> list[Workload]:
@@ -275,6 +285,9 @@ def resolve(name: str, sizes: list[int]) -> list[Workload]:
         return [RESNET50]
     if name == GPT2_SMALL.name:
         return [GPT2_SMALL]
+    for workload in (GPT2_SMALL_MATRICES, GPT2_SMALL_BLOCK):
+        if name == workload.name:
+            return [workload]
     match = re.fullmatch(r"(\d+)x(\d+)", name)
     if match:
         return [many(int(match[1]), int(match[2]))]

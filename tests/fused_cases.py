@@ -78,7 +78,10 @@ class GenericStepRecorder:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def prepare(self, rule, xp, params, grads, states, scalars, cache=None):
+    def prepare(self, rule, xp, params, grads, states, scalars, cache=None,
+                tensor_scalars=None):
+        if tensor_scalars:  # the first tensor's (the tests record one tensor of such rules)
+            scalars = {**scalars, **tensor_scalars[0]}
         checked = GENERIC.prepare(rule, xp, params, grads, states, scalars)
         return PreparedStep(lambda: self.step(rule, xp, params, grads, states, scalars,
                                               checked))

@@ -28,6 +28,11 @@ What each field drives
     reduces the loss where ``*_converges`` is false.
 ``resume``
     Options of the bit-exact resume test (test_checkpoint.py).
+``matrix_only``
+    The optimizer takes 2-D parameters only (Muon). The shared tests step parameters of
+    every shape (vectors, 0-d arrays), so they draw from :data:`NAMES`, the others; such
+    an optimizer's cases run in the test file named by ``tests`` instead, and only the
+    checks of the table itself (test_optim_db.py) see it, through :data:`ALL_NAMES`.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class OptimizerInfo:
     parabola_converges: bool = True
     rosenbrock_converges: bool = True
     resume: dict = field(default_factory=dict)
+    matrix_only: bool = False
+    #: The test file that runs a ``matrix_only`` optimizer's cases.
+    tests: str | None = None
 
     @property
     def name(self) -> str:
@@ -587,12 +595,40 @@ OPTIM_DB += [
         parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02, "r": 2.0}, 5000),
         resume={"weight_decay": 0.01, "warmup_steps": 3},
     ),
+    OptimizerInfo(
+        optim_core.Muon, reference.muon, "Muon",
+        reference_cases=[
+            {"lr": 0.02},
+            {"lr": 0.02, "nesterov": False, "adjust_lr_fn": "original"},
+            {"lr": 0.02, "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.0,
+             "momentum": 0.9},
+            {"lr": 0.02, "ns_steps": 3, "ns_coefficients": (2.0, -1.5, 0.5), "eps": 1e-3,
+             "weight_decay": 0.5},
+        ],
+        fused_cases=[
+            {"lr": 0.02},
+            {"lr": 0.02, "momentum": 0.3},  # momentum 0.3: both lerps take their other side
+            {"lr": 0.02, "nesterov": False, "weight_decay": 0.0},
+            {"lr": 0.02, "use_muon": False, "betas": (0.3, 0.9)},
+            {"lr": 0.02, "use_muon": False, "weight_decay": 0.0},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "weight_decay": decay, "momentum": unit, "nesterov": flag,
+            "adjust_lr_fn": st.sampled_from([None, "original", "match_rms_adamw"])}),
+        default_lr=1e-3,
+        parabola={"lr": 0.05}, rosenbrock=({"lr": 1e-3}, 100),
+        resume={"nesterov": False},
+        matrix_only=True, tests="tests/test_muon.py",
+    ),
 ]
 
 #: The entries by class name.
 BY_NAME: dict[str, OptimizerInfo] = {info.name: info for info in OPTIM_DB}
 #: Every optimizer's class name, in the table's order.
-NAMES: list[str] = list(BY_NAME)
+ALL_NAMES: list[str] = list(BY_NAME)
+#: The optimizers the shared tests run on parameters of any shape (all but matrix_only).
+NAMES: list[str] = [info.name for info in OPTIM_DB if not info.matrix_only]
 
 
 def case_id(name: str, hyper: dict, empty: str = "") -> str:
@@ -603,12 +639,13 @@ def case_id(name: str, hyper: dict, empty: str = "") -> str:
 def reference_cases() -> list[tuple[str, Callable, dict]]:
     """(name, reference function, options) of every reference case of every optimizer."""
     return [(info.name, info.reference, hyper) for info in OPTIM_DB
-            for hyper in info.reference_cases]
+            if not info.matrix_only for hyper in info.reference_cases]
 
 
 def fused_cases() -> list[tuple[str, dict]]:
     """(name, options) of every fused case of every optimizer."""
-    return [(info.name, hyper) for info in OPTIM_DB for hyper in info.fused_cases]
+    return [(info.name, hyper) for info in OPTIM_DB if not info.matrix_only
+            for hyper in info.fused_cases]
 
 
 def with_default_lr(name: str, hyper: dict) -> dict:
@@ -621,8 +658,10 @@ def registered_names() -> set[str]:
     return {cls.__name__ for cls in OPTIMIZERS.values()}
 
 
-#: Every rule an optimizer of the table runs, by rule name: what the fused tests cover.
-RULES: dict[str, Any] = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB}
+#: Every rule an optimizer of the table runs, by rule name: what the fused tests cover
+#: (a matrix_only optimizer's rule, with a matrix operation, in its own test file).
+RULES: dict[str, Any] = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB
+                         if not info.matrix_only}
 
 #: Each optimizer's ``rich`` options, by class name.
-RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB}
+RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB if not info.matrix_only}

@@ -173,6 +173,27 @@ def lion(p, g, s, h):
     return p
 
 
+def muon(p, g, s, h):
+    """torch.optim.Muon's documented algorithm, Newton-Schulz in float64 (2-D ``p`` only)."""
+    mu = h.get("momentum", 0.95)
+    a, b, c = h.get("ns_coefficients", (3.4445, -4.7750, 2.0315))
+    s["b"] = mu * s.get("b", np.zeros_like(g)) + (1 - mu) * g
+    x = (1 - mu) * g + mu * s["b"] if h.get("nesterov", True) else s["b"]
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / max(np.sqrt(np.sum(x * x)), h.get("eps", 1e-7))
+    for _ in range(h.get("ns_steps", 5)):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.T if tall else x
+    rows, cols = p.shape
+    if h.get("adjust_lr_fn") == "match_rms_adamw":
+        ratio = 0.2 * math.sqrt(max(rows, cols))
+    else:
+        ratio = math.sqrt(max(1, rows / cols))
+    return p * (1 - h["lr"] * h.get("weight_decay", 0.1)) - h["lr"] * ratio * x
+
+
 def asgd(p, g, s, h):
     t = s["t"] = s.get("t", 0) + 1
     lr, lambd = h["lr"], h.get("lambd", 1e-4)

@@ -62,6 +62,17 @@ def test_gpt2_small_has_148_tensors_and_124_439_808_parameters(bench):
     assert sum(1 for n in tensors if n.startswith("h.")) == 12 * 12
 
 
+def test_gpt2_small_matrices_are_its_48_hidden_matrices(bench):
+    # What Muon optimizes: per block c_attn, attn.c_proj, c_fc, mlp.c_proj (no embeddings).
+    matrices = bench.workloads.GPT2_SMALL_MATRICES
+    assert matrices.n_tensors == 48 and matrices.numel == 84_934_656
+    assert all(len(s) == 2 for s in matrices.shapes)
+    assert not any(n.startswith(("wte", "wpe")) for n, _ in matrices.tensors)
+    (block,) = bench.workloads.resolve("gpt2-small-block", [])
+    assert block.shapes == [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+    assert bench.workloads.resolve("gpt2-small-matrices", []) == [matrices]
+
+
 def test_many_small_and_single_workloads(bench):
     w = bench.workloads
     (many,) = w.resolve("1000x1000", [])
@@ -122,9 +133,9 @@ def test_quick_run_writes_json_and_a_table(tmp_path):
         assert (r["ratio_vs_torch_fused"] is None) == (
             by_cell[r["optimizer"], r["workload"], "torch-fused"]["status"] != "ok"
             or r["status"] != "ok")
-    # The CPU targets are listed; this run measured neither cell, so neither is judged.
+    # The CPU targets are listed; this run measured none of their cells, so none is judged.
     assert [(t["workload"], t["holds"]) for t in report["targets"]] == [
-        ("1e7", None), ("resnet50", None)]
+        ("1e7", None), ("resnet50", None), ("gpt2-small-matrices", None)]
     table = out.with_suffix(".md").read_text()
     assert "| optimizer | workload |" in table and "naive-numpy" in table
     assert table.strip() in done.stdout

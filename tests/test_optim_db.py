@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 from fused_cases import STEPS, GenericStepRecorder, gradient, start_params
 from optim_core.backends._lowering import _Lowering
-from optim_db import NAMES, OPTIM_DB, registered_names
+from optim_db import ALL_NAMES, BY_NAME, OPTIM_DB, registered_names
 
 import optim_core
 
 
 def test_every_registered_optimizer_has_an_entry():
-    assert set(NAMES) == registered_names()
-    assert len(NAMES) == len(OPTIM_DB)  # one entry each
+    assert set(ALL_NAMES) == registered_names()
+    assert len(ALL_NAMES) == len(OPTIM_DB)  # one entry each
     for info in OPTIM_DB:
         assert getattr(optim_core, info.name) is info.cls  # public under its name
         assert info.name in optim_core.__all__
         assert info.reference_cases and info.fused_cases
+        assert not info.matrix_only or info.tests  # its cases run somewhere
 
 
 def test_torch_counterparts_exist():
@@ -33,19 +34,22 @@ def test_every_option_set_is_accepted():
     for info in OPTIM_DB:
         for hyper in (*info.reference_cases, *info.fused_cases, info.rich, info.resume,
                       info.parabola, info.rosenbrock[0]):
-            info.make([np.ones(2)], **hyper)
+            info.make([np.ones((2, 3) if info.matrix_only else 2)], **hyper)
 
 
 def _outcomes(name: str, hyper: dict) -> set[tuple[int, bool]]:
     """(id of an if test or lerp call, outcome) of every host decision the case's steps make."""
     params = start_params("float64")
+    if BY_NAME[name].matrix_only:
+        params = {"matrix": params["matrix"]}
     opt = getattr(optim_core, name)(params, **hyper, impl="generic")
     opt.implementation = recorder = GenericStepRecorder()
     for step in range(STEPS):
         opt.step({k: gradient(v, step) for k, v in params.items()})
     seen = set()
     for call in recorder.calls:
-        lowering = _Lowering(call["rule"], call["scalars"], frozenset(call["states"][0]), False)
+        lowering = _Lowering(call["rule"], call["scalars"], frozenset(call["states"][0]), False,
+                             staged=True)
         lowering.run()
         for kind, node, outcome in lowering.trace:
             if kind in ("test", "lerp"):

@@ -128,8 +128,11 @@ def test_pruned_weights_stay_exactly_zero_through_every_optimizer(name):
                   callbacks=[pruner], **MOMENTUM.get(name, {}))
     assert pruner.last_pruned_step == 6
     optimizer = history.optimizer
-    for group_names, group_states in zip([["W0", "b0", "W1", "b1"]], optimizer.state,
-                                         strict=True):
+    # One group (Muon: its matrices and an AdamW group of the biases).
+    assert sorted(n for g in optimizer.param_groups for n in g["names"]) == [
+        "W0", "W1", "b0", "b1"]
+    for group_names, group_states in zip([g["names"] for g in optimizer.param_groups],
+                                         optimizer.state, strict=True):
         for param_name, state in zip(group_names, group_states, strict=True):
             if param_name not in pruner.masks:
                 continue

@@ -173,6 +173,14 @@ BAD_HYPERPARAMETERS = [
     ("initial_accumulator_value", -1.0, ValueError), ("momentum_decay", -1.0, ValueError),
     ("amsgrad", "yes", TypeError), ("nesterov", 1, TypeError), ("centered", None, TypeError),
     ("maximize", "no", TypeError),
+    # ASGD, Rprop, ADOPT, AdEMAMix.
+    ("lambd", -1e-4, ValueError), ("t0", float("nan"), ValueError), ("t0", "10", TypeError),
+    ("etas", (1.5, 1.2), ValueError), ("etas", (0.5, 0.9), ValueError),
+    ("etas", (0.0, 1.2), ValueError), ("etas", 0.5, TypeError),
+    ("step_sizes", (1.0, 0.5), ValueError), ("step_sizes", (-1e-6, 50), ValueError),
+    ("use_clipping", 1, TypeError), ("clip_exponent", -0.25, ValueError),
+    ("eps_root", -1e-8, ValueError), ("alpha_warmup", 2.5, TypeError),
+    ("beta3_warmup", -1, ValueError), ("betas", (0.9, 0.999, 1.0), ValueError),
 ]
 
 
@@ -230,6 +238,15 @@ def test_a_hyperparameter_cannot_be_removed_from_a_group(name):
 def test_nesterov_needs_momentum_and_no_dampening(momentum, dampening):
     with pytest.raises(ValueError, match="nesterov"):
         optim_core.SGD([np.ones(2)], momentum=momentum, dampening=dampening, nesterov=True)
+
+
+def test_ademamix_beta3_warmup_needs_positive_beta1_and_beta3():
+    with pytest.raises(ValueError, match="beta3_warmup needs"):
+        optim_core.AdEMAMix([np.ones(2)], betas=(0.0, 0.999, 0.9999), beta3_warmup=10)
+    opt = optim_core.AdEMAMix([np.ones(2)], betas=(0.0, 0.999, 0.9999))
+    with pytest.raises(ValueError, match="beta3_warmup needs"):
+        opt.param_groups[0]["beta3_warmup"] = 10
+    assert opt.param_groups[0]["beta3_warmup"] == 0
 
 
 def test_unknown_hyperparameters_and_options_are_refused():

@@ -364,7 +364,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         given = dict(bound.arguments)
         flags = {key: _torch_flag(key, given.pop(key, default))
                  for key, default in self.torch_keys.items()}
-        engine = self.core([np.zeros(1)], **given, impl=impl)  # checks every hyperparameter
+        # A (1, 1) dummy: a matrix, which every optimizer takes (Muon takes nothing else).
+        engine = self.core([np.zeros((1, 1))], **given, impl=impl)  # checks every hyperparameter
         self._impl = impl
         self._setup({**engine.defaults, **flags})
         self._engines[("numpy", None)] = engine
@@ -484,9 +485,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         else:
             fresh, states = None, [slot.states for _, slot, _ in members]
         cache = self._caches.setdefault((index, ordinal), {})
+        extra = {}
+        if engine.tensor_scalar_names:  # Muon's lr scaled by each matrix's shape
+            extra["tensor_scalars"] = [engine.tensor_scalars(group, scalars, tuple(p.shape))
+                                       for p, _, _ in members]
         with self._on_stream(kind, members[0][0]):
             ready = engine.implementation.prepare(rule, engine._xp, params, grads, states,
-                                                  scalars, cache=cache)
+                                                  scalars, cache=cache, **extra)
         counters_after = {name: after[name] for name in self._counter_names}
 
         def run() -> list[torch.Tensor]:
@@ -543,13 +548,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             library, where = kind
             impl = self._impl
             if library == "numpy":
-                dummy = np.zeros(1)
+                dummy = np.zeros((1, 1))
             elif library == "cupy":
                 cupy = _cupy()
                 with cupy.cuda.Device(where):
-                    dummy = cupy.zeros(1)
+                    dummy = cupy.zeros((1, 1))
             else:
-                dummy = torch.zeros(1, device=where)
+                dummy = torch.zeros((1, 1), device=where)
                 impl = "generic" if impl == "auto" else impl
             given = {k: self._defaults_checked[k] for k in self._core_arguments
                      if k in self._defaults_checked}

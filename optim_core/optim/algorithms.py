@@ -12,6 +12,7 @@ differs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from .base import Optimizer
 from .param_group import Hyperparameter
 
 __all__ = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-           "NAdam", "RAdam", "Lion"]
+           "NAdam", "RAdam", "Lion", "Muon"]
 
 _COMMON = """
     impl : {"auto", "fused", "generic"}, optional
@@ -623,3 +624,188 @@ class Lion(Optimizer):
                  **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, cautious=cautious), **options)
+
+
+def _ns_coefficients(name: str, value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+        raise _checks.WrongTypeError(f"{name} must be three numbers (a, b, c), got "
+                                     f"{value!r:.80}")
+    return tuple(_checks.number(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+
+def _ns_steps(name: str, value: Any) -> int:
+    steps = _checks.integer(name, value, minimum=0)
+    if steps >= 100:  # torch's limit
+        raise ValueError(f"{name} must be less than 100, got {steps}")
+    return steps
+
+
+def _adjust_lr_fn(name: str, value: Any) -> str | None:
+    return _checks.choice(name, value, (None, "original", "match_rms_adamw"))
+
+
+def _ns_dtype(name: str, value: Any) -> str | None:
+    return _checks.choice(name, value, (None, "bfloat16"))
+
+
+@_doc
+class Muon(Optimizer):
+    r"""Muon, momentum orthogonalized by Newton-Schulz (Jordan et al. 2024, "Muon: An
+    optimizer for hidden layers in neural networks"), as ``torch.optim.Muon``.
+
+    .. math::
+
+        B_t &= \mu B_{t-1} + (1-\mu) G_t \quad (\texttt{lerp}) \\
+        \tilde B_t &= (1-\mu) G_t + \mu B_t \text{ (nesterov) or } B_t \\
+        O_t &= \mathrm{NS}^{(a,b,c)}_k(\tilde B_t;\ \epsilon) \\
+        \theta_t &= (1-\gamma\lambda)\,\theta_{t-1} - \gamma\,r(A, B)\,O_t
+
+    for a parameter of shape :math:`A \times B`, with :math:`k` steps of the quintic
+    Newton-Schulz iteration :math:`X \leftarrow aX + (bXX^\top + c(XX^\top)^2)X` from
+    :math:`X_0 = \tilde B_t/\max(\lVert\tilde B_t\rVert_F, \epsilon)`, and the learning-rate
+    ratio :math:`r = \sqrt{\max(1, A/B)}` (``adjust_lr_fn=None`` or ``"original"``,
+    Keller Jordan's) or :math:`r = 0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``, Liu et
+    al. 2025, "Muon is Scalable for LLM Training", so that AdamW's ``lr`` and
+    ``weight_decay`` carry over).
+
+    The rule (:func:`optim_core.optim.rules.muon`) calls ``orthogonalize``, a matrix
+    operation of the rule language: the generic path runs it with the namespace's own
+    ``matmul``; the fused paths run the momentum and the parameter update as generated
+    kernels and the iteration through NumPy's (BLAS) or CuPy's (cuBLAS) ``matmul``.
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+        2-D parameters, except in groups with ``use_muon=False``.
+    lr : float, default 1e-3
+    weight_decay : float, default 0.1
+        Decoupled weight decay :math:`\lambda` (the parameter is scaled by
+        :math:`1 - \gamma\lambda`).
+    momentum : float, default 0.95
+    nesterov : bool, default True
+    ns_coefficients : (float, float, float), default (3.4445, -4.7750, 2.0315)
+    eps : float, default 1e-7
+        Lower bound of the norm the update is divided by before the iteration.
+    ns_steps : int, default 5
+        Newton-Schulz iterations (fewer than 100).
+    adjust_lr_fn : {None, "original", "match_rms_adamw"}, default None
+    ns_dtype : {None, "bfloat16"}, default None
+        The dtype the iteration runs in. None: the parameter's own (float64 matches
+        torch's algorithm to rounding). "bfloat16": as torch 2.13, which always iterates
+        in bfloat16: every operation rounded to bfloat16 (products accumulated in
+        float32), on NumPy through ``ml_dtypes.bfloat16``, on torch in its own; CuPy
+        has no bfloat16.
+    use_muon : bool, default True
+        False in a param group runs AdamW on it instead (any shape): the biases, gains
+        and embeddings that Muon is not meant for, as in practice, with the group's
+        ``lr``, ``weight_decay``, ``betas`` and ``adamw_eps`` (see Notes).
+    betas : (float, float), default (0.9, 0.999)
+        AdamW's, for ``use_muon=False`` groups.
+    adamw_eps : float, default 1e-8
+        AdamW's ``eps``, for ``use_muon=False`` groups (``eps`` is Newton-Schulz's).
+    {common}
+
+    Notes
+    -----
+    One object for a whole model, as Muon is used (Keller Jordan's ``MuonWithAuxAdam``
+    groups, ``use_muon`` per group)::
+
+        opt = optim_core.Muon([
+            {"params": hidden_matrices},                      # Muon, lr=0.02
+            {"params": embeddings_biases_gains, "use_muon": False,
+             "lr": 3e-4, "weight_decay": 0.01},               # AdamW
+        ], lr=0.02)
+
+    A ``use_muon=False`` group steps exactly as :class:`AdamW` with the same ``lr``,
+    ``betas``, ``eps=adamw_eps`` and ``weight_decay`` (bit for bit: the rule's second
+    branch is Adam's decoupled update). torch has no such groups: there one makes a
+    ``torch.optim.Muon`` and a ``torch.optim.AdamW`` and steps both.
+
+    A dict of name -> array that holds other arrays than matrices (a whole model's
+    parameters, as :func:`optim_core.fit` passes them) is split in two groups, the
+    matrices (Muon) and the rest (``use_muon=False``, AdamW), in that order. Groups and
+    lists are taken as given: a 2-D-only group that holds another shape is a
+    ValueError, as in torch.
+
+    ``flat=True`` is refused: each matrix is orthogonalized on its own.
+    """
+
+    cli_name = "muon"
+    weight_decay_kind = "decoupled"
+
+    rule = rules.muon
+
+    hyperparameter_checks = {
+        "ns_coefficients": Hyperparameter(_ns_coefficients, ("ns_a", "ns_b", "ns_c")),
+        "ns_steps": Hyperparameter(_ns_steps),
+        "adjust_lr_fn": Hyperparameter(_adjust_lr_fn),
+        "ns_dtype": Hyperparameter(_ns_dtype),
+        "use_muon": Hyperparameter(_checks.boolean),
+        "adamw_eps": Hyperparameter(lambda name, value: _checks.number(name, value, low=0)),
+    }
+    tensor_scalar_names = ("adjusted_lr",)
+
+    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
+                 ns_dtype: str | None = None, use_muon: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                 **options: Any) -> None:
+        if options.get("flat"):
+            raise ValueError("Muon orthogonalizes each matrix on its own: flat=True, which "
+                             "joins them into one buffer, is not supported")
+        super().__init__(_matrices_apart(params), dict(
+                                      lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_coefficients=ns_coefficients,
+                                      eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                                      ns_dtype=ns_dtype, use_muon=use_muon, betas=betas,
+                                      adamw_eps=adamw_eps), **options)
+        for group in self.param_groups:
+            if group["use_muon"]:
+                for name, param in zip(group["names"], group["params"]):
+                    _check_matrix(name, param)
+            if group["ns_dtype"] == "bfloat16":
+                from ..backends._operations import bfloat16_dtype
+
+                bfloat16_dtype(self._xp)  # ImportError or TypeError now, not at a step
+
+    def active_states(self, group: Mapping[str, Any]) -> set[str]:
+        return {"momentum_buffer"} if group["use_muon"] else {"exp_avg", "exp_avg_sq"}
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        return {**_adam_scalars(group, group_state["step"]),
+                "ns_bfloat16": group["ns_dtype"] == "bfloat16"}
+
+    def tensor_scalars(self, group: Mapping[str, Any], scalars: Mapping[str, Any],
+                       shape: tuple[int, ...]) -> dict[str, Any]:
+        """``adjusted_lr``: torch's ``_adjust_lr`` of the matrix's shape."""
+        if not group["use_muon"]:
+            return {"adjusted_lr": group["lr"]}
+        if len(shape) != 2:
+            raise ValueError(f"Muon only supports 2-D parameters, got shape {shape}; put "
+                             "the others in a group with use_muon=False (AdamW)")
+        rows, columns = shape
+        if group["adjust_lr_fn"] == "match_rms_adamw":
+            ratio = 0.2 * math.sqrt(max(rows, columns))
+        else:  # None or "original"
+            ratio = math.sqrt(max(1, rows / columns)) if columns else 1.0
+        return {"adjusted_lr": group["lr"] * ratio}
+
+
+def _matrices_apart(params: Any) -> Any:
+    """A dict of arrays holding non-matrices as two groups, the matrices first (see Muon)."""
+    if not isinstance(params, Mapping) or "params" in params or all(
+            len(getattr(p, "shape", ())) == 2 for p in params.values()):
+        return params
+    matrices = {k: p for k, p in params.items() if len(getattr(p, "shape", ())) == 2}
+    others = {k: p for k, p in params.items() if k not in matrices}
+    return ([{"params": matrices}] if matrices else []) + [{"params": others,
+                                                            "use_muon": False}]
+
+
+def _check_matrix(name: str, param: Any) -> None:
+    if len(param.shape) != 2:
+        raise ValueError(f"Muon only supports 2-D parameters, got {name!r} of shape "
+                         f"{tuple(param.shape)}; put the others in a group with "
+                         "use_muon=False (AdamW)")

@@ -251,12 +251,9 @@ class ADOPT(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         step = group_state["step"]
-        # where, not `if`: the same code runs on traced steps (optim_core.functional); the
-        # untaken side's base is 1, so a negative exponent never meets 0 on the host.
-        later = step > 1
-        return {"initialize": step == 1,
-                "clip": scalar_math.where(later, scalar_math.where(later, step - 1, 1)
-                                          ** group["clip_exponent"], 0.0)}
+        # No if on the step: the same code runs on traced steps (optim_core.functional).
+        # At the first step the clip value (0 ** c) is not used.
+        return {"initialize": step == 1, "clip": (step - 1) ** group["clip_exponent"]}
 
 
 def _half_life(beta: float) -> float:
@@ -351,16 +348,17 @@ class AdEMAMix(Optimizer):
         step = group_state["step"]
         count = step - 1  # optax's count: the steps before this one
         beta1, beta2, beta3 = group["betas"]
-        alpha = group["alpha"]
-        # where, not `if` on the step: the same code runs on traced steps
-        # (optim_core.functional). A warmup of 0 steps never applies (count >= 0).
-        if group["alpha_warmup"] > 0:
-            alpha = scalar_math.where(count < group["alpha_warmup"],
-                                      count / group["alpha_warmup"] * alpha, alpha)
-        if group["beta3_warmup"] > 0:
-            # a <= 1 on the untaken side too: a mix of half-lives > -1, plus 1, is > 0.
-            a = scalar_math.minimum(count / group["beta3_warmup"], 1.0)
-            mixed = 0.5 ** (1 / ((1 - a) * _half_life(beta1) + a * _half_life(beta3) + 1))
-            beta3 = scalar_math.where(count < group["beta3_warmup"], mixed, beta3)
+        alpha, t_alpha, t_beta = group["alpha"], group["alpha_warmup"], group["beta3_warmup"]
+        # Ifs on hyperparameters only; where on the step, which may be traced
+        # (optim_core.functional). Both sides are computed: the warm side is kept finite
+        # past the warmup by capping its count.
+        if t_alpha:
+            alpha = scalar_math.where(count < t_alpha,
+                                      scalar_math.minimum(count, t_alpha) / t_alpha * alpha,
+                                      alpha)
+        if t_beta:
+            a = scalar_math.minimum(count, t_beta) / t_beta
+            warm = 0.5 ** (1 / ((1 - a) * _half_life(beta1) + a * _half_life(beta3) + 1))
+            beta3 = scalar_math.where(count < t_beta, warm, beta3)
         return {"alpha": alpha, "beta3": beta3, "bias_correction1": 1 - beta1**step,
                 "bias_correction2": 1 - beta2**step}

@@ -149,6 +149,9 @@ class Optimizer:
     #: Checks of hyperparameters this optimizer has and the shared table
     #: (:data:`~optim_core.optim.param_group.HYPERPARAMETERS`) lacks, by name.
     hyperparameter_checks: ClassVar[Mapping[str, Hyperparameter]] = {}
+    #: The rule's scalars that differ from one tensor of a group to the next (Muon's
+    #: learning rate scaled by the matrix's shape): :meth:`tensor_scalars` derives them.
+    tensor_scalar_names: ClassVar[tuple[str, ...]] = ()
     #: The states ``state_bits=8`` or ``4`` quantizes, each with its map: True for the
     #: signed map (first moments, momentum), False for the unsigned one (second moments).
     #: An optimizer without any refuses ``state_bits`` other than 32.
@@ -226,6 +229,13 @@ class Optimizer:
     def active_states(self, group: Mapping[str, Any]) -> set[str]:
         """Optional states this group needs under its current hyperparameters."""
         return set()
+
+    def tensor_scalars(self, group: Mapping[str, Any], scalars: Mapping[str, Any],
+                       shape: tuple[int, ...]) -> dict[str, Any]:
+        """The scalars of :attr:`tensor_scalar_names` for one tensor of ``shape``, from
+        the group's hyperparameters and this step's ``scalars`` (host values; shapes are
+        known on the host, so no device value is read)."""
+        return {}
 
     def _initial_group_state(self) -> dict[str, Any]:
         return {"step": 0}
@@ -316,6 +326,8 @@ class Optimizer:
                 values[name] = group[source] if part is None else group[source][part]
             elif name == "first_step":
                 values[name] = first_step
+            elif name in self.tensor_scalar_names:
+                continue  # per tensor: tensor_scalars()
             else:
                 raise TypeError(f"rule {self.rule.name} needs the scalar {name!r}, which "
                                 f"{type(self).__name__} neither has as a hyperparameter nor "
@@ -520,6 +532,9 @@ class Optimizer:
                      for param, st in zip(params, states)]
             fresh = extra if fresh is None else [{**f, **e} for f, e in zip(fresh, extra)]
             step_states = [{**st, **e} for st, e in zip(step_states, extra, strict=True)]
+        if self.tensor_scalar_names:
+            rounding["tensor_scalars"] = [self.tensor_scalars(group, scalars, tuple(p.shape))
+                                          for p in params]
         try:
             ready = self.implementation.prepare(rule, xp, params, step_grads, step_states,
                                                 scalars, cache=self._caches[index], **rounding)

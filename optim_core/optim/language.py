@@ -26,6 +26,17 @@ The language
 * The last statement is ``return param, state_1, ...``: the new parameter and new
   states, in argument order (without ``grad``).
 
+Matrix operations
+-----------------
+A call of a matrix operation (:data:`MATRIX_OPERATIONS`: ``orthogonalize``, Newton-Schulz
+orthogonalization, as ``torch.optim.Muon`` runs it) acts on the whole tensor, not per
+element, so it may only be the whole value of an assignment,
+``update = orthogonalize(update, a, b, c, eps, steps, bfloat16)``: its first argument an
+elementwise expression, the others scalars. The generic path calls it like any other
+operation; the fused paths cut the rule there into elementwise stages, each a generated
+kernel, with the matrix operation run between them through the array library's own
+``matmul`` (see :mod:`optim_core.backends._lowering`).
+
 A state listed in ``optional_states`` is only allocated when the optimizer needs it
 (``amsgrad``'s running maximum, a momentum buffer); the rule must touch it only
 inside an ``if`` that is false whenever the state is absent. The generic path then
@@ -69,9 +80,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from optim_core.backends import OPERATIONS, REDUCTIONS, generic_operations
+from optim_core.backends import MATRIX_OPERATIONS, OPERATIONS, REDUCTIONS, generic_operations
 
-__all__ = ["OPERATIONS", "REDUCTIONS", "UpdateRule", "update_rule"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "UpdateRule", "update_rule"]
 
 
 _ALLOWED_NODES = (
@@ -108,6 +119,13 @@ class UpdateRule:
     @property
     def name(self) -> str:
         return self.function.__name__
+
+    @property
+    def matrix_operations(self) -> tuple[str, ...]:
+        """The matrix operations the rule calls (empty for an elementwise rule)."""
+        return tuple(sorted({node.func.id for node in ast.walk(self.tree)
+                             if isinstance(node, ast.Call)
+                             and node.func.id in MATRIX_OPERATIONS}))
 
     @property
     def reductions(self) -> tuple[str, ...]:
@@ -167,6 +185,8 @@ def update_rule(*, optional_states: tuple[str, ...] = ()) -> Callable[[Callable]
 
 def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
                     returned: tuple[str, ...]) -> None:
+    # ast.walk visits an assignment before its value: the calls seen as whole values.
+    matrix_calls: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # docstring
@@ -178,6 +198,14 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
             if node.keywords or (node.func.id in REDUCTIONS and len(node.args) != 1):
                 raise TypeError(f"rule {name}: {ast.unparse(node)!r}: operations take "
                                 "positional arguments, a reduction exactly one")
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and getattr(node.value.func, "id", None) in MATRIX_OPERATIONS:
+            matrix_calls.add(id(node.value))
+            _check_matrix_call(node.value, name, scalars)
+        if isinstance(node, ast.Call) and node.func.id in MATRIX_OPERATIONS \
+                and id(node) not in matrix_calls:
+            raise TypeError(f"rule {name}: a matrix operation ({node.func.id}) must be the "
+                            "whole value of an assignment")
         if isinstance(node, ast.If):
             used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             if not used <= scalars:
@@ -202,6 +230,20 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
         raise TypeError(f"rule {name}: only one return, at the end")
 
 
+def _check_matrix_call(call: ast.Call, name: str, scalars: set[str]) -> None:
+    """A matrix operation: one elementwise operand, then scalar arguments, no keywords."""
+    if call.keywords or len(call.args) < 2:
+        raise TypeError(f"rule {name}: {call.func.id} takes an array and scalar arguments, "
+                        "positionally")
+    for argument in call.args[1:]:
+        used = {n.id for n in ast.walk(argument) if isinstance(n, ast.Name)} \
+            - set(OPERATIONS)
+        if not used <= scalars:
+            raise TypeError(f"rule {name}: the arguments of {call.func.id} after the first "
+                            f"must be scalars, not {sorted(used - scalars)}")
+    if any(isinstance(n, ast.Call) and n.func.id in MATRIX_OPERATIONS
+           for n in ast.walk(call.args[0])):
+        raise TypeError(f"rule {name}: matrix operations may not be nested")
 def _mentions(node: ast.AST, names: set[str]) -> bool:
     return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
 

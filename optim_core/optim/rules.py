@@ -13,7 +13,7 @@ from .language import update_rule
 
 # The names below are bound per backend by UpdateRule.bind; these placeholders only
 # make the module importable and let linters see the names.
-sqrt = abs = maximum = sign = lerp = sum = size = None  # noqa: A001
+sqrt = abs = maximum = sign = lerp = sum = size = orthogonalize = None  # noqa: A001
 
 
 @update_rule(optional_states=("momentum_buffer",))
@@ -190,4 +190,35 @@ def lion(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize, caut
     return param, exp_avg
 
 
+@update_rule(optional_states=("momentum_buffer", "exp_avg", "exp_avg_sq"))
+def muon(param, grad, momentum_buffer, exp_avg, exp_avg_sq, *, lr, weight_decay, momentum,
+         nesterov, ns_a, ns_b, ns_c, eps, ns_steps, ns_bfloat16, adjusted_lr, use_muon,
+         beta1, beta2, adamw_eps, step_size, bias_correction2_sqrt):
+    if use_muon:
+        # torch.optim.Muon: buf.lerp_(grad, 1 - momentum), grad.lerp(buf, momentum),
+        # Newton-Schulz, param.mul_(1 - lr * weight_decay), param.add_(O, alpha=-adjusted_lr).
+        momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
+        if nesterov:
+            update = lerp(grad, momentum_buffer, momentum)
+        else:
+            update = momentum_buffer
+        update = orthogonalize(update, ns_a, ns_b, ns_c, eps, ns_steps, ns_bfloat16)
+        if weight_decay != 0:
+            param = param * (1 - lr * weight_decay)
+        param = param - adjusted_lr * update
+    else:
+        # The groups Muon leaves to AdamW (use_muon=False): adam's lines with decoupled
+        # weight decay, bit for bit (tests/test_muon.py compares them with AdamW).
+        if weight_decay != 0:
+            param = param * (1 - lr * weight_decay)
+        exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + adamw_eps
+        param = param - step_size * exp_avg / denom
+    return param, momentum_buffer, exp_avg, exp_avg_sq
+
+
+#: The elementwise rules (every fused kernel test runs each).
 ALL_RULES = (sgd, dgd, adagrad, rmsprop, adadelta, adam, adamax, nadam, radam, lion)
+#: The rules with matrix operations (tests/test_muon.py runs them).
+MATRIX_RULES = (muon,)

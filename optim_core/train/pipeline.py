@@ -70,12 +70,9 @@ class TrainedParams:
         self.optimizer = optimizer
         self.xp = ns.namespace_of(next(iter(self.arrays.values())))
         self.in_place = all(ns.is_writeable(a) for a in self.arrays.values())
-        # The names of each param group, in the optimizer's order (its params are grouped).
-        names, self.group_names = list(self.arrays), []
-        for group in optimizer.param_groups:
-            count = len(group["params"])
-            self.group_names.append(names[:count])
-            names = names[count:]
+        # The names of each param group, in the optimizer's order: its own (the model's
+        # order may differ, Muon puts the matrices in a group of their own).
+        self.group_names = [list(group["names"]) for group in optimizer.param_groups]
 
     def regularized_by_group(self, names: Iterable[str]) -> list[tuple[int, list[str]]]:
         """``(group index, the group's parameters among names)`` for groups that have any."""
