@@ -183,5 +183,7 @@ def test_jax_jit_bench_times_ours_and_optax_side_by_side(bench, tmp_path, capsys
                                "--steps", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["optimizer"], row["workload"], row["n_tensors"]) == ("adam", "1e3", 1)
-    assert row["ours_s"] > 0 and row["optax_s"] > 0 and row["ratio"] > 0
+    # Timings are recorded, never judged here (no test asserts a clock reading).
+    assert {"ours_s", "optax_s", "ratio", "times_s"} <= set(row)
+    assert [len(row["times_s"][k]) for k in ("ours", "optax")] == [1, 1]
     assert "| adam" in capsys.readouterr().out
