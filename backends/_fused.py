@@ -24,6 +24,7 @@ when the element count changes) is checked again from scratch before any kernel 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import is_
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +36,64 @@ from ._quantized import is_quantized
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
-__all__ = ["FusedImplementation"]
+__all__ = ["FusedImplementation", "StateDict", "state_writes"]
+
+#: How many writes any :class:`StateDict` has seen (one shared count: a state dict may
+#: be shared by several optimizers, and any write must reach every plan that uses it).
+_STATE_WRITES = [0]
+
+
+def state_writes() -> int:
+    """The number of writes made so far to any :class:`StateDict` of this process."""
+    return _STATE_WRITES[0]
+
+
+class StateDict(dict):
+    """One parameter's states (name -> array): a dict that counts its writes.
+
+    A step plan (see :meth:`FusedImplementation.plan_step`) keeps each state's address;
+    it stays valid only while no state dict it uses was written, which this count tells
+    in one comparison instead of a look at every entry of every dict each step. Every
+    method that writes counts; anything else is a plain dict.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple:
+        return (StateDict, (dict(self),))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _STATE_WRITES[0] += 1
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        _STATE_WRITES[0] += 1
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other: Any) -> StateDict:
+        _STATE_WRITES[0] += 1
+        dict.update(self, other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        _STATE_WRITES[0] += 1
+        dict.update(self, *args, **kwargs)
+
+    def pop(self, *args: Any) -> Any:
+        _STATE_WRITES[0] += 1
+        return dict.pop(self, *args)
+
+    def popitem(self) -> tuple:
+        _STATE_WRITES[0] += 1
+        return dict.popitem(self)
+
+    def clear(self) -> None:
+        _STATE_WRITES[0] += 1
+        dict.clear(self)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        _STATE_WRITES[0] += 1
+        return dict.setdefault(self, key, default)
 
 
 class _Spec:
@@ -153,6 +211,85 @@ class FusedImplementation:
         the parameter, the gradient and the states, in the kernel's order."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- step plans
+    #: Whether this implementation keeps step plans (see :meth:`plan_step`).
+    keeps_plans = False
+
+    def plan_step(self, rule: UpdateRule, params: list[Any], grads: Sequence[Any],
+                  states: list[dict[str, Any]], scalars: dict[str, Any],
+                  active: frozenset[str], known: list[Any], shapes: list[tuple[int, ...]],
+                  cache: dict, finite: bool = False) -> PreparedStep | None:
+        """One group's step through its kept plan, checked and ready; or None.
+
+        A plan holds what the group's steps need of every tensor (addresses, sizes,
+        kernel specializations), made once by a full check of the parameters and states
+        (:meth:`_plan`), and kept in ``cache`` while the parameters are the same objects
+        as ``known`` (those the optimizer last checked, of ``shapes``), the state dicts
+        the same :class:`StateDict` objects, none of which was written since
+        (:func:`state_writes`), and the group needs the same states (``active``). Each
+        step then checks, in one compiled pass, that every array is still where and
+        what it was (not resized, replaced or made non-contiguous) and every gradient
+        fits its parameter, and runs one compiled call per specialization.
+
+        With ``finite`` (a non-finite policy other than "propagate"), a gradient that is
+        not finite also gives None.
+
+        None means the plan does not apply (the first step, a gradient of another dtype,
+        anything not as planned): the caller takes the full path, which checks
+        everything again and reports what is wrong. Nothing is written either way.
+        """
+        if not self.keeps_plans:
+            return None
+        if not params:
+            return PreparedStep(lambda: params)
+        plan = cache.get("plan")
+        if plan is None or not plan.holds(params, states, active):
+            cache.pop("plan", None)
+            plan = _Plan(params, states, active)
+            if not plan.params_checked(known, shapes):
+                return None  # the full path checks them first
+            try:
+                plan.data = self._plan(rule, plan)
+            except TensorMismatch:
+                return None  # the full path reports it; no plan is kept for it
+            # A plan of None (tensors it cannot take) is kept too: not tried every step.
+            cache["plan"] = plan
+        if plan.data is None:
+            return None
+        return self.planned_step(rule, plan.data, grads, scalars, params, finite)
+
+    def _plan(self, rule: UpdateRule, plan: _Plan) -> Any:
+        """Check every tensor of ``plan`` in full and make what its steps need, or None if
+        a tensor is not one a plan can take (not fusable, a plain dict of states).
+
+        Raises
+        ------
+        TensorMismatch
+            If a tensor's arrays disagree.
+        """
+        names = tuple(s for s in rule.states if s in plan.active)
+        records = []
+        for index, (param, state) in enumerate(zip(plan.params, plan.states, strict=True)):
+            if type(state) is not StateDict:
+                return None
+            record = self._record(rule, index, param, state, names)
+            if not record.fused or record.spec.layout:  # quantized states: the full path
+                return None
+            records.append(record)
+        return self.make_plan(names, records, plan.states)
+
+    def make_plan(self, names: tuple[str, ...], records: list[_Tensor],
+                  states: list[dict[str, Any]]) -> Any:
+        """What :meth:`planned_step` needs of these checked tensors (per library)."""
+        raise NotImplementedError
+
+    def planned_step(self, rule: UpdateRule, data: Any, grads: Sequence[Any],
+                     scalars: dict[str, Any], params: list[Any],
+                     finite: bool = False) -> PreparedStep | None:
+        """Check the gradients and the planned arrays (and, with ``finite``, that every
+        gradient is finite); the step, or None (per library)."""
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- shared
     def step(self, rule: UpdateRule, xp: Any, params: list[Any], grads: list[Any],
              states: list[dict[str, Any]], scalars: dict[str, Any]) -> list[Any]:
@@ -193,9 +330,15 @@ class FusedImplementation:
         grad_fusable, kernel_array = self.grad_fusable, self.kernel_array
         for index, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
             record = records[index]
+            # A kept record is checked again if its arrays were made read-only or
+            # non-contiguous since (flags change in place; the kernel's 1-D views would
+            # not see it).
             if record is None or not record.holds(param, state) or (
                     names is not None and record.names is not names
-                    and record.names != names):
+                    and record.names != names) or (
+                    record.fused and not (
+                        self.quantized_fusable(param, record.state_ids[1]) if record.spec.layout
+                        else self.fusable([param, *record.state_ids[1]]))):
                 record = records[index] = self._record(rule, index, param, state, names)
             names = record.names
             if grad.size != record.size:
@@ -261,3 +404,30 @@ class FusedImplementation:
             fused = self.fusable([param, *states])
             arrays = tuple(self.kernel_array(a) for a in (param, *states)) if fused else ()
         return _Tensor(param, names, state, arrays, dtype, fused, layout)
+
+
+class _Plan:
+    """The objects a step plan was made for (see :meth:`FusedImplementation.plan_step`),
+    and what the implementation made of them (``data``; None: no plan applies)."""
+
+    __slots__ = ("params", "states", "active", "writes", "data")
+
+    def __init__(self, params: list[Any], states: list[dict[str, Any]],
+                 active: frozenset[str]) -> None:
+        # The count first: a write while the plan is made makes it stale at once.
+        self.writes = _STATE_WRITES[0]
+        self.params, self.states, self.active = list(params), list(states), active
+        self.data: Any = None
+
+    def holds(self, params: list[Any], states: list[dict[str, Any]],
+              active: frozenset[str]) -> bool:
+        """The same parameter and state-dict objects, no state written, the same states
+        needed: one comparison per object, in C (``map``)."""
+        return (_STATE_WRITES[0] == self.writes and active == self.active
+                and len(params) == len(self.params) and len(states) == len(self.states)
+                and all(map(is_, params, self.params)) and all(map(is_, states, self.states)))
+
+    def params_checked(self, known: list[Any], shapes: list[tuple[int, ...]]) -> bool:
+        """Whether the parameters are those the optimizer checked last, as they were then."""
+        return len(known) == len(self.params) and all(map(is_, self.params, known)) and all(
+            tuple(p.shape) == shape for p, shape in zip(self.params, shapes, strict=True))

@@ -55,9 +55,14 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
 
     def lerp(start: Any, end: Any, weight: float) -> Any:
         # torch.lerp's two-sided formula: exact at both ends of the interval.
-        if abs(weight) < 0.5:
-            return start + weight * (end - start)
-        return end - (end - start) * (1 - weight)
+        if isinstance(weight, (int, float)):
+            if abs(weight) < 0.5:
+                return start + weight * (end - start)
+            return end - (end - start) * (1 - weight)
+        # A 0-d array weight (the functional API traces the host scalars under jax.jit)
+        # has no truth value: choose the side elementwise, with the same two formulas.
+        return xp.where(xp.abs(weight) < 0.5, start + weight * (end - start),
+                        end - (end - start) * (1 - weight))
 
     def norm(x: Any) -> Any:
         linalg = getattr(xp, "linalg", None)

@@ -29,7 +29,7 @@ CPU_SIZES = "1e5,1e6,1e7"
 GPU_SIZES = "1e5,1e6,1e7,1e8,1e9"
 # GPT-2 small (124M parameters, 3.5 GB moved per Adam step) is left out of the CPU default
 # to keep it a few minutes on 2 cores; add it with --workloads.
-CPU_WORKLOADS = "single,resnet50,1000x1000"
+CPU_WORKLOADS = "single,resnet50,1000x1000,10000x100"
 GPU_WORKLOADS = "single,resnet50,gpt2-small,1000x1000"
 QUICK_SIZES = "1e3,1e4"
 QUICK_WORKLOADS = "single,20x100"

@@ -2,12 +2,17 @@
 
 An elementwise optimizer step is bound by memory traffic. It must read the
 parameter, the gradient and every state buffer once and write the parameter and
-the states once; :func:`bytes_moved` counts those bytes. The bandwidth is that of
-a read-modify-write kernel, ``a = a + s * b`` (read ``a`` and ``b``, write ``a``),
-over arrays much larger than the last-level cache, timed like the optimizers.
-The floor of a step is its bytes over that bandwidth; a step's "fraction of the
-floor" is floor time over its measured time (1.0 is the memory limit; a workload
-that fits in cache can exceed it).
+the states once; :func:`bytes_moved` counts those bytes. On the CPU the bandwidth is
+that of a kernel with exactly an Adam step's traffic and next to no arithmetic: one
+multi-threaded pass reading four arrays and writing three of them (seven streams,
+:func:`_numba_step_traffic`), over arrays much larger than the last-level cache, each
+thread given a contiguous chunk of millions of elements, timed like the optimizers.
+A read-modify-write loop (``a = a + s * b``, three streams) moves less per element and
+reaches less of the memory system's bandwidth than a step does, so it is measured and
+reported too but is not the floor (Adam's own step exceeded it). The floor of a step
+is its bytes over the best step-traffic bandwidth; a step's "fraction of the floor" is
+floor time over its measured time (1.0 is the memory limit; a workload that fits in
+cache can exceed it).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 
 from . import timing
 
-__all__ = ["STATE_BUFFERS", "bytes_moved", "Bandwidth", "measure_cpu", "measure_gpu"]
+__all__ = ["STATE_BUFFERS", "STEP_TRAFFIC_KERNEL", "bytes_moved", "Bandwidth", "floor_bandwidth",
+           "measure_cpu", "measure_gpu"]
 
 #: State buffers each benchmarked optimizer keeps per parameter element.
 STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1,
@@ -41,7 +47,8 @@ def bytes_moved(optimizer: str, numel: int, itemsize: int) -> int:
 
 @dataclass
 class Bandwidth:
-    """A measured read-modify-write bandwidth."""
+    """A measured bandwidth: ``streams`` arrays of ``numel`` elements read or written once
+    per pass (3 for a read-modify-write, 7 for Adam's traffic)."""
 
     kernel: str
     numel: int
@@ -49,10 +56,11 @@ class Bandwidth:
     median_s: float
     repeats: int
     method: str
+    streams: int = 3
 
     @property
     def bytes(self) -> int:
-        return 3 * self.itemsize * self.numel
+        return self.streams * self.itemsize * self.numel
 
     @property
     def bytes_per_s(self) -> float:
@@ -60,7 +68,8 @@ class Bandwidth:
 
     def as_dict(self) -> dict:
         return {"kernel": self.kernel, "numel": self.numel, "itemsize": self.itemsize,
-                "bytes": self.bytes, "median_s": self.median_s, "repeats": self.repeats,
+                "streams": self.streams, "bytes": self.bytes, "median_s": self.median_s,
+                "repeats": self.repeats,
                 "GBps": self.bytes_per_s / 1e9, "timing": self.method}
 
 
@@ -75,35 +84,77 @@ def _numba_rmw():
     return rmw
 
 
+#: The name of the CPU floor kernel (:func:`_numba_step_traffic`).
+STEP_TRAFFIC_KERNEL = "numba step traffic (4 reads, 3 writes)"
+
+
+def _numba_step_traffic():
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, cache=False)
+    def step_traffic(p, g, m, v, s):  # pragma: no cover - compiled
+        # Each thread one contiguous chunk: the prefetchers see seven long streams.
+        n = p.size
+        chunks = numba.get_num_threads()
+        for c in numba.prange(chunks):
+            start, stop = n * c // chunks, n * (c + 1) // chunks
+            for i in range(start, stop):
+                gi = g[i]
+                mi = m[i] + gi
+                vi = v[i] + s * gi
+                m[i] = mi
+                v[i] = vi
+                p[i] = p[i] + s * (mi - vi)
+        return np.float32(0)
+
+    return step_traffic
+
+
 def measure_cpu(numel: int = 1 << 25, dtype: str = "float32", budget_s: float = 1.0
                 ) -> list[Bandwidth]:
-    """Read-modify-write bandwidth on the CPU with every kernel available.
+    """CPU bandwidths with every kernel available; the first is the floor's.
 
-    A NumPy ``np.add(a, b, out=a)`` (one thread), a numba ``prange`` loop and
-    torch's ``add_`` (both on all threads) where those are installed. The default
-    size, 2 x 128 MiB in float32, is far beyond any last-level cache.
+    The step-traffic kernel (numba, all threads: the floor, see the module docstring);
+    then read-modify-write loops for reference: NumPy ``np.add(a, b, out=a)`` (one
+    thread), a numba ``prange`` loop and torch's ``add_`` (both on all threads) where
+    those are installed. The default size, 4 x 128 MiB in float32 for the step
+    traffic, is far beyond any last-level cache.
     """
     import numpy as np
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
     b = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
-    kernels = {"numpy add(out=)": lambda: np.add(a, b, out=a)}
+    kernels = {}
     if importlib.util.find_spec("numba") is not None:
-        rmw = _numba_rmw()
+        traffic = _numba_step_traffic()
+        m, v = np.zeros_like(a), np.zeros_like(a)
         scale = a.dtype.type(1e-6)
-        kernels["numba prange a=a+s*b"] = lambda: rmw(a, b, scale)
+        kernels[STEP_TRAFFIC_KERNEL] = (7, lambda: traffic(a, b, m, v, scale))
+        rmw = _numba_rmw()
+        kernels["numba prange a=a+s*b"] = (3, lambda: rmw(a, b, scale))
+    kernels["numpy add(out=)"] = (3, lambda: np.add(a, b, out=a))
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        kernels["torch add_(alpha)"] = lambda: ta.add_(tb, alpha=1e-6)
+        kernels["torch add_(alpha)"] = (3, lambda: ta.add_(tb, alpha=1e-6))
     clock = timing.WallClock()
     found = []
-    for name, kernel in kernels.items():
-        m = timing.measure(kernel, clock, warmup=2, budget_s=budget_s, min_repeats=5)
-        found.append(Bandwidth(name, numel, a.itemsize, m.median, m.repeats, m.method))
+    for name, (streams, kernel) in kernels.items():
+        m_ = timing.measure(kernel, clock, warmup=2, budget_s=budget_s, min_repeats=5)
+        found.append(Bandwidth(name, numel, a.itemsize, m_.median, m_.repeats, m_.method,
+                               streams))
     return found
+
+
+def floor_bandwidth(found: list[Bandwidth]) -> Bandwidth:
+    """The bandwidth a step's floor is taken from: the step-traffic kernel where it was
+    measured (CPU), else the fastest kernel (GPU: each already moves a step's kind of
+    traffic through the whole device)."""
+    traffic = [b for b in found if b.kernel == STEP_TRAFFIC_KERNEL]
+    return max(traffic or found, key=lambda b: b.bytes_per_s)
 
 
 def measure_gpu(numel: int = 1 << 28, dtype: str = "float32", budget_s: float = 0.5

@@ -17,7 +17,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"optim-core benchmark, {meta['date_utc']}, {meta['device']}: {where}, "
              f"{meta['dtype']}, load average {meta['load_average_start']} -> "
              f"{meta.get('load_average_end')}",
-             f"floor: read-modify-write {best['GBps']:.1f} GB/s ({best['kernel']}, "
+             f"floor: {best['GBps']:.1f} GB/s ({best['kernel']}, "
              f"{best['numel']:.3g} elements)", "",
              "Median step time in ms (fraction of the floor):", "",
              format_summary(report["results"]), "", "All measurements:", "",

@@ -40,3 +40,37 @@ def test_small_and_large_tensors_match_the_generic_path_and_threads_are_restored
     for got, want in zip(runs["fused"].params, runs["generic"].params, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert numba.get_num_threads() == threads
+
+
+def test_large_tensors_take_the_loop_that_is_faster_now_and_retry_the_other_rarely(
+        monkeypatch):
+    """A threaded loop that is slow (busy cores) is left for the serial one after one
+    try each, and tried again at doubling intervals; when it turns fast it is taken back."""
+    from types import SimpleNamespace
+
+    from optim_core.backends import _numba
+
+    clock = [0.0]
+    cost = {"parallel": 100.0, "serial": 1.0}
+    calls = []
+
+    def loop(kind):
+        def run(*args):
+            calls.append(kind)
+            clock[0] += cost[kind]
+        return run
+
+    monkeypatch.setattr(_numba.time, "perf_counter", lambda: clock[0])
+    kernels = SimpleNamespace(parallel=loop("parallel"), serial=loop("serial"))
+    choice = _numba._ThreadChoice()
+    arrays = (np.zeros(1),)
+    for _ in range(200):
+        choice.run(kernels, arrays, [])
+    assert calls[:2] == ["parallel", "serial"]
+    probes = [i for i, kind in enumerate(calls) if kind == "parallel"]
+    assert len(probes) <= 8 and calls.count("serial") >= 190
+    cost["parallel"] = 0.1  # the cores are free again
+    calls.clear()
+    for _ in range(400):
+        choice.run(kernels, arrays, [])
+    assert calls[-50:] == ["parallel"] * 50

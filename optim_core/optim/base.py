@@ -33,15 +33,18 @@ calls from several threads run one at a time and lose no update.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .. import _checks, backends
 from .. import _namespace as ns
+from ..backends._fused import StateDict
 from ..backends._generic import TensorMismatch, state_dtype
 from ..backends._lowering import reductions_taken
 from ..backends._quantized import (
@@ -206,7 +209,8 @@ class Optimizer:
         self._flat = FlatStorage(self._xp, self.backend.name, self.param_groups) if flat else None
         self.skipped_steps = 0
         self.group_state: list[dict[str, Any]] = [self._initial_group_state() for _ in groups]
-        self.state: list[list[dict[str, Any]]] = [[{} for _ in g["params"]] for g in groups]
+        self.state: list[list[dict[str, Any]]] = [[StateDict() for _ in g["params"]]
+                                                  for g in groups]
         self._sources = self._scalar_sources()
         self._required_states = frozenset(self.rule.states) - self.rule.optional_states
         self._lock = threading.Lock()
@@ -259,9 +263,8 @@ class Optimizer:
     @property
     def params(self) -> list[Any] | dict[str, Any]:
         """The parameters, in the structure they were given (a list or a dict)."""
-        if self._keyed:
-            return {n: p for g in self.param_groups for n, p in zip(g["names"], g["params"])}
-        return [p for g in self.param_groups for p in g["params"]]
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        return dict(zip(self._names, params)) if self._keyed else list(params)
 
     @property
     def grad_views(self) -> list[Any] | dict[str, Any]:
@@ -383,6 +386,9 @@ class Optimizer:
 
     # ----------------------------------------------------------------- the step
     def _step(self, grads: Any) -> list[Any] | dict[str, Any]:
+        planned = self._planned_step(grads)
+        if planned is not None:
+            return planned
         self._check_group_structure()
         flat = self._flat
         # The optimizer's own gradient views need no checks: hundreds of tensors cost
@@ -398,6 +404,63 @@ class Optimizer:
         # Everything is checked and ready: from here on the step writes.
         for run in prepared:
             run()
+        return self.params
+
+    @functools.cached_property
+    def _plannable(self) -> bool:
+        """Whether step plans can take this rule: one elementwise pass with the same
+        scalars for every tensor (no reduction pass, matrix operation or per-tensor
+        scalars, whose steps take the full path)."""
+        rule = self.rule
+        return not (rule.reductions or rule.matrix_operations or self.tensor_scalar_names)
+
+    def _planned_step(self, grads: Any) -> list[Any] | dict[str, Any] | None:
+        """The step through each group's kept plan (see
+        :meth:`~optim_core.backends._fused.FusedImplementation.plan_step`), or None, having
+        written nothing, where a plan does not apply: then the full path checks everything.
+
+        Only the gradients' structure is looked at here (a list or dict of the right
+        length and keys); the implementation checks each gradient against its parameter
+        in one compiled pass, with the parameters and states.
+        """
+        implementation = self.implementation
+        if not getattr(implementation, "keeps_plans", False) or self._flat is not None \
+                or self.rounding != "nearest" or not self._plannable:
+            return None
+        # Other policies: the plan checks that every gradient is finite (compiled), and
+        # leaves a step that has one that is not to the full path, which skips or raises.
+        finite = self._nonfinite != "propagate"
+        self._check_group_structure()
+        names = self._names
+        if self._keyed:
+            if type(grads) is not dict or len(grads) != len(names):
+                return None
+            try:
+                given = list(map(grads.__getitem__, names))
+            except KeyError:
+                return None
+        else:
+            if (type(grads) is not list and type(grads) is not tuple) \
+                    or len(grads) != len(names):
+                return None
+            given = grads
+        prepared, position = [], 0
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            count = len(params)
+            scalars, after = self.step_scalars(group, self.group_state[index])
+            ready = implementation.plan_step(
+                self.rule, params, given[position:position + count], self.state[index],
+                scalars, self._required_states | self.active_states(group),
+                self._known[index], self._shapes[index], self._caches[index], finite)
+            if ready is None:
+                return None
+            prepared.append((index, ready, after))
+            position += count
+        # Everything is checked and ready: from here on the step writes.
+        for index, ready, after in prepared:
+            ready.run()
+            self.group_state[index].update(after)
         return self.params
 
     def _check_group_structure(self) -> None:
@@ -631,6 +694,7 @@ class Optimizer:
     def _remember_params(self) -> None:
         """Record the parameters as checked (identity and shape), and drop cached records."""
         self._known = [list(g["params"]) for g in self.param_groups]
+        self._names = [n for g in self.param_groups for n in g["names"]]
         self._shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
         self._caches: list[dict] = [{} for _ in self.param_groups]
 
@@ -702,8 +766,8 @@ class Optimizer:
                                      group_state[group_index]["step"])
             new_state.append(group_states)
         # Everything checked: convert, then write.
-        converted = [[{name: self._restored(value, param, name)
-                       for name, value in st.items()}
+        converted = [[StateDict({name: self._restored(value, param, name)
+                                 for name, value in st.items()})
                       for param, st in zip(group["params"], group_states)]
                      for group, group_states in zip(self.param_groups, new_state)]
         state = converted if self._flat is None else self._flat.adopt(converted)

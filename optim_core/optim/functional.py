@@ -402,7 +402,6 @@ def selecting(rule: UpdateRule, array_scalars: frozenset[str], xp: Any, compute:
         The dtype of the arrays it runs on (a chosen number takes it).
     """
     operations = generic_operations(xp)
-    operations["lerp"] = _lerp_on_arrays(xp, operations["lerp"])
     tree = copy.deepcopy(rule.tree)
     dynamic = _dependents(tree, set(array_scalars))
     rewriter = _Rewriter(dynamic)
@@ -420,20 +419,6 @@ def selecting(rule: UpdateRule, array_scalars: frozenset[str], xp: Any, compute:
                  "exec"), namespace)
     function = namespace[rule.name]
     return types.FunctionType(function.__code__, namespace, rule.name)
-
-
-def _lerp_on_arrays(xp: Any, lerp: Callable[..., Any]) -> Callable[..., Any]:
-    """``lerp``, also for a weight that is an array (Schedule-Free's ``ckp1``): the
-    generic lerp picks one of torch's two formulas by the weight on the host; for an
-    array weight both are computed and ``where`` picks, element by element the same."""
-
-    def weighted(start: Any, end: Any, weight: Any) -> Any:
-        if isinstance(weight, (int, float, np.generic)):
-            return lerp(start, end, weight)
-        return xp.where(abs(weight) < 0.5, start + weight * (end - start),
-                        end - (end - start) * (1 - weight))
-
-    return weighted
 
 
 def _mentions(node: ast.AST, names: set[str]) -> bool:

@@ -117,10 +117,9 @@ class ScheduleFreeOptimizer(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         # schedulefree's step, with k = the steps taken before this one.
+        # scalar_math, not max()/if: the functional API traces this with 0-d arrays.
         k = group_state["step"] - 1
         lr = self.scheduled_lr(group, k)
-        # scalar_math's maximum and where, not max and `if`: the same code runs on traced
-        # steps (optim_core.functional); the untaken side divides by 1, never by 0.
         lr_max = group_state["lr_max"] = scalar_math.maximum(lr, group_state["lr_max"])
         weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
         weight_sum = group_state["weight_sum"] = group_state["weight_sum"] + weight
@@ -139,7 +138,7 @@ class ScheduleFreeOptimizer(Optimizer):
         """The learning rate of step ``k + 1`` (``k`` steps taken): ``lr`` times the linear
         warmup ``(k + 1) / warmup_steps`` during the first ``warmup_steps`` steps."""
         warmup = group["warmup_steps"]
-        sched = scalar_math.where(k < warmup, (k + 1) / warmup, 1.0) if warmup > 0 else 1.0
+        sched = scalar_math.where(k < warmup, (k + 1) / scalar_math.maximum(warmup, 1), 1.0)
         return group["lr"] * sched
 
     def train(self) -> None:
