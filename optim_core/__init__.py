@@ -8,10 +8,12 @@ The package is layered, each layer importing only those before it:
 * :mod:`optim_core._namespace`: array-library helpers;
 * :mod:`optim_core.backends`: implementation selection, the generic path, the
   lowering of a rule and its numba and CUDA emitters;
-* :mod:`optim_core.optim`: the rule language, the rules, the optimizers;
+* :mod:`optim_core.optim`: the rule language, the rules, the optimizers, and their pure
+  form for ``jax.jit`` (:func:`optim_core.functional`);
 * :mod:`optim_core.train`: fit, models, schedules, regularization, checkpoints,
   pruning, quantization;
-* :mod:`optim_core.integrations`: scikit-learn estimators, explanations;
+* :mod:`optim_core.integrations`: scikit-learn estimators, explanations, the optax
+  adapter (:func:`optim_core.as_optax`);
 * :mod:`optim_core.tools`: compare, lr_find, tune, data sets, plots, the CLI.
 
 The founding article's FAQ on model size and interpretability has its own modules:

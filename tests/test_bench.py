@@ -173,3 +173,18 @@ def test_schedule_free_and_lbfgs_rows_run_against_their_references(bench, optimi
         runner.step()
     with pytest.raises(bench.impls.NotAvailable):
         bench.impls.build("naive-numpy", optimizer, data, "cpu")
+
+
+def test_jax_jit_bench_times_ours_and_optax_side_by_side(bench, tmp_path, capsys):
+    pytest.importorskip("optax")
+    import bench.jax_jit
+
+    out = tmp_path / "jax_jit.json"
+    assert bench.jax_jit.main(["--optimizers", "adam", "--workloads", "1e3", "--rounds", "1",
+                               "--steps", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["optimizer"], row["workload"], row["n_tensors"]) == ("adam", "1e3", 1)
+    # Timings are recorded, never judged here (no test asserts a clock reading).
+    assert {"ours_s", "optax_s", "ratio", "times_s"} <= set(row)
+    assert [len(row["times_s"][k]) for k in ("ours", "optax")] == [1, 1]
+    assert "| adam" in capsys.readouterr().out

@@ -56,6 +56,12 @@ Hyperparameters are Python floats in both paths and round the same way; the elem
 math (the rule) is the same operations in the same order. 16-bit parameters compute
 in float32, as on the eager generic path, and their scalars are float32.
 
+To donate buffers to a jitted step, jit a function taking ``(params, state, ...)`` in
+the order ``update`` returns them, with ``donate_argnums=(0, 1)``: JAX pairs donated
+inputs with outputs of the same shape in order, and ``jax.jit(opt.update,
+donate_argnums=(1, 2))`` would pair the state's buffers with the parameters, which
+costs copies.
+
 Not here: param groups (use ``optax.multi_transform`` or one functional optimizer per
 subtree), the ``nonfinite`` policy (``optax.apply_if_finite``), flat buffers, and
 hyperparameters that change between steps (they are constants of the program; make a
