@@ -62,6 +62,11 @@ def checked_state_names(rule: UpdateRule, index: int, param: Any, state: Mapping
         Naming the state that disagrees.
     """
     shape, dtype = tuple(param.shape), param.dtype
+    if ns.is_read_only(param):
+        # Made read-only after the optimizer checked it: stepping it out of place would
+        # leave the caller's array behind while its states moved on.
+        raise TensorMismatch(index, "is read-only (flags.writeable was cleared after the "
+                                    "optimizer was made); the optimizer updates in place")
     names = tuple(n for n in rule.states if n in state)
     if expected is not None and names != expected:
         raise TensorMismatch(index, f"has states {list(names)}, the group's first parameter "
@@ -73,6 +78,9 @@ def checked_state_names(rule: UpdateRule, index: int, param: Any, state: Mapping
             _check_quantized(index, name, array, shape)
             continue
         got = getattr(array, "shape", None)
+        if got is not None and ns.is_read_only(array):
+            raise TensorMismatch(index, f"state {name!r} is read-only; the optimizer "
+                                        "updates its states in place")
         if got is None or tuple(got) != shape or array.dtype != state_dtype(dtype):
             what = (f"shape {tuple(got)} and dtype {array.dtype}" if got is not None
                     else f"type {type(array).__name__}")

@@ -62,6 +62,24 @@ def test_a_parameter_resized_in_place_after_its_state_is_refused(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(6,), (2, 3)])
+def test_a_parameter_made_read_only_after_steps_is_refused_and_no_parameter_moves(impl, shape):
+    # Planned steps had kept the parameter's record; the full path stepped it out of place
+    # and dropped the result while the first parameter and the counter moved on.
+    params = [np.linspace(-1.0, 1.0, 6).reshape(shape) for _ in range(2)]
+    opt = optim_core.Adam(params, lr=0.1, impl=impl)
+    grads = [np.full(shape, 0.5), np.full(shape, 0.5)]
+    for _ in range(3):  # past the step that makes a plan
+        opt.step(grads)
+    params[1].flags.writeable = False
+    before, values = snapshot(opt), [p.copy() for p in params]
+    with pytest.raises(ValueError, match="'1'.*read-only"):
+        opt.step(grads)
+    assert snapshot(opt) == before
+    assert all(np.array_equal(p, v) for p, v in zip(params, values))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("how", ["item", "list"])
 def test_a_parameter_replaced_in_param_groups_after_its_state_is_refused(impl, how):
     _, opt = adam_after_a_step(impl)
