@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .. import _checks
+from ..backends._generic import state_dtype
 from ..optim.base import Optimizer as CoreOptimizer
 from ..optim.param_group import SCHEDULER_KEYS, GroupSchema
 from ..optim.registry import OPTIMIZERS
@@ -477,7 +478,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         params = [slot.view for _, slot, _ in members]
         grads = [slot.grad_of(grad) for _, slot, grad in members]
         if fills:
-            fresh = [{name: torch.full_like(param, value, memory_format=torch.preserve_format)
+            # The core's state dtype: float32 for float16 parameters (a second moment
+            # underflows float16), the parameter's own otherwise.
+            fresh = [{name: torch.full_like(param, value, dtype=state_dtype(param.dtype),
+                                            memory_format=torch.preserve_format)
                       for name, value in fills.items()} for param, _, _ in members]
             states = [{**slot.states, **{n: _view(kind[0], t) for n, t in made.items()}}
                       for (_, slot, _), made in zip(members, fresh)]
@@ -613,15 +617,19 @@ class TorchOptimizer(torch.optim.Optimizer):
                 elif name in arrays and value is None:
                     continue  # older torch kept momentum_buffer=None for no momentum
                 elif name in arrays:
+                    wanted = state_dtype(param.dtype)
                     if not isinstance(value, torch.Tensor) or value.shape != param.shape \
-                            or value.dtype != param.dtype or value.device != param.device:
+                            or value.dtype not in (param.dtype, wanted) \
+                            or value.device != param.device:
                         what = (f"shape {tuple(value.shape)}, dtype {value.dtype} on "
                                 f"{value.device}" if isinstance(value, torch.Tensor)
                                 else type(value).__name__)
                         raise ValueError(f"state {name!r} has {what}; its parameter shape "
                                          f"{tuple(param.shape)}, dtype {param.dtype} on "
                                          f"{param.device}")
-                    out[name] = value.detach()
+                    # torch.optim keeps a float16 parameter's states in float16: widened
+                    # (exactly) to the float32 the core keeps them in.
+                    out[name] = value.detach().to(wanted)
                 elif name == "step" and not self.keeps_step:
                     continue  # a count this optimizer does not keep
                 else:
