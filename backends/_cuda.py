@@ -16,6 +16,16 @@ with ``--fmad=false``: the generic path rounds after every operation, and so mus
 the kernel (a fused multiply-add would round once). ``sqrt`` and ``/`` are
 IEEE-rounded (NVRTC's default, no fast math).
 
+A rule with per-tensor reductions (``sum``, ``norm``; see :mod:`._lowering`) runs, per
+tensor, one reduction launch per stage before the update launch: each thread
+accumulates its grid-stride share in float64 registers and adds it with one
+``atomicAdd`` to one of :data:`REDUCTION_SLOTS` slots (by lane, so a warp's 32 adds go
+to 32 addresses), then a one-block launch sums the slots into the reduction's value.
+The values stay on the device, in a float64 buffer the update launch reads: no host
+synchronization. Atomics make the order of the float64 additions vary from run to
+run (the float64 sum of float32 data rounds the same nearly always). Such tensors
+take single-tensor launches only (no multi-tensor table).
+
 Tensors the kernel cannot take as they are (not C-contiguous, a dtype other than
 float32/float64) are stepped by the generic path instead, one by one.
 """
@@ -36,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
            "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE",
+           "REDUCTION_SLOTS", "REDUCTION_MAX_BLOCKS", "accumulator_length",
            "quantized_cuda_source", "quantized_kernel_name", "quantized_threads"]
 
 #: NVRTC/nvcc options every generated kernel is compiled with.
@@ -51,6 +62,11 @@ MULTI_TENSORS = 32
 #: device time (over 7 microseconds for float32 Adam on an H200) already hides the host's
 #: cost of a launch.
 MULTI_MAX_SIZE = 1 << 20
+#: Accumulator slots per reduction (one per lane of a warp).
+REDUCTION_SLOTS = 32
+#: Most blocks of a reduction launch: about one resident wave of 256-thread blocks on a
+#: large GPU (an H200 has 132 SMs); each thread then adds one partial sum per reduction.
+REDUCTION_MAX_BLOCKS = 1024
 
 #: The operations every kernel may call, as overloads for each element type.
 _PRELUDE = """\
@@ -83,15 +99,96 @@ def kernel_name(kernel: Kernel) -> str:
 
 
 
-def _parameters(kernel: Kernel) -> str:
-    arrays = [f"{'const ' if a not in kernel.stores else ''}T* __restrict__ a_{a}"
+def _parameters(kernel: Kernel, reduced: bool = True, stores: bool = True) -> str:
+    """The arrays and scalars of the per-element functions (``reduced``: with the values
+    ``r0 ..`` of the reductions; ``stores``: arrays the update writes non-const)."""
+    arrays = [f"{'const ' if a not in kernel.stores or not stores else ''}T* __restrict__ a_{a}"
               for a in kernel.arrays]
-    return ", ".join(arrays + [f"T h{i}" for i in range(kernel.n_hoisted)])
+    return ", ".join(arrays + [f"T h{i}" for i in range(kernel.n_hoisted)] +
+                     [f"T r{i}" for i in range(len(kernel.reductions) if reduced else 0)])
 
 
-def _arguments(kernel: Kernel) -> str:
+def _arguments(kernel: Kernel, n_reduced: int | None = None) -> str:
+    n_reduced = len(kernel.reductions) if n_reduced is None else n_reduced
     return ", ".join([f"a_{a}" for a in kernel.arrays] +
-                     [f"h{i}" for i in range(kernel.n_hoisted)])
+                     [f"h{i}" for i in range(kernel.n_hoisted)] +
+                     [f"r{i}" for i in range(n_reduced)])
+
+
+def _global_parameters(kernel: Kernel, stores: bool = True) -> str:
+    """A ``__global__`` kernel's arrays and scalars: the reductions' float64 accumulator
+    instead of their values."""
+    accumulator = ", double* __restrict__ oc_acc" if kernel.reductions else ""
+    return _parameters(kernel, reduced=False, stores=stores) + accumulator
+
+
+def _read_reduced(kernel: Kernel, count: int) -> list[str]:
+    """Statements typing the first ``count`` reductions' values from the accumulator."""
+    return [f"    const T r{i} = T({'oc_sqrt(' if r.kind == 'norm' else '('}oc_acc[{i}]));"
+            for i, r in enumerate(kernel.reductions[:count])]
+
+
+def accumulator_length(kernel: Kernel) -> int:
+    """float64 values of one tensor's accumulator: each reduction's value, then its
+    :data:`REDUCTION_SLOTS` slots (all zero before the step)."""
+    return len(kernel.reductions) * (1 + REDUCTION_SLOTS)
+
+
+def _reduction_source(kernel: Kernel) -> list[str]:
+    """The reduction passes: per stage ``p``, ``name_reduce{p}_element`` (one element's
+    contribution to the stage's sums ``s``), ``name_reduce{p}`` (a grid-stride loop,
+    then one atomic add per thread and reduction into a slot) and ``name_finish{p}``
+    (one thread per reduction: the sum of its slots, in slot order)."""
+    name, m = kernel_name(kernel), len(kernel.reductions)
+    lines = []
+    for stage in range(kernel.n_stages):
+        work = kernel.reduction_pass(stage)
+        count = len(work.reductions)
+        element = [f"    const T l_{a} = a_{a}[i];" for a in work.loads]
+        element += [f"    const T v_{target} = {render(expr, 'oc_')};"
+                    for target, expr in work.body]
+        for slot, i in enumerate(work.reductions):
+            kind = kernel.reductions[i].kind
+            value = f"(double)({render(kernel.reductions[i].expr, 'oc_')})"
+            element.append(f"    s[{slot}] += 1.0;" if kind == "size" else
+                           f"    s[{slot}] += {value};" if kind == "sum" else
+                           f"    {{ const double t = {value}; s[{slot}] += t * t; }}")
+        parameters = _parameters(kernel, reduced=False, stores=False) + "".join(
+            f", T r{i}" for i in range(work.first))
+        lines += [
+            "template <typename T>",
+            f"__host__ __device__ inline void {name}_reduce{stage}_element(long long i, "
+            f"{parameters}, double* s) {{",
+            *element,
+            "}",
+            "",
+            "template <typename T>",
+            f"__global__ void {name}_reduce{stage}(long long n, "
+            f"{_global_parameters(kernel, stores=False)}) {{",
+            *_read_reduced(kernel, work.first),
+            f"    double s[{count}] = {{}};",
+            "    const long long stride = (long long)blockDim.x * gridDim.x;",
+            "    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;"
+            " i += stride) {",
+            f"        {name}_reduce{stage}_element<T>(i, {_arguments(kernel, work.first)}, s);",
+            "    }",
+            f"    const int lane = threadIdx.x % {REDUCTION_SLOTS};",
+            *(f"    atomicAdd(&oc_acc[{m + i * REDUCTION_SLOTS} + lane], s[{slot}]);"
+              for slot, i in enumerate(work.reductions)),
+            "}",
+            "",
+            f"__global__ void {name}_finish{stage}(double* __restrict__ oc_acc) {{",
+            f"    const int k = {work.first} + threadIdx.x;",
+            f"    if (threadIdx.x < {count}) {{",
+            "        double total = 0.0;",
+            f"        for (int slot = 0; slot < {REDUCTION_SLOTS}; ++slot) "
+            f"total += oc_acc[{m} + k * {REDUCTION_SLOTS} + slot];",
+            "        oc_acc[k] = total;",
+            "    }",
+            "}",
+            "",
+        ]
+    return lines
 
 
 def batch_length(kernel: Kernel) -> int:
@@ -119,6 +216,12 @@ def cuda_source(kernel: Kernel) -> str:
       Block ``b`` steps the tensor with the last first block ``<= b``, one thread per
       element (per pack and then per tail element with ``VEC``),
 
+    and for a kernel with reductions, no ``name_multi`` but the reduction passes (see
+    :func:`_reduction_source`): its element functions then also take the reductions'
+    values ``T r0, ...`` and its ``__global__`` kernels a ``double* oc_acc`` accumulator
+    (:func:`accumulator_length`) instead, whose values they finish (the square root of
+    a norm) and type;
+
     instantiated by the compiler for the type asked for (``name<float>``,
     ``name<double>``, ``name_multi<float, true>``, ...).
     """
@@ -135,7 +238,8 @@ def cuda_source(kernel: Kernel) -> str:
               f"    Pack p_{a} = reinterpret_cast<const Pack*>(a_{a})[j];"
               for a in kernel.loads]
     pack_arguments = ", ".join([f"p_{a}.v" for a in kernel.arrays] +
-                               [f"h{i}" for i in range(kernel.n_hoisted)])
+                               [f"h{i}" for i in range(kernel.n_hoisted)] +
+                               [f"r{i}" for i in range(len(kernel.reductions))])
     pack_stores = [f"    reinterpret_cast<Pack*>(a_{a})[j] = p_{a};" for a in kernel.stores]
     # The multi-tensor kernel reads tensor t's arrays out of the table.
     unpack = [f"    {'const ' if a not in kernel.stores else ''}T* __restrict__ a_{a} = "
@@ -163,9 +267,11 @@ def cuda_source(kernel: Kernel) -> str:
         *pack_stores,
         "}",
         "",
+        *_reduction_source(kernel),
         "// Any alignment: one element per thread and iteration.",
         "template <typename T>",
-        f"__global__ void {name}(long long n, {_parameters(kernel)}) {{",
+        f"__global__ void {name}(long long n, {_global_parameters(kernel)}) {{",
+        *_read_reduced(kernel, len(kernel.reductions)),
         "    const long long stride = (long long)blockDim.x * gridDim.x;",
         "    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;"
         " i += stride) {",
@@ -175,7 +281,8 @@ def cuda_source(kernel: Kernel) -> str:
         "",
         "// Every array 16-byte aligned: 16-byte loads and stores, then the tail.",
         "template <typename T>",
-        f"__global__ void {name}_vec(long long n, {_parameters(kernel)}) {{",
+        f"__global__ void {name}_vec(long long n, {_global_parameters(kernel)}) {{",
+        *_read_reduced(kernel, len(kernel.reductions)),
         "    constexpr int V = 16 / sizeof(T);",
         "    const long long stride = (long long)blockDim.x * gridDim.x;",
         "    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
@@ -188,6 +295,10 @@ def cuda_source(kernel: Kernel) -> str:
         "    }",
         "}",
         "",
+    ]
+    if kernel.reductions:  # per tensor: no multi-tensor kernel
+        return "\n".join(lines) + "\n"
+    lines += [
         "// Many tensors, one launch: the table of sizes, first blocks and addresses.",
         f"struct {name}_batch {{ long long v[{batch_length(kernel)}]; }};",
         "",
@@ -421,12 +532,24 @@ class CudaImplementation(FusedImplementation):
 
             _, _, lowered = lower(rule, scalars, present)
             name, ctype = kernel_name(lowered), CUDA_TYPES[dtype.name]
-            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>",
-                           f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
+            expressions = [f"{name}<{ctype}>", f"{name}_vec<{ctype}>"]
+            if lowered.reductions:
+                for stage in range(lowered.n_stages):
+                    expressions += [f"{name}_reduce{stage}<{ctype}>", f"{name}_finish{stage}"]
+            else:
+                expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
             module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
                                     name_expressions=expressions)
+            functions = [module.get_function(e) for e in expressions]
             batch = np.dtype([("v", np.int64, (batch_length(lowered),))])
-            kernels = _Kernels(*(module.get_function(e) for e in expressions), batch)
+            if lowered.reductions:
+                counts = tuple(len(lowered.reduction_pass(p).reductions)
+                               for p in range(lowered.n_stages))
+                kernels = _Kernels(functions[0], functions[1], None, None, batch,
+                                   tuple(zip(functions[2::2], functions[3::2])), counts,
+                                   accumulator_length(lowered))
+            else:
+                kernels = _Kernels(*functions, batch)
             self.compiled[cache_key] = kernels
         return kernels, hoisted
 
@@ -436,6 +559,10 @@ class CudaImplementation(FusedImplementation):
         # (0: element-wise), and the small tensors' sizes and addresses. There is one kernels
         # object per specialization and dtype.
         small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
+        reducing = [entry for entry in tensors if entry[0].stages]
+        if reducing:
+            self._launch_reducing(reducing)
+            tensors = [entry for entry in tensors if not entry[0].stages]
         for kernels, hoisted, arrays in tensors:
             n = arrays[0].size
             if type(kernels) is _QuantizedKernels:
@@ -498,6 +625,32 @@ class CudaImplementation(FusedImplementation):
         """A C-contiguous gradient of the parameter's dtype."""
         return grad.dtype == record.dtype and grad.flags.c_contiguous
 
+    def _launch_reducing(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
+        """Tensors of rules with reductions: per tensor, each stage's reduction and finish
+        launches, then the update launch, all reading one zeroed float64 accumulator."""
+        import cupy
+
+        offsets, total = [], 0
+        for kernels, _, _ in tensors:
+            offsets.append(total)
+            total += kernels.accumulator
+        accumulator = cupy.zeros(total, dtype=cupy.float64)  # one allocation and fill
+        for (kernels, hoisted, arrays), offset in zip(tensors, offsets, strict=True):
+            acc = accumulator[offset:offset + kernels.accumulator]
+            n = arrays[0].size
+            blocks = min((n + self.threads - 1) // self.threads, REDUCTION_MAX_BLOCKS,
+                         self.max_blocks)
+            for (reduce, finish), count in zip(kernels.stages, kernels.counts, strict=True):
+                reduce((blocks,), (self.threads,), (np.int64(n), *arrays, *hoisted, acc))
+                finish((1,), (32 * ((count + 31) // 32),), (acc,))
+                self.launches += 2
+            aligned = all(a.data.ptr % 16 == 0 for a in arrays)
+            per_block = self.threads * (16 // arrays[0].dtype.itemsize if aligned else 1)
+            blocks = min((n + per_block - 1) // per_block, self.max_blocks)
+            function = kernels.vec if aligned else kernels.any
+            function((blocks,), (self.threads,), (np.int64(n), *arrays, *hoisted, acc))
+            self.launches += 1
+
     def _launch_many(self, kernels: _Kernels, hoisted: list[Any],
                      tensors: list[tuple[int, list[int]]], pack: int) -> None:
         """One launch of the multi-tensor kernel over ``tensors`` (sizes, addresses);
@@ -535,13 +688,19 @@ _DEVICE_TABLES: dict[tuple, tuple] = {}
 
 
 class _Kernels(NamedTuple):
-    """One specialization's compiled kernels, and its multi-tensor table's NumPy type."""
+    """One specialization's compiled kernels, and its multi-tensor table's NumPy type;
+    for a rule with reductions (no multi-tensor kernels), each stage's reduction and
+    finish kernels, the number of reductions each finishes, and the accumulator's
+    length per tensor."""
 
     any: Any
     vec: Any
     multi: Any
     multi_vec: Any
     batch: np.dtype
+    stages: tuple = ()
+    counts: tuple[int, ...] = ()
+    accumulator: int = 0
 
 
 CUDA = CudaImplementation()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._generic import GENERIC, PreparedStep, TensorMismatch, checked_state_names
+from ._lowering import reductions_taken
 from ._quantized import is_quantized
 
 if TYPE_CHECKING:
@@ -197,6 +198,11 @@ class FusedImplementation:
                 raise TensorMismatch(index, f"the gradient has {grad.size} elements, the "
                                             f"parameter {record.size}")
             if not (record.fused and grad_fusable(grad, record)):
+                generic.append(index)
+                continue
+            if record.spec.layout and rule.reductions and reductions_taken(
+                    rule, scalars, frozenset(names)):
+                # The quantized kernels have no reduction pass: the generic path steps it.
                 generic.append(index)
                 continue
             if not record.size:

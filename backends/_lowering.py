@@ -23,6 +23,14 @@ For one step, :func:`lower` walks ``rule.tree`` with that step's scalars:
   expression: the one place a kernel body compares, element by element (no branch:
   both sides are computed, then one is selected).
 
+* A per-tensor reduction (``sum``, ``norm``) becomes a :class:`Reduction` of its
+  lowered argument, and its value a leaf ``("reduced", index)`` of the expressions
+  after it. Each reduction has a *stage*: 0 if its argument depends on no reduction,
+  else one more than the latest stage it depends on. A fused step runs one pass per
+  stage, accumulating that stage's reductions (:meth:`Kernel.reduction_pass` gives
+  the body each needs), then the elementwise pass, which reads them all. Reductions
+  are numbered by stage, so the values a pass reads are those before its own.
+
 The result, a :class:`Kernel`, lists which arrays are read and written and the body as
 nested tuples; :attr:`Kernel.key` identifies the specialization for caching.
 
@@ -50,12 +58,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._operations import HOST_OPERATIONS as _HOST_OPERATIONS
+from ._operations import REDUCTIONS
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
-__all__ = ["Kernel", "HostProgram", "lower", "host_programs", "render",
-           "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
+__all__ = ["Kernel", "Reduction", "ReductionPass", "HostProgram", "lower", "host_programs",
+           "render", "reductions_taken", "unsupported_reason", "ELEMENTWISE_OPERATIONS"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "where")
@@ -63,6 +72,39 @@ ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "where")
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==",
                 ast.NotEq: "!="}
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """One per-tensor reduction of a kernel.
+
+    Attributes
+    ----------
+    kind : str
+        ``"sum"`` (the sum of ``expr``), ``"norm"`` (the square root of the sum of its
+        squares) or ``"size"`` (the number of elements: 1 per element); accumulated in
+        float64.
+    expr : tuple
+        The lowered argument, an expression as in :attr:`Kernel.body`.
+    stage : int
+        The pass that accumulates it: 0 if it depends on no other reduction.
+    """
+
+    kind: str
+    expr: tuple
+    stage: int
+
+
+@dataclass(frozen=True)
+class ReductionPass:
+    """What one reduction pass computes per element: the arrays it reads, the part of
+    the body its reductions need, and which reductions (indices) it accumulates; it reads
+    the values of reductions ``0 .. first - 1`` (earlier stages)."""
+
+    loads: tuple[str, ...]
+    body: tuple
+    reductions: tuple[int, ...]
+    first: int
 
 
 @dataclass(frozen=True)
@@ -89,10 +131,13 @@ class Kernel:
         ``(target, expr)`` assignments. An ``expr`` is ``("load", name)``,
         ``("local", name)``, ``("hoisted", index)``, ``("neg", expr)``,
         ``("bin", op, left, right)`` with op in ``+ - * /``,
-        ``("call", operation, (expr, ...))``, or ``("cmp", op, left, right)`` with op
-        in ``< <= > >= == !=`` (only as ``where``'s first argument).
+        ``("call", operation, (expr, ...))``, ``("cmp", op, left, right)`` with op
+        in ``< <= > >= == !=`` (only as ``where``'s first argument), or
+        ``("reduced", index)``, the value of a reduction.
     results : dict
         For each stored array, the local holding its new value.
+    reductions : tuple of Reduction
+        The per-tensor reductions, ordered by stage (empty for an elementwise rule).
     """
 
     rule: str
@@ -103,11 +148,82 @@ class Kernel:
     n_hoisted: int
     body: tuple
     results: Mapping[str, str] = field(compare=False)
+    reductions: tuple[Reduction, ...] = ()
 
     @property
     def digest(self) -> str:
         """A short stable hash of the rule and this specialization, for names and caches."""
-        return hashlib.sha256(repr((self.rule, self.key, self.body)).encode()).hexdigest()[:16]
+        text = repr((self.rule, self.key, self.body, self.reductions))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def n_stages(self) -> int:
+        """Number of reduction passes before the elementwise pass (0 for none)."""
+        return 1 + self.reductions[-1].stage if self.reductions else 0
+
+    def reduction_pass(self, stage: int) -> ReductionPass:
+        """The per-element work of reduction pass ``stage``: only the assignments its
+        reductions' arguments need, and only the arrays those read."""
+        indices = tuple(i for i, r in enumerate(self.reductions) if r.stage == stage)
+        needed: set[str] = set()
+        loads: set[str] = set()
+        for i in indices:
+            if self.reductions[i].kind != "size":  # a count: its argument is not computed
+                _collect(self.reductions[i].expr, needed, loads)
+        body = []
+        for target, expr in reversed(self.body):
+            if target in needed:
+                body.append((target, expr))
+                _collect(expr, needed, loads)
+        return ReductionPass(tuple(a for a in self.arrays if a in loads), tuple(reversed(body)),
+                             indices, indices[0])
+
+
+def _collect(expr: tuple, locals_: set[str], loads: set[str]) -> None:
+    """Add the locals and arrays ``expr`` reads to ``locals_`` and ``loads``."""
+    kind = expr[0]
+    if kind == "local":
+        locals_.add(expr[1])
+    elif kind == "load":
+        loads.add(expr[1])
+    elif kind == "neg":
+        _collect(expr[1], locals_, loads)
+    elif kind == "bin":
+        _collect(expr[2], locals_, loads)
+        _collect(expr[3], locals_, loads)
+    elif kind == "call":
+        for argument in expr[2]:
+            _collect(argument, locals_, loads)
+
+
+def _level(expr: tuple, levels: Mapping[str, int], reductions: list) -> int:
+    """0 if ``expr`` reads no reduction, else 1 + the latest stage it reads."""
+    kind = expr[0]
+    if kind == "reduced":
+        return reductions[expr[1]].stage + 1
+    if kind == "local":
+        return levels.get(expr[1], 0)
+    if kind == "neg":
+        return _level(expr[1], levels, reductions)
+    if kind == "bin":
+        return max(_level(expr[2], levels, reductions), _level(expr[3], levels, reductions))
+    if kind == "call":
+        return max((_level(a, levels, reductions) for a in expr[2]), default=0)
+    return 0
+
+
+def _renumber(expr: tuple, order: Mapping[int, int]) -> tuple:
+    """``expr`` with each ``("reduced", i)`` read as ``("reduced", order[i])``."""
+    kind = expr[0]
+    if kind == "reduced":
+        return ("reduced", order[expr[1]])
+    if kind == "neg":
+        return ("neg", _renumber(expr[1], order))
+    if kind == "bin":
+        return ("bin", expr[1], _renumber(expr[2], order), _renumber(expr[3], order))
+    if kind == "call":
+        return ("call", expr[1], tuple(_renumber(a, order) for a in expr[2]))
+    return expr
 
 
 @dataclass
@@ -126,6 +242,9 @@ class _Lowering:
     versions: dict = field(default_factory=dict)
     # Every host evaluation in order, for this specialization's HostProgram.
     trace: list = field(default_factory=list)
+    # Per-tensor reductions in the order met, and each local's level (see _level).
+    reductions: list = field(default_factory=list)
+    levels: dict = field(default_factory=dict)
 
     def run(self) -> None:
         self.env.update(self.scalars)
@@ -159,11 +278,15 @@ class _Lowering:
                 local = f"{target}_{version}"
                 self.body.append((local, expr))
                 self.local_names[target] = local
+                self.levels[local] = _level(expr, self.levels, self.reductions)
 
     # ---------------------------------------------------------------- expressions
     def is_scalar(self, node: ast.expr) -> bool:
+        _, names, _, reduces = _analysis(node)
+        if reduces:
+            return False
         env = self.env
-        for name in _analysis(node)[1]:
+        for name in names:
             value = env.get(name)
             if value is _ARRAY or value is _ABSENT:
                 return False
@@ -194,6 +317,14 @@ class _Lowering:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return self.wrap("bin", _BINOPS[type(node.op)], self.expression(node.left),
                              self.expression(node.right))
+        if isinstance(node, ast.Call) and node.func.id in REDUCTIONS:
+            if self.is_scalar(node.args[0]):
+                raise ValueError(f"rule {self.rule.name}: {ast.unparse(node)!r} reduces "
+                                 "scalars only; a reduction is of an elementwise expression")
+            argument = self.expression(node.args[0])
+            stage = _level(argument, self.levels, self.reductions) if self.build else 0
+            self.reductions.append(Reduction(node.func.id, argument, stage))
+            return self.wrap("reduced", len(self.reductions) - 1)
         if isinstance(node, ast.Compare) and len(node.ops) == 1 \
                 and type(node.ops[0]) in _COMPARISONS:
             return self.wrap("cmp", _COMPARISONS[type(node.ops[0])],
@@ -247,16 +378,19 @@ _HOST_GLOBALS = {"__builtins__": {}, **_HOST_OPERATIONS}
 _LERP_CACHE: dict[tuple[int, bool], Any] = {}
 
 
-def _analysis(node: ast.expr) -> tuple[ast.expr, frozenset[str], Any]:
-    """(node, names it reads, compiled code), cached: this runs every step."""
+def _analysis(node: ast.expr) -> tuple[ast.expr, frozenset[str], Any, bool]:
+    """(node, names it reads, compiled code, whether it calls a reduction), cached: this
+    runs every step."""
     # Keyed by node identity: rule trees and cached lerp expansions live as long as
     # the process, and the stored node guards against a recycled id.
     entry = _ANALYSIS_CACHE.get(id(node))
     if entry is None or entry[0] is not node:
-        names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name)) \
-            - set(_HOST_OPERATIONS)
+        calls = {n.func for n in ast.walk(node) if isinstance(n, ast.Call)}
+        names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name)
+                          and n not in calls)
+        reduces = any(f.id in REDUCTIONS for f in calls)
         code = compile(ast.fix_missing_locations(ast.Expression(node)), "<rule>", "eval")
-        entry = _ANALYSIS_CACHE[id(node)] = (node, names, code)
+        entry = _ANALYSIS_CACHE[id(node)] = (node, names, code, reduces)
     return entry
 
 
@@ -376,11 +510,42 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
             stores.append(name)
             results[name] = local
     arrays = ("param", "grad", *states)
+    # Reductions numbered by stage (stable), so a pass reads a prefix of them.
+    found = lowering.reductions
+    order = {old: new for new, old in enumerate(
+        sorted(range(len(found)), key=lambda i: found[i].stage))}
+    reductions = tuple(Reduction(r.kind, _renumber(r.expr, order), r.stage)
+                       for r in sorted(found, key=lambda r: r.stage))
+    body = tuple((target, _renumber(expr, order)) for target, expr in lowering.body)
+    loads: set[str] = set()
+    for _, expr in body:  # the elementwise pass reads what its body reads
+        _collect(expr, set(), loads)
     kernel = Kernel(rule=rule.name, key=key,
-                    loads=tuple(a for a in arrays if a in lowering.loads),
+                    loads=tuple(a for a in arrays if a in loads),
                     stores=tuple(stores), arrays=arrays, n_hoisted=len(lowering.hoisted),
-                    body=tuple(lowering.body), results=results)
+                    body=body, results=results, reductions=reductions)
     return key, lowering.hoisted, kernel
+
+
+def reductions_taken(rule: UpdateRule, scalars: Mapping[str, Any],
+                     present: frozenset[str] | set[str]) -> int:
+    """How many per-tensor reductions a step with ``scalars`` runs (its branches taken):
+    0 for a step of a rule without reductions, or whose reductions sit in branches not
+    taken (Adam without ``cautious``)."""
+    if not rule.reductions:
+        return 0
+    present = frozenset(present)
+    key, _, _ = lower(rule, scalars, present, build=False)  # a host program: cheap
+    count = _REDUCTIONS_TAKEN.get((rule.function, key))
+    if count is None:
+        lowering = _Lowering(rule, scalars, present, False)
+        lowering.run()
+        count = _REDUCTIONS_TAKEN[rule.function, key] = len(lowering.reductions)
+    return count
+
+
+#: (rule function, specialization key) -> number of reductions its steps run.
+_REDUCTIONS_TAKEN: dict[tuple[Any, tuple], int] = {}
 
 
 def render(expr: tuple, call_prefix: str) -> str:
@@ -397,6 +562,8 @@ def render(expr: tuple, call_prefix: str) -> str:
         return f"v_{expr[1]}"
     if kind == "hoisted":
         return f"h{expr[1]}"
+    if kind == "reduced":
+        return f"r{expr[1]}"
     if kind == "neg":
         return f"(-{render(expr[1], call_prefix)})"
     if kind == "bin":

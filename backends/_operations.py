@@ -12,6 +12,13 @@ same names (NaN propagates through ``maximum`` and ``minimum``); ``lerp`` is
 else ``b``, element by element. Its condition is one comparison of arrays (``s < 0``,
 ``x >= threshold``); the language allows a comparison of arrays nowhere else, and at
 least one of ``a`` and ``b`` must be an array (a scalar takes the other's dtype).
+
+The reductions (:data:`REDUCTIONS`) take an elementwise expression and give one value
+per tensor: ``sum(x)`` is ``xp.sum(x)``, ``norm(x)`` the Euclidean norm
+``xp.linalg.vector_norm(x)`` over every element (both 0 for an empty tensor), and
+``size(x)`` the number of elements (``x.numel()``, as a float). They have no
+host meaning: their value exists only beside the tensor (see
+:mod:`optim_core.optim.language`).
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OPERATIONS", "generic_operations", "HOST_OPERATIONS"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "generic_operations", "HOST_OPERATIONS"]
+
+#: Per-tensor reductions a rule may call: one value per tensor from an elementwise
+#: expression over all of its elements.
+REDUCTIONS = ("sum", "norm", "size")
 
 #: The only functions a rule may call.
-OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where")
+OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where", *REDUCTIONS)
 
 
 def generic_operations(xp: Any) -> dict[str, Callable]:
@@ -35,10 +46,20 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
             return start + weight * (end - start)
         return end - (end - start) * (1 - weight)
 
+    def norm(x: Any) -> Any:
+        linalg = getattr(xp, "linalg", None)
+        if linalg is not None and hasattr(linalg, "vector_norm"):
+            return linalg.vector_norm(x)
+        return xp.sqrt(xp.sum(x * x))  # a namespace without the linalg extension
+
     arrays = {"sqrt": xp.sqrt, "abs": xp.abs, "maximum": xp.maximum, "minimum": xp.minimum,
               "sign": xp.sign, "where": xp.where}
-    return {"lerp": lerp, **{name: _on_arrays_or_host(function, HOST_OPERATIONS[name])
-                             for name, function in arrays.items()}}
+    def size(x: Any) -> float:
+        return float(math.prod(x.shape))
+
+    return {"lerp": lerp, "sum": xp.sum, "norm": norm, "size": size,
+            **{name: _on_arrays_or_host(function, HOST_OPERATIONS[name])
+               for name, function in arrays.items()}}
 
 
 _PYTHON_NUMBERS = (int, float, bool)

@@ -23,7 +23,8 @@ __all__ = ["STATE_BUFFERS", "bytes_moved", "Bandwidth", "measure_cpu", "measure_
 STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1,
                  "schedulefree-sgd": 1, "schedulefree-adamw": 2,
                  # L-BFGS is no single pass: its "floor" is one pass's, a scale only.
-                 "lbfgs": 0}
+                 "lbfgs": 0,
+                 "asgd": 1, "rprop": 2, "adopt": 2, "ademamix": 3}
 
 
 def bytes_moved(optimizer: str, numel: int, itemsize: int) -> int:

@@ -152,6 +152,9 @@ if [ "$DRY_RUN" = 0 ]; then
         --budget "$BENCH_BUDGET" ${BENCH_ARGS:-} --out "$OUTDIR/bench-gpu.json" 2>&1 \
         | tee "$OUTDIR/bench-gpu.log"
     BENCH=${PIPESTATUS[0]}
+    # Quantized states (issue 14): state bytes per parameter and the 8-bit step's speed.
+    timeout "$BENCH_TIMEOUT" "$PYTHON" -m bench.low_memory --gpu \
+        --json "$OUTDIR/low-memory-gpu.json" 2>&1 | tee "$OUTDIR/low-memory-gpu.log"
 else
     TUNING=skipped
     echo "dry run: a tiny CPU benchmark instead of the GPU one"

@@ -45,7 +45,8 @@ __all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "
            "build"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion",
-              "schedulefree-sgd", "schedulefree-adamw", "lbfgs")
+              "schedulefree-sgd", "schedulefree-adamw", "lbfgs", "asgd", "rprop", "adopt",
+              "ademamix")
 IMPLS = ("ours-fused", "ours-flat", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
          "torch-fused", "optax-jit")
 
@@ -66,11 +67,18 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
                            "weight_lr_power": 2.0},
     # Ten iterations with the line search, a short history.
     "lbfgs": {"lr": 1.0, "max_iter": 10, "history_size": 10, "line_search_fn": "strong_wolfe"},
+    # torch.optim's defaults (ASGD, Rprop); optax.contrib's (ADOPT, AdEMAMix).
+    "asgd": {"lr": 1e-2, "lambd": 1e-4, "alpha": 0.75, "t0": 1e6, "weight_decay": 0.0},
+    "rprop": {"lr": 1e-2, "etas": (0.5, 1.2), "step_sizes": (1e-6, 50)},
+    "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6},
+    "ademamix": {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "alpha": 5.0, "eps": 1e-8,
+                 "weight_decay": 0.0},
 }
 
 _CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd-momentum": "SGD", "adagrad": "Adagrad",
                 "rmsprop": "RMSprop", "lion": "Lion", "schedulefree-sgd": "ScheduleFreeSGD",
-                "schedulefree-adamw": "ScheduleFreeAdamW", "lbfgs": "LBFGS"}
+                "schedulefree-adamw": "ScheduleFreeAdamW", "lbfgs": "LBFGS", "asgd": "ASGD",
+                "rprop": "Rprop", "adopt": "ADOPT", "ademamix": "AdEMAMix"}
 
 
 class NotAvailable(Exception):
@@ -302,8 +310,8 @@ def _build_torch(impl: str, optimizer: str, data: WorkloadData, device: str) -> 
         raise NotAvailable("torch is not installed")
     import torch
 
-    if optimizer == "lion":
-        raise NotAvailable("torch.optim has no Lion")
+    if optimizer in ("lion", "adopt", "ademamix"):
+        raise NotAvailable(f"torch.optim has no {_CLASS_NAMES[optimizer]}")
     cls = getattr(torch.optim, _CLASS_NAMES[optimizer])
     mode = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True},
             "torch-fused": {"fused": True}}[impl]
@@ -338,6 +346,18 @@ def _optax_transformation(optax, optimizer: str):
         extra = ({"eps_in_sqrt": False}
                  if "eps_in_sqrt" in inspect.signature(optax.rmsprop).parameters else {})
         return optax.rmsprop(h["lr"], decay=h["alpha"], eps=h["eps"], **extra)
+    if optimizer == "rprop":
+        # optax's variant: where the sign product is 0 it keeps the step size unclamped.
+        return optax.rprop(h["lr"], eta_minus=h["etas"][0], eta_plus=h["etas"][1],
+                           min_step_size=h["step_sizes"][0], max_step_size=h["step_sizes"][1])
+    if optimizer == "adopt":
+        return optax.contrib.adopt(h["lr"], b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"])
+    if optimizer == "ademamix":
+        b1, b2, b3 = h["betas"]
+        return optax.contrib.ademamix(h["lr"], b1=b1, b2=b2, b3=b3, alpha=h["alpha"],
+                                      eps=h["eps"], weight_decay=h["weight_decay"])
+    if optimizer == "asgd":
+        raise NotAvailable("optax has no ASGD")
     return optax.lion(h["lr"], b1=h["betas"][0], b2=h["betas"][1],
                       weight_decay=h["weight_decay"])
 

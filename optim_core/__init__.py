@@ -24,10 +24,13 @@ from . import _source_tree  # noqa: F401, I001
 import sys as _sys
 
 from .optim import Optimizer, update_rule
+from .optim.functional import functional
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
+from .optim import algorithms_pertensor as _algorithms_pertensor
 from .optim.algorithms import *  # noqa: F403 - every optimizer, as algorithms.__all__ lists them
 from .optim.algorithms_elementwise import *  # noqa: F403 - likewise
+from .optim.algorithms_pertensor import *  # noqa: F403 - likewise
 from .optim.quasi_newton import LBFGS
 from .optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 from .train import (
@@ -45,6 +48,7 @@ from .train import (
 from .train import dask_data as dask_support
 from .train import pruning, quantization
 from .integrations import explain
+from .integrations.optax import as_optax
 from .tools import datasets
 
 __version__ = "0.1.0"
@@ -62,8 +66,11 @@ del _name, _module
 __all__ = [
     "Optimizer",
     "update_rule",
+    "functional",
+    "as_optax",
     *_algorithms.__all__,
     *_algorithms_elementwise.__all__,
+    *_algorithms_pertensor.__all__,
     "ScheduleFreeSGD",
     "ScheduleFreeAdamW",
     "ScheduleFreeOptimizer",

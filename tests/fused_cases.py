@@ -23,6 +23,28 @@ STEPS = 12
 CASES: list[tuple[str, dict]] = fused_cases()
 IDS = [case_id(name, hyper) for name, hyper in CASES]
 
+
+def reduces(name: str, hyper: dict) -> bool:
+    """Whether the optimizer's steps with these options reduce each tensor (``norm``,
+    ``sum``: LAMB, ``cautious=True``), which takes separate tests: flat buffers refuse
+    them, and their CUDA kernels launch a reduction pass first (test_cuda_reductions.py)."""
+    from optim_core.backends._lowering import reductions_taken
+
+    opt = getattr(optim_core, name)([np.ones(2)], **hyper, impl="generic")
+    group = opt.param_groups[0]
+    scalars, _ = opt.step_scalars(group, opt.group_state[0])
+    present = frozenset(opt.rule.states) - opt.rule.optional_states | opt.active_states(group)
+    return bool(reductions_taken(opt.rule, scalars, present))
+
+
+#: The cases whose steps are elementwise only, and those that reduce each tensor.
+ELEMENTWISE_CASES = [(name, hyper) for name, hyper in CASES if not reduces(name, hyper)]
+REDUCING_CASES = [(name, hyper) for name, hyper in CASES if reduces(name, hyper)]
+ELEMENTWISE_IDS = [case_id(name, hyper) for name, hyper in ELEMENTWISE_CASES]
+#: The rule names each kind of case covers.
+ELEMENTWISE_CASE_RULES = {getattr(optim_core, name).rule.name for name, _ in ELEMENTWISE_CASES}
+REDUCING_CASE_RULES = {getattr(optim_core, name).rule.name for name, _ in REDUCING_CASES}
+
 #: Fused equals generic to these tolerances (the issue's targets).
 TOLERANCE = {"float32": dict(rtol=1e-6, atol=1e-7), "float64": dict(rtol=1e-12, atol=1e-14)}
 

@@ -109,6 +109,34 @@ def _optax_adopt(optax, h: dict):
                        optax.scale_by_learning_rate(lr))
 
 
+def _optax_ademamix(optax, h: dict):
+    """optax.contrib's AdEMAMix with our options; the warmups as the schedules the
+    authors give optax (alpha_scheduler, beta3_scheduler), of optax's count."""
+    import jax.numpy as jnp
+
+    b1, b2, b3 = h.get("betas", (0.9, 0.999, 0.9999))
+    alpha, t_alpha, t_beta = h.get("alpha", 5.0), h.get("alpha_warmup", 0), h.get("beta3_warmup", 0)
+
+    def alpha_schedule(count):
+        warm = (count < t_alpha).astype(jnp.float64)
+        a = count / float(t_alpha)
+        return warm * ((1.0 - a) * 0.0 + a * alpha) + alpha * (1.0 - warm)
+
+    def beta3_schedule(count):
+        def half_life(beta):
+            return jnp.log(0.5) / jnp.log(beta) - 1
+
+        warm = (count < t_beta).astype(jnp.float64)
+        a = count / float(t_beta)
+        mixed = (1.0 - a) * half_life(b1) + a * half_life(b3)
+        return warm * jnp.power(0.5, 1 / (mixed + 1)) + b3 * (1.0 - warm)
+
+    return optax.contrib.ademamix(
+        h.get("lr", 1e-3), b1=b1, b2=b2, b3=beta3_schedule if t_beta else b3,
+        alpha=alpha_schedule if t_alpha else alpha, eps=h.get("eps", 1e-8),
+        eps_root=h.get("eps_root", 0.0), weight_decay=h.get("weight_decay", 0.0))
+
+
 OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo(
         optim_core.GD, reference.gd, "SGD",  # GD is SGD without momentum
@@ -126,18 +154,21 @@ OPTIM_DB: list[OptimizerInfo] = [
             {"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
             {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
             {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01, "maximize": True},
+            {"lr": 0.05, "momentum": 0.9, "cautious": True},
+            {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "cautious": True},
         ],
         fused_cases=[
             {"lr": 0.05},
             {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.1},
             {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True},
+            {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "cautious": True},
         ],
         rich={"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
         hyperparameters=st.fixed_dictionaries({
             "lr": lr, "momentum": st.one_of(st.just(0.0), unit),
             "dampening": st.floats(0.0, 1.0), "weight_decay": decay, "nesterov": flag,
-            "maximize": flag}),
-        fused_flags={"nesterov": True, "maximize": False, "dampening": 0.0},
+            "maximize": flag, "cautious": flag}),
+        fused_flags={"nesterov": True, "maximize": False, "dampening": 0.0, "cautious": False},
         parabola={"lr": 0.05, "momentum": 0.9, "nesterov": True},
         rosenbrock=({"lr": 1e-3, "momentum": 0.9}, 5000),
         resume={"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
@@ -230,18 +261,22 @@ OPTIM_DB: list[OptimizerInfo] = [
             {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1},
             {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "amsgrad": True},
             {"lr": 0.01, "maximize": True, "betas": (0.3, 0.5)},
+            {"lr": 0.01, "cautious": True},
+            {"lr": 0.01, "cautious": True, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
         ],
         fused_cases=[
             {},
             {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
+            {"lr": 0.01, "cautious": True, "betas": (0.3, 0.5)},
             # beta1 = 0.3 puts lerp's weight 1 - beta1 above 0.5: the other side of its formula.
             {"lr": 0.01, "betas": (0.3, 0.5), "eps": 1e-6},
         ],
         rich={"amsgrad": True, "weight_decay": 0.1},
         hyperparameters=st.fixed_dictionaries({
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "amsgrad": flag,
-            "maximize": flag, "decoupled_weight_decay": flag}),
-        fused_flags={"amsgrad": True, "maximize": False, "decoupled_weight_decay": False},
+            "maximize": flag, "decoupled_weight_decay": flag, "cautious": flag}),
+        fused_flags={"amsgrad": True, "maximize": False, "decoupled_weight_decay": False,
+                     "cautious": False},
         default_lr=1e-3,
         parabola={"lr": 0.05}, rosenbrock=({"lr": 0.02}, 5000),
         resume={"amsgrad": True},
@@ -252,13 +287,15 @@ OPTIM_DB: list[OptimizerInfo] = [
             {},
             {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True},
             {"lr": 0.01, "maximize": True},
+            {"lr": 0.01, "weight_decay": 0.5, "cautious": True},
         ],
-        fused_cases=[{}, {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True}],
+        fused_cases=[{}, {"lr": 0.01, "weight_decay": 0.5, "amsgrad": True},
+                     {"lr": 0.01, "weight_decay": 0.5, "cautious": True}],
         rich={"amsgrad": True},
         hyperparameters=st.fixed_dictionaries({
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": decay, "amsgrad": flag,
-            "maximize": flag}),
-        fused_flags={"amsgrad": False, "maximize": True},
+            "maximize": flag, "cautious": flag}),
+        fused_flags={"amsgrad": False, "maximize": True, "cautious": False},
         default_lr=1e-3,
         parabola={"lr": 0.05, "weight_decay": 0.0},
         rosenbrock=({"lr": 0.02, "weight_decay": 0.0}, 5000),
@@ -332,15 +369,18 @@ OPTIM_DB: list[OptimizerInfo] = [
             {},
             {"lr": 1e-3, "betas": (0.95, 0.98), "weight_decay": 0.5},
             {"lr": 1e-3, "maximize": True},
+            {"lr": 1e-3, "weight_decay": 0.5, "cautious": True},
         ],
         fused_cases=[
             {},
             {"lr": 1e-3, "betas": (0.3, 0.98), "weight_decay": 0.5, "maximize": True},
+            {"lr": 1e-3, "cautious": True},
         ],
         rich={"weight_decay": 0.1},
         hyperparameters=st.fixed_dictionaries({
-            "lr": lr, "betas": betas, "weight_decay": decay, "maximize": flag}),
-        fused_flags={"maximize": False},
+            "lr": lr, "betas": betas, "weight_decay": decay, "maximize": flag,
+            "cautious": flag}),
+        fused_flags={"maximize": False, "cautious": False},
         default_lr=1e-4,
         parabola={"lr": 0.01}, rosenbrock=({"lr": 1e-3}, 10000),
         resume={"weight_decay": 0.1},
@@ -367,6 +407,55 @@ OPTIM_DB: list[OptimizerInfo] = [
         default_lr=1e-2,
         parabola={"lr": 0.05, "lambd": 0.0}, rosenbrock=({"lr": 2e-3, "lambd": 0.0}, 20000),
         resume={"lambd": 0.1, "t0": 3},
+    ),
+    OptimizerInfo(
+        optim_core.LAMB, reference.lamb, None,  # optax.lamb: test_lamb_lars_optax.py
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-8, "weight_decay": 0.1},
+            {"lr": 0.01, "eps_root": 1e-6, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.3, 0.9), "weight_decay": 0.1, "eps_root": 1e-8,
+             "maximize": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": betas, "eps": st.floats(1e-10, 1e-3), "eps_root": eps,
+            "weight_decay": decay, "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-3,
+        # Steps of lr times the parameter's norm: it hovers near the minimum, it does not
+        # settle at a fixed lr; held to the loss reductions.
+        parabola={"lr": 0.01}, parabola_converges=False,
+        rosenbrock=({"lr": 0.005}, 20000), rosenbrock_converges=False,
+        resume={"weight_decay": 0.1},
+    ),
+    OptimizerInfo(
+        optim_core.LARS, reference.lars, None,  # optax.lars: test_lamb_lars_optax.py
+        reference_cases=[
+            {},
+            {"lr": 0.5, "momentum": 0.5, "nesterov": True, "weight_decay": 0.1,
+             "trust_coefficient": 0.01, "eps": 1e-6},
+            {"lr": 0.05, "trust_ratio": False, "maximize": True, "momentum": 0.0},
+        ],
+        fused_cases=[
+            {"lr": 0.5},
+            {"lr": 0.5, "nesterov": True, "weight_decay": 0.1, "trust_coefficient": 0.01,
+             "eps": 1e-6, "maximize": True},
+            {"lr": 0.05, "trust_ratio": False},
+        ],
+        rich={"weight_decay": 0.1, "nesterov": True},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "momentum": unit, "nesterov": flag, "weight_decay": decay,
+            "trust_coefficient": st.floats(1e-4, 0.1), "eps": eps, "trust_ratio": flag,
+            "maximize": flag}),
+        fused_flags={"nesterov": True, "trust_ratio": True, "maximize": False},
+        default_lr=1e-3,
+        parabola={"lr": 1.0}, parabola_converges=False,  # as LAMB
+        rosenbrock=({"lr": 2.0}, 5000), rosenbrock_converges=False,
+        resume={"weight_decay": 0.1, "nesterov": True},
     ),
     OptimizerInfo(
         optim_core.Rprop, reference.rprop, "Rprop",
@@ -423,6 +512,34 @@ OPTIM_DB: list[OptimizerInfo] = [
         parabola={"lr": 0.01, "betas": (0.9, 0.99)},
         rosenbrock=({"lr": 5e-3, "betas": (0.9, 0.99)}, 5000),
         resume={"nesterov": True},
+    ),
+    OptimizerInfo(
+        optim_core.AdEMAMix, reference.ademamix, None,  # not in torch.optim: optax's
+        reference_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99, 0.999), "alpha": 8.0, "eps": 1e-6,
+             "eps_root": 1e-8, "weight_decay": 0.1},
+            # Warmups shorter than the steps run: both schedules reach their ends.
+            {"lr": 0.01, "alpha_warmup": 30, "beta3_warmup": 50, "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99, 0.999), "weight_decay": 0.1, "maximize": True,
+             "alpha_warmup": 5, "beta3_warmup": 8},
+        ],
+        rich={"weight_decay": 0.1, "alpha_warmup": 3, "beta3_warmup": 4},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "betas": st.tuples(st.floats(0.01, 0.999), unit, st.floats(0.01, 0.9999)),
+            "alpha": st.floats(0.0, 10.0), "eps": eps, "eps_root": st.floats(0.0, 1e-6),
+            "weight_decay": decay, "alpha_warmup": st.integers(0, 6),
+            "beta3_warmup": st.integers(0, 6), "maximize": flag}),
+        fused_flags={"maximize": False},
+        default_lr=1e-3,
+        optax_reference=_optax_ademamix,
+        # A slow momentum of beta3 = 0.9999 outlives these step budgets.
+        parabola={"lr": 0.03, "betas": (0.9, 0.999, 0.99), "alpha": 2.0},
+        rosenbrock=({"lr": 2e-3, "betas": (0.9, 0.99, 0.999), "alpha": 2.0}, 10000),
+        resume={"alpha_warmup": 3, "beta3_warmup": 4},
     ),
 ]
 

@@ -33,6 +33,15 @@ def _moments(g, s, b1, b2):
     s["v"] = b2 * s.get("v", np.zeros_like(g)) + (1 - b2) * g**2
 
 
+def _cautious(u, g, h):
+    """Liang et al. 2024 ("Cautious Optimizers"), as their code: the update where it
+    agrees in sign with the gradient, scaled by numel / (mask.sum() + 1)."""
+    if not h.get("cautious", False):
+        return u
+    mask = (u * g > 0).astype(u.dtype)
+    return u * (mask * (mask.size / (mask.sum() + 1)))
+
+
 def gd(p, g, s, h):
     return p - h["lr"] * g
 
@@ -45,7 +54,7 @@ def sgd(p, g, s, h):
             s["b"] = g.copy()
         else:
             s["b"] = mu * s["b"] + (1 - h.get("dampening", 0)) * g
-        g = g + mu * s["b"] if h.get("nesterov", False) else s["b"]
+        g = _cautious(g + mu * s["b"] if h.get("nesterov", False) else s["b"], g, h)
     return p - h["lr"] * g
 
 
@@ -104,7 +113,7 @@ def adam(p, g, s, h):
         s["vmax"] = np.maximum(s.get("vmax", np.zeros_like(p)), v)
         v = s["vmax"]
     v_hat = v / (1 - b2**t)
-    return p - h["lr"] * m_hat / (np.sqrt(v_hat) + eps)
+    return p - h["lr"] * _cautious(m_hat / (np.sqrt(v_hat) + eps), g, h)
 
 
 def adamw(p, g, s, h):
@@ -159,7 +168,7 @@ def lion(p, g, s, h):
     g = -g if h.get("maximize", False) else g
     m = s.get("m", np.zeros_like(p))
     c = b1 * m + (1 - b1) * g
-    p = p * (1 - h["lr"] * h.get("weight_decay", 0)) - h["lr"] * np.sign(c)
+    p = p * (1 - h["lr"] * h.get("weight_decay", 0)) - h["lr"] * _cautious(np.sign(c), g, h)
     s["m"] = b2 * m + (1 - b2) * g
     return p
 
@@ -174,6 +183,39 @@ def asgd(p, g, s, h):
     s["eta"] = lr / (1 + lambd * lr * t) ** h.get("alpha", 0.75)
     s["mu"] = 1 / max(1, t - h.get("t0", 1e6))
     return p
+
+
+def _trust_ratio(param, update, coefficient=1.0, eps=0.0):
+    """optax.scale_by_trust_ratio's ratio: 1 where either whole-tensor norm is 0."""
+    param_norm, update_norm = np.linalg.norm(param), np.linalg.norm(update)
+    if param_norm == 0 or update_norm == 0:
+        return 1.0
+    return coefficient * param_norm / (update_norm + eps)
+
+
+def lamb(p, g, s, h):
+    """optax.lamb (You et al. 2020): Adam's update plus decay, scaled by the trust ratio."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    g = -g if h.get("maximize", False) else g
+    s["m"] = (1 - b1) * g + b1 * s.get("m", np.zeros_like(p))
+    s["v"] = (1 - b2) * g**2 + b2 * s.get("v", np.zeros_like(p))
+    u = (s["m"] / (1 - b1**t)) / (np.sqrt(s["v"] / (1 - b2**t) + h.get("eps_root", 0.0))
+                                  + h.get("eps", 1e-6))
+    u = u + h.get("weight_decay", 0.0) * p
+    return p - h["lr"] * (u * _trust_ratio(p, u))
+
+
+def lars(p, g, s, h):
+    """optax.lars (You et al. 2017): decay, trust ratio, -lr, then optax.trace."""
+    g = -g if h.get("maximize", False) else g
+    g = g + h.get("weight_decay", 0.0) * p
+    if h.get("trust_ratio", True):
+        g = g * _trust_ratio(p, g, h.get("trust_coefficient", 0.001), h.get("eps", 0.0))
+    u = -h["lr"] * g
+    mu = h.get("momentum", 0.9)
+    s["trace"] = u + mu * s.get("trace", np.zeros_like(p))
+    return p + (u + mu * s["trace"] if h.get("nesterov", False) else s["trace"])
 
 
 def rprop(p, g, s, h):
@@ -206,6 +248,28 @@ def adopt(p, g, s, h):
     step = b1 * s["m"] + (1 - b1) * u if h.get("nesterov", False) else s["m"]
     s["v"] = b2 * s["v"] + (1 - b2) * g * g
     return p - h["lr"] * step
+
+
+def ademamix(p, g, s, h):
+    """Pagliardini et al. 2024, Algorithm 1, with the warmups of their section 3."""
+    t = s["t"] = s.get("t", 0) + 1
+    b1, b2, b3 = h.get("betas", (0.9, 0.999, 0.9999))
+    alpha, eps = h.get("alpha", 5.0), h.get("eps", 1e-8)
+    g = -g if h.get("maximize", False) else g
+    t_alpha, t_beta = h.get("alpha_warmup", 0), h.get("beta3_warmup", 0)
+    if t - 1 < t_alpha:
+        alpha = alpha * (t - 1) / t_alpha
+    if t - 1 < t_beta:
+        def half_life(beta):
+            return math.log(0.5) / math.log(beta) - 1
+        a = (t - 1) / t_beta
+        b3 = 0.5 ** (1 / ((1 - a) * half_life(b1) + a * half_life(b3) + 1))
+    s["m1"] = b1 * s.get("m1", np.zeros_like(p)) + (1 - b1) * g
+    s["m2"] = b3 * s.get("m2", np.zeros_like(p)) + (1 - b3) * g
+    s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g**2
+    denom = np.sqrt(s["v"] / (1 - b2**t) + h.get("eps_root", 0.0)) + eps
+    update = (s["m1"] / (1 - b1**t) + alpha * s["m2"]) / denom
+    return p - h["lr"] * (update + h.get("weight_decay", 0.0) * p)
 
 
 def gradient_sequence(shape: tuple[int, ...], steps: int, seed: int = 0):

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fused_cases import TOLERANCE, recorded_generic_steps
+from fused_cases import ELEMENTWISE_CASE_RULES, ELEMENTWISE_CASES, TOLERANCE, recorded_generic_steps
 from optim_core.backends._cuda import (
     _THREADS,
     CUDA_TYPES,
@@ -48,7 +48,6 @@ from optim_core.backends._cuda import (
 )
 from optim_core.backends._generic import GENERIC
 from optim_core.backends._lowering import lower
-from optim_db import RULES
 
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which(
     "c++")
@@ -97,8 +96,9 @@ static void oc_emulate(unsigned grid, unsigned block, int backwards, Kernel kern
 # ----------------------------------------------------------------- what the path runs
 @pytest.fixture(scope="module")
 def steps() -> list[dict]:
-    """Every generic step of every case of fused_cases, float32 and float64."""
-    return recorded_generic_steps(CUDA_TYPES)
+    """Every generic step of every elementwise case of fused_cases, float32 and float64
+    (those that reduce each tensor: test_cuda_reductions.py)."""
+    return recorded_generic_steps(CUDA_TYPES, ELEMENTWISE_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def inputs(entry, n: int) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------- the tests
 def test_every_rule_and_dtype_is_covered(specializations):
-    assert {entry["rule"].name for entry in specializations.values()} == set(RULES)
+    assert {entry["rule"].name for entry in specializations.values()} == ELEMENTWISE_CASE_RULES
     assert {dtype for _, dtype in specializations} == set(CUDA_TYPES)
     # Each specialization's source is compiled once per dtype: float and double alike.
     names = {name for name, _ in specializations}
@@ -557,4 +557,4 @@ def test_step_sweeps_a_tensor_larger_than_the_capped_grid(specializations, launc
         for s, array in state.items():
             np.testing.assert_allclose(array.host, want[s], **TOLERANCE[dtype],
                                        err_msg=f"{name} {s}")
-    assert checked == set(RULES)
+    assert checked == ELEMENTWISE_CASE_RULES

@@ -6,7 +6,13 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from fused_cases import CASES, IDS, TOLERANCE, gradient
+from fused_cases import (
+    ELEMENTWISE_CASES,
+    ELEMENTWISE_IDS,
+    REDUCING_CASES,
+    TOLERANCE,
+    gradient,
+)
 
 import optim_core
 
@@ -30,7 +36,7 @@ def run(name: str, hyper: dict, *, flat: bool, impl: str, steps: int = 12):
 
 
 @pytest.mark.parametrize("impl", ["fused", "generic"])
-@pytest.mark.parametrize("name, hyper", CASES, ids=IDS)
+@pytest.mark.parametrize("name, hyper", ELEMENTWISE_CASES, ids=ELEMENTWISE_IDS)
 def test_flat_steps_like_separate_tensors(name, hyper, impl):
     flat = run(name, hyper, flat=True, impl=impl)
     separate = run(name, hyper, flat=False, impl="generic")
@@ -44,6 +50,13 @@ def test_flat_steps_like_separate_tensors(name, hyper, impl):
         for state_name in want:
             np.testing.assert_allclose(got[state_name], want[state_name],
                                        **TOLERANCE[str(want[state_name].dtype)])
+
+
+@pytest.mark.parametrize("name, hyper", REDUCING_CASES)
+def test_a_step_that_reduces_each_tensor_refuses_flat_buffers(name, hyper):
+    # A norm over a flat buffer would be the norm of many tensors at once.
+    with pytest.raises(ValueError, match="reduces each tensor on its own"):
+        getattr(optim_core, name)([np.ones(3), np.ones(2)], **hyper, flat=True)
 
 
 def test_one_launch_per_dtype_per_group():

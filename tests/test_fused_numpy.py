@@ -94,7 +94,7 @@ def test_only_structural_flags_change_the_specialization():
     from optim_core.backends._lowering import lower
 
     base = dict(lr=0.1, momentum=0.9, dampening=0.25, weight_decay=0.0, nesterov=False,
-                maximize=False, first_step=True)
+                maximize=False, first_step=True, cautious=False)
     present = {"momentum_buffer"}
     first, _, _ = lower(rules.sgd, base, present, build=False)
     later, _, _ = lower(rules.sgd, {**base, "first_step": False}, present, build=False)

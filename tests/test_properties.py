@@ -50,7 +50,8 @@ def draw_case(data, name: str, *, fused: bool = False) -> dict:
         hyper.update({k: max(hyper[k], 1e-3) for k in BRANCHING if k in hyper})
     if hyper.get("nesterov") and "momentum" in hyper:  # SGD's: needs momentum, no dampening
         hyper["momentum"] = max(hyper["momentum"], 0.1)
-        hyper["dampening"] = 0.0
+        if "dampening" in hyper:
+            hyper["dampening"] = 0.0
     return {
         "hyper": hyper,
         "dtype": data.draw(st.sampled_from(["float32", "float64"]), label="dtype"),

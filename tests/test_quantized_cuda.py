@@ -261,3 +261,30 @@ def test_the_cuda_implementation_launches_one_block_per_quantization_block(recor
     impl.launch([(kernels, [np.float32(0.5)], (Array(600), *arrays[1:]))])
     assert [(g, b) for g, b, _ in seen] == [((7,), (256,)), ((3,), (256,))]
     assert seen[0][2][1:] == (*arrays, np.float32(0.5)) and seen[0][2][0] == 5000
+
+
+@pytest.mark.parametrize("name, hyper, bits", CASES, ids=[f"{n}-{b}bit" for n, _, b in CASES])
+def test_on_a_gpu_the_fused_quantized_step_equals_the_generic_path(gpu, name, hyper, bits):
+    """Where a GPU is lent: the compiled kernel launched by CudaImplementation, on CuPy
+    arrays, gives the generic path's parameters, codes and scales bit for bit."""
+    import cupy
+
+    start = start_params()
+    runs = {}
+    for impl in ("generic", "fused"):
+        params = {k: cupy.asarray(v) for k, v in start.items()}
+        opt = getattr(optim_core, name)(params, **hyper, state_bits=bits, impl=impl)
+        for step in range(3):
+            host = {k: gradient(v, step) for k, v in start.items()}
+            opt.step({k: cupy.asarray(v) for k, v in host.items()})
+        runs[impl] = (params, opt)
+    (generic_params, generic), (fused_params, fused) = runs["generic"], runs["fused"]
+    assert fused.implementation.name == "fused-cuda"
+    for key in generic_params:
+        assert cupy.asnumpy(fused_params[key]).tobytes() == \
+            cupy.asnumpy(generic_params[key]).tobytes(), key
+    for key, value in generic.state[0][0].items():
+        theirs = fused.state[0][0][key]
+        assert is_quantized(value) and is_quantized(theirs)
+        np.testing.assert_array_equal(cupy.asnumpy(theirs.codes), cupy.asnumpy(value.codes))
+        np.testing.assert_array_equal(cupy.asnumpy(theirs.absmax), cupy.asnumpy(value.absmax))

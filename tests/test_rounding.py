@@ -82,7 +82,7 @@ def stalling_task():
     return a, target
 
 
-def train(dtype, steps=1500, **options):
+def train(dtype, steps=1000, **options):
     a, target = stalling_task()
     w = np.full(32, 4.0, np.float32).astype(dtype)
     opt = optim_core.Adam([w], lr=3e-3, **options)

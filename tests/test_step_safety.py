@@ -136,7 +136,7 @@ def test_cuda_shared_launches_check_every_tensor_before_any_launch():
 
     implementation = CudaImplementation()
     scalars = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                   maximize=False, first_step=False)
+                   maximize=False, first_step=False, cautious=False)
     key, _, kernel = lower(rules.sgd, scalars, frozenset())
     launched = []
     kernels = _Kernels(*(lambda *args, i=i: launched.append(i) for i in range(4)),

@@ -32,11 +32,16 @@ TOL = {"rtol": 1e-10, "atol": 1e-12}
 #: on the fused kernels (the specializations tests/test_fused_numpy.py compiles too, so
 #: no kernel is compiled for this file alone), its other reference cases on the generic
 #: path over the same NumPy views.
+#: (cautious=True, Liang et al. 2024, is no torch.optim option: the reference checks it.)
 TORCH_CASES = [(info.name, info.torch_name, hyper, "auto") for info in OPTIM_DB
-               if info.torch_name is not None for hyper in info.fused_cases] + [
+               if info.torch_name is not None for hyper in info.fused_cases
+               if not hyper.get("cautious")] + [
     (info.name, info.torch_name, hyper, "generic") for info in OPTIM_DB
     if info.torch_name is not None for hyper in info.reference_cases
-    if hyper not in info.fused_cases]
+    if hyper not in info.fused_cases and not hyper.get("cautious")]
+#: Our options that torch.optim lacks (cautious: Liang et al. 2024), left out where groups
+#: and defaults are compared with torch's.
+EXTENSIONS = {"cautious"}
 #: Optimizers torch has under the same name (their state dicts are exchanged).
 SAME_NAMED = [info.name for info in OPTIM_DB if info.torch_name == info.name]
 
@@ -172,7 +177,7 @@ def test_every_lr_scheduler_drives_ours_as_torch_optim(label, name, hyper, make)
                 scheduler.step()
     assert_same_params(ours_model, torch_model, label)
     for mine, its in zip(ours.param_groups, theirs.param_groups):
-        assert {k: v for k, v in mine.items() if k != "params"} == \
+        assert {k: v for k, v in mine.items() if k != "params" and k not in EXTENSIONS} == \
             {k: v for k, v in its.items() if k != "params"}
 
 
@@ -192,7 +197,7 @@ def test_onecycle_cycles_adam_betas_and_sgd_momentum():
 
 # --------------------------------------------------------------------------- state dicts
 def _keys(state_dict):
-    return ([sorted(g) for g in state_dict["param_groups"]],
+    return ([sorted(set(g) - EXTENSIONS) for g in state_dict["param_groups"]],
             {i: sorted(s) for i, s in state_dict["state"].items()})
 
 
@@ -202,7 +207,8 @@ def _tensors_equal(a, b):
             np.testing.assert_allclose(a["state"][index][key].numpy(), value.numpy(), **TOL,
                                        err_msg=f"state {index} {key}")
     for group_a, group_b in zip(a["param_groups"], b["param_groups"], strict=True):
-        assert group_a == group_b
+        assert {k: v for k, v in group_a.items() if k not in EXTENSIONS} == \
+            {k: v for k, v in group_b.items() if k not in EXTENSIONS}
 
 
 @pytest.mark.parametrize("name", SAME_NAMED)
@@ -437,7 +443,8 @@ def test_arguments_and_defaults_are_torchs(name):
     assert [p.name for p in ours.parameters.values()
             if p.kind is p.POSITIONAL_OR_KEYWORD][:len(positional)] == positional
     model = make_model()
-    assert getattr(oct, name)(model.parameters()).defaults == \
+    defaults = getattr(oct, name)(model.parameters()).defaults
+    assert {k: v for k, v in defaults.items() if k not in EXTENSIONS} == \
         getattr(torch.optim, name)(model.parameters()).defaults
 
 

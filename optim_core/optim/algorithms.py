@@ -12,12 +12,13 @@ differs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from . import rules
+from .. import _checks
+from . import rules, scalar_math
 from .base import Optimizer
+from .param_group import Hyperparameter
 
 __all__ = ["GD", "SGD", "DGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "Lion"]
@@ -32,8 +33,21 @@ _COMMON = """
 
 
 def _doc(cls: type) -> type:
-    cls.__doc__ = cls.__doc__.replace("    {common}", _COMMON.strip("\n"))
+    cls.__doc__ = cls.__doc__.replace("    {common}", _COMMON.strip("\n")).replace(
+        "{cautious}", _CAUTIOUS_DOC)
     return cls
+
+
+#: The ``cautious`` option's check, for the optimizers that have it.
+_CAUTIOUS = {"cautious": Hyperparameter(_checks.boolean)}
+
+_CAUTIOUS_DOC = """cautious : bool, default False
+        Cautious update (Liang et al., "Cautious Optimizers: Improving Training with One
+        Line of Code", 2024): the update :math:`u` is kept only where it agrees in sign
+        with the gradient, :math:`m = [u \\odot g > 0]`, and rescaled by
+        ``numel / (m.sum() + 1)`` per tensor, as the paper's code does. The fused paths
+        then read each tensor twice (a reduction pass for ``m.sum()``), and ``flat=True``
+        is refused."""
 
 
 @_doc
@@ -62,7 +76,7 @@ class GD(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         return dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                    maximize=False, first_step=False)
+                    maximize=False, first_step=False, cautious=False)
 
 
 @_doc
@@ -94,6 +108,9 @@ class SGD(Optimizer):
         Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
         Ascend instead of descend.
+    {cautious}
+        With momentum only: :math:`u` is the momentum step (with Nesterov's correction);
+        without momentum the option does nothing.
     {common}
 
     Notes
@@ -109,13 +126,14 @@ class SGD(Optimizer):
 
     quantized_states = {"momentum_buffer": True}
     rule = rules.sgd
+    hyperparameter_checks = _CAUTIOUS
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 **options: Any) -> None:
+                 cautious: bool = False, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize), **options)
+                                      maximize=maximize, cautious=cautious), **options)
 
     related_hyperparameters = frozenset({"nesterov", "momentum", "dampening"})
 
@@ -346,6 +364,9 @@ class Adam(Optimizer):
     amsgrad : bool, default False
     maximize : bool, default False
     decoupled_weight_decay : bool, default False
+    {cautious}
+        :math:`u = m_t / (\\sqrt{\\hat v_t}/\\sqrt{1-\\beta_2^t} + \\epsilon)`, before the step
+        size; the weight decay is applied as without it.
     {common}
 
     Notes
@@ -360,15 +381,17 @@ class Adam(Optimizer):
 
     quantized_states = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
     rule = rules.adam
+    hyperparameter_checks = _CAUTIOUS
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False,
-                 **options: Any) -> None:
+                 cautious: bool = False, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay), **options)
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      cautious=cautious), **options)
 
     def active_states(self, group: Mapping[str, Any]) -> set[str]:
         return {"max_exp_avg_sq"} if group["amsgrad"] else set()
@@ -394,6 +417,8 @@ class AdamW(Adam):
     weight_decay : float, default 1e-2
     amsgrad : bool, default False
     maximize : bool, default False
+    {cautious}
+        As :class:`Adam`'s (the decay is applied as without it).
     {common}
     """
 
@@ -402,9 +427,9 @@ class AdamW(Adam):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, **options: Any) -> None:
+                 maximize: bool = False, cautious: bool = False, **options: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, **options)
+                         decoupled_weight_decay=True, cautious=cautious, **options)
 
 
 @_doc
@@ -549,8 +574,14 @@ class RAdam(Optimizer):
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
         rectify = rho_t > 5.0
-        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
-                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) if rectify else 1.0
+        if rho_inf > 5.0:
+            # rho_t >= 1 and rho_inf > 5: no zero divisor. The ratio is negative on some
+            # steps that do not rectify, so the root is taken of 1 there (one definition
+            # for host floats and traced arrays: see scalar_math).
+            ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+            rect = scalar_math.sqrt(scalar_math.where(rectify, ratio, 1.0))
+        else:
+            rect = 1.0  # rho_t <= rho_inf <= 5: never rectifies
         return {"bias_correction1": 1 - beta1**step,
                 "bias_correction2_sqrt": bias_correction2**0.5,
                 "rectify": rectify, "rect": rect}
@@ -575,6 +606,8 @@ class Lion(Optimizer):
     betas : (float, float), default (0.9, 0.99)
     weight_decay : float, default 0
     maximize : bool, default False
+    {cautious}
+        :math:`u = \\mathrm{sign}(c_t)`, as the paper's C-Lion.
     {common}
     """
 
@@ -583,8 +616,10 @@ class Lion(Optimizer):
 
     quantized_states = {"exp_avg": True}
     rule = rules.lion
+    hyperparameter_checks = _CAUTIOUS
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0, *, maximize: bool = False, **options: Any) -> None:
+                 weight_decay: float = 0, *, maximize: bool = False, cautious: bool = False,
+                 **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize), **options)
+                                      maximize=maximize, cautious=cautious), **options)

@@ -8,20 +8,38 @@ where the reference's differ).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from .. import _checks
 from . import rules_elementwise as rules
+from . import scalar_math
 from .algorithms import _doc
 from .base import Optimizer
 from .param_group import Hyperparameter
 
-__all__ = ["ASGD", "Rprop", "ADOPT"]
+__all__ = ["ASGD", "Rprop", "ADOPT", "AdEMAMix"]
 
 
 def _nonnegative(name: str, value: Any) -> float:
     return _checks.number(name, value, low=0)
+
+
+def _count(name: str, value: Any) -> int:
+    return _checks.integer(name, value, minimum=0)
+
+
+def _beta_triple(name: str, value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") \
+            or not hasattr(value, "__getitem__"):
+        raise _checks.WrongTypeError(f"{name} must be three numbers (beta1, beta2, beta3), "
+                                     f"got {value!r:.80}")
+    if len(value) != 3:
+        raise ValueError(f"{name} must be three numbers (beta1, beta2, beta3), got "
+                         f"{len(value)} of them")
+    return tuple(_checks.number(f"{name}[{i}]", v, low=0, high=1, high_open=True)
+                 for i, v in enumerate(value))
 
 
 def _etas(name: str, value: Any) -> tuple[float, float]:
@@ -99,11 +117,13 @@ class ASGD(Optimizer):
 
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
         step, lr = group_state["step"], group["lr"]
-        eta = lr if step == 1 else group_state["eta"]
+        # where and maximum, not `if` and max: the same code runs on traced steps
+        # (optim_core.functional).
+        eta = scalar_math.where(step == 1, lr, group_state["eta"])
         mu = group_state["mu"]
         # The next step's values, as torch computes them (Python floats).
         group_state["eta"] = lr / ((1 + group["lambd"] * lr * step) ** group["alpha"])
-        group_state["mu"] = 1.0 / max(1.0, step - group["t0"])
+        group_state["mu"] = 1.0 / scalar_math.maximum(1.0, step - group["t0"])
         return {"eta": eta, "mu": mu}
 
 
@@ -233,3 +253,105 @@ class ADOPT(Optimizer):
         step = group_state["step"]
         return {"initialize": step == 1,
                 "clip": float(step - 1) ** group["clip_exponent"] if step > 1 else 0.0}
+
+
+def _half_life(beta: float) -> float:
+    """Steps until a weight decayed by ``beta`` per step halves, less one (the paper's f)."""
+    return math.log(0.5) / math.log(beta) - 1
+
+
+@_doc
+class AdEMAMix(Optimizer):
+    r"""AdEMAMix, Adam with a second, slow momentum mixed in (Pagliardini, Ablin & Grangier,
+    "The AdEMAMix Optimizer: Better, Faster, Older", 2024).
+
+    .. math::
+
+        m^{(1)}_t &= \beta_1 m^{(1)}_{t-1} + (1-\beta_1) g_t, \qquad
+        m^{(2)}_t = \beta_3(t) m^{(2)}_{t-1} + (1-\beta_3(t)) g_t \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \theta_t &= \theta_{t-1} - \gamma\Bigl(
+            \frac{m^{(1)}_t/(1-\beta_1^t) + \alpha(t)\, m^{(2)}_t}
+                 {\sqrt{v_t/(1-\beta_2^t) + \bar\epsilon} + \epsilon}
+            + \lambda\theta_{t-1}\Bigr)
+
+    with :math:`g_t = \pm\nabla f(\theta_{t-1})`; the slow momentum is not bias
+    corrected (it fills slowly on purpose), and the weight decay :math:`\lambda` is
+    decoupled and scaled by the learning rate, as in optax and torch's AdamW.
+
+    The paper's warmups (section 3), off by default: with ``alpha_warmup`` :math:`T_\alpha`
+    the mixing rises linearly, :math:`\alpha(t) = \alpha\,\min(1, (t-1)/T_\alpha)`;
+    with ``beta3_warmup`` :math:`T_\beta` the slow decay moves from :math:`\beta_1` to
+    :math:`\beta_3` linearly in half-life, :math:`\beta_3(t) = f^{-1}((1-a) f(\beta_1) +
+    a f(\beta_3))` with :math:`a = (t-1)/T_\beta` for :math:`t-1 < T_\beta`,
+    :math:`f(\beta) = \ln\frac12/\ln\beta - 1` and :math:`f^{-1}(h) = 0.5^{1/(h+1)}`
+    (the authors' ``alpha_scheduler`` and ``beta3_scheduler`` with ``alpha_start=0``
+    and ``beta_start=beta1``).
+
+    The numbers are ``optax.contrib.ademamix``'s (optax 0.2.8). Its names map as
+    ``learning_rate`` = ``lr``, ``(b1, b2, b3)`` = ``betas``, ``alpha``, ``eps``,
+    ``eps_root``, ``weight_decay``; the warmups are its ``alpha`` and ``b3`` given as
+    schedules of optax's ``count`` (:math:`t-1`, as above); optax has no ``maximize``
+    (negate the gradient). States ``exp_avg_fast`` (optax's ``m1``), ``exp_avg_slow``
+    (``m2``) and ``exp_avg_sq`` (``nu``).
+
+    Parameters
+    ----------
+    params : list or dict of arrays, or list of param groups
+    lr : float, default 1e-3
+    betas : (float, float, float), default (0.9, 0.999, 0.9999)
+        :math:`(\beta_1, \beta_2, \beta_3)`.
+    alpha : float, default 5.0
+        Weight :math:`\alpha` of the slow momentum.
+    eps : float, default 1e-8
+    eps_root : float, default 0
+        :math:`\bar\epsilon`, added inside the square root.
+    weight_decay : float, default 0
+    alpha_warmup, beta3_warmup : int, default 0
+        Steps of the warmups :math:`T_\alpha`, :math:`T_\beta` (0: none). A
+        ``beta3_warmup`` needs :math:`\beta_1, \beta_3 > 0`.
+    maximize : bool, default False
+    {common}
+    """
+
+    cli_name = "ademamix"
+    weight_decay_kind = "decoupled"
+
+    rule = rules.ademamix
+    hyperparameter_checks = {
+        "betas": Hyperparameter(_beta_triple, ("beta1", "beta2", "beta3")),
+        "eps_root": Hyperparameter(_nonnegative),
+        "alpha_warmup": Hyperparameter(_count),
+        "beta3_warmup": Hyperparameter(_count),
+    }
+    related_hyperparameters = frozenset({"betas", "beta3_warmup"})
+
+    def __init__(self, params: Any, lr: float = 1e-3,
+                 betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 5.0,
+                 eps: float = 1e-8, eps_root: float = 0, weight_decay: float = 0, *,
+                 alpha_warmup: int = 0, beta3_warmup: int = 0, maximize: bool = False,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, eps=eps,
+                                      eps_root=eps_root, weight_decay=weight_decay,
+                                      alpha_warmup=alpha_warmup, beta3_warmup=beta3_warmup,
+                                      maximize=maximize), **options)
+
+    @classmethod
+    def check_relations(cls, group: Mapping[str, Any]) -> None:
+        beta1, _, beta3 = group["betas"]
+        if group["beta3_warmup"] and not (beta1 > 0 and beta3 > 0):
+            raise ValueError("beta3_warmup needs betas[0] > 0 and betas[2] > 0 (it "
+                             "interpolates their half-lives)")
+
+    def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
+        step = group_state["step"]
+        count = step - 1  # optax's count: the steps before this one
+        beta1, beta2, beta3 = group["betas"]
+        alpha = group["alpha"]
+        if count < group["alpha_warmup"]:
+            alpha = count / group["alpha_warmup"] * alpha
+        if count < group["beta3_warmup"]:
+            a = count / group["beta3_warmup"]
+            beta3 = 0.5 ** (1 / ((1 - a) * _half_life(beta1) + a * _half_life(beta3) + 1))
+        return {"alpha": alpha, "beta3": beta3, "bias_correction1": 1 - beta1**step,
+                "bias_correction2": 1 - beta2**step}

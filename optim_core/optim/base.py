@@ -43,6 +43,7 @@ import numpy as np
 from .. import _checks, backends
 from .. import _namespace as ns
 from ..backends._generic import TensorMismatch, state_dtype
+from ..backends._lowering import reductions_taken
 from ..backends._quantized import (
     QUANTIZE_MIN_SIZE,
     STATE_BITS,
@@ -207,6 +208,9 @@ class Optimizer:
         self._required_states = frozenset(self.rule.states) - self.rule.optional_states
         self._lock = threading.Lock()
         self._remember_params()
+        if self._flat is not None:
+            for index in range(len(self.param_groups)):
+                self._check_flat_reductions(index)
 
     # ----------------------------------------------------------------- per optimizer
     def scalars(self, group: Mapping[str, Any], group_state: dict[str, Any]) -> dict[str, Any]:
@@ -491,6 +495,7 @@ class Optimizer:
                                            first_step=bool(new and states))
         fresh = None
         if flat is not None:
+            self._check_flat_reductions(index, scalars)
             params, step_grads, step_states = flat.buffers(index)
             if new:
                 fresh = flat.new_states(index, fills)
@@ -541,6 +546,20 @@ class Optimizer:
             self.group_state[index].update(after)
 
         return run
+
+    def _check_flat_reductions(self, index: int, scalars: dict[str, Any] | None = None) -> None:
+        """A flat buffer holds many tensors: a step that reduces each tensor (``norm``,
+        ``sum``) cannot run on it. ValueError if group ``index``'s step would."""
+        if not self.rule.reductions:
+            return
+        if scalars is None:
+            scalars, _ = self.step_scalars(self.param_groups[index], self.group_state[index])
+        present = frozenset(self.rule.states) - self.rule.optional_states \
+            | self.active_states(self.param_groups[index])
+        if reductions_taken(self.rule, scalars, present):
+            raise ValueError(f"flat=True stores many tensors in one buffer, but "
+                             f"{type(self).__name__}'s step reduces each tensor on its own "
+                             f"(param group {index}); use flat=False")
 
     def _quantizes(self, name: str, param: Any) -> bool:
         """Whether state ``name`` of ``param`` is stored quantized."""

@@ -30,6 +30,29 @@ A state listed in ``optional_states`` is only allocated when the optimizer needs
 (``amsgrad``'s running maximum, a momentum buffer); the rule must touch it only
 inside an ``if`` that is false whenever the state is absent. The generic path then
 passes ``None`` for it and kernels a dummy scalar.
+
+Per-tensor reductions
+---------------------
+``sum(x)`` and ``norm(x)`` (:data:`REDUCTIONS`) reduce an elementwise expression
+``x`` over every element of the tensor: the sum, and the Euclidean norm
+``sqrt(sum(x * x))`` (both 0 for an empty tensor); ``size(x)`` is its number of
+elements (torch's ``numel()``, a float). The result is one value
+per tensor, which broadcasts in elementwise expressions, so LAMB's trust ratio is
+(without its zero-norm guard)::
+
+    trust = norm(param) / norm(update)
+    param = param - lr * trust * update
+
+A reduction's value stays with the tensor (an ``if`` cannot test it: that would
+synchronize a device with the host); it may feed another reduction
+(``norm(x / norm(y))``). Each reduction takes exactly one argument and is never
+applied to scalars only. The generic path evaluates them with the namespace's own
+functions (``xp.sum``, ``xp.linalg.vector_norm``). The fused paths run every
+reduction that depends on no other as one pass over the tensor before the
+elementwise pass, which then reads their values (so a rule with reductions reads
+each tensor twice and writes it once); a reduction of a reduction adds a pass. Fused
+reductions accumulate in float64 whatever the tensor's dtype. Rules with reductions
+are per tensor, so they refuse ``flat=True`` (whose buffers hold many tensors).
 """
 
 from __future__ import annotations
@@ -43,9 +66,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from optim_core.backends import OPERATIONS, generic_operations
+from optim_core.backends import OPERATIONS, REDUCTIONS, generic_operations
 
-__all__ = ["OPERATIONS", "UpdateRule", "update_rule"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "UpdateRule", "update_rule"]
 
 
 _ALLOWED_NODES = (
@@ -82,6 +105,16 @@ class UpdateRule:
     @property
     def name(self) -> str:
         return self.function.__name__
+
+    @property
+    def reductions(self) -> tuple[str, ...]:
+        """The per-tensor reductions the rule calls (``sum``, ``norm``, ``size``), in
+        source order (in any branch).
+
+        A rule with any is per tensor: its fused step reads each tensor once more.
+        """
+        return tuple(node.func.id for node in ast.walk(self.tree)
+                     if isinstance(node, ast.Call) and node.func.id in REDUCTIONS)
 
     @property
     def source(self) -> str:
@@ -139,6 +172,9 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in OPERATIONS):
                 raise TypeError(f"rule {name}: only {OPERATIONS} may be called")
+            if node.keywords or (node.func.id in REDUCTIONS and len(node.args) != 1):
+                raise TypeError(f"rule {name}: {ast.unparse(node)!r}: operations take "
+                                "positional arguments, a reduction exactly one")
         if isinstance(node, ast.If):
             used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             if not used <= scalars:
@@ -147,6 +183,13 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
             len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
         ):
             raise TypeError(f"rule {name}: assign to one plain name at a time")
+    # A rule's own name for an operation it calls would shadow it on the generic path.
+    bound = {a.arg for a in (*tree.args.args, *tree.args.kwonlyargs)} | {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    if bound & called:
+        raise TypeError(f"rule {name}: {sorted(bound & called)} both names a value and is "
+                        "called")
     _check_elementwise_choices(tree, name, _array_names(tree, returned))
     last = tree.body[-1]
     if not (isinstance(last, ast.Return) and isinstance(last.value, ast.Tuple)

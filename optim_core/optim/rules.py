@@ -13,12 +13,12 @@ from .language import update_rule
 
 # The names below are bound per backend by UpdateRule.bind; these placeholders only
 # make the module importable and let linters see the names.
-sqrt = abs = maximum = sign = lerp = None  # noqa: A001
+sqrt = abs = maximum = sign = lerp = sum = size = None  # noqa: A001
 
 
 @update_rule(optional_states=("momentum_buffer",))
 def sgd(param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov,
-        maximize, first_step):
+        maximize, first_step, cautious):
     if maximize:
         grad = -grad
     if weight_decay != 0:
@@ -29,9 +29,14 @@ def sgd(param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, 
         else:
             momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
         if nesterov:
-            grad = grad + momentum * momentum_buffer
+            update = grad + momentum * momentum_buffer
         else:
-            grad = momentum_buffer
+            update = momentum_buffer
+        if cautious:
+            # Liang et al. 2024: only where the update agrees with the gradient, rescaled.
+            mask = maximum(sign(update * grad), 0.0)  # 1 where they agree, else 0
+            update = update * (mask * (size(mask) / (sum(mask) + 1)))
+        grad = update
     param = param - lr * grad
     return param, momentum_buffer
 
@@ -92,7 +97,7 @@ def adadelta(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay, 
 @update_rule(optional_states=("max_exp_avg_sq",))
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, eps,
          weight_decay, decoupled_weight_decay, amsgrad, maximize, step_size,
-         bias_correction2_sqrt):
+         bias_correction2_sqrt, cautious):
     if maximize:
         grad = -grad
     if weight_decay != 0:
@@ -107,7 +112,13 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, 
         denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
     else:
         denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    param = param - step_size * exp_avg / denom
+    if cautious:
+        # Liang et al. 2024: only where the update agrees with the gradient, rescaled.
+        update = exp_avg / denom
+        mask = maximum(sign(update * grad), 0.0)  # 1 where they agree, else 0
+        param = param - step_size * (update * (mask * (size(mask) / (sum(mask) + 1))))
+    else:
+        param = param - step_size * exp_avg / denom
     return param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
@@ -164,12 +175,16 @@ def radam(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_dec
 
 
 @update_rule()
-def lion(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize):
+def lion(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize, cautious):
     if maximize:
         grad = -grad
     if weight_decay != 0:
         param = param * (1 - lr * weight_decay)
     update = sign(beta1 * exp_avg + (1 - beta1) * grad)
+    if cautious:
+        # Liang et al. 2024: only where the update agrees with the gradient, rescaled.
+        mask = maximum(sign(update * grad), 0.0)  # 1 where they agree, else 0
+        update = update * (mask * (size(mask) / (sum(mask) + 1)))
     param = param - lr * update
     exp_avg = beta2 * exp_avg + (1 - beta2) * grad
     return param, exp_avg

@@ -76,5 +76,23 @@ def adopt(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_dec
     return param, exp_avg, exp_avg_sq
 
 
+@update_rule()
+def ademamix(param, grad, exp_avg_fast, exp_avg_slow, exp_avg_sq, *, lr, beta1, beta2, beta3,
+             alpha, eps, eps_root, weight_decay, maximize, bias_correction1, bias_correction2):
+    # optax.contrib.ademamix (its order of operations): Adam's moments plus a slow EMA
+    # mixed in by alpha, uncorrected; decoupled weight decay scaled by lr.
+    if maximize:
+        grad = -grad
+    exp_avg_fast = (1 - beta1) * grad + beta1 * exp_avg_fast
+    exp_avg_slow = (1 - beta3) * grad + beta3 * exp_avg_slow
+    exp_avg_sq = (1 - beta2) * (grad * grad) + beta2 * exp_avg_sq
+    update = (exp_avg_fast / bias_correction1 + alpha * exp_avg_slow) / (
+        sqrt(exp_avg_sq / bias_correction2 + eps_root) + eps)
+    if weight_decay != 0:
+        update = update + weight_decay * param
+    param = param - lr * update
+    return param, exp_avg_fast, exp_avg_slow, exp_avg_sq
+
+
 #: The rules of this module, in definition order.
-ELEMENTWISE_RULES = (asgd, rprop, adopt)
+ELEMENTWISE_RULES = (asgd, rprop, adopt, ademamix)
