@@ -30,6 +30,10 @@ core selects; this module only moves torch's bookkeeping in and out:
   ``torch.optim`` does. No copy, no autograd: state never requires grad, and
   gradients built with ``create_graph=True`` do not pull it into the graph.
 
+Families with methods beyond ``step`` keep them: the Schedule-Free optimizers have
+``train()`` and ``eval()``. float16 parameters keep float32 states, as the core does
+(torch's float16 states are widened exactly when a torch state dict is loaded).
+
 Per-parameter step counts live in the state, as in torch; parameters of a group whose
 counts differ (one was frozen for a while) are stepped in separate sets, each with its
 own host scalars.
@@ -41,7 +45,10 @@ by float32 rounding (with ``torch.set_default_dtype(torch.float64)`` the two agr
 rounding of the parameters' dtype).
 
 Not supported (refused when asked for): ``differentiable=True`` and
-``capturable=True`` (CUDA graph capture), sparse gradients.
+``capturable=True`` (CUDA graph capture), sparse gradients, and the core's options
+beyond ``impl`` (``state_bits``, ``rounding``, ``nonfinite``, ``flat``). Tensors the
+kernels cannot take as they are (not contiguous, such as ``channels_last`` weights)
+are stepped by the generic path over the same views: correct, only slower.
 """
 
 from __future__ import annotations
