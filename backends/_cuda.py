@@ -16,7 +16,7 @@ with ``--fmad=false``: the generic path rounds after every operation, and so mus
 the kernel (a fused multiply-add would round once). ``sqrt`` and ``/`` are
 IEEE-rounded (NVRTC's default, no fast math).
 
-A rule with per-tensor reductions (``sum``, ``norm``; see :mod:`._lowering`) runs, per
+A rule with per-tensor reductions (``sum``, ``norm``, ``size``; see :mod:`._lowering`) runs, per
 tensor, one reduction launch per stage before the update launch: each thread
 accumulates its grid-stride share in float64 registers and adds it with one
 ``atomicAdd`` to one of :data:`REDUCTION_SLOTS` slots (by lane, so a warp's 32 adds go
@@ -559,10 +559,10 @@ class CudaImplementation(FusedImplementation):
         # (0: element-wise), and the small tensors' sizes and addresses. There is one kernels
         # object per specialization and dtype.
         small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
-        reducing = [entry for entry in tensors if entry[0].stages]
+        reducing = [entry for entry in tensors if getattr(entry[0], "stages", ())]
         if reducing:
             self._launch_reducing(reducing)
-            tensors = [entry for entry in tensors if not entry[0].stages]
+            tensors = [entry for entry in tensors if not getattr(entry[0], "stages", ())]
         for kernels, hoisted, arrays in tensors:
             n = arrays[0].size
             if type(kernels) is _QuantizedKernels:
@@ -676,11 +676,13 @@ class CudaImplementation(FusedImplementation):
 
 
 class _QuantizedKernels(NamedTuple):
-    """A quantized specialization's kernel, its threads a block and its block size."""
+    """A quantized specialization's kernel, its threads a block and its block size (no
+    reduction stages: a reducing step with quantized states takes the generic path)."""
 
     function: Any
     threads: int
     block: int
+    stages: tuple = ()
 
 
 #: (device id, bits, signed) -> the map and its midpoints on that device.

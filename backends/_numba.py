@@ -15,7 +15,7 @@ parameter and the states it changed. ``fastmath`` stays off and ``error_model`` 
 NumPy's, so IEEE semantics (rounding, no contraction into FMA, inf/NaN instead of
 exceptions) match the generic path bit for bit.
 
-A rule with per-tensor reductions (``sum``, ``norm``) gets one more loop per reduction
+A rule with per-tensor reductions (``sum``, ``norm``, ``size``) gets one more loop per reduction
 stage (see :mod:`._lowering`), run first: a ``prange`` reduction of the stage's
 values in float64, returned to the caller, which finishes them (the square root of a
 norm), types them to the parameter's dtype and passes them to the next loop as

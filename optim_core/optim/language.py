@@ -51,8 +51,11 @@ functions (``xp.sum``, ``xp.linalg.vector_norm``). The fused paths run every
 reduction that depends on no other as one pass over the tensor before the
 elementwise pass, which then reads their values (so a rule with reductions reads
 each tensor twice and writes it once); a reduction of a reduction adds a pass. Fused
-reductions accumulate in float64 whatever the tensor's dtype. Rules with reductions
-are per tensor, so they refuse ``flat=True`` (whose buffers hold many tensors).
+reductions accumulate in float64 whatever the tensor's dtype. A step whose branches
+reach a reduction is per tensor, so it refuses ``flat=True`` (whose buffers hold many
+tensors); a reduction inside an ``if`` that is false (Adam without ``cautious``)
+costs nothing. Reductions are over the whole tensor; reductions over one axis
+(Adafactor's row and column means) are not in the language yet.
 """
 
 from __future__ import annotations
