@@ -480,7 +480,9 @@ def test_the_torch_bench_compares_every_optimizer_torch_has(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     assert [(r["optimizer"], r["workload"], r["torch_mode"]) for r in report["results"]] == [
         ("Adam", "1e4", "fused"), ("Adam", "20x100", "fused")]
-    assert all(r["holds"] is None and r["ours_s"] > 0 for r in report["results"])
+    # A quick run judges no target; each side was timed as often as the other.
+    assert all(r["holds"] is None and len(r["ours_times_s"]) == len(r["torch_times_s"]) == 4
+               for r in report["results"])
     assert "| optimizer | workload |" in out.with_suffix(".md").read_text()
 
 
