@@ -483,7 +483,9 @@ def test_the_torch_bench_compares_every_optimizer_torch_has(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     assert [(r["optimizer"], r["workload"], r["torch_mode"]) for r in report["results"]] == [
         ("Adam", "1e4", "fused"), ("Adam", "20x100", "fused")]
-    assert all(r["holds"] is None and r["ours_s"] > 0 for r in report["results"])
+    # A quick run judges no target; each side was timed as often as the other.
+    assert all(r["holds"] is None and len(r["ours_times_s"]) == len(r["torch_times_s"]) == 4
+               for r in report["results"])
     assert "| optimizer | workload |" in out.with_suffix(".md").read_text()
 
 
@@ -583,3 +585,18 @@ def test_the_cuda_path_views_tensors_through_dlpack_on_torchs_stream(monkeypatch
     assert ("cupy", 0) in ours._engines and {"device", "stream"} <= set(entered)
     weight = ours_model[0].weight
     assert ours._slots[id(weight)].view.ctypes.data == weight.data_ptr()
+
+
+def test_float16_parameters_keep_float32_states_as_the_core_and_exchange_with_torch():
+    ours_p = torch.ones(5, dtype=torch.float16, requires_grad=True)
+    torch_p = ours_p.detach().clone().requires_grad_()
+    ours, theirs = oct.Adam([ours_p], lr=0.1), torch.optim.Adam([torch_p], lr=0.1)
+    for _ in range(3):
+        ours_p.grad = torch.full((5,), 0.5, dtype=torch.float16)
+        torch_p.grad = ours_p.grad.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(ours_p, torch_p)
+    assert ours.state[ours_p]["exp_avg_sq"].dtype == torch.float32
+    ours.load_state_dict(theirs.state_dict())  # torch's float16 states, widened exactly
+    assert ours.state[ours_p]["exp_avg_sq"].dtype == torch.float32

@@ -30,6 +30,10 @@ core selects; this module only moves torch's bookkeeping in and out:
   ``torch.optim`` does. No copy, no autograd: state never requires grad, and
   gradients built with ``create_graph=True`` do not pull it into the graph.
 
+Families with methods beyond ``step`` keep them: the Schedule-Free optimizers have
+``train()`` and ``eval()``. float16 parameters keep float32 states, as the core does
+(torch's float16 states are widened exactly when a torch state dict is loaded).
+
 Per-parameter step counts live in the state, as in torch; parameters of a group whose
 counts differ (one was frozen for a while) are stepped in separate sets, each with its
 own host scalars.
@@ -41,7 +45,10 @@ by float32 rounding (with ``torch.set_default_dtype(torch.float64)`` the two agr
 rounding of the parameters' dtype).
 
 Not supported (refused when asked for): ``differentiable=True`` and
-``capturable=True`` (CUDA graph capture), sparse gradients.
+``capturable=True`` (CUDA graph capture), sparse gradients, and the core's options
+beyond ``impl`` (``state_bits``, ``rounding``, ``nonfinite``, ``flat``). Tensors the
+kernels cannot take as they are (not contiguous, such as ``channels_last`` weights)
+are stepped by the generic path over the same views: correct, only slower.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import numpy as np
 import torch
 
 from .. import _checks
+from ..backends._generic import state_dtype
 from ..optim.base import Optimizer as CoreOptimizer
 from ..optim.param_group import SCHEDULER_KEYS, GroupSchema
 from ..optim.registry import OPTIMIZERS
@@ -478,7 +486,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         params = [slot.view for _, slot, _ in members]
         grads = [slot.grad_of(grad) for _, slot, grad in members]
         if fills:
-            fresh = [{name: torch.full_like(param, value, memory_format=torch.preserve_format)
+            # The core's state dtype: float32 for float16 parameters (a second moment
+            # underflows float16), the parameter's own otherwise.
+            fresh = [{name: torch.full_like(param, value, dtype=state_dtype(param.dtype),
+                                            memory_format=torch.preserve_format)
                       for name, value in fills.items()} for param, _, _ in members]
             states = [{**slot.states, **{n: _view(kind[0], t) for n, t in made.items()}}
                       for (_, slot, _), made in zip(members, fresh)]
@@ -618,15 +629,19 @@ class TorchOptimizer(torch.optim.Optimizer):
                 elif name in arrays and value is None:
                     continue  # older torch kept momentum_buffer=None for no momentum
                 elif name in arrays:
+                    wanted = state_dtype(param.dtype)
                     if not isinstance(value, torch.Tensor) or value.shape != param.shape \
-                            or value.dtype != param.dtype or value.device != param.device:
+                            or value.dtype not in (param.dtype, wanted) \
+                            or value.device != param.device:
                         what = (f"shape {tuple(value.shape)}, dtype {value.dtype} on "
                                 f"{value.device}" if isinstance(value, torch.Tensor)
                                 else type(value).__name__)
                         raise ValueError(f"state {name!r} has {what}; its parameter shape "
                                          f"{tuple(param.shape)}, dtype {param.dtype} on "
                                          f"{param.device}")
-                    out[name] = value.detach()
+                    # torch.optim keeps a float16 parameter's states in float16: widened
+                    # (exactly) to the float32 the core keeps them in.
+                    out[name] = value.detach().to(wanted)
                 elif name == "step" and not self.keeps_step:
                     continue  # a count this optimizer does not keep
                 else:
