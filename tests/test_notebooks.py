@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 
 nbformat = pytest.importorskip("nbformat")
+
+
+#: An ANSI escape sequence (colours, cursor moves).
+ANSI_CODE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _read(path: Path):
@@ -51,6 +56,10 @@ def test_notebook_runs_and_shows_figures(path):
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     try:
         client.execute()  # raises CellExecutionError naming the cell and the traceback
+    except nbclient.exceptions.CellExecutionError as exc:
+        # The kernel's traceback is coloured by IPython whatever NO_COLOR says; CI logs
+        # carry no ANSI codes, so the failure is reported without them.
+        raise AssertionError(f"{path.name}: {ANSI_CODE.sub('', str(exc))}") from None
     finally:
         out_dir = os.environ.get("NOTEBOOK_OUTPUT_DIR")
         if out_dir:
