@@ -111,12 +111,14 @@ def test_a_planned_parameter_replaced_in_the_group_is_checked_again():
     assert replacement.any()
 
 
-def test_a_parameter_made_read_only_is_not_written_by_a_kept_plan_or_record():
+def test_a_parameter_made_read_only_is_refused_not_written_by_a_kept_plan_or_record():
     params, opt = stepped()
     params[0].flags.writeable = False
-    before = params[0].copy()
-    opt.step([np.ones(10), np.ones(4)])
-    assert np.array_equal(params[0], before)
+    values, before = [p.copy() for p in params], snapshot(opt)
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step([np.ones(10), np.ones(4)])
+    assert snapshot(opt) == before
+    assert all(np.array_equal(p, v) for p, v in zip(params, values, strict=True))
 
 
 @pytest.mark.parametrize("kind", ["float32", "strided", "matrix subclass", "shape"])
