@@ -94,18 +94,17 @@ def _numba_step_traffic():
 
     @numba.njit(parallel=True, cache=False)
     def step_traffic(p, g, m, v, s):  # pragma: no cover - compiled
-        # Each thread one contiguous chunk: the prefetchers see seven long streams.
-        n = p.size
-        chunks = numba.get_num_threads()
-        for c in numba.prange(chunks):
-            start, stop = n * c // chunks, n * (c + 1) // chunks
-            for i in range(start, stop):
-                gi = g[i]
-                mi = m[i] + gi
-                vi = v[i] + s * gi
-                m[i] = mi
-                v[i] = vi
-                p[i] = p[i] + s * (mi - vi)
+        # A plain prange: numba's static schedule gives each thread one contiguous block
+        # of millions of elements (seven long streams for the prefetchers), and the loop
+        # vectorizes. An explicit loop over per-thread chunks did not: it ran at about a
+        # sixth of this (3.1 against 19.8 GB/s here, 2026-12-03), a floor Adam exceeded 9x.
+        for i in numba.prange(p.size):
+            gi = g[i]
+            mi = m[i] + gi
+            vi = v[i] + s * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] + s * (mi - vi)
         return np.float32(0)
 
     return step_traffic
