@@ -514,6 +514,20 @@ def host_programs(rule: UpdateRule, present: frozenset[str] | set[str]) -> list[
     return list(_HOST_PROGRAMS.get((rule.function, frozenset(present)), [0, []])[1])
 
 
+def _known_program(entry: list, scalars: Mapping[str, Any]) -> tuple | None:
+    """``(key, hoisted, None)`` from the first kept host program of ``entry`` that takes
+    these scalars (the last one used first: keys change rarely, as when a schedule crosses
+    a threshold), or None."""
+    last, programs = entry
+    for index in (last, *range(len(programs))):
+        if index < len(programs):
+            hoisted = programs[index].hoisted(scalars)
+            if hoisted is not None:
+                entry[0] = index
+                return programs[index].key, hoisted, None
+    return None
+
+
 def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] | set[str],
           *, build: bool = True) -> tuple[tuple, list[float], Kernel | None]:
     """Specialize ``rule`` for this step's ``scalars`` and the ``present`` optional states.
@@ -542,14 +556,9 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
     present = frozenset(present)
     entry = _HOST_PROGRAMS.setdefault((rule.function, present), [0, []])
     if not build:
-        last, programs = entry
-        # The last one used first: keys change rarely (a schedule crossing a threshold).
-        for index in (last, *range(len(programs))):
-            if index < len(programs):
-                hoisted = programs[index].hoisted(scalars)
-                if hoisted is not None:
-                    entry[0] = index
-                    return programs[index].key, hoisted, None
+        found = _known_program(entry, scalars)
+        if found is not None:
+            return found
     lowering = _Lowering(rule, scalars, present, build)
     lowering.run()
     states = tuple(s for s in rule.states if s in present)
@@ -656,13 +665,9 @@ def lower_stages(rule: UpdateRule, scalars: Mapping[str, Any],
     present = frozenset(present)
     entry = _HOST_PROGRAMS.setdefault((rule.function, present), [0, []])
     if not build:
-        last, programs = entry
-        for index in (last, *range(len(programs))):
-            if index < len(programs):
-                hoisted = programs[index].hoisted(scalars)
-                if hoisted is not None:
-                    entry[0] = index
-                    return programs[index].key, hoisted, None
+        found = _known_program(entry, scalars)
+        if found is not None:
+            return found
     lowering = _Lowering(rule, scalars, present, build, staged=True)
     lowering.run()
     states = tuple(s for s in rule.states if s in present)

@@ -85,7 +85,7 @@ from .. import _namespace as ns
 from ..backends import generic_operations
 from ..backends._generic import _compute_dtype
 from .base import Optimizer
-from .language import UpdateRule
+from .language import UpdateRule, dependents, mentions
 from .registry import optimizer_class
 
 __all__ = ["functional", "FunctionalOptimizer", "FunctionalState", "selecting"]
@@ -403,7 +403,7 @@ def selecting(rule: UpdateRule, array_scalars: frozenset[str], xp: Any, compute:
     """
     operations = generic_operations(xp)
     tree = copy.deepcopy(rule.tree)
-    dynamic = _dependents(tree, set(array_scalars))
+    dynamic = dependents(tree, set(array_scalars))
     rewriter = _Rewriter(dynamic)
     tree = rewriter.visit(tree)
     if not rewriter.changed:
@@ -421,25 +421,6 @@ def selecting(rule: UpdateRule, array_scalars: frozenset[str], xp: Any, compute:
     return types.FunctionType(function.__code__, namespace, rule.name)
 
 
-def _mentions(node: ast.AST, names: set[str]) -> bool:
-    return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
-
-
-def _dependents(tree: ast.FunctionDef, names: set[str]) -> set[str]:
-    """``names`` and every name assigned an expression of them (flow-insensitive)."""
-    names = set(names)
-    assignments = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)]
-    changed = True
-    while changed:
-        changed = False
-        for node in assignments:
-            target = node.targets[0].id
-            if target not in names and _mentions(node.value, names):
-                names.add(target)
-                changed = True
-    return names
-
-
 def _call(name: str, *args: ast.expr) -> ast.Call:
     return ast.Call(func=ast.Name(id=_PREFIX + name, ctx=ast.Load()), args=list(args),
                     keywords=[])
@@ -455,7 +436,7 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
         self.generic_visit(node)
-        if not _mentions(node, self.dynamic):
+        if not mentions(node, self.dynamic):
             return node
         self.changed = True
         name = "and" if isinstance(node.op, ast.And) else "or"
@@ -466,14 +447,14 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
         self.generic_visit(node)
-        if isinstance(node.op, ast.Not) and _mentions(node, self.dynamic):
+        if isinstance(node.op, ast.Not) and mentions(node, self.dynamic):
             self.changed = True
             return _call("not", node.operand)
         return node
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
-        if len(node.ops) == 1 or not _mentions(node, self.dynamic):
+        if len(node.ops) == 1 or not mentions(node, self.dynamic):
             return node
         self.changed = True  # a < b < c: (a < b) and (b < c), element by element
         sides = [node.left, *node.comparators]
@@ -486,7 +467,7 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_If(self, node: ast.If) -> ast.AST | list[ast.stmt]:
         self.generic_visit(node)
-        if not _mentions(node.test, self.dynamic):
+        if not mentions(node.test, self.dynamic):
             return node
         self.changed = True
         k = self.count

@@ -469,7 +469,8 @@ def _check_matrix_call(call: ast.Call, name: str, scalars: set[str]) -> None:
         raise RuleError(f"rule {name}: matrix operations may not be nested")
 
 
-def _mentions(node: ast.AST, names: set[str]) -> bool:
+def mentions(node: ast.AST, names: set[str]) -> bool:
+    """Whether the expression or statement ``node`` reads any of ``names``."""
     return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
 
 
@@ -477,14 +478,20 @@ def _array_names(tree: ast.FunctionDef, arrays: tuple[str, ...]) -> set[str]:
     """The names that hold an array somewhere: the array arguments, and any name assigned
     an expression of arrays (flow-insensitive, so a name that is an array in one branch
     counts as one everywhere)."""
-    names = {"grad", *arrays}
+    return dependents(tree, {"grad", *arrays})
+
+
+def dependents(tree: ast.FunctionDef, names: set[str]) -> set[str]:
+    """``names`` and every name the rule assigns an expression of them (flow-insensitive:
+    a name assigned from them in any branch counts everywhere)."""
+    names = set(names)
     assignments = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)]
     changed = True
     while changed:
         changed = False
         for node in assignments:
             target = node.targets[0].id
-            if target not in names and _mentions(node.value, names):
+            if target not in names and mentions(node.value, names):
                 names.add(target)
                 changed = True
     return names
@@ -499,17 +506,17 @@ def _check_elementwise_choices(tree: ast.FunctionDef, name: str, arrays: set[str
                 raise RuleError(f"rule {name}: where takes (condition, a, b)")
             condition, *sides = node.args
             if not (isinstance(condition, ast.Compare) and len(condition.ops) == 1
-                    and _mentions(condition, arrays)):
+                    and mentions(condition, arrays)):
                 raise RuleError(f"rule {name}: where's condition must be one comparison "
                                 f"of arrays, not {ast.unparse(condition)!r} (test scalars "
                                 "with an if)")
-            if not any(_mentions(side, arrays) for side in sides):
+            if not any(mentions(side, arrays) for side in sides):
                 raise RuleError(f"rule {name}: where needs an array as a or b, got "
                                 f"{ast.unparse(node)!r}")
             conditions.add(id(condition))
     for node in ast.walk(tree):
         logical = isinstance(node, (ast.Compare, ast.BoolOp)) or (
             isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
-        if logical and id(node) not in conditions and _mentions(node, arrays):
+        if logical and id(node) not in conditions and mentions(node, arrays):
             raise RuleError(f"rule {name}: {ast.unparse(node)!r} compares arrays outside "
                             "where's condition")
