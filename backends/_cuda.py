@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ._generic import PreparedStep
 
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
+           "table_length",
            "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE",
            "REDUCTION_SLOTS", "REDUCTION_MAX_BLOCKS", "accumulator_length",
            "quantized_cuda_source", "quantized_kernel_name", "quantized_threads"]
