@@ -1,5 +1,6 @@
 """The fused CuPy path: generated CUDA kernels, one launch per large tensor (per buffer with
-flat=True), one per 32 small tensors.
+flat=True), one for all small tensors of a dtype once a step plan is kept (one per 32
+small tensors on the full path).
 
 For each specialization of a rule (see :mod:`optim_core.backends._lowering`),
 :func:`cuda_source` emits CUDA C++ text: the rule's body as a ``__host__ __device__``
@@ -28,6 +29,12 @@ take single-tensor launches only (no multi-tensor table).
 
 Tensors the kernel cannot take as they are (not C-contiguous, a dtype other than
 float32/float64) are stepped by the generic path instead, one by one.
+
+From a group's second step on, a step plan (:mod:`._cuda_plan`) keeps, on the device,
+a table of its small tensors' first blocks, sizes and parameter and state addresses;
+a step then checks the arrays in a few C-level passes, copies the gradients' addresses
+to the device (one asynchronous copy from pinned memory, none if unchanged) and makes
+one ``name_table`` launch per dtype, whatever the number of small tensors.
 """
 
 from __future__ import annotations
@@ -217,7 +224,17 @@ def cuda_source(kernel: Kernel) -> str:
       first block of each at ``[K + t]`` (and the total at ``[K + count]``), and its
       arrays' addresses at ``[2K + 1 + a K + t]`` in the kernel's array order.
       Block ``b`` steps the tensor with the last first block ``<= b``, one thread per
-      element (per pack and then per tail element with ``VEC``),
+      element (per pack and then per tail element with ``VEC``);
+    * ``template <typename T> __global__ void name_table(const long long* table, const
+      long long* grads, int count, <scalars>)``: the step plans' launch of ``count``
+      tensors over tables in device memory (:func:`table_length`): ``table`` holds each
+      tensor's first block at ``[t]`` (the total at ``[count]``), its size at
+      ``[count + 1 + t]``, and the addresses of its arrays but the gradient at
+      ``[2 count + 1 + a count + t]`` (``a`` counting the kernel's arrays without the
+      gradient); ``grads[t]`` is its gradient's address. Block ``b`` finds its tensor by a
+      binary search of the first blocks; blocks are sized for packs then the tail, and a
+      tensor with an array off 16-byte alignment takes each pack's elements one by one,
+
 
     and for a kernel with reductions, no ``name_multi`` but the reduction passes (see
     :func:`_reduction_source`): its element functions then also take the reductions'
@@ -535,9 +552,11 @@ class CudaImplementation(FusedImplementation):
     """The fused CuPy implementation: generated kernels, in place, a few launches a step.
 
     A tensor of more than ``multi_max_size`` elements gets a launch of its own; smaller
-    ones share launches, :data:`MULTI_TENSORS` at a time, by specialization, dtype and
-    alignment. Every launch has one thread per element, or per 16-byte pack where all
-    of a tensor's arrays are 16-byte aligned.
+    ones share launches: through a kept step plan (:meth:`make_plan`), all of a dtype in
+    one launch over a device-resident table; on the full path (the first step, or
+    anything the plan does not take), :data:`MULTI_TENSORS` at a time, by specialization,
+    dtype and alignment. Every launch has one thread per element, or per 16-byte pack
+    where all of a tensor's arrays are 16-byte aligned.
 
     Parameters
     ----------
