@@ -48,6 +48,9 @@ __all__ = ["CudaPlan", "CupyDevice", "make_plan", "PINNED_BUFFERS"]
 #: copy (and the launch reading its result) the device has finished.
 PINNED_BUFFERS = 4
 
+#: (event, buffers) of dropped plans, kept until the device has passed the event.
+_RETIRED: list[tuple] = []
+
 _ADDRESS = attrgetter("data.ptr")
 _PLANNED = attrgetter("data.ptr", "size")
 _GRAD = attrgetter("shape", "strides", "dtype")
@@ -120,6 +123,8 @@ class CudaPlan:
         """Queue the copy of ``addresses`` into :attr:`grads` (none if they are those of
         the last copy); the stream the step runs on."""
         device, stream = self.device, self.device.stream()
+        if _RETIRED:
+            _RETIRED[:] = [entry for entry in _RETIRED if not entry[0].done]
         if self.stream is not None and stream.ptr != self.stream and self.done is not None:
             # The last step's launches, on another stream, read grads: the copy waits.
             stream.wait_event(self.done)
@@ -142,6 +147,13 @@ class CudaPlan:
         ring.append(slot)
         self.uploaded = True
         return stream
+
+    def __del__(self) -> None:
+        # A copy or launch still queued may read these buffers: they go only once the
+        # device is past them (a pool would hand the pinned memory to the next copy).
+        done = getattr(self, "done", None)
+        if done is not None:
+            _RETIRED.append((done, self.ring, self.grads, self.specs))
 
     def launched(self, stream: Any) -> None:
         """Record, after this step's launches, what the next steps wait on."""

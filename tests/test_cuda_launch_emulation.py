@@ -853,3 +853,28 @@ def test_a_gradient_that_does_not_fit_leaves_the_step_to_the_full_path(specializ
                         cache) is None
     assert log == [] and all(bitwise_equal(p.host, b) for p, b in zip(params, before))
     assert planned_step(implementation, rule, params, grads, states, scalars, cache) is not None
+
+
+def test_a_dropped_plan_keeps_its_buffers_until_the_device_is_past_them(specializations,
+                                                                        launcher):
+    # A pinned buffer handed back while its copy is still queued could be rewritten by
+    # the next copy from the pool: a dropped plan's buffers wait for its last event.
+    import gc
+
+    from optim_core.backends import _cuda_plan
+
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32")
+    implementation = emulated_implementation(launcher, specializations, [])
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    params, grads, states, _ = plan_case(entry, [5, 6])
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    event = cache["plan"].data.done
+    event.done = False  # the device has not reached the last step's end yet
+    params[0] = DeviceStandIn(params[0].host.copy(), 0)
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    gc.collect()
+    assert any(kept[0] is event for kept in _cuda_plan._RETIRED)
+    event.done = True
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    assert not any(kept[0] is event for kept in _cuda_plan._RETIRED)
