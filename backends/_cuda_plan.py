@@ -17,9 +17,9 @@ and states, and holds:
   size of each parameter and state, each parameter's shape, strides and dtype.
 
 Each step, in C-level passes over the arrays (``map`` with ``attrgetter``, no
-per-tensor Python code): every planned array must still have its planned address and
-size (a CuPy array cannot be resized in place nor given another dtype or strides, but
-re-initialized it could move), and every gradient must have its parameter's shape,
+per-tensor Python code): every planned array must still have its planned memory pointer
+object (``data``; a CuPy array cannot be resized in place nor given other strides, but
+re-initialized it gets a new one) and size, and every gradient must have its parameter's shape,
 strides (C-contiguous: the parameter's) and dtype and a device address; the gradients'
 addresses go into one small host array. Any difference and the step takes the full
 path, which checks everything again and says what is wrong. That array is copied to the
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,8 @@ PINNED_BUFFERS = 4
 _RETIRED: list[tuple] = []
 
 _ADDRESS = attrgetter("data.ptr")
-_PLANNED = attrgetter("data.ptr", "size")
+_DATA = attrgetter("data")
+_SIZE = attrgetter("size")
 _GRAD = attrgetter("shape", "strides", "dtype")
 
 
@@ -105,8 +106,9 @@ class CudaPlan:
         (large tensors) one launch each.
     large : dict
         Row -> (tensor index, its parameter and states, all 16-byte aligned).
-    objects, expected : list
-        Every planned array and its (address, size).
+    objects, expected, sizes : list
+        Every planned array, its memory pointer object (``data``, held, compared by
+        identity: a re-initialized array has another) and its size.
     grad_meta : list
         Per row, the (shape, strides, dtype) its gradient must have.
     order : callable or None
@@ -117,7 +119,7 @@ class CudaPlan:
 
     __slots__ = ("names", "specs", "large", "objects", "expected", "grad_meta", "order",
                  "grads", "grads_views", "ring", "uploaded", "stream", "done", "device",
-                 "keep", "rows")
+                 "keep", "rows", "sizes")
 
     def upload(self, addresses: np.ndarray) -> Any:
         """Queue the copy of ``addresses`` into :attr:`grads` (none if they are those of
@@ -180,6 +182,7 @@ def make_plan(names: tuple[str, ...], records: list[Any], threads: int, multi_ma
     plan = CudaPlan()
     plan.names, plan.device, plan.rows = names, device, order
     plan.specs, plan.large, plan.objects, plan.expected, plan.grad_meta = [], {}, [], [], []
+    plan.sizes = []
     plan.keep = []
     by_dtype: dict[Any, list[int]] = {}
     for row, index in enumerate(order):
@@ -187,7 +190,9 @@ def make_plan(names: tuple[str, ...], records: list[Any], threads: int, multi_ma
         arrays = record.arrays  # the parameter and its states, as the kernel takes them
         plan.keep.append(arrays)
         plan.objects.extend(arrays)
-        plan.expected.extend(_PLANNED(a) for a in arrays)
+        # Their memory pointer objects, held: one comparison by identity each step.
+        plan.expected.extend(_DATA(a) for a in arrays)
+        plan.sizes.extend(a.size for a in arrays)
         param = record.param
         plan.grad_meta.append((param.shape, param.strides, param.dtype))
         by_dtype.setdefault(record.dtype, []).append(row)
@@ -229,7 +234,8 @@ def gradient_addresses(plan: CudaPlan, grads: Any) -> tuple[Any, np.ndarray] | N
     planned and every gradient fits its parameter; else None."""
     ordered = grads if plan.order is None else plan.order(grads)
     try:
-        if list(map(_PLANNED, plan.objects)) != plan.expected \
+        if not all(map(is_, map(_DATA, plan.objects), plan.expected)) \
+                or list(map(_SIZE, plan.objects)) != plan.sizes \
                 or list(map(_GRAD, ordered)) != plan.grad_meta:
             return None
         addresses = np.fromiter(map(_ADDRESS, ordered), np.int64, len(plan.rows))

@@ -812,10 +812,10 @@ def test_a_plan_never_launches_with_a_replaced_or_moved_array(specializations, l
     # plain dict: the step is left to the full path, nothing written.
     launches = len(log)
     moved = states[0]["exp_avg_sq"]
-    address = moved.data.ptr
-    moved.data = SimpleNamespace(ptr=address + 64)
+    data = moved.data
+    moved.data = SimpleNamespace(ptr=data.ptr)  # re-initialized: a new memory pointer
     assert planned_step(implementation, rule, params, grads, states, scalars, cache) is None
-    moved.data = SimpleNamespace(ptr=address)
+    moved.data = data
     moved.size -= 1
     assert planned_step(implementation, rule, params, grads, states, scalars, cache) is None
     moved.size += 1
