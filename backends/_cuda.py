@@ -744,7 +744,8 @@ class CudaImplementation(FusedImplementation):
             launches = 0
             for kernels, hoisted, (dtype, _, split, last, table, count, blocks), view in calls:
                 if count:
-                    kernels.table((blocks,), (threads,),
+                    # The table's block counts are for the plan's threads a block.
+                    kernels.table((blocks,), (data.threads,),
                                   (table, view, np.int32(count), *hoisted))
                     launches += 1
                 per_pack = 16 // dtype.itemsize

@@ -115,11 +115,13 @@ class CudaPlan:
         The gradients in row order, when that is not the parameters' order.
     grads : device array
         The gradients' addresses, in row order; ``grads_views`` its per-spec slices.
+    threads : int
+        Threads per block the tables' block counts were made for.
     """
 
     __slots__ = ("names", "specs", "large", "objects", "expected", "grad_meta", "order",
                  "grads", "grads_views", "ring", "uploaded", "stream", "done", "device",
-                 "keep", "rows", "sizes")
+                 "keep", "rows", "sizes", "threads")
 
     def upload(self, addresses: np.ndarray) -> Any:
         """Queue the copy of ``addresses`` into :attr:`grads` (none if they are those of
@@ -180,7 +182,7 @@ def make_plan(names: tuple[str, ...], records: list[Any], threads: int, multi_ma
 
     order = sorted(range(len(records)), key=lambda i: (records[i].dtype.str, kind(records[i])))
     plan = CudaPlan()
-    plan.names, plan.device, plan.rows = names, device, order
+    plan.names, plan.device, plan.rows, plan.threads = names, device, order, threads
     plan.specs, plan.large, plan.objects, plan.expected, plan.grad_meta = [], {}, [], [], []
     plan.sizes = []
     plan.keep = []

@@ -878,3 +878,19 @@ def test_a_dropped_plan_keeps_its_buffers_until_the_device_is_past_them(speciali
     event.done = True
     planned_step(implementation, rule, params, grads, states, scalars, cache).run()
     assert not any(kept[0] is event for kept in _cuda_plan._RETIRED)
+
+
+def test_a_plan_launches_its_table_with_the_threads_it_was_made_for(specializations,
+                                                                    launcher):
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32")
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log, threads=32)
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    params, grads, states, wants = plan_case(entry, [300, 7, 129])
+    planned_step(implementation, rule, params, grads, states, scalars, cache)
+    implementation.threads = 256  # after the plan was made: its block counts are for 32
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    [launch] = log
+    assert launch.threads == 32
+    assert_bitwise_generic(params, grads, states, wants, "threads changed")
