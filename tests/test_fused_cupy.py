@@ -146,3 +146,27 @@ def test_small_tensors_share_launches_and_equal_generic(gpu):
     for got, want in zip(fused.params, generic.params, strict=True):
         np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want),
                                    **TOLERANCE["float32"])
+
+
+def test_planned_steps_follow_new_gradient_arrays_and_replaced_states(gpu):
+    import cupy
+
+    # New gradient arrays every step (new addresses to copy to the device, or the same
+    # ones again from the memory pool), a state replaced mid-run: the step plans' table
+    # launch equals the generic path throughout.
+    rng = np.random.default_rng(1)
+    sizes = [1, 255, 1025, 4096, (1 << 20) + 5, 33, 0]
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    fused = optim_core.Adam([cupy.asarray(h) for h in host], lr=0.01, impl="fused")
+    generic = optim_core.Adam([cupy.asarray(h) for h in host], lr=0.01, impl="generic")
+    for step in range(6):
+        grads = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+        fused.step(grads)
+        generic.step(grads)
+        if step == 3:
+            for opt in (fused, generic):
+                opt.state[0][1]["exp_avg"] = opt.state[0][1]["exp_avg"].copy()
+    assert fused._caches[0]["plan"].data is not None
+    for got, want in zip(fused.params, generic.params, strict=True):
+        np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want),
+                                   **TOLERANCE["float32"])
