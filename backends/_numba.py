@@ -510,16 +510,9 @@ class NumbaImplementation(FusedImplementation):
         """The kernels of each specialization, compiled; then one compiled pass checks
         every planned array and gradient and fills the table (None if any differs, or,
         with ``finite``, if a gradient is not finite)."""
-        present = frozenset(data.names)
-        calls = []
-        for dtype, first, split, last in data.specs:
-            kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
-            if kernels.table is None:
-                return None  # a specialization with reduction passes: the full path
-            hoisted = [dtype.type(h) for h in hoisted]
-            self._ready_table(kernels, dtype, data.n_arrays, len(hoisted), split > first,
-                              last > split)
-            calls.append((kernels, hoisted, first, split, last))
+        calls = self.table_calls(rule, data, scalars)
+        if calls is None:
+            return None
         # An object array holds the gradients (in table order) and is, in memory, the
         # table of their addresses (ids): made in C, with no Python int per gradient.
         ordered = np.fromiter(grads if data.order is None else data.order(grads), object,
@@ -531,23 +524,45 @@ class NumbaImplementation(FusedImplementation):
         if finite and any(kernels.finite(data.table, first, last) >= 0
                           for kernels, _, first, _, last in calls):
             return None  # the full path skips or raises, naming the parameter
-        table, large = data.table, data.large
 
         def run() -> list[Any]:
-            launches = 0
-            for kernels, hoisted, first, split, last in calls:
-                if split > first:
-                    kernels.table(table, first, split, *hoisted)
-                    launches += 1
-                for row in range(split, last):
-                    index, arrays = large[row]
-                    self.threads.run(kernels, (arrays[0], grads[index].reshape(-1),
-                                               *arrays[1:]), hoisted)
-                    launches += 1
-            self.launches += launches
+            self.run_table(calls, data, grads)
             return params
 
         return PreparedStep(run)
+
+    def table_calls(self, rule: UpdateRule, data: Any, scalars: dict[str, Any]
+                    ) -> list[tuple] | None:
+        """The calls a step of plan ``data`` makes with these scalars, each specialization's
+        loops compiled; None where one has reduction passes (the full path runs it)."""
+        present = frozenset(data.names)
+        calls = []
+        for dtype, first, split, last in data.specs:
+            kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
+            if kernels.table is None:
+                return None
+            hoisted = [dtype.type(h) for h in hoisted]
+            self._ready_table(kernels, dtype, data.n_arrays, len(hoisted), split > first,
+                              last > split)
+            calls.append((kernels, hoisted, first, split, last))
+        return calls
+
+    def run_table(self, calls: list[tuple], data: Any, grads: Any) -> None:
+        """Run :meth:`table_calls` over the table of ``data``, its gradient column filled
+        (checked); ``grads[index]`` is read for the large tensors only (their kernel takes
+        arrays)."""
+        table, large = data.table, data.large
+        launches = 0
+        for kernels, hoisted, first, split, last in calls:
+            if split > first:
+                kernels.table(table, first, split, *hoisted)
+                launches += 1
+            for row in range(split, last):
+                index, arrays = large[row]
+                self.threads.run(kernels, (arrays[0], grads[index].reshape(-1), *arrays[1:]),
+                                 hoisted)
+                launches += 1
+        self.launches += launches
 
     def _ready_table(self, kernels: _Kernels, dtype: np.dtype, n_arrays: int, n_hoisted: int,
                      small: bool, large: bool) -> None:
