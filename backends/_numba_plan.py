@@ -5,9 +5,11 @@ once per param group, from a full check of its parameters and states, and holds:
 
 * a table of the group's tensors, one int64 row each: the element count, then the
   address of the parameter, the gradient (filled each step) and each state, in the
-  kernel's order; rows sorted by dtype, and within one by size (small, then those of
-  at least :data:`~optim_core.backends._numba._PARALLEL_MIN_SIZE` elements, which keep
-  their multi-threaded kernel);
+  kernel's order; rows sorted by dtype. The rows of one dtype run in one call: on the
+  calling thread, or, where they hold at least
+  :data:`~optim_core.backends._numba._PARALLEL_MIN_SIZE` elements in all, on all
+  threads over parts of equal length of the rows laid end to end (so many medium
+  tensors are shared between threads as one large one is);
 * what every array must still be: its object (its ``id``; the plan holds the array, so
   no other object can take that id), data address, dtype object, shape and flags.
 
@@ -19,7 +21,8 @@ resized in place, given another dtype or strides, is caught here), and each grad
 must be an exact ``numpy.ndarray`` of its parameter's dtype object and shape,
 C-contiguous and aligned; its address goes into the table. Any difference and the
 step takes the full path instead, which checks everything again and says what is
-wrong. Then one ``kernel_table`` call per specialization runs the rows.
+wrong. Then one call per specialization (``kernel_table`` or ``kernel_parts``) runs the
+rows.
 
 The layout of an array object is NumPy's public C struct, but it is read here without
 NumPy's headers, so it is verified on probe arrays first (:func:`array_layout`):
@@ -211,20 +214,48 @@ class TablePlan:
     ----------
     table, ids, addresses, descrs, shapes : ndarray
         The table of tensors and what :data:`CHECK_SOURCE` compares.
-    specs : list of (dtype, first, split, last)
-        Rows ``first .. split - 1`` of ``dtype`` run in one ``kernel_table`` call, rows
-        ``split .. last - 1`` (large tensors) one multi-threaded call each.
-    large : dict
-        Row -> (tensor index, the kernel's 1-D views of its parameter and states) for
-        each large tensor.
+    specs : list of (dtype, first, last, parts, size)
+        Rows ``first .. last - 1`` of ``dtype`` (``size`` elements in all) run in one
+        call: on all threads over ``parts`` (:func:`table_parts`) where ``size`` is at
+        least the plan's ``large_size``, else (``parts`` None) on the calling thread.
+    choices : list
+        Per spec, the implementation's choice between its threaded and serial loop.
+    ready : set
+        The kernels whose table loops are compiled.
     order : callable or None
         The gradients in table order, when that is not the parameters' order.
     keep : list
         Every planned array: while the plan lives, none of their ids can be reused.
     """
 
-    __slots__ = ("table", "ids", "addresses", "descrs", "shapes", "specs", "large",
+    __slots__ = ("table", "ids", "addresses", "descrs", "shapes", "specs", "choices", "ready",
                  "order", "keep", "names", "n_arrays")
+
+
+#: Parts of a threaded table pass: enough that every thread gets its equal share (the
+#: parallel loop gives each thread a contiguous range of parts), each still long.
+_PARTS, _MIN_PART = 64, 1 << 14
+#: Part boundaries fall on multiples of this many elements (of the rows laid end to end),
+#: so neighbouring threads rarely write one cache line.
+_PART_ALIGN = 64
+
+
+def table_parts(sizes: np.ndarray, first: int) -> np.ndarray:
+    """Rows ``first, first + 1, ...`` of ``sizes`` elements, laid end to end and cut into
+    parts of (nearly) equal length: one int64 row per part, (first row, its first
+    element, last row, the element after the part's last in it)."""
+    total = int(sizes.sum())
+    count = max(1, min(_PARTS, total // _MIN_PART))
+    bounds = [min(total, -(-total * k // count) // _PART_ALIGN * _PART_ALIGN)
+              for k in range(count)] + [total]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = np.zeros((count, 4), dtype=np.int64)
+    for k in range(count):
+        begin, end = bounds[k], bounds[k + 1]
+        row = int(np.searchsorted(starts, begin, side="right")) - 1
+        last = max(row, int(np.searchsorted(starts, end, side="left")) - 1)
+        parts[k] = (first + row, begin - starts[row], first + last, end - starts[last])
+    return parts
 
 
 def make_plan(names: tuple[str, ...], records: list[Any], states: list[dict[str, Any]],
@@ -234,8 +265,7 @@ def make_plan(names: tuple[str, ...], records: list[Any], states: list[dict[str,
     layout = array_layout()
     if layout is None or not records:
         return None
-    order = sorted(range(len(records)),
-                   key=lambda i: (records[i].dtype.str, records[i].size >= large_size))
+    order = sorted(range(len(records)), key=lambda i: records[i].dtype.str)
     n, k = len(records), 1 + len(names)
     plan = TablePlan()
     plan.names, plan.n_arrays = names, k + 1
@@ -244,7 +274,8 @@ def make_plan(names: tuple[str, ...], records: list[Any], states: list[dict[str,
     plan.addresses = np.zeros((n, k), dtype=np.int64)
     plan.descrs = np.zeros(n, dtype=np.int64)
     plan.shapes = np.zeros((n, 1 + max(r.param.ndim for r in records)), dtype=np.int64)
-    plan.specs, plan.large, plan.keep = [], {}, []
+    plan.keep = []
+    bounds: list[list] = []
     for row, index in enumerate(order):
         record = records[index]
         # The objects the optimizer holds (not the kernel's 1-D views of them).
@@ -259,14 +290,16 @@ def make_plan(names: tuple[str, ...], records: list[Any], states: list[dict[str,
         plan.descrs[row] = id(record.param.dtype)
         plan.shapes[row, 0] = record.param.ndim
         plan.shapes[row, 1:1 + record.param.ndim] = record.param.shape
-        if not plan.specs or plan.specs[-1][0] != record.dtype:
-            plan.specs.append([record.dtype, row, row, row + 1])
-        spec = plan.specs[-1]
-        spec[3] = row + 1
-        if record.size >= large_size:
-            plan.large[row] = (index, record.arrays)
-        else:
-            spec[2] = row + 1
+        if not bounds or bounds[-1][0] != record.dtype:
+            bounds.append([record.dtype, row, row + 1])
+        bounds[-1][2] = row + 1
+    plan.specs = []
+    for dtype, first, last in bounds:
+        sizes = plan.table[first:last, 0]
+        size = int(sizes.sum())
+        parts = table_parts(sizes, first) if size >= large_size else None
+        plan.specs.append((dtype, first, last, parts, size))
+    plan.choices, plan.ready = [], set()
     plan.order = None if order == list(range(n)) else _getter(order)
     return plan
 

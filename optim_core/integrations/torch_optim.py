@@ -387,8 +387,7 @@ class _TorchPlan:
 
     __slots__ = ("group", "params", "pick", "unpicked", "stepped", "types", "dtypes",
                  "shapes", "layouts", "state_map", "dicts", "entries", "values", "tensors",
-                 "addresses", "keep", "names", "counter_table", "counts", "engine", "data",
-                 "large")
+                 "addresses", "keep", "names", "counter_table", "counts", "engine", "data")
 
     def __init__(self, owner: TorchOptimizer, group: _Group, params: list[torch.Tensor],
                  picked: list[int], stepped: list[torch.Tensor], dicts: list[dict],
@@ -422,7 +421,6 @@ class _TorchPlan:
         else:
             self.counter_table = self.counts = None
         self.engine, self.data = engine, data
-        self.large = [index for index, _ in data.large.values()]
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -602,12 +600,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             return None
         ordered = grads if data.order is None else data.order(grads)
         data.table[:, 2] = np.fromiter(map(_DATA_PTR, ordered), np.int64, len(grads))
-        large = {i: _real(grads[i]).numpy() for i in plan.large}
         counts = None if scalar_ops is None else np.array(
             [after[name] for name in self._counter_names], dtype=plan.counts.dtype)
 
         def run() -> list[torch.Tensor]:
-            implementation.run_table(calls, data, large)
+            implementation.run_table(calls, data)
             if counts is not None:
                 scalar_ops.write(plan.counter_table, counts)
                 plan.counts = counts
