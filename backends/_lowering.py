@@ -784,6 +784,11 @@ def unsupported_reason(rule: UpdateRule) -> str | None:
     kernels only support them in ``if`` tests, which are resolved on the host, and a
     comparison as ``where``'s condition, which kernels evaluate per element.
     """
+    if rule.axis_reductions or rule.state_shapes:
+        # The kernels are sized by the parameter and index every array alike; a state of
+        # another shape, or a value reduced over one axis, needs a broadcasting index.
+        return (f"rule {rule.name} reduces over one axis or keeps states shaped unlike its "
+                "parameter, which the fused kernels do not lower")
     tests = {id(n) for s in ast.walk(rule.tree) if isinstance(s, ast.If)
              for n in ast.walk(s.test)}
     tests |= {id(call.args[0]) for call in ast.walk(rule.tree)
