@@ -190,12 +190,59 @@ def test_state_dict_of_wrong_shapes_is_refused_with_nothing_changed():
         np.testing.assert_array_equal(opt.state[0][2][name], value)
 
 
-def test_fused_paths_decline_it_with_the_reason_and_flat_is_refused():
-    opt = optim_core.Adafactor([np.ones((3, 4))])
-    assert opt.implementation.name == "generic"
-    assert "reduces over one axis" in opt.implementation_reason
-    with pytest.raises(ValueError, match="impl='fused'.*one axis"):
-        optim_core.Adafactor([np.ones((3, 4))], impl="fused")
+FUSED_CASES = [
+    {},  # the first step's lerp takes its end side (weight 1), the later ones the start's
+    {"lr": 0.05, "beta2_decay": -0.5, "eps": (1e-20, 1e-2), "d": 1.5, "weight_decay": 0.1,
+     "maximize": True},
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("hyper", FUSED_CASES, ids=str)
+def test_fused_numpy_loops_match_the_generic_path(hyper, dtype):
+    pytest.importorskip("numba")
+    # Factored (2-D, 3-D, a single row or column) and unfactored (0-d, 1-D) tensors, and
+    # empty ones, in one group: each takes its own specialization.
+    shapes = [*SHAPES, (1, 9), (9, 1), (0,), (0, 3), (4, 0)]
+    rng = np.random.default_rng(15)
+    start = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    generic = optim_core.Adafactor([p.copy() for p in start], **hyper, impl="generic")
+    fused = optim_core.Adafactor([p.copy() for p in start], **hyper, impl="fused")
+    assert fused.implementation_reason == "fused numpy kernel for adafactor"
+    for _ in range(12):
+        grads = [g.astype(dtype) for g in _grads(rng, generic.params)]
+        expected, got = generic.step(grads), fused.step(grads)
+    # float64 sums in the fused loops, the dtype's own (pairwise) in NumPy's.
+    rtol = 1e-12 if dtype == "float64" else 2e-5
+    for want, have, a, b in zip(expected, got, generic.state[0], fused.state[0]):
+        assert have.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(have, want, rtol=rtol, atol=0)
+        assert set(a) == set(b)
+        for name in a:
+            assert b[name].shape == a[name].shape
+            np.testing.assert_allclose(b[name], a[name], rtol=rtol, atol=0)
+
+
+def test_fused_loops_of_a_large_matrix_run_multi_threaded_and_match():
+    pytest.importorskip("numba")
+    from optim_core.backends._numba import _PARALLEL_MIN_SIZE
+
+    rng = np.random.default_rng(16)
+    start = [rng.standard_normal((1030, _PARALLEL_MIN_SIZE // 1024))]
+    generic = optim_core.Adafactor([p.copy() for p in start], lr=0.05, impl="generic")
+    fused = optim_core.Adafactor([p.copy() for p in start], lr=0.05, impl="fused")
+    for _ in range(3):
+        grads = _grads(rng, start)
+        expected, got = generic.step(grads), fused.step(grads)
+    # Sums of a million terms in another order: elements that nearly cancel differ in
+    # their last digits (absolute 1e-14 here).
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-13)
+    for name in ("row_var", "col_var"):
+        np.testing.assert_allclose(fused.state[0][0][name], generic.state[0][0][name],
+                                   rtol=1e-12, atol=0)
+
+
+def test_flat_buffers_and_quantized_states_are_refused():
     with pytest.raises(ValueError, match="flat=True"):
         optim_core.Adafactor([np.ones((3, 4))], flat=True)
     with pytest.raises(ValueError, match="state_bits"):

@@ -200,10 +200,14 @@ class Adafactor(Optimizer):
 
     Notes
     -----
-    The rule's axis reductions and its states shaped unlike the parameter are not
-    lowered to the fused kernels (:func:`~optim_core.backends.select_implementation`
-    gives the generic path, with its reason), and ``flat=True`` is refused. torch's
-    ``foreach`` has no counterpart: every tensor is stepped by the same rule.
+    On NumPy the fused path runs each factored tensor in one compiled call of generated
+    loops (:mod:`optim_core.backends._factored`): a pass for the row and column means and
+    the parameter's norm, a pass over the rows for the row factor's mean, one for the
+    update's norm, and the update, reading the gradient three times and writing the
+    parameter once; 0-d and 1-D tensors take the elementwise kernel with its reduction
+    passes. CuPy arrays take the generic path (no CUDA lowering yet), and ``flat=True``
+    is refused. torch's ``foreach`` has no counterpart: every tensor is stepped by the
+    same rule.
     """
 
     cli_name = "adafactor"

@@ -139,10 +139,13 @@ A state is full-size unless ``update_rule(state_shapes={name: kind})`` says othe
 A tensor holds only the states its number of dimensions allows (a matrix Adafactor's
 ``row_var`` and ``col_var``, a vector its ``variance``), so such states are optional
 states the rule touches only under an ``if`` on a per-tensor scalar that says which
-(Adafactor's ``factored``, from ``Optimizer.tensor_scalars``). Their values are one pass
-of reductions away from the elementwise update, so a rule with axis reductions or
-shaped states runs on the generic path (``select_implementation`` says why) and
-refuses ``flat=True`` and ``state_bits`` other than 32.
+(Adafactor's ``factored``, from ``Optimizer.tensor_scalars``). The generic path runs
+them with the namespace's ``sum(x, axis=..., keepdims=True)``; the fused NumPy path
+generates loop nests over the tensor's rows and columns from the same lowered body
+(:mod:`optim_core.backends._factored`: each axis reduction in a pass before the update,
+the update reading the row and column values broadcast); the CUDA kernels do not lower
+them yet (CuPy arrays take the generic path, ``select_implementation`` says why). Such a
+rule refuses ``flat=True`` (whose buffers hold the parameters' shapes).
 
 What is refused, and when
 -------------------------
