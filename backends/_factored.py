@@ -41,7 +41,7 @@ _FULL = frozenset({"leading", "rows", "cols"})
 _AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
          "cols": frozenset({"leading", "cols"})}
 _AXIS_KINDS = ("row_mean", "col_mean")
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 
 def is_factored(kernel: Kernel, state_shapes: Mapping[str, str]) -> bool:
@@ -193,13 +193,19 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
             indices = [i for i, r in enumerate(kernel.reductions) if r.stage == stage]
             roots = [kernel.reductions[i].expr for i in indices if kinds[i] != "size"]
             entries, loads, reads = _needed(kernel, roots)
-            inner = any("cols" in axes.arguments[i] for i in indices)
-            outer_acc, inner_acc, finish = [], [], []
+            inner = any("cols" in axes.arguments[i] for i in indices if kinds[i] != "size")
+            outer_acc, inner_acc, finish, row_end = [], [], [], []
             for i in indices:
                 kind, argument = kinds[i], axes.arguments[i]
                 value = "1.0" if kind == "size" else \
                     f"np.float64({render(kernel.reductions[i].expr, '_')})"
-                if kind in ("sum", "norm", "size"):
+                if kind == "size":
+                    # A count, known from the shape: the elements of its argument's axes.
+                    count = ("n" if {"rows", "cols"} <= argument else
+                             "M" if "rows" in argument else "B * C" if "cols" in argument
+                             else "B")
+                    finish.append(f"    r{i} = T({count})")
+                elif kind in ("sum", "norm"):
                     lines.append(f"    s{i} = 0.0")
                     term = f"t{i} * t{i}" if kind == "norm" else f"t{i}"
                     statement = [f"t{i} = {value}", f"s{i} += {term}"]
@@ -211,7 +217,10 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                                   else f"    r{i} = T(s{i})")
                 elif kind == "row_mean":
                     lines.append(f"    p{i} = np.zeros(M, np.float64)")
-                    inner_acc.append(f"p{i}[row] += {value}")
+                    # A register accumulator per row, stored once the row is done.
+                    outer_acc.append(f"a{i} = 0.0")
+                    inner_acc.append(f"a{i} += {value}")
+                    row_end.append(f"p{i}[row] = a{i}")
                     finish += [f"    q{i} = np.empty(M, T)", "    for k in range(M):",
                                f"        q{i}[k] = T(p{i}[k] / C)"]
                 else:  # col_mean: of a full value (per column) or of a row value (per matrix)
@@ -235,6 +244,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                 lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
                 lines += assign(entries, False, "            ")
                 lines += [f"            {x}" for x in inner_acc]
+            lines += [f"        {x}" for x in row_end]
             lines += finish
         # The update pass.
         stored = [(a, kernel.results[a]) for a in kernel.stores]
@@ -308,6 +318,8 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
         "",
         "",
     ]
+    # cache=False: the disk cache, where there is a trusted folder, is attached by
+    # _kernel_cache.import_kernel_module, as for the other kernels.
     for name, parallel in (("kernel", True), ("kernel_serial", False)):
         head += [f"@numba.njit(parallel={parallel}, cache=False, fastmath=False, "
                  "error_model='numpy', nogil=True, boundscheck=False)",
