@@ -41,7 +41,7 @@ _FULL = frozenset({"leading", "rows", "cols"})
 _AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
          "cols": frozenset({"leading", "cols"})}
 _AXIS_KINDS = ("row_mean", "col_mean")
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 3
 
 
 def is_factored(kernel: Kernel, state_shapes: Mapping[str, str]) -> bool:
@@ -174,6 +174,16 @@ def _needed(kernel: Kernel, roots: list[tuple]) -> tuple[list, set[str], set[int
     return list(reversed(body)), loads, reductions
 
 
+def _row_loop(loop: str) -> list[str]:
+    """The loop over rows, with ``b`` (the matrix) and ``r`` (the row in it): counted on
+    the calling thread (an integer division per row costs more than a short row's
+    elements: a 1x1 convolution's matrices are 1 x 1), divided out under ``prange``."""
+    if loop == "range":
+        return ["    b = 0", "    r = -1", "    for row in range(M):", "        r += 1",
+                "        if r == R:", "            r = 0", "            b += 1"]
+    return [f"    for row in {loop}(M):", "        b = row // R", "        r = row - b * R"]
+
+
 def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str]) -> str:
     """The numba module of ``kernel``'s loops: ``kernel(a_param, a_grad, *states, R, C,
     h0, ...)`` (multi-threaded update pass) and ``kernel_serial`` (all on the calling
@@ -231,8 +241,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                     finish += [f"    q{i} = np.empty({slots}, T)",
                                f"    for k in range({slots}):",
                                f"        q{i}[k] = T(p{i}[k] / R)"]
-            lines += ["    for row in range(M):", "        b = row // R",
-                      "        r = row - b * R"]
+            lines += _row_loop("range")
             lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
             lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
             lines += assign(entries, True, "        ")
@@ -251,7 +260,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
         roots = [("local", local) for _, local in stored]
         entries, loads, reads = _needed(kernel, roots)
         loop = "numba.prange" if parallel else "range"
-        lines += [f"    for row in {loop}(M):", "        b = row // R", "        r = row - b * R"]
+        lines += _row_loop(loop)
         lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
         lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
         lines += assign(entries, True, "        ")
