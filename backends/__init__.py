@@ -18,13 +18,19 @@ from typing import TYPE_CHECKING, Any
 from optim_core import _namespace as ns
 
 from ._generic import GENERIC
-from ._operations import MATRIX_OPERATIONS, OPERATIONS, REDUCTIONS, generic_operations
+from ._operations import (
+    AXIS_REDUCTIONS,
+    MATRIX_OPERATIONS,
+    OPERATIONS,
+    REDUCTIONS,
+    generic_operations,
+)
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
 __all__ = ["Backend", "select_backend", "select_implementation", "IMPLEMENTATIONS", "OPERATIONS",
-           "REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations"]
+           "REDUCTIONS", "AXIS_REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations"]
 
 IMPLEMENTATIONS = ("auto", "fused", "generic")
 
@@ -124,6 +130,9 @@ def _fused_for(backend: Backend, rule: UpdateRule) -> tuple[Any | None, str]:
     if backend.name == "numpy":
         elementwise, why_not = _numba_implementation()
     elif backend.name == "cupy":
+        if rule.axis_reductions or rule.state_shapes:
+            return None, (f"rule {rule.name} reduces over one axis or keeps states shaped "
+                          "unlike its parameter, which the CUDA kernels do not lower yet")
         from ._cuda import CUDA
 
         elementwise, why_not = CUDA, ""

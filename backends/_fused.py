@@ -366,12 +366,21 @@ class FusedImplementation:
                                                    record.dtype, *((layout,) if layout else ()))
                 entry = kernels_of[spec] = [
                     kernels, [record.dtype.type(h) for h in hoisted], False, False]
+            if entry[0] is None:  # a form the fused loops do not lower: the generic path
+                generic.append(index)
+                continue
             # Which variants (below, at or above large_size) this step needs, to have them
             # ready before anything runs.
             entry[2 + (record.size >= large)] = True
-            arrays = record.arrays
-            tensors.append((entry[0], entry[1], (arrays[0], kernel_array(grad), *arrays[1:])))
+            arrays = (record.arrays[0], kernel_array(grad), *record.arrays[1:])
+            if getattr(entry[0], "factored", False):
+                # Loops over the last two axes (see ._factored): its rows and columns.
+                shape = record.param.shape
+                arrays = (*arrays, shape[-2], shape[-1])
+            tensors.append((entry[0], entry[1], arrays))
         for spec, (kernels, hoisted, small_ones, large_ones) in kernels_of.items():
+            if kernels is None:
+                continue
             spec = spec[0] if isinstance(spec, tuple) else spec
             self.ready(kernels, spec.dtype, len(spec.names) + 2, len(hoisted), small_ones,
                        large_ones)

@@ -68,7 +68,7 @@ def checked_state_names(rule: UpdateRule, index: int, param: Any, state: Mapping
         raise TensorMismatch(index, "is read-only (flags.writeable was cleared after the "
                                     "optimizer was made); the optimizer updates in place")
     names = tuple(n for n in rule.states if n in state)
-    if expected is not None and names != expected:
+    if expected is not None and not rule.same_states(names, len(shape), expected):
         raise TensorMismatch(index, f"has states {list(names)}, the group's first parameter "
                                     f"{list(expected)}; every parameter of a group must have "
                                     "the same state entries")
@@ -78,15 +78,21 @@ def checked_state_names(rule: UpdateRule, index: int, param: Any, state: Mapping
             _check_quantized(index, name, array, shape)
             continue
         got = getattr(array, "shape", None)
+        if not rule.holds_state(name, len(shape)):
+            raise TensorMismatch(index, f"has state {name!r}, which a {len(shape)}-D "
+                                        f"parameter does not hold ({rule.state_shapes[name]}"
+                                        "-shaped)")
+        want = rule.state_shape(name, shape)
         if got is not None and ns.is_read_only(array):
             raise TensorMismatch(index, f"state {name!r} is read-only; the optimizer "
                                         "updates its states in place")
-        if got is None or tuple(got) != shape or array.dtype != state_dtype(dtype):
+        if got is None or tuple(got) != want or array.dtype != state_dtype(dtype):
             what = (f"shape {tuple(got)} and dtype {array.dtype}" if got is not None
                     else f"type {type(array).__name__}")
             raise TensorMismatch(index, f"state {name!r} has {what}, the parameter shape "
-                                        f"{shape} and dtype {dtype}: it was resized or "
-                                        "replaced after its state was made")
+                                        f"{shape} and dtype {dtype} (the state's shape "
+                                        f"{want}): it was resized or replaced after its "
+                                        "state was made")
     return names
 
 

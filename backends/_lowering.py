@@ -62,8 +62,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._operations import AXIS_REDUCTIONS, MATRIX_OPERATIONS, REDUCTIONS
 from ._operations import HOST_OPERATIONS as _HOST_OPERATIONS
-from ._operations import MATRIX_OPERATIONS, REDUCTIONS
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -89,7 +89,8 @@ class Reduction:
     kind : str
         ``"sum"`` (the sum of ``expr``), ``"norm"`` (the square root of the sum of its
         squares) or ``"size"`` (the number of elements: 1 per element); accumulated in
-        float64.
+        float64. Or an axis reduction, ``"row_mean"`` or ``"col_mean"``, whose value is
+        one per row or column (:mod:`._factored` lowers those).
     expr : tuple
         The lowered argument, an expression as in :attr:`Kernel.body`.
     stage : int
@@ -349,7 +350,8 @@ class _Lowering:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return self.wrap("bin", _BINOPS[type(node.op)], self.expression(node.left),
                              self.expression(node.right))
-        if isinstance(node, ast.Call) and node.func.id in REDUCTIONS:
+        if isinstance(node, ast.Call) and (node.func.id in REDUCTIONS
+                                           or node.func.id in AXIS_REDUCTIONS):
             if self.is_scalar(node.args[0]):
                 raise ValueError(f"rule {self.rule.name}: {ast.unparse(node)!r} reduces "
                                  "scalars only; a reduction is of an elementwise expression")
@@ -444,7 +446,7 @@ def _analysis(node: ast.expr) -> tuple[ast.expr, frozenset[str], Any, bool]:
         calls = {n.func for n in ast.walk(node) if isinstance(n, ast.Call)}
         names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name)
                           and n not in calls)
-        reduces = any(f.id in REDUCTIONS for f in calls)
+        reduces = any(f.id in REDUCTIONS or f.id in AXIS_REDUCTIONS for f in calls)
         code = compile(ast.fix_missing_locations(ast.Expression(node)), "<rule>", "eval")
         entry = _ANALYSIS_CACHE[id(node)] = (node, names, code, reduces)
     return entry

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from . import _numba_plan
+from . import _factored, _numba_plan
 from ._fused import FusedImplementation
 from ._generic import PreparedStep
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
@@ -420,6 +420,7 @@ class NumbaImplementation(FusedImplementation):
 
         super().__init__()
         self.threads = _ThreadChoice()
+        self.factored_threads = _ThreadChoice()
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
                    dtype: np.dtype, layout: tuple = ()) -> tuple[Any, list[float]]:
@@ -429,8 +430,15 @@ class NumbaImplementation(FusedImplementation):
         key, hoisted, _ = lower(rule, scalars, present, build=False)
         cache_key = (rule.name, key, _DTYPES[dtype], *((layout,) if layout else ()))
         kernel = self.compiled.get(cache_key)
-        if kernel is None:
+        if kernel is None and cache_key not in self.compiled:  # None: declined before
             _, _, lowered = lower(rule, scalars, present)
+            if _factored.is_factored(lowered, rule.state_shapes):
+                # Axis reductions or shaped states: the loop nests of ._factored (None,
+                # stepped by the generic path, for a form they do not lower).
+                kernel = None if _factored.unsupported(lowered, rule.state_shapes) else \
+                    _load_factored(lowered, _DTYPES[dtype], rule.state_shapes)
+                self.compiled[cache_key] = kernel
+                return kernel, hoisted
             kernel = self.compiled[cache_key] = _load(lowered, _DTYPES[dtype], layout)
         return kernel, hoisted
 
@@ -451,7 +459,14 @@ class NumbaImplementation(FusedImplementation):
         launches = 0
         for kernels, hoisted, arrays in tensors:
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
-            if kernels.stages:
+            if type(kernels) is _factored.FactoredKernels:
+                # Every pass in one call (the arrays end with the matrix's rows and columns);
+                # large ones on the loop timed faster now, as the elementwise kernels.
+                if large:
+                    self.factored_threads.run(kernels, arrays, hoisted)
+                else:
+                    kernels.serial(*arrays, *hoisted)
+            elif kernels.stages:
                 # The reduction passes, then the update pass reading their values.
                 values: list[Any] = []
                 scalar = arrays[0].dtype.type
@@ -473,6 +488,9 @@ class NumbaImplementation(FusedImplementation):
         """Compile (or load from the disk cache) the loops a step needs before any runs:
         numba otherwise compiles at the first call, when earlier tensors are already
         written."""
+        if type(kernels) is _factored.FactoredKernels:
+            kernels.compile(dtype, n_arrays, n_hoisted, small, large)
+            return
         # Each loop takes the arrays, the hoisted values and the reductions before it. A
         # large tensor of a kernel without reductions may run either loop (_ThreadChoice).
         loops = [(kernels.serial, kernels.parallel, n_hoisted + kernels.n_reduced)]
@@ -718,6 +736,19 @@ class _Kernels(NamedTuple):
     @property
     def n_reduced(self) -> int:
         return sum(len(kinds) for kinds in self.kinds)
+
+
+def _load_factored(kernel: Kernel, dtype: str, state_shapes: Any) -> Any:
+    """The loop nests of a factored specialization (see :mod:`._factored`), imported once
+    per process through the kernel cache, as :func:`_load`."""
+    def import_module(name: str, source: str, names: tuple) -> Any:
+        with _LOAD_LOCK:
+            module = _MODULES.get(name)
+            if module is None:
+                module = _MODULES[name] = import_kernel_module(name, source, names)
+            return module
+
+    return _factored.load(kernel, dtype, state_shapes, import_module)
 
 
 def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:

@@ -20,6 +20,14 @@ per tensor: ``sum(x)`` is ``xp.sum(x)``, ``norm(x)`` the Euclidean norm
 host meaning: their value exists only beside the tensor (see
 :mod:`optim_core.optim.language`).
 
+The axis reductions (:data:`AXIS_REDUCTIONS`) reduce over one of the last two axes of a
+tensor of two or more dimensions, keeping it with length 1, so their value broadcasts
+against the tensor: ``row_mean(x)`` is the mean of each row,
+``xp.sum(x, axis=-1, keepdims=True) / x.shape[-1]`` (shape ``(..., rows, 1)``), and
+``col_mean(x)`` the mean of each column, over axis -2 (shape ``(..., 1, columns)``).
+The mean over an empty axis is 0 (the sum's value, not NaN), so an empty tensor steps
+to no change with finite states. Adafactor's factored second moment is written with them.
+
 Matrix operations
 -----------------
 ``orthogonalize`` (:data:`MATRIX_OPERATIONS`) acts on a whole 2-D tensor, not per
@@ -36,18 +44,22 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations",
+__all__ = ["OPERATIONS", "REDUCTIONS", "AXIS_REDUCTIONS", "MATRIX_OPERATIONS", "generic_operations",
            "HOST_OPERATIONS", "orthogonalize"]
 
 #: Per-tensor reductions a rule may call: one value per tensor from an elementwise
 #: expression over all of its elements.
 REDUCTIONS = ("sum", "norm", "size")
 
+#: Reductions over one of the last two axes (kept with length 1): one value per row
+#: (``row_mean``, over the last axis) or per column (``col_mean``, over the one before).
+AXIS_REDUCTIONS = ("row_mean", "col_mean")
+
 #: The operations that act on a whole tensor (as the whole value of an assignment).
 MATRIX_OPERATIONS = ("orthogonalize",)
 #: The only functions a rule may call.
 OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "lerp", "where", *REDUCTIONS,
-              *MATRIX_OPERATIONS)
+              *AXIS_REDUCTIONS, *MATRIX_OPERATIONS)
 
 
 def generic_operations(xp: Any) -> dict[str, Callable]:
@@ -79,7 +91,21 @@ def generic_operations(xp: Any) -> dict[str, Callable]:
                          bfloat16: bool = False) -> Any:
         return orthogonalize(xp, x, a, b, c, eps, steps, bfloat16)
 
+    def axis_mean(x: Any, axis: int, name: str) -> Any:
+        if x.ndim < 2:
+            raise ValueError(f"{name} reduces over one of the last two axes, of a tensor of "
+                             f"two or more dimensions; got shape {tuple(x.shape)}")
+        # An empty axis: its sum, 0, divided by 1 (a mean of nothing adds nothing).
+        return xp.sum(x, axis=axis, keepdims=True) / max(x.shape[axis], 1)
+
+    def row_mean(x: Any) -> Any:
+        return axis_mean(x, -1, "row_mean")
+
+    def col_mean(x: Any) -> Any:
+        return axis_mean(x, -2, "col_mean")
+
     return {"lerp": lerp, "sum": xp.sum, "norm": norm, "size": size,
+            "row_mean": row_mean, "col_mean": col_mean,
             "orthogonalize": orthogonalize_xp,
             **{name: _on_arrays_or_host(function, HOST_OPERATIONS[name])
                for name, function in arrays.items()}}

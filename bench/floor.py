@@ -40,7 +40,10 @@ STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmspro
                  "schedulefree-sgd": 1, "schedulefree-adamw": 2,
                  # L-BFGS is no single pass: its "floor" is one pass's, a scale only.
                  "lbfgs": 0,
-                 "asgd": 1, "rprop": 2, "adopt": 2, "ademamix": 3}
+                 "asgd": 1, "rprop": 2, "adopt": 2, "ademamix": 3,
+                 # Adafactor's factored states are a row and a column per matrix: the
+                 # floor is p and g read, p written (its norms take more passes).
+                 "adafactor": 0}
 
 
 def bytes_moved(optimizer: str, numel: int, itemsize: int) -> int:

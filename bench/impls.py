@@ -51,7 +51,7 @@ __all__ = ["OPTIMIZERS", "IMPLS", "HYPERPARAMETERS", "NotAvailable", "Runner", "
 
 OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "adagrad", "rmsprop", "lion",
               "schedulefree-sgd", "schedulefree-adamw", "lbfgs", "asgd", "rprop", "adopt",
-              "ademamix", "muon")
+              "ademamix", "muon", "adafactor")
 IMPLS = ("ours-fused", "ours-flat", "ours-generic", "naive-numpy", "torch-forloop", "torch-foreach",
          "torch-fused", "torch-nocast", "optax-jit")
 
@@ -81,12 +81,16 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     # torch.optim.Muon's defaults (2-D parameters only: the gpt2-small-matrices workload).
     # torch iterates Newton-Schulz in bfloat16, ours in the parameters' dtype by default.
     "muon": {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True},
+    # torch.optim.Adafactor's defaults (its foreach implementation is the reference).
+    "adafactor": {"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0,
+                  "weight_decay": 0.0},
 }
 
 _CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd-momentum": "SGD", "adagrad": "Adagrad",
                 "rmsprop": "RMSprop", "lion": "Lion", "schedulefree-sgd": "ScheduleFreeSGD",
                 "schedulefree-adamw": "ScheduleFreeAdamW", "lbfgs": "LBFGS", "asgd": "ASGD",
-                "rprop": "Rprop", "adopt": "ADOPT", "ademamix": "AdEMAMix", "muon": "Muon"}
+                "rprop": "Rprop", "adopt": "ADOPT", "ademamix": "AdEMAMix", "muon": "Muon",
+                "adafactor": "Adafactor"}
 
 
 class NotAvailable(Exception):

@@ -86,8 +86,17 @@ class OptimizerInfo:
     rosenbrock_converges: bool = True
     resume: dict = field(default_factory=dict)
     matrix_only: bool = False
-    #: The test file that runs a ``matrix_only`` optimizer's cases.
+    #: States shaped unlike the parameter (Adafactor's row and column factors): flat
+    #: buffers and the fused kernels do not take them, so the shared tests leave it out
+    #: as a matrix_only one, and its cases run in the test file named by ``tests``.
+    shaped_states: bool = False
+    #: The test file that runs a ``matrix_only`` or ``shaped_states`` optimizer's cases.
     tests: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether the shared tests (every shape, flat buffers, fused kernels) run it."""
+        return not (self.matrix_only or self.shaped_states)
 
     @property
     def name(self) -> str:
@@ -621,14 +630,39 @@ OPTIM_DB += [
         resume={"nesterov": False},
         matrix_only=True, tests="tests/test_muon.py",
     ),
+    OptimizerInfo(
+        optim_core.Adafactor, reference.adafactor, "Adafactor",
+        reference_cases=[
+            {},
+            {"lr": 0.05, "beta2_decay": -0.5, "eps": (1e-20, 1e-2), "d": 1.5,
+             "weight_decay": 0.1},
+            {"lr": 0.05, "eps": (1e-6, 0.0), "maximize": True},
+        ],
+        fused_cases=[
+            {},
+            {"lr": 0.05, "beta2_decay": -0.5, "d": 2.0, "weight_decay": 0.1,
+             "maximize": True},
+        ],
+        rich={"weight_decay": 0.1},
+        hyperparameters=st.fixed_dictionaries({
+            "lr": lr, "beta2_decay": st.floats(-1.0, 0.0),
+            "eps": st.tuples(st.one_of(st.none(), st.floats(0.0, 1e-3)), st.floats(0.0, 1e-2)),
+            "d": st.floats(1.0, 4.0), "weight_decay": decay, "maximize": flag}),
+        default_lr=1e-2,
+        parabola={"lr": 0.05}, parabola_converges=False,
+        rosenbrock=({"lr": 0.01}, 5000), rosenbrock_converges=False,
+        resume={"weight_decay": 0.1},
+        shaped_states=True, tests="tests/test_adafactor.py",
+    ),
 ]
 
 #: The entries by class name.
 BY_NAME: dict[str, OptimizerInfo] = {info.name: info for info in OPTIM_DB}
 #: Every optimizer's class name, in the table's order.
 ALL_NAMES: list[str] = list(BY_NAME)
-#: The optimizers the shared tests run on parameters of any shape (all but matrix_only).
-NAMES: list[str] = [info.name for info in OPTIM_DB if not info.matrix_only]
+#: The optimizers the shared tests run on parameters of any shape (all but matrix_only
+#: and shaped_states ones).
+NAMES: list[str] = [info.name for info in OPTIM_DB if info.shared]
 
 
 def case_id(name: str, hyper: dict, empty: str = "") -> str:
@@ -639,12 +673,12 @@ def case_id(name: str, hyper: dict, empty: str = "") -> str:
 def reference_cases() -> list[tuple[str, Callable, dict]]:
     """(name, reference function, options) of every reference case of every optimizer."""
     return [(info.name, info.reference, hyper) for info in OPTIM_DB
-            if not info.matrix_only for hyper in info.reference_cases]
+            if info.shared for hyper in info.reference_cases]
 
 
 def fused_cases() -> list[tuple[str, dict]]:
     """(name, options) of every fused case of every optimizer."""
-    return [(info.name, hyper) for info in OPTIM_DB if not info.matrix_only
+    return [(info.name, hyper) for info in OPTIM_DB if info.shared
             for hyper in info.fused_cases]
 
 
@@ -661,7 +695,7 @@ def registered_names() -> set[str]:
 #: Every rule an optimizer of the table runs, by rule name: what the fused tests cover
 #: (a matrix_only optimizer's rule, with a matrix operation, in its own test file).
 RULES: dict[str, Any] = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB
-                         if not info.matrix_only}
+                         if info.shared}
 
 #: Each optimizer's ``rich`` options, by class name.
-RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB if not info.matrix_only}
+RICH: dict[str, dict] = {info.name: info.rich for info in OPTIM_DB if info.shared}

@@ -306,3 +306,28 @@ def quadratic_gradient(theta: np.ndarray, step: int) -> np.ndarray:
     """
     scales = np.linspace(0.5, 5.0, theta.size).reshape(theta.shape) if theta.size else theta
     return scales * (theta - 1.0) + 0.1 * np.cos(step + np.arange(theta.size)).reshape(theta.shape)
+
+
+def adafactor(p, g, s, h):
+    """Shazeer & Stern 2018 as torch.optim.Adafactor: the last two axes factored (a row and
+    a column mean of g**2) for tensors of 2+ dimensions, a full second moment otherwise."""
+    t = s["t"] = s.get("t", 0) + 1
+    lr, c, d = h.get("lr", 1e-2), h.get("beta2_decay", -0.8), h.get("d", 1.0)
+    eps1, eps2 = h.get("eps", (None, 1e-3))
+    eps1 = np.finfo(p.dtype).eps if eps1 is None else eps1
+    g = -g if h.get("maximize", False) else g
+    w = t ** c
+    rms = np.sqrt(np.mean(p * p)) if p.size else 0.0
+    alpha = max(eps2, rms) * min(lr, 1 / math.sqrt(t))
+    p = p * (1 - lr * h.get("weight_decay", 0.0))
+    if p.ndim >= 2:
+        r = s.get("row", np.zeros((*p.shape[:-1], 1)))
+        k = s.get("col", np.zeros((*p.shape[:-2], 1, p.shape[-1])))
+        r = s["row"] = r + w * (np.mean(g * g, axis=-1, keepdims=True) - r)
+        k = s["col"] = k + w * (np.mean(g * g, axis=-2, keepdims=True) - k)
+        v = r * k / np.maximum(np.mean(r, axis=-2, keepdims=True), eps1)
+    else:
+        v = s["v"] = s.get("v", np.zeros_like(p)) + w * (g * g - s.get("v", np.zeros_like(p)))
+    u = g / np.sqrt(np.maximum(v, eps1 * eps1))
+    rms_u = np.sqrt(np.mean(u * u)) if u.size else 0.0
+    return p - alpha / max(1.0, rms_u / d) * u

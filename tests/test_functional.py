@@ -30,7 +30,7 @@ def _case(info) -> dict:
 # The tree holds vectors and a 0-d array: an optimizer of matrices only (Muon, whose
 # per-tensor scalars the functional API does not derive yet) is left out.
 CASES = [pytest.param(info.cls, _case(info), id=info.name) for info in OPTIM_DB
-         if not info.matrix_only]
+         if info.shared]
 # SGD's dampened momentum takes the other side of first_step, an if on the step count.
 CASES.append(pytest.param(optim_core.SGD, {"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
                           id="SGD-dampening"))

@@ -20,7 +20,7 @@ def test_every_registered_optimizer_has_an_entry():
         assert getattr(optim_core, info.name) is info.cls  # public under its name
         assert info.name in optim_core.__all__
         assert info.reference_cases and info.fused_cases
-        assert not info.matrix_only or info.tests  # its cases run somewhere
+        assert info.shared or info.tests  # its cases run somewhere
 
 
 def test_torch_counterparts_exist():
@@ -57,7 +57,9 @@ def _outcomes(name: str, hyper: dict) -> set[tuple[int, bool]]:
     return seen
 
 
-RULES = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB}
+# A shaped_states optimizer has no fused kernel whose specializations its fused cases
+# would need to cover (tests/test_adafactor.py takes every branch against torch).
+RULES = {info.cls.rule.name: info.cls.rule for info in OPTIM_DB if not info.shaped_states}
 
 
 @pytest.mark.parametrize("rule_name", RULES)

@@ -34,7 +34,7 @@ TOL = {"rtol": 1e-10, "atol": 1e-12}
 #: path over the same NumPy views.
 #: The model below has biases: an optimizer of matrices only (Muon) is tested with
 #: optim_core.torch in its own file (tests/test_muon.py).
-ANY_SHAPE = [info for info in OPTIM_DB if not info.matrix_only]
+ANY_SHAPE = [info for info in OPTIM_DB if info.shared]
 #: (cautious=True, Liang et al. 2024, is no torch.optim option: the reference checks it.)
 TORCH_CASES = [(info.name, info.torch_name, hyper, "auto") for info in ANY_SHAPE
                if info.torch_name is not None for hyper in info.fused_cases

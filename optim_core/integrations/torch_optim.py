@@ -314,6 +314,16 @@ class _Slot:
         return self.grad_view
 
 
+def _new_state(rule: Any, name: str, param: torch.Tensor, value: float) -> torch.Tensor:
+    """State ``name`` of ``param`` holding ``value``: the parameter's shape and layout, or
+    the rule's shape for it (Adafactor's row and column factors)."""
+    shape = rule.state_shape(name, tuple(param.shape))
+    if shape != tuple(param.shape):
+        return torch.full(shape, value, dtype=state_dtype(param.dtype), device=param.device)
+    return torch.full_like(param, value, dtype=state_dtype(param.dtype),
+                           memory_format=torch.preserve_format)
+
+
 def _check_grad(owner: str, grad: torch.Tensor, param: torch.Tensor) -> None:
     """A gradient a kernel can take beside its parameter (checked when it is new)."""
     if grad.layout != torch.strided:
@@ -719,9 +729,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if fills:
             # The core's state dtype: float32 for float16 parameters (a second moment
             # underflows float16), the parameter's own otherwise.
-            fresh = [{name: torch.full_like(param, value, dtype=state_dtype(param.dtype),
-                                            memory_format=torch.preserve_format)
-                      for name, value in fills.items()} for param, _, _ in members]
+            fresh = [{name: _new_state(rule, name, param, value) for name, value in fills.items()
+                      if rule.holds_state(name, param.dim())} for param, _, _ in members]
             states = [{**slot.states, **{n: _view(kind[0], t) for n, t in made.items()}}
                       for (_, slot, _), made in zip(members, fresh)]
         else:
@@ -729,8 +738,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         cache = self._caches.setdefault((index, ordinal), {})
         extra = {}
         if engine.tensor_scalar_names:  # Muon's lr scaled by each matrix's shape
-            extra["tensor_scalars"] = [engine.tensor_scalars(group, scalars, tuple(p.shape))
-                                       for p, _, _ in members]
+            extra["tensor_scalars"] = [engine.tensor_scalars(group, scalars, tuple(p.shape),
+                                                             p.dtype) for p, _, _ in members]
         with self._on_stream(kind, members[0][0]):
             ready = engine.implementation.prepare(rule, engine._xp, params, grads, states,
                                                   scalars, cache=cache, **extra)
@@ -863,7 +872,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                     continue  # older torch kept momentum_buffer=None for no momentum
                 elif name in arrays:
                     wanted = state_dtype(param.dtype)
-                    if not isinstance(value, torch.Tensor) or value.shape != param.shape \
+                    rule = self.core.rule
+                    shape = rule.state_shape(name, tuple(param.shape)) \
+                        if rule.holds_state(name, param.dim()) else None
+                    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape \
                             or value.dtype not in (param.dtype, wanted) \
                             or value.device != param.device:
                         what = (f"shape {tuple(value.shape)}, dtype {value.dtype} on "
@@ -871,7 +883,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                                 else type(value).__name__)
                         raise ValueError(f"state {name!r} has {what}; its parameter shape "
                                          f"{tuple(param.shape)}, dtype {param.dtype} on "
-                                         f"{param.device}")
+                                         f"{param.device}" + (
+                                             "" if shape == tuple(param.shape) else
+                                             f" (the state's shape {shape})"))
                     # torch.optim keeps a float16 parameter's states in float16: widened
                     # (exactly) to the float32 the core keeps them in.
                     out[name] = value.detach().to(wanted)

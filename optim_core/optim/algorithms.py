@@ -776,7 +776,7 @@ class Muon(Optimizer):
                 "ns_bfloat16": group["ns_dtype"] == "bfloat16"}
 
     def tensor_scalars(self, group: Mapping[str, Any], scalars: Mapping[str, Any],
-                       shape: tuple[int, ...]) -> dict[str, Any]:
+                       shape: tuple[int, ...], dtype: Any = None) -> dict[str, Any]:
         """``adjusted_lr``: torch's ``_adjust_lr`` of the matrix's shape."""
         if not group["use_muon"]:
             return {"adjusted_lr": group["lr"]}

@@ -242,6 +242,10 @@ class Optimizer:
                              "16-bit parameter: choose one")
         if compensated and flat:
             raise ValueError("compensated=True needs flat=False")
+        if flat and self.rule.state_shapes:
+            raise ValueError(f"flat=True keeps states in buffers shaped like the parameters', "
+                             f"but {type(self).__name__} keeps states of other shapes "
+                             f"({', '.join(sorted(self.rule.state_shapes))}); use flat=False")
         self.rounding = "stochastic" if stochastic_rounding else \
             "compensated" if compensated else "nearest"
         self.seed = _checks.integer("seed", seed, minimum=0)
@@ -304,10 +308,10 @@ class Optimizer:
         return set()
 
     def tensor_scalars(self, group: Mapping[str, Any], scalars: Mapping[str, Any],
-                       shape: tuple[int, ...]) -> dict[str, Any]:
-        """The scalars of :attr:`tensor_scalar_names` for one tensor of ``shape``, from
-        the group's hyperparameters and this step's ``scalars`` (host values; shapes are
-        known on the host, so no device value is read)."""
+                       shape: tuple[int, ...], dtype: Any = None) -> dict[str, Any]:
+        """The scalars of :attr:`tensor_scalar_names` for one tensor of ``shape`` and
+        ``dtype``, from the group's hyperparameters and this step's ``scalars`` (host
+        values; shapes and dtypes are known on the host, so no device value is read)."""
         return {}
 
     def _initial_group_state(self) -> dict[str, Any]:
@@ -625,13 +629,7 @@ class Optimizer:
         group, states = self.param_groups[index], self.state[index]
         flat, xp, rule = self._flat, self._xp, self.rule
         active = self._required_states | self.active_states(group)
-        first = states[0] if states else {}
-        new = [name for name in rule.states if name in active and name not in first]
-        if new and any(name in st for st in states for name in new):
-            holder = next(n for n, st in zip(group["names"], states)
-                          if any(name in st for name in new))
-            raise ValueError(f"parameter {holder!r} has states the group's first parameter "
-                             "lacks; every parameter of a group must have the same state entries")
+        new = self._new_state_names(group, states, active)
         fills = {name: group[self.initial_state[name]] if name in self.initial_state else 0
                  for name in new}
         scalars, after = self.step_scalars(group, self.group_state[index],
@@ -648,7 +646,8 @@ class Optimizer:
             params, step_grads, step_states = group["params"], grads, states
             if new:
                 fresh = [{name: self._new_state(param, name, value)
-                          for name, value in fills.items()} for param in params]
+                          for name, value in fills.items()
+                          if rule.holds_state(name, len(param.shape))} for param in params]
                 step_states = [{**st, **f} for st, f in zip(states, fresh, strict=True)]
             names = group["names"]
         rounding = {}
@@ -664,8 +663,8 @@ class Optimizer:
             fresh = extra if fresh is None else [{**f, **e} for f, e in zip(fresh, extra)]
             step_states = [{**st, **e} for st, e in zip(step_states, extra, strict=True)]
         if self.tensor_scalar_names:
-            rounding["tensor_scalars"] = [self.tensor_scalars(group, scalars, tuple(p.shape))
-                                          for p in params]
+            rounding["tensor_scalars"] = [self.tensor_scalars(group, scalars, tuple(p.shape),
+                                                              p.dtype) for p in params]
         try:
             ready = self.implementation.prepare(rule, xp, params, step_grads, step_states,
                                                 scalars, cache=self._caches[index], **rounding)
@@ -692,6 +691,29 @@ class Optimizer:
             self.group_state[index].update(after)
 
         return run
+
+    def _new_state_names(self, group: Mapping[str, Any], states: list[dict[str, Any]],
+                         active: frozenset[str] | set[str]) -> list[str]:
+        """The active states no parameter of the group has yet (this step makes them):
+        each on every parameter whose number of dimensions allows it (see
+        :meth:`UpdateRule.holds_state`). ValueError if some have one and others not."""
+        rule, params = self.rule, group["params"]
+        new = []
+        for name in rule.states:
+            if name not in active:
+                continue
+            holders = [i for i, p in enumerate(params) if rule.holds_state(name, len(p.shape))]
+            have = [i for i in holders if name in states[i]]
+            if not have:
+                if holders:
+                    new.append(name)
+            elif len(have) != len(holders):
+                holder = group["names"][have[0]]
+                lacking = group["names"][next(i for i in holders if i not in have)]
+                raise ValueError(f"parameter {holder!r} has state {name!r}, {lacking!r} "
+                                 "lacks it; every parameter of a group must have the same "
+                                 "state entries")
+        return new
 
     def _check_flat_reductions(self, index: int, scalars: dict[str, Any] | None = None) -> None:
         """A flat buffer holds many tensors: a step that reduces each tensor (``norm``,
@@ -720,8 +742,8 @@ class Optimizer:
         if self._quantizes(name, param):
             return new_quantized_state(xp, param, self.state_bits, self.quantized_states[name],
                                        fill)
-        return xp.full(param.shape, fill, dtype=state_dtype(param.dtype),
-                       device=ns.device_of(param))
+        return xp.full(self.rule.state_shape(name, tuple(param.shape)), fill,
+                       dtype=state_dtype(param.dtype), device=ns.device_of(param))
 
     def state_nbytes(self) -> int:
         """Bytes the optimizer's per-parameter state holds: every state buffer, quantized
@@ -831,7 +853,7 @@ class Optimizer:
                                                         names[position]))
                 position += 1
             self._check_group_states(group_states, group["names"],
-                                     group_state[group_index]["step"])
+                                     group_state[group_index]["step"], group["params"])
             new_state.append(group_states)
         # Everything checked: convert, then write.
         converted = [[StateDict({name: self._restored(value, param, name)
@@ -864,9 +886,16 @@ class Optimizer:
             if not (hasattr(value, "shape") and hasattr(value, "dtype")):
                 raise TypeError(f"state {key!r} of parameter {name!r} is a "
                                 f"{type(value).__name__}, not an array")
-            if tuple(value.shape) != tuple(param.shape):
+            if not self.rule.holds_state(key, len(param.shape)):
+                raise ValueError(f"state {key!r} of parameter {name!r}: a parameter of shape "
+                                 f"{tuple(param.shape)} has no such state "
+                                 f"({self.rule.state_shapes[key]}-shaped)")
+            want = self.rule.state_shape(key, tuple(param.shape))
+            if tuple(value.shape) != want:
                 raise ValueError(f"state {key!r} of parameter {name!r} has shape "
-                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}"
+                                 + (f" (the state {want})" if want != tuple(param.shape)
+                                    else ""))
             if not _is_numeric(value):
                 raise TypeError(f"state {key!r} of parameter {name!r} has dtype {value.dtype}, "
                                 "not a number type")
@@ -920,15 +949,18 @@ class Optimizer:
         return out if out.dtype == wanted else xp.astype(out, wanted)
 
     def _check_group_states(self, states: list[dict[str, Any]], names: list[str],
-                            step: int) -> None:
-        """Every parameter of a group has the same states, and all required ones once the
-        group has stepped: a step would otherwise start some buffers afresh."""
+                            step: int, params: list[Any]) -> None:
+        """Every parameter of a group has the same states (those its number of dimensions
+        allows), and all required ones once the group has stepped: a step would otherwise
+        start some buffers afresh."""
         if not states:
             return
         # A compensation buffer belongs to 16-bit parameters only, of any group.
         first = set(states[0]) - {COMPENSATION}
-        for name, st in zip(names, states, strict=True):
-            if set(st) - {COMPENSATION} != first:
+        first_names = tuple(n for n in self.rule.states if n in first)
+        for name, st, param in zip(names, states, params, strict=True):
+            held = tuple(n for n in self.rule.states if n in st)
+            if not self.rule.same_states(held, len(param.shape), first_names):
                 raise ValueError(f"state of parameter {name!r} has {sorted(st)}, that of "
                                  f"{names[0]!r} {sorted(first)}: every parameter of a group "
                                  "must have the same state entries")

@@ -171,6 +171,10 @@ class FunctionalOptimizer:
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)
                 and getattr(cls, "rule", None) is not None):
             raise TypeError(f"functional needs an optimizer class or name, got {optimizer!r}")
+        if cls.rule.state_shapes:
+            raise TypeError(f"functional keeps every state in its parameter's shape; "
+                            f"{cls.__name__}'s states {sorted(cls.rule.state_shapes)} are "
+                            "shaped otherwise: use the eager optimizer")
         options = sorted(_EAGER_OPTIONS & set(hyperparameters))
         if options:
             raise TypeError(f"{options} are options of the eager optimizers; functional "

@@ -46,7 +46,8 @@ Operations
     comparison with an array on a side (``s < 0``), the only place arrays may be
     compared, and ``a`` or ``b`` (or both) is an array (a scalar side takes the
     array's dtype). And the per-tensor reductions ``sum(x)``, ``norm(x)`` and
-    ``size(x)`` and the matrix operation ``orthogonalize``, described below.
+    ``size(x)``, the axis reductions ``row_mean(x)`` and ``col_mean(x)`` and the matrix
+    operation ``orthogonalize``, described below.
     :data:`OPERATIONS` is the authoritative list; each has the array API standard's
     meaning (generic path) and the same meaning in the kernels.
     Their names are bound when a rule runs, whatever the defining module holds;
@@ -101,8 +102,50 @@ each tensor twice and writes it once); a reduction of a reduction adds a pass. F
 reductions accumulate in float64 whatever the tensor's dtype. A step whose branches
 reach a reduction is per tensor, so it refuses ``flat=True`` (whose buffers hold many
 tensors); a reduction inside an ``if`` that is false (Adam without ``cautious``)
-costs nothing. Reductions are over the whole tensor; reductions over one axis
-(Adafactor's row and column means) are not in the language yet.
+costs nothing.
+
+Axis reductions and factored states
+-----------------------------------
+``row_mean(x)`` and ``col_mean(x)`` (:data:`AXIS_REDUCTIONS`) reduce an expression over
+one of the last two axes of a tensor of two or more dimensions, keeping that axis with
+length 1 (every leading axis is kept, as torch reduces ``dim=-1`` and ``dim=-2`` with
+``keepdim=True``): ``row_mean`` is the mean of each row, shaped ``(..., rows, 1)``,
+``col_mean`` the mean of each column, ``(..., 1, columns)``; the mean over an empty
+axis is 0. Their values broadcast against the tensor like any array, so Adafactor's
+factored second moment is::
+
+    row_var = lerp(row_var, row_mean(grad * grad), one_minus_beta2_t)
+    col_var = lerp(col_var, col_mean(grad * grad), one_minus_beta2_t)
+    var_estimate = row_var * col_var / maximum(col_mean(row_var), eps1)
+
+where ``row_var * col_var`` is the outer product and ``col_mean(row_var)`` the mean of
+the row factor, one value per matrix. Each value of a rule has a shape *kind*, the set
+of axes it varies along ("leading", "rows", "columns"): the parameter's is all three,
+an axis reduction drops one, a whole-tensor reduction all, and an operation's is the
+union of its arguments' (broadcasting). :func:`update_rule` infers them (over every
+branch at once) and refuses a rule whose state is assigned a value that varies along
+an axis the state does not have.
+
+A state is full-size unless ``update_rule(state_shapes={name: kind})`` says otherwise:
+
+``"rows"``
+    ``(..., rows, 1)``: one value per row, for tensors of two or more dimensions only.
+``"cols"``
+    ``(..., 1, columns)``: one value per column, for tensors of two or more dimensions.
+``"unfactored"``
+    The parameter's shape, for tensors of fewer than two dimensions only (the full-size
+    state that stands in for a factored pair where there is nothing to factor).
+
+A tensor holds only the states its number of dimensions allows (a matrix Adafactor's
+``row_var`` and ``col_var``, a vector its ``variance``), so such states are optional
+states the rule touches only under an ``if`` on a per-tensor scalar that says which
+(Adafactor's ``factored``, from ``Optimizer.tensor_scalars``). The generic path runs
+them with the namespace's ``sum(x, axis=..., keepdims=True)``; the fused NumPy path
+generates loop nests over the tensor's rows and columns from the same lowered body
+(:mod:`optim_core.backends._factored`: each axis reduction in a pass before the update,
+the update reading the row and column values broadcast); the CUDA kernels do not lower
+them yet (CuPy arrays take the generic path, ``select_implementation`` says why). Such a
+rule refuses ``flat=True`` (whose buffers hold the parameters' shapes).
 
 What is refused, and when
 -------------------------
@@ -124,11 +167,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from optim_core.backends import MATRIX_OPERATIONS, OPERATIONS, REDUCTIONS, generic_operations
+from optim_core.backends import (
+    AXIS_REDUCTIONS,
+    MATRIX_OPERATIONS,
+    OPERATIONS,
+    REDUCTIONS,
+    generic_operations,
+)
 
-__all__ = ["OPERATIONS", "REDUCTIONS", "MATRIX_OPERATIONS", "RuleError", "UpdateRule",
-           "update_rule", "sqrt", "maximum", "minimum", "sign", "lerp", "where", "norm", "size",
-           "orthogonalize"]
+__all__ = ["OPERATIONS", "REDUCTIONS", "AXIS_REDUCTIONS", "MATRIX_OPERATIONS", "STATE_SHAPES",
+           "RuleError", "UpdateRule", "update_rule", "sqrt", "maximum", "minimum", "sign",
+           "lerp", "where", "norm", "size", "row_mean", "col_mean", "orthogonalize"]
+
+#: The shape kinds a state may be declared with (``update_rule(state_shapes=...)``);
+#: "full", the parameter's shape on every tensor, is the default.
+STATE_SHAPES = ("full", "rows", "cols", "unfactored")
 
 
 class RuleError(TypeError):
@@ -187,6 +240,8 @@ lerp = _stand_in("lerp")
 where = _stand_in("where")
 norm = _stand_in("norm")
 size = _stand_in("size")
+row_mean = _stand_in("row_mean")
+col_mean = _stand_in("col_mean")
 orthogonalize = _stand_in("orthogonalize")
 
 
@@ -210,11 +265,14 @@ class UpdateRule:
     states : tuple of str
         Names of the per-element state buffers, in argument order.
     optional_states : frozenset of str
-        States that exist only under some hyperparameters.
+        States that exist only under some hyperparameters (or, for shaped states, on
+        tensors of some numbers of dimensions).
     scalars : tuple of str
         Names of the keyword-only scalar arguments.
     tree : ast.FunctionDef
         The checked syntax tree (decorators removed) the fused kernels are generated from.
+    state_shapes : mapping of str to str
+        Each state not of the parameter's shape, with its kind (see :data:`STATE_SHAPES`).
     """
 
     function: Callable[..., tuple]
@@ -222,6 +280,50 @@ class UpdateRule:
     optional_states: frozenset[str]
     scalars: tuple[str, ...]
     tree: ast.FunctionDef = field(repr=False, compare=False)
+    state_shapes: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def holds_state(self, name: str, ndim: int) -> bool:
+        """Whether a tensor of ``ndim`` dimensions can have state ``name``: "rows" and
+        "cols" states need two or more, "unfactored" ones fewer, full ones any."""
+        kind = self.state_shapes.get(name, "full")
+        return kind == "full" or (ndim >= 2) == (kind != "unfactored")
+
+    def state_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of state ``name`` of a parameter of ``shape`` (which can hold it)."""
+        kind = self.state_shapes.get(name, "full")
+        if kind == "rows":
+            return (*shape[:-1], 1)
+        if kind == "cols":
+            return (*shape[:-2], 1, shape[-1])
+        return tuple(shape)
+
+    def same_states(self, names: tuple[str, ...], ndim: int,
+                    expected: tuple[str, ...]) -> bool:
+        """Whether a tensor of ``ndim`` dimensions holding ``names`` has the states of one
+        that holds ``expected``, the states their shapes allow apart (a vector's
+        ``variance`` is a matrix's ``row_var`` and ``col_var``)."""
+        if not self.state_shapes:
+            return names == expected
+        # The other tensor's kind, from a shaped state it holds (the same as this one's
+        # where it holds none: then neither may hold a shaped state the other lacks).
+        other = ndim
+        for name in expected:
+            kind = self.state_shapes.get(name)
+            if kind is not None:
+                other = 1 if kind == "unfactored" else 2
+                break
+
+        def view(held: tuple[str, ...], dims: int) -> set[str]:
+            return set(held) | {n for n in self.states if not self.holds_state(n, dims)}
+
+        return view(names, ndim) == view(expected, other)
+
+    @property
+    def axis_reductions(self) -> tuple[str, ...]:
+        """The axis reductions the rule calls (``row_mean``, ``col_mean``), in source
+        order; a rule with any, or with shaped states, runs on the generic path."""
+        return tuple(node.func.id for node in ast.walk(self.tree)
+                     if isinstance(node, ast.Call) and node.func.id in AXIS_REDUCTIONS)
 
     @property
     def name(self) -> str:
@@ -287,7 +389,8 @@ class UpdateRule:
 
 
 def update_rule(function: Callable | None = None, *,
-                optional_states: tuple[str, ...] = ()) -> Any:
+                optional_states: tuple[str, ...] = (),
+                state_shapes: Mapping[str, str] | None = None) -> Any:
     """Turn a function in the rule language into an :class:`UpdateRule`.
 
     Use it as a decorator, ``@update_rule`` or ``@update_rule(optional_states=(...))``.
@@ -302,6 +405,9 @@ def update_rule(function: Callable | None = None, *,
     optional_states : tuple of str
         States allocated only when the optimizer's ``active_states`` asks for them;
         the rule touches them only under an ``if`` that is false when they are absent.
+    state_shapes : mapping of str to str, optional
+        States not of the parameter's shape, each with its kind ("rows", "cols" or
+        "unfactored", see the module docstring); each must be optional.
 
     Returns
     -------
@@ -330,11 +436,16 @@ def update_rule(function: Callable | None = None, *,
             raise TypeError("update_rule is used as @update_rule or "
                             "@update_rule(optional_states=(...)); got "
                             f"{type(function).__name__}")
-        return update_rule(optional_states=optional_states)(function)
+        return update_rule(optional_states=optional_states,
+                           state_shapes=state_shapes)(function)
     if isinstance(optional_states, str) or not all(
             isinstance(name, str) for name in optional_states):
         raise TypeError(f"optional_states must be a tuple of state names, got "
                         f"{optional_states!r}")
+    shapes = dict(state_shapes or {})
+    if not all(isinstance(k, str) and v in STATE_SHAPES for k, v in shapes.items()):
+        raise TypeError(f"state_shapes maps state names to one of {STATE_SHAPES}, got "
+                        f"{state_shapes!r}")
 
     def decorate(function: Callable) -> UpdateRule:
         name = getattr(function, "__name__", repr(function))
@@ -363,9 +474,17 @@ def update_rule(function: Callable | None = None, *,
         if unknown:
             raise RuleError(f"rule {name}: unknown optional states {sorted(unknown)} "
                             f"(its states are {list(states)})")
+        shaped = {k for k, v in shapes.items() if v != "full"}
+        if set(shapes) - set(states) or shaped - set(optional_states):
+            raise RuleError(f"rule {name}: state_shapes names {sorted(shapes)}: each must be "
+                            f"one of its states {list(states)} and optional (a tensor holds "
+                            "it only where its number of dimensions allows)")
         _check_language(tree, name, set(scalars), ("param", *states),
                         lambda node: _place(name, function, node))
-        return UpdateRule(function, states, frozenset(optional_states), scalars, tree)
+        _check_shapes(tree, states, shapes, set(scalars),
+                      lambda node: _place(name, function, node))
+        return UpdateRule(function, states, frozenset(optional_states), scalars, tree,
+                          {k: v for k, v in shapes.items() if v != "full"})
 
     return decorate
 
@@ -401,7 +520,8 @@ def _check_language(tree: ast.FunctionDef, name: str, scalars: set[str],
                 called = ast.unparse(node.func)
                 raise RuleError(f"{place(node)}: {called}() cannot be called in a rule; "
                                 f"only the operations {', '.join(OPERATIONS)} can")
-            if node.keywords or (node.func.id in REDUCTIONS and len(node.args) != 1):
+            if node.keywords or (node.func.id in (*REDUCTIONS, *AXIS_REDUCTIONS)
+                                 and len(node.args) != 1):
                 raise RuleError(f"{place(node)}: {ast.unparse(node)!r}: operations take "
                                 "positional arguments, a reduction exactly one")
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
@@ -520,3 +640,55 @@ def _check_elementwise_choices(tree: ast.FunctionDef, name: str, arrays: set[str
         if logical and id(node) not in conditions and mentions(node, arrays):
             raise RuleError(f"rule {name}: {ast.unparse(node)!r} compares arrays outside "
                             "where's condition")
+
+
+#: The axes a value varies along: leading ones, rows (axis -2), columns (axis -1).
+_ALL_AXES = frozenset({"leading", "rows", "cols"})
+_KIND_AXES = {"full": _ALL_AXES, "unfactored": _ALL_AXES,
+              "rows": frozenset({"leading", "rows"}), "cols": frozenset({"leading", "cols"})}
+
+
+def _check_shapes(tree: ast.FunctionDef, states: tuple[str, ...], shapes: Mapping[str, str],
+                  scalars: set[str], place: Callable[[ast.AST], str]) -> None:
+    """Infer each value's axes (flow-insensitive, to a fixed point) and refuse a state
+    assigned a value varying along an axis it lacks, and an axis reduction of scalars."""
+    declared = {"param": _ALL_AXES, "grad": _ALL_AXES,
+                **{s: _KIND_AXES[shapes.get(s, "full")] for s in states}}
+    axes: dict[str, frozenset] = dict(declared)
+    assignments = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)]
+
+    def of(node: ast.AST) -> frozenset | None:  # None: a host scalar
+        if isinstance(node, ast.Name):
+            return axes.get(node.id)
+        if isinstance(node, ast.Call):
+            parts = [of(a) for a in node.args]
+            if node.func.id in REDUCTIONS:
+                return frozenset()
+            if node.func.id in AXIS_REDUCTIONS:
+                if parts[0] is None:
+                    raise RuleError(f"{place(node)}: {ast.unparse(node)!r}: an axis "
+                                    "reduction is of an array expression, not of scalars")
+                return parts[0] - {"cols" if node.func.id == "row_mean" else "rows"}
+        else:
+            parts = [of(child) for child in ast.iter_child_nodes(node)
+                     if isinstance(child, ast.expr)]
+        known = [p for p in parts if p is not None]
+        return frozenset().union(*known) if known else None
+
+    changed = True
+    while changed:
+        changed = False
+        for node in assignments:
+            target, value = node.targets[0].id, of(node.value)
+            if value is None or target in declared:
+                continue
+            merged = axes.get(target, frozenset()) | value
+            if merged != axes.get(target):
+                axes[target], changed = merged, True
+    for node in assignments:
+        target, value = node.targets[0].id, of(node.value)
+        if target in declared and value is not None and not value <= declared[target]:
+            kind = shapes.get(target, "full")
+            raise RuleError(f"{place(node)}: state {target!r} is {kind!r}-shaped but is "
+                            f"assigned {ast.unparse(node.value)!r}, which varies along "
+                            f"{sorted(value - declared[target])} too")

@@ -13,7 +13,7 @@ from .language import update_rule
 
 # The names below are bound per backend by UpdateRule.bind; these placeholders only
 # make the module importable and let linters see the names.
-sqrt = where = norm = None
+sqrt = where = norm = size = maximum = lerp = row_mean = col_mean = None
 
 
 @update_rule()
@@ -60,5 +60,33 @@ def lars(param, grad, trace, *, lr, momentum, nesterov, weight_decay, trust_coef
     return param, trace
 
 
+@update_rule(optional_states=("row_var", "col_var", "variance"),
+             state_shapes={"row_var": "rows", "col_var": "cols", "variance": "unfactored"})
+def adafactor(param, grad, row_var, col_var, variance, *, lr, weight_decay, maximize, eps1,
+              eps2, d, one_minus_beta2_t, rho, factored):
+    # torch.optim._adafactor._single_tensor_adafactor, operation for operation; the norms
+    # stay on the device (torch reads them back with .item()).
+    if maximize:
+        grad = -grad
+    # RMS of the parameter before the decay; 0 for an empty tensor (torch divides by 0).
+    alpha = maximum(eps2, norm(param) / sqrt(maximum(size(param), 1.0))) * rho
+    if weight_decay != 0:
+        param = param * (1 - lr * weight_decay)
+    if factored:
+        # The last two axes factored: a row and a column mean of grad**2, their outer
+        # product over the row factor's mean (Shazeer & Stern 2018, Algorithm 4).
+        row_var = lerp(row_var, row_mean(grad * grad), one_minus_beta2_t)
+        col_var = lerp(col_var, col_mean(grad * grad), one_minus_beta2_t)
+        var_estimate = row_var * col_var / maximum(col_mean(row_var), eps1)
+    else:
+        variance = lerp(variance, grad * grad, one_minus_beta2_t)
+        var_estimate = variance
+    # eps1 squared under the square root keeps eps1's magnitude.
+    update = grad / sqrt(maximum(var_estimate, eps1 * eps1))
+    denom = maximum(1.0, norm(update) / (sqrt(maximum(size(update), 1.0)) * d))
+    param = param - (alpha / denom) * update
+    return param, row_var, col_var, variance
+
+
 #: The rules of this module, in definition order.
-PERTENSOR_RULES = (lamb, lars)
+PERTENSOR_RULES = (lamb, lars, adafactor)

@@ -1,0 +1,368 @@
+"""Fused numba loops for rules with axis reductions and states shaped unlike the parameter.
+
+A rule such as Adafactor's (:mod:`optim_core.optim.rules_pertensor`) reduces over one of
+the last two axes (``row_mean``, ``col_mean``) and keeps states of one value per row
+(``"rows"``: ``(..., rows, 1)``) or per column (``"cols"``). Its lowered specialization
+(:func:`~._lowering.lower`, the same body the elementwise kernels are generated from) is
+turned here into loop nests over the tensor seen as ``M = size / C`` rows of ``C``
+columns, ``R`` rows per matrix (``B = M / R`` matrices, the leading axes flattened):
+
+* every value of the body has the axes it varies along (:func:`value_axes`): a value
+  without the column axis (a row factor, the mean of a row factor, a whole-tensor
+  reduction) is computed once per row, in the outer loop, the others per element, in
+  the inner one; a row state is read at ``[row]``, a column state at ``[b * C + c]``;
+* each reduction stage is one pass before the update (as for whole-tensor reductions,
+  :mod:`._numba`): a pass whose reductions all lack the column axis (the mean of a row
+  factor) runs over the rows only; row means accumulate per row, column means into one
+  slot per column of each matrix, whole-tensor ones into one float64 sum; the results
+  (small arrays of the parameter's dtype, or scalars) are read by the later passes;
+* the update pass writes the parameter and the full-size states per element and the row
+  states once per row; the column states are written by one more loop over the columns
+  after it (the update pass still reads their old values).
+
+So Adafactor's factored step reads the gradient three times, the parameter twice, and
+writes the parameter once, with no full-size temporary; the row and column work is
+``O(rows + columns)``. Accumulations are in float64, as in the other fused reductions.
+The update pass is a ``prange`` over rows in the multi-threaded variant; the reduction
+passes run on the calling thread (a column mean would need per-thread partial sums).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from ._lowering import Kernel, render
+
+__all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load"]
+
+_FULL = frozenset({"leading", "rows", "cols"})
+_AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
+         "cols": frozenset({"leading", "cols"})}
+_AXIS_KINDS = ("row_mean", "col_mean")
+_GENERATOR_VERSION = 3
+
+
+def is_factored(kernel: Kernel, state_shapes: Mapping[str, str]) -> bool:
+    """Whether ``kernel`` needs these loops: an axis reduction, or a shaped state."""
+    return any(r.kind in _AXIS_KINDS for r in kernel.reductions) or any(
+        state_shapes.get(a, "full") in ("rows", "cols") for a in kernel.arrays)
+
+
+def _axes_of(expr: tuple, arrays: Mapping[str, frozenset], locals_: Mapping[str, frozenset],
+             reduced: list[frozenset]) -> frozenset:
+    kind = expr[0]
+    if kind == "load":
+        return arrays[expr[1]]
+    if kind == "local":
+        return locals_[expr[1]]
+    if kind == "reduced":
+        return reduced[expr[1]]
+    if kind == "neg":
+        return _axes_of(expr[1], arrays, locals_, reduced)
+    if kind in ("bin", "cmp"):
+        return _axes_of(expr[2], arrays, locals_, reduced) | _axes_of(
+            expr[3], arrays, locals_, reduced)
+    if kind == "call":
+        return frozenset().union(*(_axes_of(a, arrays, locals_, reduced) for a in expr[2]))
+    return frozenset()  # hoisted
+
+
+class _Axes(NamedTuple):
+    arrays: dict[str, frozenset]
+    locals: dict[str, frozenset]
+    #: Per reduction: the axes of its argument, and of its value.
+    arguments: list[frozenset]
+    reduced: list[frozenset]
+
+
+def value_axes(kernel: Kernel, state_shapes: Mapping[str, str]) -> _Axes:
+    """The axes each array, local and reduction of ``kernel`` varies along."""
+    arrays = {a: _AXES[state_shapes.get(a, "full")] for a in kernel.arrays}
+    locals_: dict[str, frozenset] = {}
+    arguments: list[frozenset] = [frozenset()] * len(kernel.reductions)
+    reduced: list[frozenset] = [frozenset()] * len(kernel.reductions)
+    # Reductions are numbered by stage and a stage reads only earlier ones: resolve them
+    # stage by stage, each time over the whole body.
+    for _ in range(len(kernel.reductions) + 1):
+        for target, expr in kernel.body:
+            locals_[target] = _axes_of(expr, arrays, locals_, reduced)
+        for i, reduction in enumerate(kernel.reductions):
+            argument = _axes_of(reduction.expr, arrays, locals_, reduced)
+            arguments[i] = argument
+            reduced[i] = (argument - {"cols"} if reduction.kind == "row_mean" else
+                          argument - {"rows"} if reduction.kind == "col_mean" else frozenset())
+    return _Axes(arrays, locals_, arguments, reduced)
+
+
+def unsupported(kernel: Kernel, state_shapes: Mapping[str, str]) -> str | None:
+    """Why these loops cannot run ``kernel``, or None: the forms Adafactor's rule has are
+    lowered (a row mean of a full value, a column mean of a full value or of a row
+    value, any whole-tensor reduction)."""
+    axes = value_axes(kernel, state_shapes)
+    for reduction, argument in zip(kernel.reductions, axes.arguments):
+        if reduction.kind == "row_mean" and not {"rows", "cols"} <= argument:
+            return f"a row mean of a value varying along {sorted(argument)}"
+        if reduction.kind == "col_mean" and "rows" not in argument:
+            return f"a column mean of a value varying along {sorted(argument)}"
+    for name in kernel.stores:
+        if axes.locals[kernel.results[name]] - axes.arrays[name]:
+            return f"state {name!r} is assigned a value of more axes than it has"
+    return None
+
+
+def _loads(names: set[str], arrays: Mapping[str, frozenset], outer: bool) -> list[str]:
+    """Reads of ``names``: row arrays at ``[row]`` (outer loop), full ones at ``[i]`` and
+    column ones at ``[j]`` (inner loop)."""
+    lines = []
+    for name in sorted(names):
+        axes = arrays[name]
+        if outer and "cols" not in axes:
+            lines.append(f"l_{name} = a_{name}[row]")
+        elif not outer and "cols" in axes:
+            lines.append(f"l_{name} = a_{name}[{'i' if 'rows' in axes else 'j'}]")
+    return lines
+
+
+def _reads(indices: set[int], reduced: list[frozenset], kinds: list[str],
+           outer: bool) -> list[str]:
+    """Reads of earlier reductions' values that are arrays (a whole-tensor one is a
+    scalar ``r<i>`` already)."""
+    lines = []
+    for i in sorted(indices):
+        axes = reduced[i]
+        if kinds[i] not in _AXIS_KINDS:
+            continue
+        if outer and "cols" not in axes:
+            lines.append(f"r{i} = q{i}[{'row' if 'rows' in axes else 'b'}]")
+        elif not outer and "cols" in axes:
+            lines.append(f"r{i} = q{i}[j]")
+    return lines
+
+
+def _references(expr: tuple, locals_: set[str], loads: set[str], reductions: set[int]) -> None:
+    kind = expr[0]
+    if kind == "local":
+        locals_.add(expr[1])
+    elif kind == "load":
+        loads.add(expr[1])
+    elif kind == "reduced":
+        reductions.add(expr[1])
+    elif kind == "neg":
+        _references(expr[1], locals_, loads, reductions)
+    elif kind in ("bin", "cmp"):
+        _references(expr[2], locals_, loads, reductions)
+        _references(expr[3], locals_, loads, reductions)
+    elif kind == "call":
+        for argument in expr[2]:
+            _references(argument, locals_, loads, reductions)
+
+
+def _needed(kernel: Kernel, roots: list[tuple]) -> tuple[list, set[str], set[int]]:
+    """The body entries ``roots`` need (in body order), the arrays and reductions read."""
+    needed: set[str] = set()
+    loads: set[str] = set()
+    reductions: set[int] = set()
+    for root in roots:
+        _references(root, needed, loads, reductions)
+    body = []
+    for target, expr in reversed(kernel.body):
+        if target in needed:
+            body.append((target, expr))
+            _references(expr, needed, loads, reductions)
+    return list(reversed(body)), loads, reductions
+
+
+def _row_loop(loop: str) -> list[str]:
+    """The loop over rows, with ``b`` (the matrix) and ``r`` (the row in it): counted on
+    the calling thread (an integer division per row costs more than a short row's
+    elements: a 1x1 convolution's matrices are 1 x 1), divided out under ``prange``."""
+    if loop == "range":
+        return ["    b = 0", "    r = -1", "    for row in range(M):", "        r += 1",
+                "        if r == R:", "            r = 0", "            b += 1"]
+    return [f"    for row in {loop}(M):", "        b = row // R", "        r = row - b * R"]
+
+
+def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str]) -> str:
+    """The numba module of ``kernel``'s loops: ``kernel(a_param, a_grad, *states, R, C,
+    h0, ...)`` (multi-threaded update pass) and ``kernel_serial`` (all on the calling
+    thread), over 1-D C-contiguous arrays, for a parameter of at least one element."""
+    axes = value_axes(kernel, state_shapes)
+    kinds = [r.kind for r in kernel.reductions]
+    arrays = ", ".join(f"a_{a}" for a in kernel.arrays)
+    hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
+
+    def assign(entries: list, outer: bool, indent: str) -> list[str]:
+        return [f"{indent}v_{t} = {render(e, '_')}" for t, e in entries
+                if ("cols" not in axes.locals[t]) == outer]
+
+    def body_lines(parallel: bool) -> list[str]:
+        lines = ["    n = a_param.shape[0]", "    M = n // C", "    B = M // R"]
+        for stage in range(kernel.n_stages):
+            indices = [i for i, r in enumerate(kernel.reductions) if r.stage == stage]
+            roots = [kernel.reductions[i].expr for i in indices if kinds[i] != "size"]
+            entries, loads, reads = _needed(kernel, roots)
+            inner = any("cols" in axes.arguments[i] for i in indices if kinds[i] != "size")
+            outer_acc, inner_acc, finish, row_end = [], [], [], []
+            for i in indices:
+                kind, argument = kinds[i], axes.arguments[i]
+                value = "1.0" if kind == "size" else \
+                    f"np.float64({render(kernel.reductions[i].expr, '_')})"
+                if kind == "size":
+                    # A count, known from the shape: the elements of its argument's axes.
+                    count = ("n" if {"rows", "cols"} <= argument else
+                             "M" if "rows" in argument else "B * C" if "cols" in argument
+                             else "B")
+                    finish.append(f"    r{i} = T({count})")
+                elif kind in ("sum", "norm"):
+                    lines.append(f"    s{i} = 0.0")
+                    term = f"t{i} * t{i}" if kind == "norm" else f"t{i}"
+                    statement = [f"t{i} = {value}", f"s{i} += {term}"]
+                    guard = "rows" not in argument  # one term per matrix, not per row
+                    target = inner_acc if "cols" in argument else outer_acc
+                    target += (["if r == 0:", *(f"    {s}" for s in statement)] if guard
+                               else statement)
+                    finish.append(f"    r{i} = T(np.sqrt(s{i}))" if kind == "norm"
+                                  else f"    r{i} = T(s{i})")
+                elif kind == "row_mean":
+                    lines.append(f"    p{i} = np.zeros(M, np.float64)")
+                    # A register accumulator per row, stored once the row is done.
+                    outer_acc.append(f"a{i} = 0.0")
+                    inner_acc.append(f"a{i} += {value}")
+                    row_end.append(f"p{i}[row] = a{i}")
+                    finish += [f"    q{i} = np.empty(M, T)", "    for k in range(M):",
+                               f"        q{i}[k] = T(p{i}[k] / C)"]
+                else:  # col_mean: of a full value (per column) or of a row value (per matrix)
+                    slots = "B * C" if "cols" in argument else "B"
+                    lines.append(f"    p{i} = np.zeros({slots}, np.float64)")
+                    (inner_acc if "cols" in argument else outer_acc).append(
+                        f"p{i}[{'j' if 'cols' in argument else 'b'}] += {value}")
+                    finish += [f"    q{i} = np.empty({slots}, T)",
+                               f"    for k in range({slots}):",
+                               f"        q{i}[k] = T(p{i}[k] / R)"]
+            lines += _row_loop("range")
+            lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
+            lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
+            lines += assign(entries, True, "        ")
+            lines += [f"        {x}" for x in outer_acc]
+            if inner:
+                lines += ["        for c in range(C):", "            i = row * C + c",
+                          "            j = b * C + c"]
+                lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
+                lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
+                lines += assign(entries, False, "            ")
+                lines += [f"            {x}" for x in inner_acc]
+            lines += [f"        {x}" for x in row_end]
+            lines += finish
+        # The update pass.
+        stored = [(a, kernel.results[a]) for a in kernel.stores]
+        roots = [("local", local) for _, local in stored]
+        entries, loads, reads = _needed(kernel, roots)
+        loop = "numba.prange" if parallel else "range"
+        lines += _row_loop(loop)
+        lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
+        lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
+        lines += assign(entries, True, "        ")
+        lines += ["        for c in range(C):", "            i = row * C + c",
+                  "            j = b * C + c"]
+        lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
+        lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
+        lines += assign(entries, False, "            ")
+        lines += [f"            a_{a}[i] = v_{local}" for a, local in stored
+                  if axes.arrays[a] == _FULL]
+        lines += [f"        a_{a}[row] = v_{local}" for a, local in stored
+                  if "cols" not in axes.arrays[a]]
+        # The column states, once per column, after the pass that read their old values.
+        columns = [(a, local) for a, local in stored
+                   if "cols" in axes.arrays[a] and "rows" not in axes.arrays[a]]
+        if columns:
+            entries, loads, reads = _needed(kernel, [("local", x) for _, x in columns])
+            lines += ["    for b in range(B):", "        for c in range(C):",
+                      "            j = b * C + c"]
+            lines += [f"            l_{a} = a_{a}[j]" for a in sorted(loads)]
+            lines += [f"            r{i} = q{i}[{'j' if 'cols' in axes.reduced[i] else 'b'}]"
+                      for i in sorted(reads) if kinds[i] in _AXIS_KINDS]
+            lines += [f"            v_{t} = {render(e, '_')}" for t, e in entries]
+            lines += [f"            a_{a}[j] = v_{local}" for a, local in columns]
+        return lines
+
+    head = [
+        f'"""Generated by optim_core from rule {kernel.rule!r} (factored loops); key '
+        f'{kernel.key!r}."""',
+        "import numba",
+        "import numpy as np",
+        "",
+        f"T = np.{dtype}",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _sqrt(x):",
+        "    return np.sqrt(x)",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _abs(x):",
+        "    return np.abs(x)",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _maximum(a, b):",
+        "    return a if (a >= b or a != a) else b",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _minimum(a, b):",
+        "    return a if (a <= b or a != a) else b",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _where(condition, a, b):",
+        "    return a if condition else b",
+        "",
+        "",
+        "@numba.njit(inline='always')",
+        "def _sign(x):",
+        "    return T(1) if x > 0 else (T(-1) if x < 0 else (T(0) if x == 0 else x))",
+        "",
+        "",
+    ]
+    # cache=False: the disk cache, where there is a trusted folder, is attached by
+    # _kernel_cache.import_kernel_module, as for the other kernels.
+    for name, parallel in (("kernel", True), ("kernel_serial", False)):
+        head += [f"@numba.njit(parallel={parallel}, cache=False, fastmath=False, "
+                 "error_model='numpy', nogil=True, boundscheck=False)",
+                 f"def {name}({arrays}, R, C{hoisted}):", *body_lines(parallel), "", ""]
+    return "\n".join(head[:-2]) + "\n"
+
+
+class FactoredKernels(NamedTuple):
+    """One factored specialization's loops (multi-threaded update pass, or all serial);
+    ``table`` is None: step plans do not take them."""
+
+    parallel: Any
+    serial: Any
+    table: Any = None
+    factored: bool = True
+
+    def compile(self, dtype: Any, n_arrays: int, n_hoisted: int, small: bool,
+                large: bool) -> None:
+        """Compile the variants a step needs before anything is written."""
+        import numba
+
+        scalar = numba.from_dtype(dtype)
+        signature = ((numba.types.Array(scalar, 1, "C"),) * n_arrays
+                     + (numba.types.int64,) * 2 + (scalar,) * n_hoisted)
+        for needed, dispatcher in ((small, self.serial), (large, self.parallel)):
+            if needed and not dispatcher.overloads:
+                dispatcher.compile(signature)
+
+
+def load(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str],
+         import_module: Any) -> FactoredKernels:
+    """Import (through ``import_module(name, source, names)``, the kernel cache) the loops."""
+    source = factored_source(kernel, dtype, state_shapes)
+    digest = hashlib.sha256(f"{_GENERATOR_VERSION}\n{source}".encode()).hexdigest()[:20]
+    module = import_module(f"optim_core_factored_{kernel.rule}_{dtype}_{digest}", source,
+                           ("kernel", "kernel_serial"))
+    return FactoredKernels(module.kernel, module.kernel_serial)
