@@ -398,10 +398,12 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Opti
         threads for the BLAS libraries of the process (NumPy's OpenBLAS, MKL...) while
         ``fit`` runs, each library's own count put back when it returns or raises
         (:func:`optim_core.train.threads.limited_blas`; callbacks run under the limit
-        too). One by default: a mini-batch's matrix products are too small for BLAS
-        threads to pay, and idle BLAS workers spin while numba's threaded kernels and
-        other processes want the cores (on 2 shared cores, 100 steps of an MLP
-        784-256-10 at batch 128 took 1031 ms with 2 BLAS threads, 240 ms with one).
+        too). One by default: beside other busy processes a multi-threaded product
+        waits for time slices at every barrier, and idle BLAS workers spin while
+        numba's threaded kernels want the cores (on 2 shared cores, load 2.2, 100 steps
+        of an MLP 784-256-10 at batch 128 took 1031 ms with 2 BLAS threads, 240 ms with
+        one); on idle cores more threads can be faster (the same epoch, load 1.6: 0.58
+        s on 2 threads, 0.81 s on one), so give the count where the cores are yours.
         It also makes a run's numbers independent of the machine's core count (BLAS
         sums a product in another order on another number of threads). None leaves
         the libraries as they are; a larger number suits large batches and layers on
