@@ -1,5 +1,6 @@
 """The fused CuPy path: generated CUDA kernels, one launch per large tensor (per buffer with
-flat=True), one per 32 small tensors.
+flat=True), one for all small tensors of a dtype once a step plan is kept (one per 32
+small tensors on the full path).
 
 For each specialization of a rule (see :mod:`optim_core.backends._lowering`),
 :func:`cuda_source` emits CUDA C++ text: the rule's body as a ``__host__ __device__``
@@ -28,6 +29,12 @@ take single-tensor launches only (no multi-tensor table).
 
 Tensors the kernel cannot take as they are (not C-contiguous, a dtype other than
 float32/float64) are stepped by the generic path instead, one by one.
+
+From a group's second step on, a step plan (:mod:`._cuda_plan`) keeps, on the device,
+a table of its small tensors' first blocks, sizes and parameter and state addresses;
+a step then checks the arrays in a few C-level passes, copies the gradients' addresses
+to the device (one asynchronous copy from pinned memory, none if unchanged) and makes
+one ``name_table`` launch per dtype, whatever the number of small tensors.
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ from ._quantized import BLOCK_SIZES, midpoints, quantization_map
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
+    from ._generic import PreparedStep
+
 __all__ = ["CudaImplementation", "CUDA", "cuda_source", "kernel_name", "batch_length",
+           "table_length",
            "COMPILE_OPTIONS", "CUDA_TYPES", "MULTI_TENSORS", "MULTI_MAX_SIZE",
            "REDUCTION_SLOTS", "REDUCTION_MAX_BLOCKS", "accumulator_length",
            "quantized_cuda_source", "quantized_kernel_name", "quantized_threads"]
@@ -214,7 +224,17 @@ def cuda_source(kernel: Kernel) -> str:
       first block of each at ``[K + t]`` (and the total at ``[K + count]``), and its
       arrays' addresses at ``[2K + 1 + a K + t]`` in the kernel's array order.
       Block ``b`` steps the tensor with the last first block ``<= b``, one thread per
-      element (per pack and then per tail element with ``VEC``),
+      element (per pack and then per tail element with ``VEC``);
+    * ``template <typename T> __global__ void name_table(const long long* table, const
+      long long* grads, int count, <scalars>)``: the step plans' launch of ``count``
+      tensors over tables in device memory (:func:`table_length`): ``table`` holds each
+      tensor's first block at ``[t]`` (the total at ``[count]``), its size at
+      ``[count + 1 + t]``, and the addresses of its arrays but the gradient at
+      ``[2 count + 1 + a count + t]`` (``a`` counting the kernel's arrays without the
+      gradient); ``grads[t]`` is its gradient's address. Block ``b`` finds its tensor by a
+      binary search of the first blocks; blocks are sized for packs then the tail, and a
+      tensor with an array off 16-byte alignment takes each pack's elements one by one,
+
 
     and for a kernel with reductions, no ``name_multi`` but the reduction passes (see
     :func:`_reduction_source`): its element functions then also take the reductions'
@@ -323,8 +343,69 @@ def cuda_source(kernel: Kernel) -> str:
         f"        {name}_element<T>(j, {_arguments(kernel)});",
         "    }",
         "}",
+        "",
+        *_table_source(kernel),
     ]
     return "\n".join(lines) + "\n"
+
+
+def table_length(kernel: Kernel, count: int) -> int:
+    """Number of ``long long`` in ``kernel``'s device-resident table of ``count`` tensors
+    (see :func:`cuda_source`): first blocks (and the total), sizes, and the addresses of
+    every array but the gradient."""
+    return 2 * count + 1 + (len(kernel.arrays) - 1) * count
+
+
+def _table_source(kernel: Kernel) -> list[str]:
+    """``name_table``: every small tensor of a step plan in one launch (see
+    :func:`cuda_source`)."""
+    name = kernel_name(kernel)
+    columns = [a for a in kernel.arrays if a != "grad"]
+    unpack = []
+    for a in kernel.arrays:
+        const = "" if a in kernel.stores else "const "
+        source = ("oc_grads[t]" if a == "grad" else
+                  f"oc_table[oc_columns + {columns.index(a)} * (long long)count + t]")
+        unpack.append(f"    {const}T* __restrict__ a_{a} = reinterpret_cast<{const}T*>({source});")
+    misaligned = " | ".join(f"reinterpret_cast<unsigned long long>(a_{a})"
+                            for a in kernel.arrays)
+    hoisted_parameters = "".join(f", T h{i}" for i in range(kernel.n_hoisted))
+    return [
+        "// Many tensors, one launch, a table on the device: oc_table holds the first",
+        "// block of each tensor (and the total), then the sizes, then each array's",
+        "// addresses but the gradients', which oc_grads holds (uploaded each step).",
+        "template <typename T>",
+        f"__global__ void {name}_table(const long long* __restrict__ oc_table, "
+        f"const long long* __restrict__ oc_grads, int count{hoisted_parameters}) {{",
+        "    const long long block = blockIdx.x;",
+        "    // The last tensor whose first block is <= this one (each has at least one).",
+        "    int low = 0, high = count - 1;",
+        "    while (low < high) {",
+        "        const int middle = (low + high + 1) >> 1;",
+        "        if (oc_table[middle] <= block) low = middle; else high = middle - 1;",
+        "    }",
+        "    const int t = low;",
+        "    const long long n = oc_table[count + 1 + t];",
+        "    const long long oc_columns = 2 * (long long)count + 1;",
+        *unpack,
+        "    // Blocks are sized for 16-byte packs, then the tail; a tensor with an array",
+        "    // off 16-byte alignment (a gradient can be) takes the same elements one by one.",
+        "    constexpr int V = 16 / sizeof(T);",
+        "    const long long j = (block - oc_table[t]) * blockDim.x + threadIdx.x;",
+        "    const long long n_packs = n / V;",
+        "    if (j < n_packs) {",
+        f"        if ((({misaligned}) & 15) == 0) {{",
+        f"            {name}_pack<T>(j, {_arguments(kernel)});",
+        "        } else {",
+        "            for (int k = 0; k < V; ++k) {",
+        f"                {name}_element<T>(j * V + k, {_arguments(kernel)});",
+        "            }",
+        "        }",
+        "    } else if (n_packs * V + (j - n_packs) < n) {",
+        f"        {name}_element<T>(n_packs * V + (j - n_packs), {_arguments(kernel)});",
+        "    }",
+        "}",
+    ]
 
 
 _QUANTIZED_PRELUDE = """\
@@ -471,9 +552,11 @@ class CudaImplementation(FusedImplementation):
     """The fused CuPy implementation: generated kernels, in place, a few launches a step.
 
     A tensor of more than ``multi_max_size`` elements gets a launch of its own; smaller
-    ones share launches, :data:`MULTI_TENSORS` at a time, by specialization, dtype and
-    alignment. Every launch has one thread per element, or per 16-byte pack where all
-    of a tensor's arrays are 16-byte aligned.
+    ones share launches: through a kept step plan (:meth:`make_plan`), all of a dtype in
+    one launch over a device-resident table; on the full path (the first step, or
+    anything the plan does not take), :data:`MULTI_TENSORS` at a time, by specialization,
+    dtype and alignment. Every launch has one thread per element, or per 16-byte pack
+    where all of a tensor's arrays are 16-byte aligned.
 
     Parameters
     ----------
@@ -553,7 +636,8 @@ class CudaImplementation(FusedImplementation):
             for stage in range(lowered.n_stages):
                 expressions += [f"{name}_reduce{stage}<{ctype}>", f"{name}_finish{stage}"]
         else:
-            expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>"]
+            expressions += [f"{name}_multi<{ctype}, false>", f"{name}_multi<{ctype}, true>",
+                            f"{name}_table<{ctype}>"]
         module = cupy.RawModule(code=cuda_source(lowered), options=COMPILE_OPTIONS,
                                 name_expressions=expressions)
         functions = [module.get_function(e) for e in expressions]
@@ -564,7 +648,7 @@ class CudaImplementation(FusedImplementation):
             return _Kernels(functions[0], functions[1], None, None, batch,
                             tuple(zip(functions[2::2], functions[3::2])), counts,
                             accumulator_length(lowered))
-        return _Kernels(*functions, batch)
+        return _Kernels(*functions[:4], batch, table=functions[4])
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
         """A launch per large tensor, one per :data:`MULTI_TENSORS` small ones."""
@@ -601,6 +685,85 @@ class CudaImplementation(FusedImplementation):
         for kernels, hoisted, pack, tensors in small.values():
             for first in range(0, len(tensors), MULTI_TENSORS):
                 self._launch_many(kernels, hoisted, tensors[first:first + MULTI_TENSORS], pack)
+
+    # ----------------------------------------------------------------- step plans
+    keeps_plans = True
+
+    @property
+    def device(self) -> Any:
+        """The device operations of the step plans (:class:`._cuda_plan.CupyDevice`)."""
+        device = self.__dict__.get("_device")
+        if device is None:
+            from ._cuda_plan import CupyDevice
+
+            device = self.__dict__["_device"] = CupyDevice()
+        return device
+
+    @device.setter
+    def device(self, device: Any) -> None:
+        self.__dict__["_device"] = device
+
+    def make_plan(self, names: tuple[str, ...], records: list[Any],
+                  states: list[dict[str, Any]]) -> Any:
+        """A device-resident table per dtype of the group's small tensors and what each
+        step checks (:mod:`._cuda_plan`)."""
+        from . import _cuda_plan
+
+        arrays = 2 + len(names)
+        return _cuda_plan.make_plan(
+            names, records, self.threads, self.multi_max_size, self.max_blocks, self.device,
+            lambda count: 2 * count + 1 + (arrays - 1) * count)
+
+    def planned_step(self, rule: UpdateRule, data: Any, grads: Any, scalars: dict[str, Any],
+                     params: list[Any], finite: bool = False) -> PreparedStep | None:
+        """The kernels of each specialization, compiled; the gradients and the planned
+        arrays checked (None if any differs, if a specialization reduces, or with
+        ``finite``: the full path checks finiteness); then a step that uploads the
+        gradients' addresses and makes one table launch per dtype, one per large tensor."""
+        from . import _cuda_plan
+        from ._generic import PreparedStep
+
+        if finite:
+            return None
+        present = frozenset(data.names)
+        calls = []
+        for spec, view in zip(data.specs, data.grads_views, strict=True):
+            dtype = spec[0]
+            kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
+            if kernels.table is None:
+                return None  # a specialization with reduction passes: the full path
+            calls.append((kernels, [dtype.type(h) for h in hoisted], spec, view))
+        found = _cuda_plan.gradient_addresses(data, grads)
+        if found is None:
+            return None
+        ordered, addresses = found
+        threads, max_blocks, large = self.threads, self.max_blocks, data.large
+
+        def run() -> list[Any]:
+            stream = data.upload(addresses)
+            launches = 0
+            for kernels, hoisted, (dtype, _, split, last, table, count, blocks), view in calls:
+                if count:
+                    # The table's block counts are for the plan's threads a block.
+                    kernels.table((blocks,), (data.threads,),
+                                  (table, view, np.int32(count), *hoisted))
+                    launches += 1
+                per_pack = 16 // dtype.itemsize
+                for row in range(split, last):
+                    _, arrays, aligned = large[row]
+                    grad = ordered[row]
+                    n = arrays[0].size
+                    vec = aligned and int(addresses[row]) % 16 == 0
+                    per_block = threads * (per_pack if vec else 1)
+                    function = kernels.vec if vec else kernels.any
+                    function((min((n + per_block - 1) // per_block, max_blocks),), (threads,),
+                             (np.int64(n), arrays[0], grad, *arrays[1:], *hoisted))
+                    launches += 1
+            data.launched(stream)
+            self.launches += launches
+            return params
+
+        return PreparedStep(run)
 
     def fusable(self, arrays: list[Any]) -> bool:
         """C-contiguous CuPy arrays of one dtype, float32 or float64."""
@@ -716,6 +879,9 @@ class _Kernels(NamedTuple):
     stages: tuple = ()
     counts: tuple[int, ...] = ()
     accumulator: int = 0
+    #: ``name_table``, the step plans' one launch for all small tensors (None: a rule
+    #: with reductions).
+    table: Any = None
 
 
 CUDA = CudaImplementation()

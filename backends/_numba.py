@@ -50,7 +50,7 @@ __all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kern
            "quantized_kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 4
 #: Tensors with fewer elements run on the calling thread (the serial kernel, which never
 #: touches numba's thread pool). Waking numba's (OpenMP) workers costs
 #: more than such a pass takes, and workers left spinning slow down the BLAS threads of the
@@ -72,7 +72,10 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     kernel without reductions also has ``kernel_table(table, first, last, h0, ...)``,
     the same loop on the calling thread over rows ``first .. last - 1`` of an int64
     table of tensors (each row: the size, then the address of each array in the
-    kernel's order), and ``finite_table`` (see below), for step plans.
+    kernel's order), ``kernel_parts(table, parts, h0, ...)``, the same loop on all
+    threads over ``parts`` of those rows (each part a stretch of equal length of the
+    rows laid end to end, see :func:`~optim_core.backends._numba_plan.table_parts`),
+    and ``finite_table`` (see below), for step plans.
     """
     arrays = ", ".join(f"a_{a}" for a in kernel.arrays)
     hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
@@ -184,6 +187,26 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
           for index, a in enumerate(kernel.arrays)),
         "        for i in range(table[t, 0]):",
         *(f"    {line}" for line in body),
+        "",
+        "",
+    ]
+    # The same over parts of the rows, one part per iteration of a parallel loop: part q
+    # runs from element parts[q, 1] of row parts[q, 0] up to element parts[q, 3] of row
+    # parts[q, 2] (exclusive). Each stretch is indexed from 0 through pointers offset to
+    # its start, so the inner loop vectorizes as kernel_table's does.
+    itemsize = np.dtype(dtype).itemsize
+    lines += [
+        decorator.format(True),
+        f"def kernel_parts(table, parts{hoisted}):",
+        "    for q in numba.prange(parts.shape[0]):",
+        "        last = parts[q, 2]",
+        "        for t in range(parts[q, 0], last + 1):",
+        "            start = parts[q, 1] if t == parts[q, 0] else 0",
+        "            stop = parts[q, 3] if t == last else table[t, 0]",
+        *(f"            a_{a} = _pointer(table[t, {1 + index}] + {itemsize} * start, T(0))"
+          for index, a in enumerate(kernel.arrays)),
+        "            for i in range(stop - start):",
+        *(f"        {line}" for line in body),
         "",
         "",
     ]
@@ -504,24 +527,22 @@ class NumbaImplementation(FusedImplementation):
 
     def make_plan(self, names: tuple[str, ...], records: list[Any],
                   states: list[dict[str, Any]]) -> Any:
-        """A table of the group's tensors and what each step checks (:mod:`._numba_plan`)."""
-        return _numba_plan.make_plan(names, records, states, _PARALLEL_MIN_SIZE)
+        """A table of the group's tensors and what each step checks (:mod:`._numba_plan`),
+        with a thread choice for each specialization's pass."""
+        plan = _numba_plan.make_plan(names, records, states, _PARALLEL_MIN_SIZE)
+        if plan is not None:
+            plan.choices = [_ThreadChoice() for _ in plan.specs]
+            plan.ready = set()
+        return plan
 
     def planned_step(self, rule: UpdateRule, data: Any, grads: Any, scalars: dict[str, Any],
                      params: list[Any], finite: bool = False) -> PreparedStep | None:
         """The kernels of each specialization, compiled; then one compiled pass checks
         every planned array and gradient and fills the table (None if any differs, or,
         with ``finite``, if a gradient is not finite)."""
-        present = frozenset(data.names)
-        calls = []
-        for dtype, first, split, last in data.specs:
-            kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
-            if kernels.table is None:
-                return None  # a specialization with reduction passes: the full path
-            hoisted = [dtype.type(h) for h in hoisted]
-            self._ready_table(kernels, dtype, data.n_arrays, len(hoisted), split > first,
-                              last > split)
-            calls.append((kernels, hoisted, first, split, last))
+        calls = self.table_calls(rule, data, scalars)
+        if calls is None:
+            return None
         # An object array holds the gradients (in table order) and is, in memory, the
         # table of their addresses (ids): made in C, with no Python int per gradient.
         ordered = np.fromiter(grads if data.order is None else data.order(grads), object,
@@ -531,40 +552,60 @@ class NumbaImplementation(FusedImplementation):
                                             data.shapes, data.table) >= 0:
             return None
         if finite and any(kernels.finite(data.table, first, last) >= 0
-                          for kernels, _, first, _, last in calls):
+                          for kernels, _, first, last, _, _, _ in calls):
             return None  # the full path skips or raises, naming the parameter
-        table, large = data.table, data.large
 
         def run() -> list[Any]:
-            launches = 0
-            for kernels, hoisted, first, split, last in calls:
-                if split > first:
-                    kernels.table(table, first, split, *hoisted)
-                    launches += 1
-                for row in range(split, last):
-                    index, arrays = large[row]
-                    self.threads.run(kernels, (arrays[0], grads[index].reshape(-1),
-                                               *arrays[1:]), hoisted)
-                    launches += 1
-            self.launches += launches
+            self.run_table(calls, data)
             return params
 
         return PreparedStep(run)
 
-    def _ready_table(self, kernels: _Kernels, dtype: np.dtype, n_arrays: int, n_hoisted: int,
-                     small: bool, large: bool) -> None:
-        """Compile the table loop (small tensors) and the multi-threaded one (large)."""
-        if not kernels.finite.overloads or (small and not kernels.table.overloads):
-            import numba
+    def table_calls(self, rule: UpdateRule, data: Any, scalars: dict[str, Any]
+                    ) -> list[tuple] | None:
+        """The calls a step of plan ``data`` makes with these scalars, each specialization's
+        loops compiled; None where one has reduction passes (the full path runs it)."""
+        present = frozenset(data.names)
+        calls = []
+        for (dtype, first, last, parts, size), choice in zip(data.specs, data.choices):
+            kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
+            if kernels.table is None:
+                return None
+            hoisted = [dtype.type(h) for h in hoisted]
+            if kernels not in data.ready:
+                self._ready_table(kernels, dtype, len(hoisted), parts is not None)
+                data.ready.add(kernels)
+            calls.append((kernels, hoisted, first, last, parts, size, choice))
+        return calls
 
-            rows = (numba.types.Array(numba.types.int64, 2, "C"), numba.types.int64,
-                    numba.types.int64)
-            if not kernels.finite.overloads:
-                kernels.finite.compile(rows)
-            if small and not kernels.table.overloads:
-                kernels.table.compile(rows + (numba.from_dtype(dtype),) * n_hoisted)
-        if large:
-            self.ready(kernels, dtype, n_arrays, n_hoisted, False, True)
+    def run_table(self, calls: list[tuple], data: Any) -> None:
+        """Run :meth:`table_calls` over the table of ``data``, its gradient column filled
+        (checked): one call per specialization, on all threads (over the parts of its rows)
+        where its tensors hold :data:`_PARALLEL_MIN_SIZE` elements or more and that is
+        faster now (:class:`_ThreadChoice`), else on the calling thread."""
+        table = data.table
+        for kernels, hoisted, first, last, parts, size, choice in calls:
+            if parts is None:
+                kernels.table(table, first, last, *hoisted)
+            else:
+                choice.call(kernels.parts, kernels.table, (table, parts, *hoisted), size,
+                            (table, first, last, *hoisted))
+        self.launches += len(calls)
+
+    def _ready_table(self, kernels: _Kernels, dtype: np.dtype, n_hoisted: int,
+                     parallel: bool) -> None:
+        """Compile the table loops: on the calling thread, and over parts on all threads."""
+        import numba
+
+        rows = (numba.types.Array(numba.types.int64, 2, "C"), numba.types.int64,
+                numba.types.int64)
+        scalars = (numba.from_dtype(dtype),) * n_hoisted
+        if not kernels.finite.overloads:
+            kernels.finite.compile(rows)
+        if not kernels.table.overloads:
+            kernels.table.compile(rows + scalars)
+        if parallel and not kernels.parts.overloads:
+            kernels.parts.compile(rows[:1] * 2 + scalars)
 
     def kernel_array(self, array: Any) -> Any:
         """The kernel's 1-D view of a C-contiguous array."""
@@ -615,17 +656,27 @@ class _ThreadChoice:
         self.lock = threading.Lock()
 
     def run(self, kernels: Any, arrays: tuple, hoisted: list) -> None:
-        parallel, serial = self.per_element[True], self.per_element[False]
-        if parallel is None or serial is None:
-            threaded = parallel is None
+        """One tensor's pass: ``kernels.parallel`` or ``kernels.serial`` over ``arrays``."""
+        self.call(kernels.parallel, kernels.serial, (*arrays, *hoisted), arrays[0].size)
+
+    def call(self, parallel: Any, serial: Any, arguments: tuple, size: int,
+             serial_arguments: tuple | None = None) -> None:
+        """Run ``parallel(*arguments)`` or ``serial(*serial_arguments)`` (the same
+        elements, ``size`` of them, the same way), whichever is faster now."""
+        per_parallel, per_serial = self.per_element[True], self.per_element[False]
+        if per_parallel is None or per_serial is None:
+            threaded = per_parallel is None
         else:
-            threaded = parallel <= serial
+            threaded = per_parallel <= per_serial
             self.countdown -= 1
             if self.countdown <= 0:
                 threaded = not threaded  # a probe of the other loop
         start = time.perf_counter()
-        (kernels.parallel if threaded else kernels.serial)(*arrays, *hoisted)
-        seconds = (time.perf_counter() - start) / max(arrays[0].size, 1)
+        if threaded:
+            parallel(*arguments)
+        else:
+            serial(*(arguments if serial_arguments is None else serial_arguments))
+        seconds = (time.perf_counter() - start) / max(size, 1)
         with self.lock:
             before = self.per_element[threaded]
             # A probe's time replaces the old one (long out of date by then).
@@ -664,6 +715,7 @@ class _Kernels(NamedTuple):
     stages: tuple[_Loops, ...] = ()
     kinds: tuple[tuple[str, ...], ...] = ()
     finite: Any = None
+    parts: Any = None
 
     @property
     def n_reduced(self) -> int:
@@ -683,7 +735,7 @@ def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
         if module is None:
             names = ["kernel", "kernel_serial"]
             if not layout and not kernel.n_stages:
-                names += ["kernel_table", "finite_table"]
+                names += ["kernel_table", "kernel_parts", "finite_table"]
             for stage in range(kernel.n_stages):
                 names += [f"reduce{stage}", f"reduce{stage}_serial"]
             module = _MODULES[module_name] = import_kernel_module(module_name, source,
@@ -696,7 +748,7 @@ def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
         return _Kernels(module.kernel, module.kernel_serial, None, layout, names)
     if not kernel.n_stages:
         return _Kernels(module.kernel, module.kernel_serial, module.kernel_table,
-                        finite=module.finite_table)
+                        finite=module.finite_table, parts=module.kernel_parts)
     stages = tuple(_Loops(getattr(module, f"reduce{p}"), getattr(module, f"reduce{p}_serial"))
                    for p in range(kernel.n_stages))
     kinds = tuple(tuple(kernel.reductions[i].kind for i in kernel.reduction_pass(p).reductions)

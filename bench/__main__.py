@@ -71,7 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float,
                         help="seconds; cells that would start later are recorded as skipped")
     parser.add_argument("--floor-numel", type=int,
-                        help="elements per array of the floor kernel (default CPU 2**25, "
+                        help="elements per array of the floor kernel (default CPU 10**7, "
                              "GPU 2**28)")
     args = parser.parse_args(argv)
     try:

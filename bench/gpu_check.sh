@@ -15,7 +15,8 @@
 #   environment.txt  what is installed, nvidia-smi, git commit
 #   pytest-gpu.log   the GPU tests (CuPy-parametrized tests and those using the gpu fixture)
 #   bench-gpu.json   the benchmark's full results;  bench-gpu.md  its table and targets
-#   bench-gpu.log    the benchmark's progress output
+#   bench-gpu.log    the benchmark's progress output, then bench/gpu_plans.py's table (the
+#                    default path's step plans vs torch fused) and its target lines
 #   cuda-tuning.json, cuda-tuning.md  the launch-configuration sweep (bench/cuda_tuning.py)
 #   summary.txt      card, date, each part's exit status, the targets
 set -uo pipefail
@@ -33,6 +34,7 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-60}
 TUNING_TIMEOUT=${TUNING_TIMEOUT:-35}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 BENCH_LIMIT=${BENCH_LIMIT:-185}
+PLANS_TIMEOUT=${PLANS_TIMEOUT:-60}  # bench.gpu_plans: 3 workloads x 4 kinds x 7 rounds
 BENCH_BUDGET=${BENCH_BUDGET:-0.1}   # seconds of timed repeats per cell
 BENCH_ARGS=${BENCH_ARGS:-}          # e.g. "--optimizers adam --workloads resnet50"
 
@@ -152,11 +154,17 @@ if [ "$DRY_RUN" = 0 ]; then
         --budget "$BENCH_BUDGET" ${BENCH_ARGS:-} --out "$OUTDIR/bench-gpu.json" 2>&1 \
         | tee "$OUTDIR/bench-gpu.log"
     BENCH=${PIPESTATUS[0]}
+    # Step plans (issue 17 item 1): the default path, same and new gradient addresses each
+    # step, the full path and torch fused on ResNet-50, GPT-2 small and 1000 x 1000.
+    # Appended to bench-gpu.log: no file more to bring back.
+    timeout "$PLANS_TIMEOUT" "$PYTHON" -m bench.gpu_plans 2>&1 | tee -a "$OUTDIR/bench-gpu.log"
+    PLANS=${PIPESTATUS[0]}
     # Quantized states (issue 14): state bytes per parameter and the 8-bit step's speed.
     timeout "$BENCH_TIMEOUT" "$PYTHON" -m bench.low_memory --gpu \
         --json "$OUTDIR/low-memory-gpu.json" 2>&1 | tee "$OUTDIR/low-memory-gpu.log"
 else
     TUNING=skipped
+    PLANS=skipped
     echo "dry run: a tiny CPU benchmark instead of the GPU one"
     timeout "$BENCH_TIMEOUT" "$PYTHON" -m bench --quick --optimizers adam,lion \
         --impls ours-fused,ours-generic,naive-numpy,torch-fused \
@@ -169,6 +177,8 @@ fi
     echo "optim-core GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), card: $CARD, dry run: $DRY_RUN"
     echo "GPU tests exit status: $TESTS ($(tail -n1 "$OUTDIR/pytest-gpu.log"))"
     echo "launch sweep exit status: $TUNING"
+    echo "step plans exit status: $PLANS"
+    if [ -f "$OUTDIR/bench-gpu.log" ]; then grep -E '^target plans' "$OUTDIR/bench-gpu.log"; fi
     echo "benchmark exit status: $BENCH (124: timed out; the cells measured are still written)"
     if [ -f "$OUTDIR/bench-gpu.md" ]; then grep -E '^(floor|target)' "$OUTDIR/bench-gpu.md"; fi
     echo "total: $(( $(date +%s) - START )) s"

@@ -45,6 +45,7 @@ from optim_core.backends._cuda import (
     batch_length,
     cuda_source,
     kernel_name,
+    table_length,
 )
 from optim_core.backends._generic import GENERIC
 from optim_core.backends._lowering import lower
@@ -152,6 +153,15 @@ def library_source(specializations) -> tuple[str, dict]:
                 f"    oc_emulate(grid, block, backwards,\n"
                 f"               [&] {{ {function}(batch, count{scalars}); }});\n"
                 f"}}")
+        # The step plans' kernel: a table and the gradients' addresses in (host) memory.
+        symbol = f"oc_launch_{len(symbols)}"
+        symbols[name, dtype, "table"] = symbol
+        parts.append(
+            f'extern "C" void {symbol}(unsigned grid, unsigned block, int backwards, '
+            f"const long long* table, const long long* grads, int count, const void* h) {{\n"
+            f"    oc_emulate(grid, block, backwards,\n"
+            f"               [&] {{ {name}_table<{ctype}>(table, grads, count{scalars}); }});\n"
+            f"}}")
     return "\n".join(parts) + "\n", symbols
 
 
@@ -164,9 +174,18 @@ class Launcher:
         for key, symbol in symbols.items():
             getattr(self.library, symbol).argtypes = [
                 ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_longlong,
-                ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p] if len(key) == 3 else [
+                ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p] if len(key) == 3 and \
+                key[2] != "table" else [
+                ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_int, ctypes.c_void_p] if len(key) == 3 else [
                 ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                 ctypes.c_void_p]
+
+    def table(self, name, dtype, grid, block, backwards, table, grads, count, hoisted):
+        """An emulated launch of ``name_table<dtype>`` over tables at these addresses."""
+        function = getattr(self.library, self.symbols[name, dtype, "table"])
+        scalars = np.ascontiguousarray(hoisted, dtype=dtype)
+        function(grid, block, int(backwards), table, grads, count, scalars.ctypes.data)
 
     def multi(self, name, dtype, vectorized, grid, block, backwards, table, count, hoisted):
         """An emulated launch of ``name_multi<dtype, vectorized>`` over ``table``."""
@@ -375,7 +394,7 @@ class DeviceStandIn:
         self.buffer = Guarded(np.asarray(values), misalign)
         self.host = self.buffer.array
         self.dtype, self.size, self.flags = self.host.dtype, self.host.size, self.host.flags
-        self.shape = self.host.shape
+        self.shape, self.strides = self.host.shape, self.host.strides
         self.data = SimpleNamespace(ptr=self.buffer.pointer)
 
 
@@ -441,17 +460,97 @@ class EmulatedMultiKernel(EmulatedKernel):
                             [float(h) for h in hoisted])
 
 
+class EmulatedTableKernel(EmulatedKernel):
+    """Stands in for ``name_table``: ``kernel((blocks,), (threads,), (table, grads, count,
+    *h))``, both tables device arrays (here host memory)."""
+
+    def __call__(self, grid, block, args):
+        (blocks,), (threads,) = grid, block
+        table, grads, count, *hoisted = args
+        self._check_scalars(hoisted)
+        assert type(count) is np.int32 and count >= 1
+        assert isinstance(table, HostDeviceArray) and isinstance(grads, HostDeviceArray)
+        assert table.size == table_length(self.kernel, int(count)) and grads.size == count
+        values = table.host
+        first, sizes = values[:count + 1], values[count + 1:2 * count + 1]
+        # Each tensor gets exactly the blocks its packs and tail need, and at least one.
+        pack = 16 // self.dtype.itemsize
+        assert first[0] == 0 and blocks == first[-1] and threads >= 1
+        assert list(np.diff(first)) == [-(-(int(n) // pack + int(n) % pack) // threads)
+                                        for n in sizes]
+        assert all(n >= 1 for n in sizes)
+        self.log.append(SimpleNamespace(multi=True, table=True, blocks=blocks, threads=threads,
+                                        count=int(count), sizes=[int(n) for n in sizes],
+                                        dtype=self.dtype.name))
+        self.launcher.table(kernel_name(self.kernel), self.dtype.name, blocks, threads,
+                            self.backwards, table.data.ptr, grads.data.ptr, int(count),
+                            [float(h) for h in hoisted])
+
+
+class HostDeviceArray:
+    """A device array of the host stand-in of CuPy: a NumPy array and its address."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self.host, self.size = host, host.size
+        self.data = SimpleNamespace(ptr=host.ctypes.data)
+
+    def __getitem__(self, where: slice) -> HostDeviceArray:
+        return HostDeviceArray(self.host[where])
+
+
+class HostEvent:
+    """An event of the host stand-in: launches run at once, so it is always done."""
+
+    done = True
+
+    def record(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class HostDevice:
+    """The device operations of the step plans, on host memory; counts the copies."""
+
+    def __init__(self) -> None:
+        self.uploads, self.tables = 0, 0
+
+    def to_device(self, host):
+        self.tables += 1
+        return HostDeviceArray(np.array(host, dtype=np.int64))
+
+    def empty(self, n):
+        return HostDeviceArray(np.full(n, -1, dtype=np.int64))
+
+    def pinned(self, n):
+        return np.zeros(n, dtype=np.int64), None
+
+    def stream(self):
+        return SimpleNamespace(ptr=0, wait_event=lambda event: None)
+
+    def event(self):
+        return HostEvent()
+
+    def upload(self, device, host, stream):
+        self.uploads += 1
+        device.host[...] = host
+
+
 def emulated_implementation(launcher, specializations, log, backwards=False,
                             **options) -> CudaImplementation:
-    """A CudaImplementation whose compiled kernels are the emulated launches."""
+    """A CudaImplementation whose compiled kernels are the emulated launches and whose
+    step plans' device is host memory."""
     implementation = CudaImplementation(**options)
+    implementation.device = HostDevice()
     for (_, dtype), entry in specializations.items():
         kernels = [cls(launcher, entry["kernel"], dtype, vectorized, log, backwards)
                    for cls in (EmulatedKernel, EmulatedMultiKernel)
                    for vectorized in (False, True)]
         batch = np.dtype([("v", np.int64, (batch_length(entry["kernel"]),))])
         implementation.compiled[entry["rule"].name, entry["key"], dtype] = _Kernels(
-            *kernels, batch)
+            *kernels, batch, table=EmulatedTableKernel(launcher, entry["kernel"], dtype, True,
+                                                       log, backwards))
     return implementation
 
 
@@ -558,3 +657,240 @@ def test_step_sweeps_a_tensor_larger_than_the_capped_grid(specializations, launc
             np.testing.assert_allclose(array.host, want[s], **TOLERANCE[dtype],
                                        err_msg=f"{name} {s}")
     assert checked == ELEMENTWISE_CASE_RULES
+
+
+# ----------------------------------------------------------------- the step plans
+def planned_step(implementation, rule, params, grads, states, scalars, cache):
+    """:meth:`plan_step` as the optimizer calls it: the prepared step, or None."""
+    names = frozenset(n for state in states[:1] for n in state)
+    return implementation.plan_step(rule, params, grads, states, scalars, names, list(params),
+                                    [p.shape for p in params], cache)
+
+
+def plan_case(entry, sizes, misaligned_grads=(), seed=0):
+    """Stand-ins of ``sizes`` (the entry's values repeated), StateDicts of states, and the
+    generic path's results on copies."""
+    from optim_core.backends._fused import StateDict
+
+    rng = np.random.default_rng(seed)
+    params, grads, states, wants = [], [], [], []
+    for index, n in enumerate(sizes):
+        tile = {a: np.resize(v, n) * (1 + rng.random(n)).astype(v.dtype)
+                for a, v in inputs(entry, entry["param"].size).items()}
+        offset = entry["param"].dtype.itemsize if index in misaligned_grads else 0
+        params.append(DeviceStandIn(tile["param"], 0))
+        grads.append(DeviceStandIn(tile["grad"], offset))
+        states.append(StateDict({s: DeviceStandIn(tile[s], 0) for s in entry["state"]}))
+        wants.append(generic_result({**entry, "param": tile["param"], "grad": tile["grad"],
+                                     "state": {s: tile[s] for s in entry["state"]}}, n))
+    return params, grads, states, wants
+
+
+def assert_bitwise_generic(params, grads, states, wants, where):
+    for index, (param, state, want) in enumerate(zip(params, states, wants, strict=True)):
+        assert bitwise_equal(param.host, want["param"]), f"{where} tensor {index} param"
+        for name, array in state.items():
+            assert bitwise_equal(array.host, want[name]), f"{where} tensor {index} {name}"
+        assert all(a.buffer.guards_intact() for a in (param, grads[index], *state.values()))
+
+
+def table_entries(specializations, dtype=None):
+    return [(name, entry) for (name, kernel_dtype), entry in specializations.items()
+            if dtype is None or kernel_dtype == dtype]
+
+
+def test_planned_step_runs_every_small_tensor_in_one_table_launch_bit_for_bit(specializations,
+                                                                              launcher):
+    # Per specialization and dtype: empty, 1, a block's elements -1 and +1 (in packs and
+    # element-wise), 70 tensors (more than one old launch's 32), one grad off 16-byte
+    # alignment (its tensor takes the same elements one by one); forwards and backwards.
+    for name, entry in table_entries(specializations):
+        dtype = entry["param"].dtype
+        block = _THREADS * (16 // dtype.itemsize)
+        sizes = [0, 1, _THREADS - 1, _THREADS + 1, block - 1, block, block + 1, 3, 0, 2,
+                 *range(5, 65)]
+        for backwards in (False, True):
+            log: list = []
+            implementation = emulated_implementation(launcher, specializations, log, backwards)
+            params, grads, states, wants = plan_case(entry, sizes, misaligned_grads={3, 6})
+            # The plan is made from a full check, then steps (nothing runs before run()).
+            ready = planned_step(implementation, entry["rule"], params, grads, states,
+                                 entry["scalars"], cache := {})
+            assert ready is not None, name
+            assert log == []
+            ready.run()
+            [launch] = log
+            assert launch.table and launch.count == len([n for n in sizes if n])
+            assert launch.sizes == [n for n in sizes if n]  # the parameters' order
+            assert_bitwise_generic(params, grads, states, wants, f"{entry['case']} {name}")
+            assert cache["plan"].data is not None
+
+
+def test_planned_step_launches_each_dtype_once_and_each_large_tensor_alone(specializations,
+                                                                           launcher):
+    # One group mixing float32 and float64 tensors of one rule, 2**20 elements (the
+    # largest that shares the table) and 2**20 + 1 (its own launch), aligned and not.
+    entries = {dtype: next(e for (_, d), e in specializations.items()
+                           if e["rule"].name == "adam" and d == dtype
+                           and set(e["state"]) == {"exp_avg", "exp_avg_sq"})
+               for dtype in CUDA_TYPES}
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log)
+    params, grads, states, wants = [], [], [], []
+    for dtype, sizes, misaligned in (("float32", [MULTI_MAX_SIZE, 7, MULTI_MAX_SIZE + 1], {}),
+                                     ("float64", [5, MULTI_MAX_SIZE + 1, 0, 1], {1})):
+        case = plan_case(entries[dtype], sizes, misaligned_grads=misaligned, seed=len(params))
+        for into, part in zip((params, grads, states, wants), case, strict=True):
+            into.extend(part)
+    rule, scalars, cache = entries["float32"]["rule"], entries["float32"]["scalars"], {}
+    ready = planned_step(implementation, rule, params, grads, states, scalars, cache)
+    ready.run()
+    tables = sorted((e.dtype, sorted(e.sizes)) for e in log if getattr(e, "table", False))
+    assert tables == [("float32", [7, MULTI_MAX_SIZE]), ("float64", [1, 5])]
+    alone = sorted((e.n, e.vectorized) for e in log if not e.multi)
+    assert alone == [(MULTI_MAX_SIZE + 1, False), (MULTI_MAX_SIZE + 1, True)]
+    assert implementation.launches == 4
+    assert_bitwise_generic(params, grads, states, wants, "mixed dtypes")
+
+
+def test_gradient_addresses_are_copied_only_when_they_change(specializations, launcher):
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32")
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log)
+    params, grads, states, _ = plan_case(entry, [3, 1000, 17])
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    device = implementation.device
+    for _ in range(3):
+        planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    assert device.tables == 1  # one device table per dtype, made with the plan
+    assert device.uploads == 1  # the same gradients: the device has their addresses
+    fresh = [DeviceStandIn(g.host.copy(), 0) for g in grads]
+    planned_step(implementation, rule, params, fresh, states, scalars, cache).run()
+    assert device.uploads == 2 and device.tables == 1
+    # A new learning rate is a kernel argument: no new table, no recompilation.
+    planned_step(implementation, rule, params, fresh, states, {**scalars, "lr": 0.5},
+                 cache).run()
+    assert device.tables == 1 and len(log) == 5
+
+
+def test_a_plan_never_launches_with_a_replaced_or_moved_array(specializations, launcher):
+    from optim_core.backends._fused import StateDict
+
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32"
+                 and set(e["state"]) == {"exp_avg", "exp_avg_sq"})
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log)
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    params, grads, states, _ = plan_case(entry, [4, 9, 16])
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is not None
+    plan = cache["plan"]
+
+    # A state replaced in its StateDict: a new plan, with the new array's address.
+    old = states[1]["exp_avg"]
+    states[1]["exp_avg"] = DeviceStandIn(old.host.copy(), 0)
+    before = old.host.copy()
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    assert cache["plan"] is not plan
+    assert bitwise_equal(old.host, before)  # the replaced array is not written
+    assert not bitwise_equal(states[1]["exp_avg"].host, before)
+
+    # A parameter replaced in the list (not yet checked by the optimizer): no plan.
+    plan = cache["plan"]
+    replaced = [*params[:2], DeviceStandIn(params[2].host.copy(), 0)]
+    assert implementation.plan_step(rule, replaced, grads, states, scalars,
+                                    frozenset(states[0]), params, [p.shape for p in params],
+                                    cache) is None
+    assert "plan" not in cache
+    # Checked by the optimizer: a new plan for it.
+    params[2] = replaced[2]
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is not None
+    assert cache["plan"] is not plan
+
+    # A planned array that moved (re-initialized in place), or a state dict that is a
+    # plain dict: the step is left to the full path, nothing written.
+    launches = len(log)
+    moved = states[0]["exp_avg_sq"]
+    data = moved.data
+    moved.data = SimpleNamespace(ptr=data.ptr)  # re-initialized: a new memory pointer
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is None
+    moved.data = data
+    moved.size -= 1
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is None
+    moved.size += 1
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is not None
+    plain = [dict(s) for s in states]
+    assert planned_step(implementation, rule, params, grads, plain, scalars, {}) is None
+    assert planned_step(implementation, rule, params, grads, plain, scalars, {}) is None
+    assert len(log) == launches
+    assert isinstance(states[0], StateDict)
+
+
+@pytest.mark.parametrize("change", ["shape", "strides", "dtype", "host array", "short"])
+def test_a_gradient_that_does_not_fit_leaves_the_step_to_the_full_path(specializations,
+                                                                       launcher, change):
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32")
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log)
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    params, grads, states, _ = plan_case(entry, [6, 8])
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is not None
+    bad = DeviceStandIn(grads[1].host.copy(), 0)
+    if change == "shape":
+        bad.shape = (2, 4)
+    elif change == "strides":
+        bad.strides = (8,)
+    elif change == "dtype":
+        bad.dtype = np.dtype(np.float64)
+    elif change == "host array":
+        bad = grads[1].host.copy()
+    else:
+        bad = DeviceStandIn(grads[1].host[:7].copy(), 0)
+    before = [p.host.copy() for p in params]
+    assert planned_step(implementation, rule, params, [grads[0], bad], states, scalars,
+                        cache) is None
+    assert log == [] and all(bitwise_equal(p.host, b) for p, b in zip(params, before))
+    assert planned_step(implementation, rule, params, grads, states, scalars, cache) is not None
+
+
+def test_a_dropped_plan_keeps_its_buffers_until_the_device_is_past_them(specializations,
+                                                                        launcher):
+    # A pinned buffer handed back while its copy is still queued could be rewritten by
+    # the next copy from the pool: a dropped plan's buffers wait for its last event.
+    import gc
+
+    from optim_core.backends import _cuda_plan
+
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32")
+    implementation = emulated_implementation(launcher, specializations, [])
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    params, grads, states, _ = plan_case(entry, [5, 6])
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    event = cache["plan"].data.done
+    event.done = False  # the device has not reached the last step's end yet
+    params[0] = DeviceStandIn(params[0].host.copy(), 0)
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    gc.collect()
+    assert any(kept[0] is event for kept in _cuda_plan._RETIRED)
+    event.done = True
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    assert not any(kept[0] is event for kept in _cuda_plan._RETIRED)
+
+
+def test_a_plan_launches_its_table_with_the_threads_it_was_made_for(specializations,
+                                                                    launcher):
+    entry = next(e for (_, d), e in specializations.items()
+                 if e["rule"].name == "adam" and d == "float32")
+    log: list = []
+    implementation = emulated_implementation(launcher, specializations, log, threads=32)
+    rule, scalars, cache = entry["rule"], entry["scalars"], {}
+    params, grads, states, wants = plan_case(entry, [300, 7, 129])
+    planned_step(implementation, rule, params, grads, states, scalars, cache)
+    implementation.threads = 256  # after the plan was made: its block counts are for 32
+    planned_step(implementation, rule, params, grads, states, scalars, cache).run()
+    [launch] = log
+    assert launch.threads == 32
+    assert_bitwise_generic(params, grads, states, wants, "threads changed")

@@ -133,8 +133,8 @@ def test_generated_cuda_arithmetic_matches_generic_on_the_host(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_generated_kernels_compile_for_the_device(tmp_path):
     # One specialization of every rule (its first step, default options), the single- and
-    # multi-tensor kernels, float and double: what NVRTC compiles on a GPU machine, here
-    # compiled by nvcc.
+    # multi-tensor kernels and the table kernel, float and double: what NVRTC compiles on a
+    # GPU machine, here compiled by nvcc.
     from optim_core.backends._cuda import COMPILE_OPTIONS
 
     parts = []
@@ -158,6 +158,11 @@ def test_generated_kernels_compile_for_the_device(tmp_path):
                         f"const {kname}_batch, int{scalars});")
                 if line not in parts:
                     parts.append(line)
+            # The step plans' kernel: the device-resident table, the gradients' addresses.
+            line = (f"template __global__ void {kname}_table<{ctype}>(const long long*, "
+                    f"const long long*, int{scalars});")
+            if line not in parts:
+                parts.append(line)
     source = tmp_path / "kernels.cu"
     source.write_text("\n".join(parts) + "\n")
     result = subprocess.run(["nvcc", *COMPILE_OPTIONS, "-arch=sm_90", "-c", "-o",

@@ -71,6 +71,7 @@ def test_step_allocates_nothing_on_the_device(gpu):
     grads = [cupy.full(p.shape, 0.5, dtype=p.dtype) for p in params]
     opt = optim_core.Adam(params, lr=0.1, amsgrad=True, weight_decay=0.1, impl="fused")
     opt.step(grads)  # allocates the state and compiles
+    opt.step(grads)  # makes the step plan: its device tables, once
     cupy.cuda.Device().synchronize()
     pool = cupy.get_default_memory_pool()
     used, total = pool.used_bytes(), pool.total_bytes()
@@ -132,13 +133,40 @@ def test_small_tensors_share_launches_and_equal_generic(gpu):
     grads = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
     fused = optim_core.Adam(make_params(), lr=0.01, amsgrad=True, impl="fused")
     generic = optim_core.Adam(make_params(), lr=0.01, amsgrad=True, impl="generic")
-    for _ in range(3):
+    for step in range(3):
         before = fused.implementation.launches
         fused.step(grads)
         generic.step(grads)
         misaligned = sum(1 for index in range(100) if index % 4 == 3)
-        expected = -(-(100 - misaligned) // MULTI_TENSORS) + -(-misaligned // MULTI_TENSORS) + 1
+        # The first step takes the full path: 32 small tensors a launch, by alignment.
+        # Then the step plan: one table launch for every small tensor, aligned or not.
+        expected = (-(-(100 - misaligned) // MULTI_TENSORS) + -(-misaligned // MULTI_TENSORS)
+                    if step == 0 else 1) + 1
         assert fused.implementation.launches - before == expected
+    for got, want in zip(fused.params, generic.params, strict=True):
+        np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want),
+                                   **TOLERANCE["float32"])
+
+
+def test_planned_steps_follow_new_gradient_arrays_and_replaced_states(gpu):
+    import cupy
+
+    # New gradient arrays every step (new addresses to copy to the device, or the same
+    # ones again from the memory pool), a state replaced mid-run: the step plans' table
+    # launch equals the generic path throughout.
+    rng = np.random.default_rng(1)
+    sizes = [1, 255, 1025, 4096, (1 << 20) + 5, 33, 0]
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    fused = optim_core.Adam([cupy.asarray(h) for h in host], lr=0.01, impl="fused")
+    generic = optim_core.Adam([cupy.asarray(h) for h in host], lr=0.01, impl="generic")
+    for step in range(6):
+        grads = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+        fused.step(grads)
+        generic.step(grads)
+        if step == 3:
+            for opt in (fused, generic):
+                opt.state[0][1]["exp_avg"] = opt.state[0][1]["exp_avg"].copy()
+    assert fused._caches[0]["plan"].data is not None
     for got, want in zip(fused.params, generic.params, strict=True):
         np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want),
                                    **TOLERANCE["float32"])

@@ -29,6 +29,12 @@ core selects; this module only moves torch's bookkeeping in and out:
   tensors themselves. Complex parameters are stepped as their real views, as
   ``torch.optim`` does. No copy, no autograd: state never requires grad, and
   gradients built with ``create_graph=True`` do not pull it into the graph.
+  After a full step, a group of float32/float64 CPU tensors keeps a step plan
+  (:class:`_TorchPlan`): the core's table of addresses over those views, so each step
+  gathers the gradients' addresses in one pass, checks what the table assumes (same
+  tensors at the same addresses, gradients of the right kind, counts as written) and
+  makes one compiled call per dtype, as :meth:`optim_core.Optimizer.step` does on
+  NumPy arrays. Anything else takes the full path.
 
 Families with methods beyond ``step`` keep them: the Schedule-Free optimizers have
 ``train()`` and ``eval()``. float16 parameters keep float32 states, as the core does
@@ -55,13 +61,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain, repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from .. import _checks
-from ..backends._generic import state_dtype
+from ..backends import _numba_plan
+from ..backends._generic import TensorMismatch, state_dtype
 from ..optim.base import Optimizer as CoreOptimizer
 from ..optim.param_group import SCHEDULER_KEYS, GroupSchema
 from ..optim.registry import OPTIMIZERS
@@ -257,7 +266,9 @@ def _view(kind: str, tensor: torch.Tensor) -> Any:
     """``tensor``'s memory as the engine of ``kind`` takes it, without a copy."""
     real = _real(tensor)
     if kind == "numpy":
-        return real.numpy()
+        # Through a detached alias: the view then holds the storage itself, so it stays
+        # allocated even if the tensor is given other storage (``t.data = ...``).
+        return (real.detach() if real is tensor else real).numpy()
     if kind == "cupy":
         return _cupy().from_dlpack(real)
     return real
@@ -265,10 +276,10 @@ def _view(kind: str, tensor: torch.Tensor) -> Any:
 
 class _Slot:
     """One parameter's arrays as its engine takes them, kept across steps while the
-    parameter's storage and its state tensors are the same objects."""
+    parameter and its state tensors are the same objects at the same addresses."""
 
-    __slots__ = ("param", "ptr", "shape", "kind", "view", "state", "ids", "tensors", "states",
-                 "present", "counters", "grad", "grad_ptr", "grad_view")
+    __slots__ = ("param", "ptr", "shape", "kind", "view", "state", "ids", "ptrs", "tensors",
+                 "states", "present", "counters", "grad", "grad_ptr", "grad_view")
 
     def __init__(self, param: torch.Tensor, kind: tuple[str, Any], state: dict | None,
                  counter_names: tuple[str, ...], rule_states: tuple[str, ...]) -> None:
@@ -278,6 +289,7 @@ class _Slot:
         values = tuple(state.values()) if state is not None else ()
         # The record holds the tensors, so no other object can take one of these ids.
         self.ids, self.tensors = tuple(map(id, values)), values
+        self.ptrs = tuple(map(_address, values))
         self.states = {name: _view(kind[0], state[name]) for name in rule_states
                        if state is not None and name in state}
         self.present = tuple(self.states)
@@ -292,7 +304,8 @@ class _Slot:
         if param is not self.param or state is not self.state or param.data_ptr() != self.ptr \
                 or param.shape != self.shape:
             return False
-        return state is None or tuple(map(id, state.values())) == self.ids
+        return state is None or (tuple(map(id, state.values())) == self.ids
+                                 and tuple(map(_address, self.tensors)) == self.ptrs)
 
     def grad_of(self, grad: torch.Tensor) -> Any:
         if grad is not self.grad or grad.data_ptr() != self.grad_ptr:
@@ -312,8 +325,14 @@ def _check_grad(owner: str, grad: torch.Tensor, param: torch.Tensor) -> None:
 
 
 def _scalar_view(tensor: torch.Tensor) -> Any:
-    """A 0-d host tensor's value as a NumPy view (reads and writes cost no dispatch)."""
-    return tensor.numpy() if tensor.device.type == "cpu" else None
+    """A 0-d host tensor's value as a NumPy view (reads and writes cost no dispatch),
+    holding the tensor's storage (see :func:`_view`)."""
+    return tensor.detach().numpy() if tensor.device.type == "cpu" else None
+
+
+def _address(value: Any) -> int | None:
+    """Where a state tensor's data is (``t.data = ...`` moves it); None for other values."""
+    return value.data_ptr() if isinstance(value, torch.Tensor) else None
 
 
 def _read(counter: tuple[torch.Tensor, Any]) -> float:
@@ -332,6 +351,76 @@ def _write(counter: tuple[torch.Tensor, Any], value: float) -> None:
 def _scalar_dtype() -> torch.dtype:
     # torch.optim's _get_scalar_dtype: float64 under a float64 default dtype, else float32.
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+_GRAD, _DTYPE, _SHAPE = attrgetter("grad"), attrgetter("dtype"), attrgetter("shape")
+_LAYOUT, _IS_CPU = attrgetter("layout"), attrgetter("is_cpu")
+_DATA_PTR, _CONTIGUOUS, _IS_NEG = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous,
+                                   torch.Tensor.is_neg)
+_PLANNED_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+def _getter(indices: list[int]) -> Callable[[list], tuple]:
+    pick = itemgetter(*indices)
+    return (lambda items: (pick(items),)) if len(indices) == 1 else pick
+
+
+class _TorchPlan:
+    """One group's step plan on CPU tensors: the core's table of addresses
+    (:func:`optim_core.backends._numba_plan.make_plan`, over the NumPy views of the
+    parameters and states) and what each step checks before the table is used.
+
+    Made after a full step, from that step's checked records. A step then checks, in
+    a few passes over the group in C, that the group has the same parameter objects
+    and the same ones have a gradient; that every gradient is a dense, contiguous CPU
+    ``torch.Tensor`` of its parameter's dtype and shape (its address then goes into
+    the table); that ``optimizer.state`` holds the same dict and tensor objects for
+    each parameter, every parameter, state and count still at its address (``p.data
+    = ...`` moves it) and every parameter of its shape; and, in one compiled pass, that
+    each count (``state["step"]``) still holds the value the plan wrote. Anything else
+    takes the full path, which checks everything and makes the plan again.
+
+    The plan holds detached aliases of every planned tensor, so their memory stays
+    allocated while it lives: an address equal to the planned one is the planned
+    memory, never a new allocation that happens to start there.
+    """
+
+    __slots__ = ("group", "params", "pick", "unpicked", "stepped", "types", "dtypes",
+                 "shapes", "layouts", "state_map", "dicts", "entries", "values", "tensors",
+                 "addresses", "keep", "names", "counter_table", "counts", "engine", "data")
+
+    def __init__(self, owner: TorchOptimizer, group: _Group, params: list[torch.Tensor],
+                 picked: list[int], stepped: list[torch.Tensor], dicts: list[dict],
+                 names: tuple[str, ...], counts: tuple[float, ...], counter_dtypes: set,
+                 engine: CoreOptimizer, data: Any) -> None:
+        self.group, self.params, self.stepped = group, params, stepped
+        everything = len(picked) == len(params)
+        self.pick = None if everything else _getter(picked)
+        others = [i for i in range(len(params)) if i not in set(picked)]
+        self.unpicked = _getter(others) if others else (lambda items: ())
+        self.types = [torch.Tensor] * len(stepped)
+        self.dtypes = list(map(_DTYPE, stepped))
+        self.shapes = list(map(_SHAPE, stepped))
+        self.layouts = [torch.strided] * len(stepped)
+        self.state_map, self.dicts = owner.state, dicts
+        counter_names = owner._counter_names
+        keys = (*counter_names, *names)
+        self.entries = _getter(list(keys)) if len(keys) != 1 else (
+            lambda entry, key=keys[0]: (entry[key],))
+        self.values = list(chain.from_iterable(map(self.entries, dicts)))
+        self.tensors = [*stepped, *self.values]
+        self.addresses = list(map(_DATA_PTR, self.tensors))
+        self.keep = [tensor.detach() for tensor in self.tensors]
+        self.names = frozenset(names)
+        if counter_names:
+            (dtype,) = counter_dtypes
+            self.counter_table = np.array(
+                [[dict_[name].data_ptr() for name in counter_names] for dict_ in dicts],
+                dtype=np.int64).reshape(len(dicts), len(counter_names))
+            self.counts = np.array(counts, dtype=dtype)
+        else:
+            self.counter_table = self.counts = None
+        self.engine, self.data = engine, data
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -407,6 +496,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._slots: dict[int, _Slot] = {}
         self._caches: dict[tuple, dict] = {}
         self._counters: tuple[str, ...] | None = None
+        # Per group index: its step plan (see _TorchPlan), and the tensors a plan was
+        # declined for (not tried again while they are the same).
+        self._plans: dict[int, _TorchPlan] = {}
+        self._declined: dict[int, tuple] = {}
 
     # ----------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -426,8 +519,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        runs = [run for index in range(len(self.param_groups))
-                for run in self._prepare_group(index)]
+        runs, unplanned = [], []
+        for index in range(len(self.param_groups)):
+            planned = self._planned_group(index)
+            if planned is not None:
+                runs.append(planned)
+            else:
+                runs += self._prepare_group(index)
+                unplanned.append(index)
         # Everything is checked and ready: from here on the step writes.
         stepped = []
         for run in runs:
@@ -436,7 +535,139 @@ class TorchOptimizer(torch.optim.Optimizer):
             # As torch.optim's in-place updates do: autograd notices a parameter changed
             # under a graph that saved it.
             torch.autograd.graph.increment_version(stepped)
+        for index in unplanned:
+            self._plan_group(index)
         return loss
+
+    # ----------------------------------------------------------------- step plans
+    def _planned_group(self, index: int) -> Callable[[], list[torch.Tensor]] | None:
+        """The step of group ``index`` through its plan, checked and ready (nothing
+        written), or None where the plan does not apply: the full path then checks
+        everything (and reports what is wrong)."""
+        plan = self._plans.get(index)
+        if plan is None:
+            return None
+        group = self.param_groups[index]
+        if group is not plan.group:
+            return None
+        params = group["params"]
+        if len(params) != len(plan.params) or not all(map(is_, params, plan.params)):
+            return None
+        grads = list(map(_GRAD, params))
+        if plan.pick is not None:
+            # The parameters without a gradient when the plan was made must still have none.
+            if not all(map(is_, plan.unpicked(grads), repeat(None))):
+                return None
+            grads = list(plan.pick(grads))
+        # Every gradient a dense, contiguous CPU tensor of its parameter's dtype and shape
+        # (one pass per property, in C): the kernels read its size from the table.
+        if list(map(type, grads)) != plan.types or list(map(_DTYPE, grads)) != plan.dtypes \
+                or list(map(_SHAPE, grads)) != plan.shapes \
+                or list(map(_LAYOUT, grads)) != plan.layouts \
+                or not all(map(_IS_CPU, grads)) or not all(map(_CONTIGUOUS, grads)) \
+                or any(map(_IS_NEG, grads)):
+            return None
+        # The parameters and states are those planned, where they were.
+        state = self.state
+        if state is not plan.state_map or list(map(_SHAPE, plan.stepped)) != plan.shapes:
+            return None
+        dicts = list(map(state.get, plan.stepped))
+        if not all(map(is_, dicts, plan.dicts)):
+            return None
+        try:
+            values = list(chain.from_iterable(map(plan.entries, dicts)))
+        except KeyError:
+            return None
+        if not all(map(is_, values, plan.values)) \
+                or list(map(_DATA_PTR, plan.tensors)) != plan.addresses:
+            return None
+        engine = plan.engine
+        if not engine.active_states(group) <= plan.names:
+            return None
+        scalar_ops = None
+        group_state = engine._initial_group_state()
+        if plan.counter_table is not None:
+            scalar_ops = _numba_plan.scalars_module()
+            if scalar_ops.differing(plan.counter_table, plan.counts) >= 0:
+                return None  # a count was written since (or differs between parameters)
+            for name, value in zip(self._counter_names, plan.counts.tolist()):
+                group_state[name] = int(value) if name == "step" else value
+        scalars, after = engine.step_scalars(group, group_state)
+        implementation = engine.implementation
+        data = plan.data
+        calls = implementation.table_calls(engine.rule, data, scalars)
+        if calls is None:
+            return None
+        ordered = grads if data.order is None else data.order(grads)
+        data.table[:, 2] = np.fromiter(map(_DATA_PTR, ordered), np.int64, len(grads))
+        counts = None if scalar_ops is None else np.array(
+            [after[name] for name in self._counter_names], dtype=plan.counts.dtype)
+
+        def run() -> list[torch.Tensor]:
+            implementation.run_table(calls, data)
+            if counts is not None:
+                scalar_ops.write(plan.counter_table, counts)
+                plan.counts = counts
+            return plan.stepped
+
+        return run
+
+    def _plan_group(self, index: int) -> None:
+        """After a full step of group ``index``: its plan, where one can take it (every
+        stepped parameter a float32 or float64 CPU tensor the fused kernels take, with the
+        same states and counts, a rule without per-tensor scalars or reduction passes)."""
+        self._plans.pop(index, None)
+        group = self.param_groups[index]
+        engine = self._engine(("numpy", None))
+        implementation = engine.implementation
+        if type(group) is not _Group or not engine._plannable \
+                or not hasattr(implementation, "table_calls"):
+            return
+        params = list(group["params"])
+        grads = list(map(_GRAD, params))
+        picked = [i for i, grad in enumerate(grads) if grad is not None]
+        if not picked:
+            return
+        declined = self._declined.get(index)
+        if declined is not None and len(declined[0]) == len(params) \
+                and all(map(is_, params, declined[0])) \
+                and list(map(_DATA_PTR, params)) == declined[1]:
+            return
+        stepped = [params[i] for i in picked]
+        counter_names, rule = self._counter_names, engine.rule
+        slots, dicts = [], []
+        for param in stepped:
+            state = self.state.get(param) or None
+            slot = self._slots.get(id(param))
+            if state is None or slot is None or not slot.holds(param, state) \
+                    or slot.kind != ("numpy", None) or len(slot.counters) != len(counter_names) \
+                    or any(view is None or view.ndim for _, view in slot.counters.values()):
+                return
+            slots.append(slot)
+            dicts.append(state)
+        names = slots[0].present
+        counters = [tuple(_read(slot.counters[n]) for n in counter_names) for slot in slots]
+        counter_dtypes = {slot.counters[n][1].dtype for slot in slots for n in counter_names}
+        if any(slot.present != names for slot in slots) or len(set(counters)) != 1 \
+                or len(counter_dtypes) > 1 \
+                or not (engine._required_states | engine.active_states(group)) <= set(names):
+            return
+        try:
+            if any(p.dtype not in _PLANNED_DTYPES for p in stepped):
+                raise TensorMismatch(0, "not a dtype of the fused kernels")
+            records = [implementation._record(rule, i, slot.view, slot.states, names)
+                       for i, slot in enumerate(slots)]
+            if any(not record.fused or record.spec.layout for record in records):
+                raise TensorMismatch(0, "not a layout of the fused kernels")
+            data = implementation.make_plan(names, records, [slot.states for slot in slots])
+            if data is None:
+                raise TensorMismatch(0, "no plan")
+        except TensorMismatch:
+            self._declined[index] = (params, list(map(_DATA_PTR, params)))
+            return
+        self._declined.pop(index, None)
+        self._plans[index] = _TorchPlan(self, group, params, picked, stepped, dicts, names,
+                                        counters[0], counter_dtypes, engine, data)
 
     def _prepare_group(self, index: int) -> list[Callable[[], list[torch.Tensor]]]:
         group = self.param_groups[index]
@@ -604,6 +835,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.defaults = dict(defaults)
         self._slots = {}
         self._caches = {}
+        self._plans = {}
+        self._declined = {}
 
     def _checked_state(self, saved: Mapping[Any, Any], groups: list) -> Any:
         """Loaded per-parameter state: only known names, arrays shaped and typed as their
