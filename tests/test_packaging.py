@@ -111,10 +111,11 @@ def _name(requirement: str) -> str:
     return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
 
 
-def test_the_core_install_is_numpy_array_api_compat_and_numba_alone(wheel):
+def test_the_core_install_is_numpy_array_api_compat_numba_and_threadpoolctl_alone(wheel):
+    # threadpoolctl (pure Python, no dependencies): fit's scoped limit on BLAS threads.
     requirements = _requirements(wheel)
     core = {_name(r) for r in requirements if "extra ==" not in r}
-    assert core == {"numpy", "array-api-compat", "numba"}
+    assert core == {"numpy", "array-api-compat", "numba", "threadpoolctl"}
     train = {_name(r) for r in requirements if "extra == \"train\"" in r}
     assert train == TOOLKIT_EXTRAS
     # CI installs ".[test,torch]": the test extra brings the toolkit's extras too.

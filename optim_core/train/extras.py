@@ -1,6 +1,7 @@
 """The toolkit's optional dependencies: imported when a function needs one, named when missing.
 
-``pip install optim-core`` installs the optimizers (NumPy, array-api-compat, numba).
+``pip install optim-core`` installs the optimizers (NumPy, array-api-compat, numba,
+threadpoolctl).
 The training toolkit's extras come with ``pip install "optim-core[train]"``:
 
 * tqdm: progress bars (:func:`~optim_core.fit` with ``progress=True``, the tools);
