@@ -54,11 +54,13 @@ def _editable_install() -> bool:
     import importlib.metadata
     import json
 
-    try:
-        text = importlib.metadata.distribution("optim-core").read_text("direct_url.json")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return bool(text) and json.loads(text).get("dir_info", {}).get("editable", False)
+    # Every distribution of the name: an editable install leaves an optim_core.egg-info in
+    # the checkout's root, which a run from there finds first and which has no direct_url.
+    for distribution in importlib.metadata.distributions(name="optim-core"):
+        text = distribution.read_text("direct_url.json")
+        if text and json.loads(text).get("dir_info", {}).get("editable", False):
+            return True
+    return False
 
 
 @pytest.mark.skipif(_editable_install(), reason="an editable install maps optim_core.backends "
