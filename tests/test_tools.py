@@ -98,7 +98,8 @@ def test_compare_reports_a_diverging_optimizer_instead_of_failing(regression):
 
 
 @pytest.mark.parametrize("optimizers, message", [
-    (["adam", "nosuch"], "unknown optimizer 'nosuch'; known: adadelta, adagrad, adam"),
+    (["adam", "nosuch"],
+     r"unknown optimizer 'nosuch'; known: adadelta, (\w+, )*adam, (\w+, )*sgd$"),
     ([{"lr": 0.1}], "'optimizer' key"),
     (["adam", "adam"], "duplicate optimizer labels"),
     ([], "empty"),
