@@ -42,7 +42,9 @@ OPTIONS = {"SGD": {"lr": 1e-3, "momentum": 0.9}}
 
 def _pairs() -> list[tuple[str, str]]:
     """(class name, torch's mode: "fused" or "foreach") of every registered optimizer
-    torch.optim also has; a new optimizer of the registry joins by itself."""
+    torch.optim also has with one of those modes; a new optimizer of the registry joins by
+    itself. torch.optim.Muon has neither (and takes matrices only): ``python -m bench``
+    measures it on gpt2-small-matrices."""
     import torch
 
     import optim_core.torch as oct
@@ -53,7 +55,8 @@ def _pairs() -> list[tuple[str, str]]:
         if name == "TorchOptimizer" or not isinstance(theirs, type):
             continue
         parameters = inspect.signature(theirs).parameters
-        pairs.append((name, "fused" if "fused" in parameters else "foreach"))
+        if "fused" in parameters or "foreach" in parameters:
+            pairs.append((name, "fused" if "fused" in parameters else "foreach"))
     return pairs
 
 
