@@ -328,6 +328,15 @@ class FusedImplementation:
         names = None
         large = self.large_size
         grad_fusable, kernel_array = self.grad_fusable, self.kernel_array
+        taken: dict[frozenset, int] = {}
+
+        def _taken(names: Any) -> int:
+            # Once per step and set of states, not once per tensor (a lowering each).
+            key = frozenset(names)
+            if key not in taken:
+                taken[key] = reductions_taken(rule, scalars, key)
+            return taken[key]
+
         for index, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
             record = records[index]
             # A kept record is checked again if its arrays were made read-only or
@@ -347,8 +356,7 @@ class FusedImplementation:
             if not (record.fused and grad_fusable(grad, record)):
                 generic.append(index)
                 continue
-            if record.spec.layout and rule.reductions and reductions_taken(
-                    rule, scalars, frozenset(names)):
+            if record.spec.layout and rule.reductions and _taken(names):
                 # The quantized kernels have no reduction pass: the generic path steps it.
                 generic.append(index)
                 continue

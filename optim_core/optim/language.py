@@ -160,6 +160,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import inspect
 import textwrap
 import types
@@ -318,7 +319,7 @@ class UpdateRule:
 
         return view(names, ndim) == view(expected, other)
 
-    @property
+    @functools.cached_property
     def axis_reductions(self) -> tuple[str, ...]:
         """The axis reductions the rule calls (``row_mean``, ``col_mean``), in source
         order; a rule with any, or with shaped states, runs on the generic path."""
@@ -330,14 +331,15 @@ class UpdateRule:
         """The rule's function name (it names the generated kernels)."""
         return self.function.__name__
 
-    @property
+    @functools.cached_property
     def matrix_operations(self) -> tuple[str, ...]:
         """The matrix operations the rule calls (empty for an elementwise rule)."""
         return tuple(sorted({node.func.id for node in ast.walk(self.tree)
                              if isinstance(node, ast.Call)
                              and node.func.id in MATRIX_OPERATIONS}))
 
-    @property
+    # The tree never changes, so each walk is done once: steps ask these per tensor.
+    @functools.cached_property
     def reductions(self) -> tuple[str, ...]:
         """The per-tensor reductions the rule calls (``sum``, ``norm``, ``size``), in
         source order (in any branch).
