@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ._lowering import Kernel, render
+from ._numba_operations import OPERATION_HELPERS
 
 __all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load"]
 
@@ -296,36 +297,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
         f"T = np.{dtype}",
         "",
         "",
-        "@numba.njit(inline='always')",
-        "def _sqrt(x):",
-        "    return np.sqrt(x)",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _abs(x):",
-        "    return np.abs(x)",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _maximum(a, b):",
-        "    return a if (a >= b or a != a) else b",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _minimum(a, b):",
-        "    return a if (a <= b or a != a) else b",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _where(condition, a, b):",
-        "    return a if condition else b",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _sign(x):",
-        "    return T(1) if x > 0 else (T(-1) if x < 0 else (T(0) if x == 0 else x))",
-        "",
-        "",
+        *OPERATION_HELPERS,
     ]
     # cache=False: the disk cache, where there is a trusted folder, is attached by
     # _kernel_cache.import_kernel_module, as for the other kernels.

@@ -41,6 +41,7 @@ from ._fused import FusedImplementation
 from ._generic import PreparedStep
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
 from ._lowering import Kernel, lower, render
+from ._numba_operations import OPERATION_HELPERS
 from ._quantized import BLOCK_SIZES, code_table, quantization_map
 
 if TYPE_CHECKING:
@@ -99,39 +100,7 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         "    return _types.CPointer(like)(address, like), codegen",
         "",
         "",
-        "@numba.njit(inline='always')",
-        "def _sqrt(x):",
-        "    return np.sqrt(x)",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _abs(x):",
-        "    return np.abs(x)",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _maximum(a, b):",
-        "    # NaN propagates from either side, as xp.maximum does.",
-        "    return a if (a >= b or a != a) else b",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _minimum(a, b):",
-        "    # NaN propagates from either side, as xp.minimum does.",
-        "    return a if (a <= b or a != a) else b",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _where(condition, a, b):",
-        "    return a if condition else b",
-        "",
-        "",
-        "@numba.njit(inline='always')",
-        "def _sign(x):",
-        "    # sign(0) = 0 and sign(NaN) = NaN, as xp.sign.",
-        "    return T(1) if x > 0 else (T(-1) if x < 0 else (T(0) if x == 0 else x))",
-        "",
-        "",
+        *OPERATION_HELPERS,
     ]
     for stage in range(kernel.n_stages):
         work = kernel.reduction_pass(stage)
