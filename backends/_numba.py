@@ -534,9 +534,8 @@ class NumbaImplementation(FusedImplementation):
         # table of their addresses (ids): made in C, with no Python int per gradient.
         ordered = np.fromiter(grads if data.order is None else data.order(grads), object,
                               len(data.keep))
-        if _numba_plan.check_module().check(_numba_plan.array_layout(), ordered.ctypes.data,
-                                            data.ids, data.addresses, data.descrs,
-                                            data.shapes, data.table) >= 0:
+        if data.check(data.layout, ordered.ctypes.data, data.ids, data.addresses,
+                      data.descrs, data.shapes, data.table) >= 0:
             return None
         if finite and any(kernels.finite(data.table, first, last) >= 0
                           for kernels, _, first, last, _, _, _ in calls):
@@ -558,7 +557,7 @@ class NumbaImplementation(FusedImplementation):
             kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
             if kernels.table is None:
                 return None
-            hoisted = [dtype.type(h) for h in hoisted]
+            hoisted = list(map(dtype.type, hoisted))
             if kernels not in data.ready:
                 self._ready_table(kernels, dtype, len(hoisted), parts is not None)
                 data.ready.add(kernels)

@@ -224,12 +224,15 @@ class TablePlan:
         The kernels whose table loops are compiled.
     order : callable or None
         The gradients in table order, when that is not the parameters' order.
+    check, layout
+        The compiled check (:func:`check_module`) and the layout it reads
+        (:func:`array_layout`), looked up once.
     keep : list
         Every planned array: while the plan lives, none of their ids can be reused.
     """
 
     __slots__ = ("table", "ids", "addresses", "descrs", "shapes", "specs", "choices", "ready",
-                 "order", "keep", "names", "n_arrays")
+                 "order", "keep", "names", "n_arrays", "check", "layout")
 
 
 #: Parts of a threaded table pass: enough that every thread gets its equal share (the
@@ -269,6 +272,7 @@ def make_plan(names: tuple[str, ...], records: list[Any], states: list[dict[str,
     n, k = len(records), 1 + len(names)
     plan = TablePlan()
     plan.names, plan.n_arrays = names, k + 1
+    plan.check, plan.layout = check_module().check, layout
     plan.table = np.zeros((n, 1 + plan.n_arrays), dtype=np.int64)
     plan.ids = np.zeros((n, k), dtype=np.int64)
     plan.addresses = np.zeros((n, k), dtype=np.int64)

@@ -393,6 +393,10 @@ class Optimizer:
         """
         after = dict(group_state)
         after["step"] += 1
+        # Read through the plain dict under a ParamGroup: each step reads every
+        # hyperparameter, and a Python-level __getitem__ per read costs more than the rest.
+        if type(group) is ParamGroup:
+            group = group.values_view()
         derived = self.scalars(group, after)
         values = {}
         for name, source, part in self._sources:
