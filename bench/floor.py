@@ -25,13 +25,14 @@ it.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import timing
 
 __all__ = ["STATE_BUFFERS", "STEP_TRAFFIC_KERNEL", "STEP_TRAFFIC_SERIAL", "KERNEL_FLAGS",
-           "CPU_FLOOR_NUMEL", "bytes_moved", "Bandwidth", "floor_bandwidth", "best_of",
-           "measure_cpu", "measure_gpu"]
+           "CPU_FLOOR_NUMEL", "bytes_moved", "step_traffic_kernel", "measure_paired",
+           "Bandwidth", "floor_bandwidth", "best_of", "measure_cpu", "measure_gpu"]
 
 #: State buffers each benchmarked optimizer keeps per parameter element.
 STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1,
@@ -122,6 +123,47 @@ def _numba_step_traffic():
 
     return (numba.njit(parallel=True, **KERNEL_FLAGS)(step_traffic),
             numba.njit(parallel=False, **KERNEL_FLAGS)(step_traffic))
+
+
+def step_traffic_kernel(numel: int = CPU_FLOOR_NUMEL, dtype: str = "float32"
+                        ) -> tuple[Callable[[], object], int]:
+    """The threaded floor kernel on arrays of its own, ready to call, and the bytes one
+    call moves: for :func:`measure_paired`."""
+    import numpy as np
+
+    threaded, _ = _numba_step_traffic()
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
+    g = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
+    m, v = np.full_like(p, 0.5), np.full_like(p, 0.25)
+    scale = p.dtype.type(1e-6)
+    return (lambda: threaded(p, g, m, v, scale)), 7 * p.itemsize * numel
+
+
+def measure_paired(step: Callable[[], object], clock: timing.Clock, numel: int,
+                   dtype: str = "float32", rounds: int = 41) -> dict:
+    """The floor kernel and ``step`` timed in alternation, one call of each per round.
+
+    Both then run under the same conditions (the same load, the same state of the
+    memory system, both after another kernel's pass over 160 MB), which the floor
+    measured before and after all the cells cannot promise: memory bandwidth on a
+    shared VM drifts by 20% between minutes. Returns the floor kernel's median
+    bandwidth over the rounds (bytes per second), both medians, and the rounds.
+    """
+    import statistics
+
+    kernel, nbytes = step_traffic_kernel(numel, dtype)
+    for _ in range(2):
+        kernel()
+        step()
+    clock.synchronize()
+    floor_times, step_times = [], []
+    for _ in range(rounds):
+        floor_times += clock.time_each(kernel, 1)
+        step_times += clock.time_each(step, 1)
+    floor_median = statistics.median(floor_times)
+    return {"bytes_per_s": nbytes / floor_median, "floor_median_s": floor_median,
+            "step_median_s": statistics.median(step_times), "rounds": rounds}
 
 
 def measure_cpu(numel: int = CPU_FLOOR_NUMEL, dtype: str = "float32", budget_s: float = 1.0

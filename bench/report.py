@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report", "format_table", "format_summary", "format_targets"]
+__all__ = ["format_report", "format_table", "format_summary", "format_targets",
+           "format_paired"]
 
 _HEADER = ("optimizer", "workload", "tensors", "impl", "median ms", "GB/s", "of floor",
            "vs torch-fused")
@@ -22,6 +23,10 @@ def format_report(report: dict[str, Any]) -> str:
              "Median step time in ms (fraction of the floor):", "",
              format_summary(report["results"]), "", "All measurements:", "",
              format_table(report["results"])]
+    paired = format_paired(report["results"])
+    if paired:
+        lines += ["", "Timed in alternation with the floor kernel, one call of each per "
+                  "round (the fraction a floor target is judged on):", "", paired]
     targets = format_targets(report["targets"])
     if targets:
         lines += ["", targets]
@@ -48,6 +53,21 @@ def format_table(results: list[dict[str, Any]]) -> str:
             cells = (r["status"], "", "", "")
         rows.append((r["optimizer"], r["workload"], str(r["n_tensors"]), r["impl"], *cells))
     return _markdown(rows, numeric_from=4)
+
+
+def format_paired(results: list[dict[str, Any]]) -> str:
+    """The cells timed in alternation with the floor kernel: both medians and the
+    fraction; empty where there are none."""
+    rows = [("optimizer", "workload", "impl", "rounds", "floor GB/s", "floor ms", "step ms",
+             "of floor")]
+    for r in results:
+        if r.get("fraction_of_floor_paired") is not None:
+            floor_ms = r["bytes"] / (r["paired_floor_GBps"] * 1e9) * 1e3
+            rows.append((r["optimizer"], r["workload"], r["impl"], str(r["paired_rounds"]),
+                         f"{r['paired_floor_GBps']:.1f}", f"{floor_ms:.3f}",
+                         f"{r['paired_step_median_s'] * 1e3:.3f}",
+                         f"{r['fraction_of_floor_paired']:.3f}"))
+    return _markdown(rows, numeric_from=3) if len(rows) > 1 else ""
 
 
 def _markdown(rows: list[tuple[str, ...]], numeric_from: int) -> str:
@@ -96,7 +116,8 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
             asked = f"{t['impl']} time / {torch_impl} time <= {t['bound']:.2f}"
             got = "not measured" if t["value"] is None else f"{t['value']:.3f}"
         else:
-            asked = f"{t['impl']} fraction of floor >= {t['bound']:.2f}"
+            paired = " (in alternation)" if t["quantity"].endswith("_paired") else ""
+            asked = f"{t['impl']} fraction of floor{paired} >= {t['bound']:.2f}"
             got = "not measured" if t["value"] is None else f"{t['value']:.3f}"
         verdict = {True: "HOLDS", False: "FAILS", None: "UNKNOWN"}[t["holds"]]
         lines.append(f"target {t['optimizer']} {t['workload']}: {asked}: {got} -> {verdict}")

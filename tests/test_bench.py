@@ -189,3 +189,29 @@ def test_jax_jit_bench_times_ours_and_optax_side_by_side(bench, tmp_path, capsys
     assert {"ours_s", "optax_s", "ratio", "times_s"} <= set(row)
     assert [len(row["times_s"][k]) for k in ("ours", "optax")] == [1, 1]
     assert "| adam" in capsys.readouterr().out
+
+
+def test_the_floor_kernel_and_a_step_are_timed_in_alternation(bench):
+    from bench import floor, report, timing
+
+    calls = []
+
+    class CountingClock(timing.WallClock):
+        def time_each(self, fn, repeats):
+            calls.append(fn)
+            return super().time_each(fn, repeats)
+
+    def step():
+        pass
+
+    paired = floor.measure_paired(step, CountingClock(), numel=10_000, rounds=5)
+    # One call of each per round, the floor kernel first: both see the same conditions.
+    assert len(calls) == 10 and calls[1::2] == [step] * 5 and step not in calls[0::2]
+    assert paired["rounds"] == 5 and paired["floor_median_s"] > 0
+    assert paired["bytes_per_s"] == pytest.approx(7 * 4 * 10_000 / paired["floor_median_s"])
+    row = {"optimizer": "adam", "workload": "1e7", "impl": "ours-fused", "bytes": 28 * 10_000,
+           "paired_floor_GBps": paired["bytes_per_s"] / 1e9, "paired_rounds": 5,
+           "paired_step_median_s": paired["floor_median_s"] * 2,
+           "fraction_of_floor_paired": 0.5}
+    assert "0.500" in report.format_paired([row])
+    assert report.format_paired([{"optimizer": "adam"}]) == ""
