@@ -24,6 +24,7 @@ it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ from dataclasses import dataclass
 from . import timing
 
 __all__ = ["STATE_BUFFERS", "STEP_TRAFFIC_KERNEL", "STEP_TRAFFIC_SERIAL", "KERNEL_FLAGS",
-           "CPU_FLOOR_NUMEL", "bytes_moved", "step_traffic_kernel", "measure_paired",
-           "Bandwidth", "floor_bandwidth", "best_of", "measure_cpu", "measure_gpu"]
+           "CPU_FLOOR_NUMEL", "STEP_TRAFFIC_STREAMS", "bytes_moved", "step_traffic_kernel",
+           "measure_paired", "Bandwidth", "floor_bandwidth", "best_of", "measure_cpu",
+           "measure_gpu"]
 
 #: State buffers each benchmarked optimizer keeps per parameter element.
 STATE_BUFFERS = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "lion": 1,
@@ -106,8 +108,14 @@ KERNEL_FLAGS = {"cache": False, "fastmath": False, "error_model": "numpy", "nogi
 CPU_FLOOR_NUMEL = 10_000_000
 
 
+#: Arrays a step-traffic pass streams: four read (p, g, m, v), three written (p, m, v).
+STEP_TRAFFIC_STREAMS = 7
+
+
+@functools.cache
 def _numba_step_traffic():
-    """The floor kernels: threaded and serial, the same loop."""
+    """The floor kernels: threaded and serial, the same loop (made and compiled once per
+    process: the floor is measured twice a run, and once more per paired cell)."""
     import numba
 
     def step_traffic(p, g, m, v, s):  # pragma: no cover - compiled
@@ -129,15 +137,22 @@ def step_traffic_kernel(numel: int = CPU_FLOOR_NUMEL, dtype: str = "float32"
                         ) -> tuple[Callable[[], object], int]:
     """The threaded floor kernel on arrays of its own, ready to call, and the bytes one
     call moves: for :func:`measure_paired`."""
+    threaded, _ = _numba_step_traffic()
+    p, g, m, v = _step_traffic_arrays(numel, dtype)
+    scale = p.dtype.type(1e-6)
+    return (lambda: threaded(p, g, m, v, scale)), STEP_TRAFFIC_STREAMS * p.itemsize * numel
+
+
+def _step_traffic_arrays(numel: int, dtype: str) -> tuple:
+    """The four arrays of a step-traffic pass: p and g random, m and v filled (not
+    np.zeros: calloc'd pages are mapped at their first write, which a step's states
+    never wait for)."""
     import numpy as np
 
-    threaded, _ = _numba_step_traffic()
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(0)
     p = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
     g = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
-    m, v = np.full_like(p, 0.5), np.full_like(p, 0.25)
-    scale = p.dtype.type(1e-6)
-    return (lambda: threaded(p, g, m, v, scale)), 7 * p.itemsize * numel
+    return p, g, np.full_like(p, 0.5), np.full_like(p, 0.25)
 
 
 def measure_paired(step: Callable[[], object], clock: timing.Clock, numel: int,
@@ -177,18 +192,15 @@ def measure_cpu(numel: int = CPU_FLOOR_NUMEL, dtype: str = "float32", budget_s: 
     """
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
-    b = rng.standard_normal(numel, dtype=np.float32).astype(dtype)
+    a, b, m, v = _step_traffic_arrays(numel, dtype)
     kernels = {}
     if importlib.util.find_spec("numba") is not None:
         threaded, serial = _numba_step_traffic()
-        # Filled, not np.zeros: calloc'd pages are mapped at their first write, which a
-        # step's states never wait for.
-        m, v = np.full_like(a, 0.5), np.full_like(a, 0.25)
         scale = a.dtype.type(1e-6)
-        kernels[STEP_TRAFFIC_KERNEL] = (7, lambda: threaded(a, b, m, v, scale))
-        kernels[STEP_TRAFFIC_SERIAL] = (7, lambda: serial(a, b, m, v, scale))
+        kernels[STEP_TRAFFIC_KERNEL] = (STEP_TRAFFIC_STREAMS,
+                                        lambda: threaded(a, b, m, v, scale))
+        kernels[STEP_TRAFFIC_SERIAL] = (STEP_TRAFFIC_STREAMS,
+                                        lambda: serial(a, b, m, v, scale))
         rmw = _numba_rmw()
         kernels["numba prange a=a+s*b"] = (3, lambda: rmw(a, b, scale))
     kernels["numpy add(out=)"] = (3, lambda: np.add(a, b, out=a))
