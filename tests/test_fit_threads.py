@@ -1,8 +1,10 @@
-"""fit caps BLAS threads for the duration of the call only: restored afterwards, also when it
-raises and when fits overlap in threads; results are those of the same BLAS thread count."""
+"""fit sets BLAS threads for the duration of the call only (measured by default, or a given
+cap): restored afterwards, also when it raises and when fits overlap in threads; results are
+those of the same BLAS thread count, and the measured choice's probes change nothing."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import numpy as np
@@ -11,7 +13,9 @@ from optim_core.models import MLP
 from threadpoolctl import threadpool_limits
 
 from optim_core import fit
-from optim_core.train.threads import blas_threads, limited_blas
+from optim_core.train.threads import BlasThreadChoice, blas_threads, limited_blas
+
+fit_module = importlib.import_module("optim_core.train.fit")
 
 # A count no machine gives BLAS by default, so a restored count is told from a default one.
 OUTSIDE = 3
@@ -54,18 +58,21 @@ class _SeenThreads:
         return False
 
 
-def _fit(callbacks=(), **kwargs):
+def _fit(callbacks=(), epochs=2, **kwargs):
     X, y = _data()
     model = MLP((N_FEATURES, HIDDEN, 3))
-    fit(model, X, y, optimizer="sgd", lr=0.05, epochs=2, batch_size=BATCH, seed=1,
-        progress=False, callbacks=callbacks, **kwargs)
+    model.history = fit(model, X, y, optimizer="sgd", lr=0.05, epochs=epochs,
+                        batch_size=BATCH, seed=1, progress=False, callbacks=callbacks,
+                        **kwargs)
     return model
 
 
-def test_fit_runs_blas_on_one_thread_and_puts_the_count_back(outside):
+def test_fit_chooses_between_one_and_the_outside_count_and_puts_the_count_back(outside):
     seen = _SeenThreads()
-    _fit([seen])
-    assert seen.seen == [{1}, {1}]
+    history = _fit([seen]).history
+    assert all(counts <= {1, OUTSIDE} and len(counts) == 1 for counts in seen.seen)
+    assert [sum(steps.values()) for steps in history.blas_threads] == [4, 4]  # 512 / 128
+    assert set().union(*history.blas_threads) <= {1, OUTSIDE}
     assert blas_threads() == outside
 
 
@@ -90,19 +97,20 @@ def test_the_count_is_put_back_when_fit_raises(outside):
 def test_a_bad_count_is_refused_before_anything_changes(outside):
     model = MLP((N_FEATURES, HIDDEN, 3))
     X, y = _data()
-    for bad in (0, -1, 1.5, "1"):
+    for bad in (0, -1, 1.5, "1", "Auto", "all"):
         with pytest.raises((TypeError, ValueError), match="blas_threads"):
             fit(model, X, y, epochs=1, progress=False, blas_threads=bad)
         assert model.params is None
     assert blas_threads() == outside
 
 
-def test_results_are_those_of_blas_on_one_thread_whatever_the_outside_count(outside):
-    limited = _fit()
-    with threadpool_limits(1, user_api="blas"):
-        by_hand = _fit(blas_threads=None)
-    for name, value in by_hand.params.items():
-        np.testing.assert_array_equal(limited.params[name], value)
+def test_results_are_those_of_the_same_blas_thread_count_whatever_the_outside_count(outside):
+    for threads in (1, 2):
+        limited = _fit(blas_threads=threads)
+        with threadpool_limits(threads, user_api="blas"):
+            by_hand = _fit(blas_threads=None)
+        for name, value in by_hand.params.items():
+            np.testing.assert_array_equal(limited.params[name], value)
 
 
 
@@ -126,12 +134,132 @@ def test_overlapping_fits_in_threads_leave_the_outside_count(outside):
     assert blas_threads() == outside
 
 
-def test_nested_limits_take_the_lowest_and_the_outermost_restores(outside):
-    with limited_blas(2):
+def test_open_blocks_run_the_lowest_request_and_the_outermost_restores(outside):
+    with limited_blas(2) as scope:
+        assert scope.ceiling == OUTSIDE
         assert set(blas_threads().values()) == {2}
         with limited_blas(1):
             assert set(blas_threads().values()) == {1}
-        assert set(blas_threads().values()) == {1}  # until the outermost block ends
-        with limited_blas(None):
-            assert set(blas_threads().values()) == {1}
+        assert set(blas_threads().values()) == {2}  # the inner block's request is gone
+        with limited_blas(None) as nothing:
+            assert nothing is None
+            assert set(blas_threads().values()) == {2}
+        scope.request(OUTSIDE + 5)  # never more than a library had on entry
+        assert set(blas_threads().values()) == {OUTSIDE}
+        scope.request(1)
+        assert set(blas_threads().values()) == {1}
     assert blas_threads() == outside
+
+
+class _FakeScope:
+    def __init__(self, ceiling):
+        self.ceiling, self.current, self.requests = ceiling, None, []
+
+    def request(self, threads):
+        self.current = threads
+        self.requests.append(threads)
+
+
+def _run_steps(choice, scope, seconds_by_threads, n, samples=10):
+    """``n`` steps timed by a fake clock: a step on ``k`` threads takes
+    ``seconds_by_threads[k]`` per sample. The counts the steps ran on."""
+    now, ran = [0.0], []
+    choice.clock = lambda: now[0]
+    for _ in range(n):
+        choice.start()
+        ran.append(scope.current)
+        now[0] += seconds_by_threads[scope.current] * samples
+        choice.stop(samples)
+    return ran
+
+
+def _runs(ran):
+    """Run-length encoding: [(count, steps), ...]."""
+    runs = []
+    for threads in ran:
+        if runs and runs[-1][0] == threads:
+            runs[-1][1] += 1
+        else:
+            runs.append([threads, 1])
+    return [tuple(run) for run in runs]
+
+
+def test_a_faster_count_is_taken_after_a_probe_of_three_steps_and_probed_back_rarely():
+    scope = _FakeScope(ceiling=4)
+    ran = _run_steps(BlasThreadChoice(scope), scope, {4: 1.0, 1: 3.0}, 520)
+    runs = _runs(ran)
+    # Three steps on one thread, a probe of all four (won: they stay), then probes of one
+    # thread, each lost at its first step, after 8, 16, 32... steps, up to 256.
+    assert runs[:2] == [(1, 3), (4, 3 + 8)]
+    assert runs[2:8] == [(1, 1), (4, 16), (1, 1), (4, 32), (1, 1), (4, 64)]
+    assert runs[8:11] == [(1, 1), (4, 128), (1, 1)]
+    assert runs[11][0] == 4
+
+
+def test_a_slower_count_costs_one_step_per_probe_at_doubling_intervals():
+    scope = _FakeScope(ceiling=4)
+    choice = BlasThreadChoice(scope)
+    ran = _run_steps(choice, scope, {4: 3.0, 1: 1.0}, 600)
+    runs = _runs(ran)
+    assert runs[:8] == [(1, 3), (4, 1), (1, 16), (4, 1), (1, 32), (4, 1), (1, 64), (4, 1)]
+    assert runs[8:12] == [(1, 128), (4, 1), (1, 256), (4, 1)]
+    assert choice.take_steps() == {1: 600 - 6, 4: 6}
+    assert choice.take_steps() == {}
+
+
+def test_a_change_of_load_moves_the_steps_to_the_other_count():
+    scope = _FakeScope(ceiling=2)
+    choice = BlasThreadChoice(scope)
+    assert set(_run_steps(choice, scope, {2: 1.0, 1: 2.0}, 300)[-40:]) == {2}
+    # Another process takes a core: all threads become 5x slower than one. The current
+    # count is kept until the next probe of one thread, which then wins.
+    after = _run_steps(choice, scope, {2: 10.0, 1: 2.0}, 300)
+    switched = after.index(1)
+    assert switched <= BlasThreadChoice.MAX_INTERVAL
+    assert _runs(after[switched:])[0][1] >= 3 + BlasThreadChoice.FIRST_INTERVAL
+    assert after[switched:].count(2) <= 5  # lost probes only, one step each
+    # The load goes away: a probe of all threads wins again.
+    back = _run_steps(choice, scope, {2: 1.0, 1: 2.0}, 300)
+    assert back[-40:].count(2) >= 39
+
+
+def test_nothing_is_timed_or_changed_without_a_second_count():
+    scope = _FakeScope(ceiling=1)
+    choice = BlasThreadChoice(scope, clock=lambda: 0.0)
+    for _ in range(20):
+        choice.start()
+        choice.stop(10)
+    assert scope.requests == [] and choice.take_steps() == {1: 20}
+
+
+def test_auto_follows_the_faster_count_in_fit_and_records_each_epochs_steps(
+        outside, monkeypatch):
+    def running():
+        (count,) = set(blas_threads().values())
+        return count
+
+    def timed_choice(scope):
+        # A clock on which a step on one thread takes 3 units and on OUTSIDE threads 1.
+        now = [0.0]
+        choice = BlasThreadChoice(scope, clock=lambda: now[0])
+        start = choice.start
+
+        def timed_start():
+            start()
+            now[0] += 1.0 if running() == OUTSIDE else 3.0
+
+        choice.start = timed_start
+        return choice
+
+    monkeypatch.setattr(fit_module, "BlasThreadChoice", timed_choice)
+    seen = _SeenThreads()
+    auto = _fit([seen], epochs=3)
+    # 4 steps an epoch: 3 on one thread, a won probe of 3 on OUTSIDE, which stays for 8
+    # steps, then a lost probe of one thread.
+    assert auto.history.blas_threads == [{1: 3, OUTSIDE: 1}, {OUTSIDE: 4}, {OUTSIDE: 4}]
+    assert blas_threads() == outside
+    # The counts agree to rounding: the run is close to one on a fixed count.
+    fixed = _fit(epochs=3, blas_threads=OUTSIDE)
+    for name, value in fixed.params.items():
+        np.testing.assert_allclose(auto.params[name], value, rtol=1e-4, atol=1e-6)
+    assert fixed.history.blas_threads == [{OUTSIDE: 4}] * 3

@@ -43,7 +43,7 @@ from .models import Model
 from .pipeline import TrainedParams, training_step
 from .regularization import dropout_key
 from .schedules import ReduceOnPlateau
-from .threads import limited_blas
+from .threads import BlasThreadChoice, limited_blas
 
 __all__ = ["fit", "History", "OPTIMIZERS", "make_optimizer", "epoch_order"]
 
@@ -88,6 +88,10 @@ class History:
         The optimizer that trained the model.
     steps : int
         Optimizer steps taken by the run.
+    blas_threads : list of dict
+        For each epoch this call ran, in order: how many of its steps ran on each BLAS
+        thread count (None when ``fit`` left BLAS alone), as ``blas_threads="auto"``
+        chose them, e.g. ``{2: 460, 1: 9}``.
     """
 
     def __init__(self, metric_name: str = "metric", seed: int | None = None) -> None:
@@ -98,6 +102,7 @@ class History:
         self.seed = seed
         self.optimizer: Optimizer | None = None
         self.steps = 0
+        self.blas_threads: list[int | None] = []
 
     def _column(self, key: str) -> list[Any]:
         return [entry[key] for entry in self.epochs]
@@ -267,7 +272,7 @@ class _Run:
     checkpoint: str | None
     checkpoint_every: int
     resume: bool
-    blas_threads: int | None
+    blas_threads: int | str | None
 
     @property
     def instance(self) -> bool:
@@ -282,7 +287,8 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Opti
         clip_norm: float | None = None, clip_value: float | None = None,
         callbacks: Iterable[Any] = (), seed: int | None = None, progress: bool = True,
         nonfinite: str | None = None, checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_every: int = 1, resume: bool = False, blas_threads: int | None = 1,
+        checkpoint_every: int = 1, resume: bool = False,
+        blas_threads: int | str | None = "auto",
         **optimizer_kwargs: Any) -> History:
     r"""Train ``model`` on ``(X, y)`` with a first-order optimizer.
 
@@ -388,26 +394,29 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Opti
         not, so the same call can simply be repeated after a crash). Since the order
         of the samples and the dropout masks are functions of the seed, the epoch
         and the step, the continued run is bit for bit the run that was not
-        interrupted (timings aside). The call must repeat the interrupted one:
+        interrupted (timings aside) when both ran BLAS on the same counts (an
+        integer ``blas_threads``; see there). The call must repeat the interrupted one:
         settings that change the trajectory (optimizer, batch size, penalties,
         clipping, seed, data size, model) are compared and a difference raises
         ValueError before anything changes; ``epochs`` may be raised to train on.
         A run that had stopped early is not continued.
-    blas_threads : int or None
-        With NumPy arrays (in memory or as the chunks of Dask arrays): at most this many
-        threads for the BLAS libraries of the process (NumPy's OpenBLAS, MKL...) while
-        ``fit`` runs, each library's own count put back when it returns or raises
-        (:func:`optim_core.train.threads.limited_blas`; callbacks run under the limit
-        too). One by default: beside other busy processes a multi-threaded product
-        waits for time slices at every barrier, and idle BLAS workers spin while
-        numba's threaded kernels want the cores (on 2 shared cores, load 2.2, 100 steps
-        of an MLP 784-256-10 at batch 128 took 1031 ms with 2 BLAS threads, 240 ms with
-        one); on idle cores more threads can be faster (the same epoch, load 1.6: 0.58
-        s on 2 threads, 0.81 s on one), so give the count where the cores are yours.
-        It also makes a run's numbers independent of the machine's core count (BLAS
-        sums a product in another order on another number of threads). None leaves
-        the libraries as they are; a larger number suits large batches and layers on
-        idle cores. Other libraries (torch, CuPy, JAX) are not affected.
+    blas_threads : "auto", int or None
+        With NumPy arrays (in memory or as the chunks of Dask arrays): the threads of
+        the BLAS libraries of the process (NumPy's OpenBLAS, MKL...) while ``fit``
+        runs, each library's own count put back when it returns or raises
+        (:func:`optim_core.train.threads.limited_blas`; callbacks run under it too).
+        ``"auto"`` (the default) measures: each step is timed and runs on one thread or
+        on all of them, whichever was faster lately, the other tried again now and then
+        (:class:`~optim_core.train.threads.BlasThreadChoice` says how). No count suits
+        every machine: on 2 idle cores one epoch of an MLP 784-256-10 at batch 128
+        took 0.62 s on 2 BLAS threads and 0.83 s on one; beside a busy process, 3.0 s
+        on 2 and 0.83 s on one (a multi-threaded product waits for time slices at every
+        barrier). The counts agree to rounding only (BLAS may sum a product in another
+        order on another number of threads): ``history.blas_threads`` counts each
+        epoch's steps on each, and an integer ``k`` (at most ``k`` threads, every
+        step) gives results that do not depend on timing, nor, with 1, on the
+        machine's core count. None leaves the libraries as they are.
+        Other libraries (torch, CuPy, JAX) are not affected.
     **optimizer_kwargs
         Further hyperparameters for an optimizer given by name (``momentum=0.9``,
         ``betas=(0.9, 0.99)``, ``impl="generic"``, ``state_bits=8`` for block-wise 8-bit
@@ -443,8 +452,10 @@ def fit(model: Model, X: Any, y: Any, *, optimizer: str | type[Optimizer] | Opti
         raise ValueError(f"cannot resume {run.checkpoint!r}: these settings differ from the "
                          f"saved run's: {', '.join(changed)}")
     params, data, validation = _set_up(run, model, seed, saved)
-    with limited_blas(run.blas_threads):
-        return _train(run, model, params, data, validation, seed, settings, saved)
+    auto = run.blas_threads == "auto"
+    with limited_blas(1 if auto else run.blas_threads) as blas:
+        choice = BlasThreadChoice(blas) if auto else None
+        return _train(run, model, params, data, validation, seed, settings, saved, choice)
 
 
 # ---------------------------------------------------------------------------- 1. arguments
@@ -542,7 +553,8 @@ def _checked_run(model: Any, X: Any, y: Any, *, optimizer: Any, lr: Any, epochs:
     if model.params is not None:
         data.check_library(next(iter(model.params.values())))
     if blas_threads is not None:
-        blas_threads = checks.integer("blas_threads", blas_threads, minimum=1)
+        if not (isinstance(blas_threads, str) and blas_threads == "auto"):
+            blas_threads = checks.integer("blas_threads", blas_threads, minimum=1)
         if not isinstance(data.param_like(), np.ndarray):
             blas_threads = None  # another library's products: its own threads
     return _Run(data=data, validation=validation, optimizer=optimizer,
@@ -733,7 +745,8 @@ def _restore(saved: dict[str, Any], params: TrainedParams, hooks: list[Any],
 
 # ---------------------------------------------------------------------------- 4. train
 def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation: Any,
-           seed: int, settings: dict[str, Any], saved: dict[str, Any] | None) -> History:
+           seed: int, settings: dict[str, Any], saved: dict[str, Any] | None,
+           blas_choice: BlasThreadChoice | None) -> History:
     """The epochs: batches, the step chain, the epoch's logs, callbacks, checkpoints."""
     optimizer = params.optimizer
     arrays = params.arrays
@@ -774,8 +787,11 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
             if averaged:
                 optimizer.train()
                 params.pull()
+            first_step = step
             for X_batch, y_batch in data.batches(run.batch_size, run.shuffle,
                                                  _epoch_rng(seed, epoch)):
+                if blas_choice is not None:
+                    blas_choice.start()
                 if schedule is not None:
                     count = optimizer.group_state[0]["step"]
                     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -790,10 +806,14 @@ def _train(run: _Run, model: Model, params: TrainedParams, data: Any, validation
                         raise ValueError(f"epoch {epoch}, step {step + 1}: {exc}") from exc
                     raise
                 step += 1
+                if blas_choice is not None:
+                    blas_choice.stop(X_batch.shape[0])
                 weighted = loss * X_batch.shape[0]
                 loss_sum = weighted if loss_sum is None else loss_sum + weighted
                 if classifier:
                     correct_sum = correct if correct_sum is None else correct_sum + correct
+            history.blas_threads.append(blas_choice.take_steps() if blas_choice is not None
+                                        else {run.blas_threads: step - first_step})
             if averaged:
                 optimizer.eval()
                 params.pull()  # new arrays on immutable libraries

@@ -1,41 +1,45 @@
-"""BLAS threads during :func:`~optim_core.fit`: a limit scoped to the call, restored after it.
+"""BLAS threads during :func:`~optim_core.fit`: measured or capped, scoped to the call.
 
 A training step on NumPy arrays alternates the model's matrix products (NumPy's BLAS,
 OpenBLAS in NumPy's wheels, with a pool of one thread per core) with the optimizer's
 fused kernels (numba, a pool of its own, threaded for tensors of 2**20 elements or
-more). BLAS workers keep spinning for a while after each product, so the two pools
-fight for the cores, and beside other busy processes a multi-threaded product of a
-mini-batch waits for time slices at every barrier: on 2 cores shared with other jobs,
-100 steps of an MLP 784-256-10 (batch 128) took 1031 ms with 2 BLAS threads against
-240 ms with one (load average 2.2, medians of 7 interleaved rounds).
+more). On idle cores the products are faster on every core (one epoch of an MLP
+784-256-10 at batch 128: 0.62 s on 2 threads, 0.83 s on one); beside other busy
+processes a multi-threaded product waits for time slices at every barrier and is far
+slower (the same epoch beside one busy process: 3.0 s on 2 threads, 0.83 s on one).
+No fixed count is right on both, and load comes and goes during a run, so
+:class:`BlasThreadChoice` (``fit``'s default, ``blas_threads="auto"``) measures as it
+trains.
 
-:func:`limited_blas` caps the BLAS libraries that threadpoolctl finds loaded in the
+:func:`limited_blas` sets the BLAS libraries that threadpoolctl finds loaded in the
 process for the duration of a ``with`` block and puts back what they had when the
-outermost block ends, also when it raises. Concurrent and nested blocks (fits in
-several Python threads) share one scope: the first saves the libraries' settings, each
-one lowers the cap to its own limit if that is lower, and the last one to leave
-restores the saved settings, so no interleaving of calls leaves a limit behind. A
-library loaded inside the block (the first import of numba loads SciPy's BLAS, which
-NumPy does not use) keeps the count it starts with.
-numba's pool is left alone: with BLAS on the calling thread only, the threaded kernels
-have the cores to themselves, and which loop they run is chosen by measurement
+outermost block ends, also when it raises. Each open block requests a count (its
+limit, or for a measured choice the count it chose last); the libraries run the lowest
+request of the blocks open now, never more than each had on entry. Concurrent and
+nested blocks (fits in several Python threads) share one scope: the first saves the
+libraries' settings and the last one to leave restores them, so no interleaving of
+calls leaves a limit behind. A library loaded inside the block (the first import of
+numba loads SciPy's BLAS, which NumPy does not use) keeps the count it starts with.
+numba's pool is left alone: which loop its kernels run is chosen by measurement too
 (:class:`optim_core.backends._numba._ThreadChoice`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["limited_blas", "blas_threads"]
+__all__ = ["limited_blas", "blas_threads", "BlasScope", "BlasThreadChoice"]
 
 _LOCK = threading.Lock()
-_depth = 0
 # The BLAS libraries the outermost block found and their thread counts before it.
 _saved: list[tuple[Any, int]] = []
-_cap: int | None = None  # the lowest limit of the blocks now open
+_requests: dict[int, int] = {}  # id of an open BlasScope -> the count it asks for
+_applied: int | None = None  # the lowest request, as the libraries were last set
 
 
 def _controller() -> Any:
@@ -44,41 +48,159 @@ def _controller() -> Any:
     return ThreadpoolController().select(user_api="blas")
 
 
+def _apply_lowest() -> None:
+    """Set the libraries to the lowest open request (under _LOCK; a no-op if unchanged)."""
+    global _applied
+    lowest = min(_requests.values())
+    if lowest != _applied:
+        for library, count in _saved:
+            library.set_num_threads(min(lowest, count))
+        _applied = lowest
+
+
+class BlasScope:
+    """An open :func:`limited_blas` block: the count it requests, changeable inside it.
+
+    Attributes
+    ----------
+    ceiling : int
+        The most threads any BLAS library had on entry to the outermost block (1 if
+        none is loaded): more is never set.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+
+    def request(self, threads: int) -> None:
+        """Ask for ``threads`` (at least 1); the libraries run the lowest open request."""
+        with _LOCK:
+            if _requests.get(id(self)) != threads:
+                _requests[id(self)] = threads
+                _apply_lowest()
+
+
 @contextlib.contextmanager
-def limited_blas(threads: int | None) -> Iterator[None]:
-    """At most ``threads`` BLAS threads inside the block (None: no limit, nothing done).
+def limited_blas(threads: int | None) -> Iterator[BlasScope | None]:
+    """At most ``threads`` BLAS threads inside the block (None: nothing done, yields None).
 
     Parameters
     ----------
     threads : int or None
-        The cap, at least 1.
+        The count requested on entry, at least 1; the block's :class:`BlasScope`
+        changes it (:meth:`BlasScope.request`).
     """
-    global _depth, _saved, _cap
+    global _saved, _applied
     if threads is None:
-        yield
+        yield None
         return
     with _LOCK:
-        if _depth == 0:
+        if not _requests:
             # Found once per outermost block (a scan of the loaded libraries, ~5 ms).
             _saved = [(library, library.num_threads)
                       for library in _controller().lib_controllers]
-            _cap = None
-        if _cap is None or threads < _cap:
-            for library, _ in _saved:
-                library.set_num_threads(threads)
-            _cap = threads
-        _depth += 1
+            _applied = None
+        scope = BlasScope(max((count for _, count in _saved), default=1))
+        _requests[id(scope)] = threads
+        _apply_lowest()
     try:
-        yield
+        yield scope
     finally:
         with _LOCK:
-            _depth -= 1
-            if _depth == 0:
+            del _requests[id(scope)]
+            if _requests:
+                _apply_lowest()
+            else:
                 for library, count in _saved:
                     library.set_num_threads(count)
-                _saved, _cap = [], None
+                _saved, _applied = [], None
 
 
 def blas_threads() -> dict[str, int]:
     """The thread count of every BLAS library loaded now, by file (for tests and reports)."""
     return {info["filepath"]: info["num_threads"] for info in _controller().info()}
+
+
+class BlasThreadChoice:
+    """``fit(blas_threads="auto")``: each step's BLAS thread count, one or all, measured.
+
+    Each training step (the batch's loss and gradient, then the optimizer's step) is
+    timed per sample of its batch. Steps run on the current count; every so often a
+    probe runs the next steps on the other count, :data:`PROBE_STEPS` of them, and the
+    current count changes when their median beats the median of the current count's
+    last :data:`PROBE_STEPS` steps by :data:`MARGIN`. A probe step slower than
+    :data:`ABORT` times that median ends the probe at once, lost: beside busy
+    processes a multi-threaded step can take ten times a serial one, and a lost probe
+    then costs one step. Probes come after :data:`FIRST_INTERVAL` steps and then at
+    intervals that double each time a probe loses, up to :data:`MAX_INTERVAL` steps,
+    and start again from :data:`FIRST_INTERVAL` after a change, so a change of load is
+    followed and a slow probe costs little on average. The run starts on one thread
+    and probes all of them after :data:`PROBE_STEPS` steps. Without a second count to
+    choose (BLAS on one thread already) nothing is timed or changed.
+
+    The counts give the same results to rounding only (BLAS may split a product among
+    its threads and then sum in another order), so which steps ran on which count
+    depends on timing: ``history.blas_threads`` says how many steps of each epoch ran on
+    each count, and ``fit(blas_threads=k)`` repeats a run bit for bit.
+
+    Parameters
+    ----------
+    scope : BlasScope
+        The open :func:`limited_blas` block the counts are requested through.
+    clock : callable, optional
+        Seconds, monotonic (:func:`time.perf_counter`); tests pass a fake one.
+    """
+
+    PROBE_STEPS = 3
+    MARGIN = 0.95
+    ABORT = 1.5
+    FIRST_INTERVAL = 8
+    MAX_INTERVAL = 256
+
+    def __init__(self, scope: BlasScope,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.scope, self.clock = scope, clock
+        self.many = scope.ceiling
+        self.current = 1
+        self.recent: list[float] = []  # the current count's last PROBE_STEPS step times
+        self.probe: list[float] | None = None  # a probe's step times, while one runs
+        self.interval = self.FIRST_INTERVAL
+        self.countdown = self.PROBE_STEPS
+        self.running = 1
+        self.started = 0.0
+        self.steps: dict[int, int] = {}  # count -> steps, since the last take_steps()
+
+    def start(self) -> None:
+        """Before a step: request the count it runs on and start its clock."""
+        if self.many > 1:
+            other = 1 if self.current == self.many else self.many
+            self.running = self.current if self.probe is None else other
+            self.scope.request(self.running)
+        self.started = self.clock()
+
+    def stop(self, samples: int) -> None:
+        """After the step that :meth:`start` began, on a batch of ``samples`` rows."""
+        self.steps[self.running] = self.steps.get(self.running, 0) + 1
+        if self.many == 1:
+            return
+        seconds = (self.clock() - self.started) / max(samples, 1)
+        if self.probe is None:
+            self.recent = [*self.recent[1 - self.PROBE_STEPS:], seconds]
+            self.countdown -= 1
+            if self.countdown <= 0:
+                self.probe = []
+            return
+        self.probe.append(seconds)
+        usual = statistics.median(self.recent)
+        if seconds > self.ABORT * usual or len(self.probe) == self.PROBE_STEPS:
+            if len(self.probe) == self.PROBE_STEPS \
+                    and statistics.median(self.probe) < self.MARGIN * usual:
+                self.current, self.recent = self.running, self.probe
+                self.interval = self.FIRST_INTERVAL
+            else:
+                self.interval = min(2 * self.interval, self.MAX_INTERVAL)
+            self.probe, self.countdown = None, self.interval
+
+    def take_steps(self) -> dict[int, int]:
+        """The steps run on each count since the last call (and start counting afresh)."""
+        steps, self.steps = self.steps, {}
+        return steps
