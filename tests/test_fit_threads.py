@@ -211,11 +211,11 @@ def test_a_change_of_load_moves_the_steps_to_the_other_count():
     scope = _FakeScope(ceiling=2)
     choice = BlasThreadChoice(scope)
     assert set(_run_steps(choice, scope, {2: 1.0, 1: 2.0}, 300)[-40:]) == {2}
-    # Another process takes a core: all threads become 5x slower than one. The current
-    # count is kept until the next probe of one thread, which then wins.
+    # Another process takes a core: all threads become 5x slower than one. Once the
+    # median of the last three steps shows it, one thread is probed, and wins.
     after = _run_steps(choice, scope, {2: 10.0, 1: 2.0}, 300)
     switched = after.index(1)
-    assert switched <= BlasThreadChoice.MAX_INTERVAL
+    assert switched == 2
     assert _runs(after[switched:])[0][1] >= 3 + BlasThreadChoice.FIRST_INTERVAL
     assert after[switched:].count(2) <= 5  # lost probes only, one step each
     # The load goes away: a probe of all threads wins again.

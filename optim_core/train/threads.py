@@ -132,10 +132,13 @@ class BlasThreadChoice:
     processes a multi-threaded step can take ten times a serial one, and a lost probe
     then costs one step. Probes come after :data:`FIRST_INTERVAL` steps and then at
     intervals that double each time a probe loses, up to :data:`MAX_INTERVAL` steps,
-    and start again from :data:`FIRST_INTERVAL` after a change, so a change of load is
-    followed and a slow probe costs little on average. The run starts on one thread
-    and probes all of them after :data:`PROBE_STEPS` steps. Without a second count to
-    choose (BLAS on one thread already) nothing is timed or changed.
+    and start again from :data:`FIRST_INTERVAL` after a change, so a slow probe costs
+    little on average. When the median of the current count's last steps grows past
+    :data:`ABORT` times what it was when the count was chosen (load came), the other
+    count is probed at once, so a change of load is followed within a few steps. The
+    run starts on one thread and probes all of them after :data:`PROBE_STEPS` steps.
+    Without a second count to choose (BLAS on one thread already) nothing is timed or
+    changed.
 
     The counts give the same results to rounding only (BLAS may split a product among
     its threads and then sum in another order), so which steps ran on which count
@@ -162,6 +165,7 @@ class BlasThreadChoice:
         self.many = scope.ceiling
         self.current = 1
         self.recent: list[float] = []  # the current count's last PROBE_STEPS step times
+        self.baseline: float | None = None  # their median when the count was last chosen
         self.probe: list[float] | None = None  # a probe's step times, while one runs
         self.interval = self.FIRST_INTERVAL
         self.countdown = self.PROBE_STEPS
@@ -186,6 +190,12 @@ class BlasThreadChoice:
         if self.probe is None:
             self.recent = [*self.recent[1 - self.PROBE_STEPS:], seconds]
             self.countdown -= 1
+            if self.baseline is None and len(self.recent) == self.PROBE_STEPS:
+                self.baseline = statistics.median(self.recent)
+            elif self.baseline is not None \
+                    and statistics.median(self.recent) > self.ABORT * self.baseline:
+                # The current count got slower (load came): probe the other one now.
+                self.countdown, self.interval, self.baseline = 0, self.FIRST_INTERVAL, None
             if self.countdown <= 0:
                 self.probe = []
             return
@@ -199,6 +209,7 @@ class BlasThreadChoice:
             else:
                 self.interval = min(2 * self.interval, self.MAX_INTERVAL)
             self.probe, self.countdown = None, self.interval
+            self.baseline = statistics.median(self.recent)
 
     def take_steps(self) -> dict[int, int]:
         """The steps run on each count since the last call (and start counting afresh)."""
