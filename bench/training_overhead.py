@@ -85,9 +85,11 @@ def optim_core_epoch(X: np.ndarray, y: np.ndarray, seed: int = 0, impl: str = "a
 
     def run() -> None:
         state["epoch"] += 1
-        fit(model, X, y, optimizer="sgd", lr=LR, epochs=1, batch_size=BATCH,
-            seed=seed + state["epoch"], progress=False, impl=impl)
+        history = fit(model, X, y, optimizer="sgd", lr=LR, epochs=1, batch_size=BATCH,
+                      seed=seed + state["epoch"], progress=False, impl=impl)
+        run.blas_threads.append(history.blas_threads[0])
 
+    run.blas_threads = []  # per epoch: the steps run on each BLAS thread count
     return run
 
 
@@ -200,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             torch.set_num_threads(threads)
             runners["torch loop"] = torch_epoch
-    times = _time_epochs({name: make(X, y) for name, make in runners.items()}, args.repeats)
+    runs = {name: make(X, y) for name, make in runners.items()}
+    times = _time_epochs(runs, args.repeats)
     results = {name: {"median_s": statistics.median(t), "times_s": t}
                for name, t in times.items()}
     steps = -(-N_TRAIN // BATCH)
@@ -226,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:<18} {entry['median_s']:9.3f} {entry['per_step_us']:12.1f} "
               f"{cells[0]:>9} {cells[1]:>9}")
     for name in ("fit impl=auto", "fit impl=generic"):
+        # The timed epochs' BLAS thread counts (the warm-up's left out), as fit chose them.
+        counts = runs[name].blas_threads[1:]
+        results[name]["blas_threads"] = counts
+        steps_on = {k: sum(c.get(k, 0) for c in counts) for k in sorted(
+            {k for c in counts for k in c}, key=str)}
+        print(f"{name}: steps per BLAS thread count over the timed epochs: {steps_on}")
         verdict = "meets" if results[name]["vs_numpy"] <= 1.15 else "misses"
         print(f"target {name} <= 1.15x numpy loop: {verdict} (vs the loop on one BLAS "
               f"thread: {results[name]['vs_numpy_1_blas_thread']:.2f}x)")

@@ -189,21 +189,22 @@ def test_a_faster_count_is_taken_after_a_probe_of_three_steps_and_probed_back_ra
     ran = _run_steps(BlasThreadChoice(scope), scope, {4: 1.0, 1: 3.0}, 520)
     runs = _runs(ran)
     # Three steps on one thread, a probe of all four (won: they stay), then probes of one
-    # thread, each lost at its first step, after 8, 16, 32... steps, up to 256.
-    assert runs[:2] == [(1, 3), (4, 3 + 8)]
-    assert runs[2:8] == [(1, 1), (4, 16), (1, 1), (4, 32), (1, 1), (4, 64)]
-    assert runs[8:11] == [(1, 1), (4, 128), (1, 1)]
-    assert runs[11][0] == 4
+    # thread, each lost at its first step. One thread was left within HOLD steps of being
+    # chosen: its interval doubled from 8 to 16. A lost probe cost 2 steps more than a
+    # step on four threads: the next waits max(2 x, 2 / BUDGET = 100) steps.
+    assert runs == [(1, 3), (4, 3 + 16), (1, 1), (4, 100), (1, 1), (4, 200), (1, 1),
+                    (4, 520 - 325)]
 
 
-def test_a_slower_count_costs_one_step_per_probe_at_doubling_intervals():
+def test_a_slower_count_costs_one_step_per_probe_at_growing_intervals():
     scope = _FakeScope(ceiling=4)
     choice = BlasThreadChoice(scope)
     ran = _run_steps(choice, scope, {4: 3.0, 1: 1.0}, 600)
     runs = _runs(ran)
-    assert runs[:8] == [(1, 3), (4, 1), (1, 16), (4, 1), (1, 32), (4, 1), (1, 64), (4, 1)]
-    assert runs[8:12] == [(1, 128), (4, 1), (1, 256), (4, 1)]
-    assert choice.take_steps() == {1: 600 - 6, 4: 6}
+    # Each lost probe of four threads cost 2 steps more than a step on one: the next waits
+    # max(2 x, 100) steps.
+    assert runs == [(1, 3), (4, 1), (1, 100), (4, 1), (1, 200), (4, 1), (1, 600 - 306)]
+    assert choice.take_steps() == {1: 600 - 3, 4: 3}
     assert choice.take_steps() == {}
 
 
@@ -218,9 +219,33 @@ def test_a_change_of_load_moves_the_steps_to_the_other_count():
     assert switched == 2
     assert _runs(after[switched:])[0][1] >= 3 + BlasThreadChoice.FIRST_INTERVAL
     assert after[switched:].count(2) <= 5  # lost probes only, one step each
-    # The load goes away: a probe of all threads wins again.
-    back = _run_steps(choice, scope, {2: 1.0, 1: 2.0}, 300)
-    assert back[-40:].count(2) >= 39
+    # The load goes away: the next probe of all threads wins again. Lost probes of 5x
+    # slower steps spaced the probes to 200 steps at least (4 extra steps / BUDGET).
+    wait = choice.intervals[2]
+    assert wait >= 200
+    back = _run_steps(choice, scope, {2: 1.0, 1: 2.0}, wait + 100)
+    assert back[wait + 3:].count(2) >= 95
+
+
+def test_under_bursty_load_all_threads_are_tried_less_and_less():
+    # All threads win a probe in a quiet moment, then are slow again at once: each time
+    # they are left soon after being chosen, their interval doubles.
+    scope = _FakeScope(ceiling=2)
+    choice = BlasThreadChoice(scope)
+    now, ran = [0.0], []
+    choice.clock = lambda: now[0]
+    for _ in range(2000):
+        choice.start()
+        ran.append(scope.current)
+        probing = choice.probe is not None
+        # A probe of all threads meets a quiet moment; after it, load is back.
+        seconds = 1.0 if scope.current == 1 else (0.5 if probing else 10.0)
+        now[0] += seconds * 10
+        choice.stop(10)
+    starts = [i for i in range(1, len(ran)) if ran[i] == 2 and ran[i - 1] == 1]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps == sorted(gaps) and gaps[-1] > 256  # rarer and rarer
+    assert ran.count(2) < 0.05 * len(ran)
 
 
 def test_nothing_is_timed_or_changed_without_a_second_count():

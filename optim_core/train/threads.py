@@ -27,6 +27,7 @@ numba's pool is left alone: which loop its kernels run is chosen by measurement 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import threading
 import time
@@ -124,21 +125,27 @@ class BlasThreadChoice:
     """``fit(blas_threads="auto")``: each step's BLAS thread count, one or all, measured.
 
     Each training step (the batch's loss and gradient, then the optimizer's step) is
-    timed per sample of its batch. Steps run on the current count; every so often a
-    probe runs the next steps on the other count, :data:`PROBE_STEPS` of them, and the
-    current count changes when their median beats the median of the current count's
-    last :data:`PROBE_STEPS` steps by :data:`MARGIN`. A probe step slower than
-    :data:`ABORT` times that median ends the probe at once, lost: beside busy
-    processes a multi-threaded step can take ten times a serial one, and a lost probe
-    then costs one step. Probes come after :data:`FIRST_INTERVAL` steps and then at
-    intervals that double each time a probe loses, up to :data:`MAX_INTERVAL` steps,
-    and start again from :data:`FIRST_INTERVAL` after a change, so a slow probe costs
-    little on average. When the median of the current count's last steps grows past
+    timed per sample of its batch. Steps run on the current count; now and then a probe
+    runs the next steps on the other count, :data:`PROBE_STEPS` of them, and the current
+    count changes when their median beats the median of the current count's last
+    :data:`PROBE_STEPS` steps by :data:`MARGIN`. A probe step slower than :data:`ABORT`
+    times that median ends the probe at once, lost: beside busy processes a
+    multi-threaded step can take ten times a serial one, and a lost probe then costs
+    one step. When the median of the current count's last steps grows past
     :data:`ABORT` times what it was when the count was chosen (load came), the other
-    count is probed at once, so a change of load is followed within a few steps. The
-    run starts on one thread and probes all of them after :data:`PROBE_STEPS` steps.
-    Without a second count to choose (BLAS on one thread already) nothing is timed or
-    changed.
+    count is probed at once, so a change of load is followed within a few steps.
+
+    Each count waits its own interval before it is probed: :data:`FIRST_INTERVAL` steps
+    at first, doubled (up to :data:`MAX_INTERVAL`) each time a probe of it loses or it
+    is left within :data:`HOLD` steps of being chosen, and after a lost probe at least
+    long enough that the probe's extra time is :data:`BUDGET` of the steps between (on 2
+    cores beside a busy process a step on 2 BLAS threads took 30 ms against 1.8 ms on
+    one: the next probe of 2 threads then waits 800 steps). Under bursty load, where all
+    threads win a probe in a quiet moment and lose the next busy one, they are tried
+    less and less often; a count left after holding :data:`HOLD` steps waits
+    :data:`FIRST_INTERVAL` again. The run starts on one thread and probes all of
+    them after :data:`PROBE_STEPS` steps. Without a second count to choose (BLAS on one
+    thread already) nothing is timed or changed.
 
     The counts give the same results to rounding only (BLAS may split a product among
     its threads and then sum in another order), so which steps ran on which count
@@ -157,7 +164,9 @@ class BlasThreadChoice:
     MARGIN = 0.95
     ABORT = 1.5
     FIRST_INTERVAL = 8
-    MAX_INTERVAL = 256
+    HOLD = 256
+    MAX_INTERVAL = 4096
+    BUDGET = 0.02
 
     def __init__(self, scope: BlasScope,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -166,18 +175,21 @@ class BlasThreadChoice:
         self.current = 1
         self.recent: list[float] = []  # the current count's last PROBE_STEPS step times
         self.baseline: float | None = None  # their median when the count was last chosen
+        self.held = 0  # steps on the current count since it was chosen
         self.probe: list[float] | None = None  # a probe's step times, while one runs
-        self.interval = self.FIRST_INTERVAL
+        self.intervals = {self.many: self.FIRST_INTERVAL, 1: self.FIRST_INTERVAL}
         self.countdown = self.PROBE_STEPS
         self.running = 1
         self.started = 0.0
         self.steps: dict[int, int] = {}  # count -> steps, since the last take_steps()
 
+    def _other(self) -> int:
+        return 1 if self.current == self.many else self.many
+
     def start(self) -> None:
         """Before a step: request the count it runs on and start its clock."""
         if self.many > 1:
-            other = 1 if self.current == self.many else self.many
-            self.running = self.current if self.probe is None else other
+            self.running = self.current if self.probe is None else self._other()
             self.scope.request(self.running)
         self.started = self.clock()
 
@@ -189,27 +201,36 @@ class BlasThreadChoice:
         seconds = (self.clock() - self.started) / max(samples, 1)
         if self.probe is None:
             self.recent = [*self.recent[1 - self.PROBE_STEPS:], seconds]
+            self.held += 1
             self.countdown -= 1
             if self.baseline is None and len(self.recent) == self.PROBE_STEPS:
                 self.baseline = statistics.median(self.recent)
             elif self.baseline is not None \
                     and statistics.median(self.recent) > self.ABORT * self.baseline:
-                # The current count got slower (load came): probe the other one now.
-                self.countdown, self.interval, self.baseline = 0, self.FIRST_INTERVAL, None
+                self.countdown = 0  # the current count got slower (load came)
             if self.countdown <= 0:
                 self.probe = []
             return
         self.probe.append(seconds)
         usual = statistics.median(self.recent)
-        if seconds > self.ABORT * usual or len(self.probe) == self.PROBE_STEPS:
-            if len(self.probe) == self.PROBE_STEPS \
-                    and statistics.median(self.probe) < self.MARGIN * usual:
-                self.current, self.recent = self.running, self.probe
-                self.interval = self.FIRST_INTERVAL
-            else:
-                self.interval = min(2 * self.interval, self.MAX_INTERVAL)
-            self.probe, self.countdown = None, self.interval
-            self.baseline = statistics.median(self.recent)
+        if seconds <= self.ABORT * usual and len(self.probe) < self.PROBE_STEPS:
+            return
+        probed = self.running
+        if len(self.probe) == self.PROBE_STEPS \
+                and statistics.median(self.probe) < self.MARGIN * usual:
+            left = self.current
+            self.intervals[left] = self.FIRST_INTERVAL if self.held >= self.HOLD \
+                else min(2 * self.intervals[left], self.MAX_INTERVAL)
+            self.current, self.recent, self.held = probed, self.probe, 0
+        else:
+            # What the lost probe cost beyond steps on the current count, in such steps:
+            # the next one waits until that is at most BUDGET of the steps between.
+            extra = sum(self.probe) / usual - len(self.probe) if usual > 0 else 0.0
+            self.intervals[probed] = min(max(2 * self.intervals[probed],
+                                             math.ceil(extra / self.BUDGET)),
+                                         self.MAX_INTERVAL)
+        self.probe, self.countdown = None, self.intervals[self._other()]
+        self.baseline = statistics.median(self.recent)
 
     def take_steps(self) -> dict[int, int]:
         """The steps run on each count since the last call (and start counting afresh)."""
