@@ -31,14 +31,15 @@ A rule with axis reductions (``row_mean``, ``col_mean``) or states shaped unlike
 parameter (``"rows"``, ``"cols"``: Adafactor's factored second moment) runs each tensor
 of two or more dimensions through the passes of :mod:`._cuda_factored`, generated from
 the same lowered kernel and the same value-axes analysis as the numba loops of
-:mod:`._factored`: per reduction stage, a pass with one thread per row (row means, the
-mean of the row factor, whole-tensor sums through the slots above), a pass with one
-thread per column looping over the rows in order (column means, deterministic) and a
-finish; then the update, one thread per element, and one pass writing each row state
-once per row and each column state once per column. The sums stay in float64 on the
-device (an accumulator and a workspace per step): no host synchronization. A form those
-passes do not lower is stepped by the generic path; a 0-d or 1-D tensor (unfactored)
-takes the elementwise kernel with its reduction passes, as above.
+:mod:`._factored`: per reduction stage, a pass with 32 threads per row (row means, the
+mean of the row factor, whole-tensor sums through the slots above), a pass with 32
+threads per column (column means) and a finish adding each row's and column's partial
+sums in order (deterministic); then the update, one thread per element, and one pass
+writing each row state once per row and each column state once per column. The sums
+stay in float64 on the device (an accumulator and a workspace per step): no host
+synchronization. A form those passes do not lower is stepped by the generic path; a 0-d
+or 1-D tensor (unfactored) takes the elementwise kernel with its reduction passes, as
+above.
 
 Tensors the kernel cannot take as they are (not C-contiguous, a dtype other than
 float32/float64) are stepped by the generic path instead, one by one.
