@@ -53,7 +53,7 @@ from test_cuda_reductions import library_source as reduction_library_source
 
 import optim_core
 
-pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 
 #: Factored: more rows than a column pass's threads per column (SPLIT), more columns than
 #: a row pass's threads per row, leading axes, a single row or column; then unfactored.
@@ -253,6 +253,7 @@ def test_every_kind_of_tensor_and_dtype_is_covered(specializations):
 
 # (threads a block, most blocks a launch: below the items, the grid-stride loops take
 # the rest, backwards)
+@needs_cxx
 @pytest.mark.parametrize("threads, max_blocks, backwards",
                          [(1, 2**31 - 1, False), (32, 2, True), (256, 3, False)])
 def test_adafactor_steps_match_the_generic_path(runs, specializations, libraries, host_cupy,
@@ -328,3 +329,31 @@ def test_the_generated_text_compiles_for_the_device(specializations, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_equals_generic_on_cupy(gpu, dtype):
+    import cupy
+
+    # Every kind of tensor in one group, an empty one too: each takes its own kernels.
+    shapes = [*SHAPES.values(), (0, 3)]
+    rng = np.random.default_rng(21)
+    start = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    hyper = CASES[1]
+    fused = optim_core.Adafactor([cupy.asarray(p) for p in start], **hyper, impl="fused")
+    generic = optim_core.Adafactor([cupy.asarray(p) for p in start], **hyper, impl="generic")
+    assert fused.implementation_reason == "fused cupy kernel for adafactor"
+    launches = CUDA.launches
+    for _ in range(12):
+        grads = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+        want = generic.step([cupy.asarray(g) for g in grads])
+        got = fused.step([cupy.asarray(g) for g in grads])
+    assert CUDA.launches > launches  # the kernels ran, not the generic path
+    for have, expected, a, b in zip(got, want, fused.state[0], generic.state[0], strict=True):
+        assert isinstance(have, cupy.ndarray) and have.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(cupy.asnumpy(have), cupy.asnumpy(expected),
+                                   **TOLERANCE[dtype])
+        assert set(a) == set(b)
+        for name in a:
+            np.testing.assert_allclose(cupy.asnumpy(a[name]), cupy.asnumpy(b[name]),
+                                       **TOLERANCE[dtype])
