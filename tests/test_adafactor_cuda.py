@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,6 +53,8 @@ from test_cuda_reductions import emulated as reduction_emulated
 from test_cuda_reductions import library_source as reduction_library_source
 
 import optim_core
+from optim_core.optim.language import update_rule
+from optim_core.optim.param_group import HYPERPARAMETERS
 
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 
@@ -70,11 +73,37 @@ STEPS = 6
 TOLERANCE = {"float64": dict(rtol=1e-12, atol=1e-14), "float32": dict(rtol=2e-5, atol=1e-7)}
 
 
-def _recorded(hyper: dict, dtype: str, shape: tuple, seed: int) -> list[dict]:
+@update_rule(optional_states=("row_s", "col_s"), state_shapes={"row_s": "rows", "col_s": "cols"})
+def mixed(param, grad, momentum, row_s, col_s, *, lr, beta):
+    # What Adafactor's rule does not: a column mean in a later stage (of a value reading a
+    # norm), whole-tensor sums of a row and of a column value, a mean of a row value beside
+    # them in a pass over rows only, a full-size state.
+    row_s = beta * row_s + row_mean(grad * grad)  # noqa: F821 - bound by the rule
+    col_s = beta * col_s + col_mean(abs(grad) / (1.0 + norm(grad)))  # noqa: F821
+    momentum = beta * momentum + grad
+    scale = sum(row_s) + sum(col_s) + col_mean(row_s)  # noqa: F821
+    param = param - lr * momentum * sqrt(row_s * col_s) / (1.0 + scale)  # noqa: F821
+    return param, momentum, row_s, col_s
+
+
+class Mixed(optim_core.Optimizer):
+    """A test optimizer of the forms above (not registered: no ``cli_name``)."""
+
+    rule = mixed
+    hyperparameter_checks = {"beta": HYPERPARAMETERS["dampening"]}  # within [0, 1]
+
+    def __init__(self, params: Any, lr: float = 0.1, beta: float = 0.9, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, beta=beta), **options)
+
+    def active_states(self, group: Any) -> set[str]:
+        return {"row_s", "col_s"}
+
+
+def _recorded(cls: type, hyper: dict, dtype: str, shape: tuple, seed: int) -> list[dict]:
     """The generic path's steps of one tensor (its own scalars merged into the step's)."""
     rng = np.random.default_rng(seed)
     param = rng.standard_normal(shape).astype(dtype)
-    opt = optim_core.Adafactor([param], **hyper, impl="generic")
+    opt = cls([param], **hyper, impl="generic")
     opt.implementation = recorder = GenericStepRecorder()
     for _ in range(STEPS):
         # Gradients of differing scales per row and column: the factors matter.
@@ -86,12 +115,15 @@ def _recorded(hyper: dict, dtype: str, shape: tuple, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs() -> list[dict]:
     found = []
-    for index, hyper in enumerate(CASES):
+    cases = [(optim_core.Adafactor, hyper) for hyper in CASES] + [(Mixed, {"lr": 0.05})]
+    for index, (cls, hyper) in enumerate(cases):
         for dtype in CUDA_TYPES:
             for label, shape in SHAPES.items():
-                found.append({"case": f"{index}-{dtype}-{label}", "dtype": dtype,
-                              "shape": shape,
-                              "calls": _recorded(hyper, dtype, shape, len(found))})
+                if cls is Mixed and len(shape) < 2:
+                    continue  # its shaped states need two dimensions
+                found.append({"case": f"{cls.__name__}{index}-{dtype}-{label}", "dtype": dtype,
+                              "shape": shape, "rule": cls.rule,
+                              "calls": _recorded(cls, hyper, dtype, shape, len(found))})
     return found
 
 
@@ -243,7 +275,7 @@ def test_every_kind_of_tensor_and_dtype_is_covered(specializations):
     factored, others = specializations
     assert {dtype for _, dtype in factored} == {dtype for _, dtype in others} == set(CUDA_TYPES)
     # The factored passes: row means, column means, a mean of the row factor, norms.
-    (entry, *_), *_ = factored.values()
+    entry = next(e for e, *_ in factored.values() if e["rule"].name == "adafactor")
     kinds = {r.kind for r in entry["kernel"].reductions}
     assert kinds == {"row_mean", "col_mean", "norm", "size"}
     assert [kind for kind, _, _ in factored_functions(entry["kernel"],
@@ -261,10 +293,9 @@ def test_adafactor_steps_match_the_generic_path(runs, specializations, libraries
     log: list = []
     implementation = _implementation(libraries, specializations, log, backwards)
     implementation.threads, implementation.max_blocks = threads, max_blocks
-    rule = optim_core.Adafactor.rule
     factored_steps = 0
     for run in runs:
-        dtype, shape = np.dtype(run["dtype"]), run["shape"]
+        dtype, shape, rule = np.dtype(run["dtype"]), run["shape"], run["rule"]
         first = run["calls"][0]
         param = HostArray(first["params"][0])
         states = {name: HostArray(value) for name, value in first["states"][0].items()}
@@ -293,7 +324,7 @@ def test_adafactor_steps_match_the_generic_path(runs, specializations, libraries
                 have = have.reshape(value.shape)
                 np.testing.assert_allclose(have, value, **TOLERANCE[run["dtype"]],
                                            err_msg=f"{where} {name}")
-    assert factored_steps == len(CASES) * len(CUDA_TYPES) * FACTORED * STEPS
+    assert factored_steps == (len(CASES) + 1) * len(CUDA_TYPES) * FACTORED * STEPS
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
