@@ -572,8 +572,10 @@ class CudaImplementation(FusedImplementation):
     ----------
     compiled : dict
         ``(rule name, key, dtype) -> kernels`` (single-tensor, vectorized, and the
-        multi-tensor pair) for every specialization this process has compiled; a new
-        ``lr`` adds none.
+        multi-tensor pair; a factored specialization's passes, a
+        :class:`._cuda_factored.FactoredCudaKernels`, or None where they do not lower
+        its form) for every specialization this process has compiled; a new ``lr`` adds
+        none.
     launches : int
         Number of kernel launches made, for tests and benchmarks.
 
@@ -759,8 +761,10 @@ class CudaImplementation(FusedImplementation):
         for spec, view in zip(data.specs, data.grads_views, strict=True):
             dtype = spec[0]
             kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
-            if kernels.table is None:
-                return None  # a specialization with reduction passes: the full path
+            if kernels is None or kernels.table is None:
+                # A specialization with reduction passes (or factored ones, or none: a form
+                # they do not lower): the full path.
+                return None
             calls.append((kernels, [dtype.type(h) for h in hoisted], spec, view))
         found = _cuda_plan.gradient_addresses(data, grads)
         if found is None:

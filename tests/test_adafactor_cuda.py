@@ -269,6 +269,9 @@ def test_a_form_the_passes_do_not_lower_takes_the_generic_path():
                                                      np.dtype("float64"))
         assert kernels is None and hoisted == [0.1, 1.0]
     assert list(implementation.compiled.values()) == [None]
+    # A step plan declines it too (the full path then steps it generically).
+    data = SimpleNamespace(names=("scale",), specs=[(np.dtype("float64"),)], grads_views=[None])
+    assert implementation.planned_step(rescaled, data, [], {"lr": 0.1}, []) is None
 
 
 def test_every_kind_of_tensor_and_dtype_is_covered(specializations):
