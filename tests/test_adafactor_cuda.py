@@ -330,6 +330,38 @@ def test_adafactor_steps_match_the_generic_path(runs, specializations, libraries
     assert factored_steps == (len(CASES) + 1) * len(CUDA_TYPES) * FACTORED * STEPS
 
 
+@needs_cxx
+def test_a_prepared_step_of_a_group_takes_each_tensors_kernels(runs, specializations,
+                                                               libraries, host_cupy):
+    # FusedImplementation.prepare on stand-ins: a 3-D and a 1-D tensor of one group, each
+    # with its own scalars (factored or not), the factored one given its rows and columns.
+    log: list = []
+    implementation = _implementation(libraries, specializations, log, False)
+    rule = optim_core.Adafactor.rule
+    chosen = [next(r for r in runs if r["case"] == f"Adafactor0-float64-{label}")
+              for label in ("leading", "vector")]
+    calls = [run["calls"][0] for run in chosen]
+    names = optim_core.Adafactor.tensor_scalar_names
+    scalars = {k: v for k, v in calls[0]["scalars"].items() if k not in names}
+    assert all({k: v for k, v in c["scalars"].items() if k not in names} == scalars
+               for c in calls)
+    params = [HostArray(c["params"][0]) for c in calls]
+    states = [{k: HostArray(v) for k, v in c["states"][0].items()} for c in calls]
+    grads = [HostArray(c["grads"][0]) for c in calls]
+    implementation.prepare(rule, None, params, grads, states, scalars,
+                           tensor_scalars=[{k: c["scalars"][k] for k in names}
+                                           for c in calls]).run()
+    # The factored tensor's passes, then the 1-D one's reduction pass (both norms), its
+    # finish and its update.
+    assert [kind for kind, *_ in log] == [
+        "rows", "cols", "finish", "rows", "finish", "rows", "finish", "update", "states",
+        "launch", "finish", "launch"]
+    for param, state, call in zip(params, states, calls, strict=True):
+        np.testing.assert_allclose(param.host, call["new_params"][0], **TOLERANCE["float64"])
+        for name, value in call["new_states"][0].items():
+            np.testing.assert_allclose(state[name].host, value, **TOLERANCE["float64"])
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_the_generated_text_compiles_for_the_device(specializations, tmp_path):
     factored, others = specializations
