@@ -23,14 +23,16 @@ Per reduction stage, before the update (as :func:`~._cuda.cuda_source`'s passes)
   matrix's sum of its partials, in order (deterministic, whatever the grid: no atomics
   but the whole-tensor slots').
 
-The sums stay in a float64 workspace on the device (:func:`workspace_length`) and an
-accumulator zeroed per step (:func:`~._cuda.accumulator_length`); later kernels read a
-mean as ``T(sum / C)`` (or ``/ R``), as the numba loops do. Then ``name_update``, one
-thread per element, writes the parameter and the full-size states (the row and column
-values are recomputed per element from the old states), and ``name_states`` writes the
-row states once per row and the column states once per column, after the update has
-read their old values. No host synchronization: the launches follow one another on the
-stream. A count (``size``) is known from the shape and computed where read.
+The sums stay in a float64 workspace on the device (:meth:`FactoredCudaKernels.workspace`
+values) and an accumulator zeroed per step (:func:`~._cuda.accumulator_length`); later
+kernels read a mean as ``T(sum / C)`` (or ``/ R``), as the numba loops do. Then
+``name_update``, one thread per element (grid-stride; its row and column advanced by
+the stride's, not divided out per element), writes the parameter and the full-size
+states (the row and column values are recomputed per element from the old states), and
+``name_states`` writes the row states once per row and the column states once per
+column, after the update has read their old values. No host synchronization: the
+launches follow one another on the stream. A count (``size``) is known from the shape
+and computed where read.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ._factored import _AXIS_KINDS, _FULL, _needed, value_axes
 from ._lowering import Kernel, render
 
 __all__ = ["factored_kernel_name", "factored_cuda_source", "factored_functions",
-           "work_coefficients", "workspace_length", "FactoredCudaKernels"]
+           "work_coefficients", "FactoredCudaKernels", "SPLIT"]
 
 _WHOLE = ("sum", "norm")
 #: Threads per row of a row pass (over every SPLIT-th column, so that a warp reads
@@ -89,13 +91,6 @@ def _c(coefficients: tuple) -> str:
     return f"({' + '.join(terms)})" if terms else "0LL"
 
 
-def workspace_length(kernel: Kernel, state_shapes: Mapping[str, str], M: int, B: int,
-                     C: int) -> int:
-    """float64 values of one tensor's workspace (see :func:`_regions`)."""
-    a, b, c = _regions(kernel, state_shapes)[-1, "total"][0]
-    return a * M + b * B * C + c * B
-
-
 def _items(coefficients: tuple) -> str:
     """C text of ``a + b * M + c * B * C + d * B``."""
     terms = [f"{k}LL" if name is None else f"{k}LL * {name}" for k, name in
@@ -117,7 +112,7 @@ def factored_cuda_source(kernel: Kernel, state_shapes: Mapping[str, str]) -> str
     double* oc_work)`` but ``name_finish{p}``, which takes ``(long long n, long long R,
     long long C, double* oc_acc, double* oc_work)``; ``oc_acc`` holds
     :func:`~._cuda.accumulator_length` values zeroed before the step, ``oc_work``
-    :func:`workspace_length` (written before it is read: no zeroing).
+    :meth:`FactoredCudaKernels.workspace` (written before it is read: no zeroing).
     """
     name = factored_kernel_name(kernel)
     axes = value_axes(kernel, state_shapes)
@@ -322,14 +317,29 @@ def factored_cuda_source(kernel: Kernel, state_shapes: Mapping[str, str]) -> str
         f"__global__ void {name}_update({parameters({a for a, _ in full})}) {{",
         *head,
         *scalars(read),
+        "    // The element's column, row, matrix and row in it, divided out once, then",
+        "    // advanced by the stride's (a 64-bit division per element would cost more",
+        "    // than the element's memory traffic).",
+        "    const long long step_rows = stride / C;",
+        "    const long long step_columns = stride - step_rows * C;",
+        "    const long long step_matrices = step_rows / R;",
+        "    const long long step_in_matrix = step_rows - step_matrices * R;",
+        "    long long row = start / C;",
+        "    long long c = start - row * C;",
+        "    long long b = row / R;",
+        "    long long r = row - b * R;",
         "    for (long long i = start; i < n; i += stride) {",
-        "        const long long row = i / C;",
-        "        const long long c = i - row * C;",
-        "        const long long b = row / R;",
         "        const long long j = b * C + c;",
-        "        (void)j;",
+        "        (void)j; (void)row;",
         *indent([*loads(loaded), *reads(read), *assigns(entries)], 2),
         *(f"        a_{a}[i] = v_{local};" for a, local in full),
+        "        c += step_columns;",
+        "        const long long carry = c >= C ? 1 : 0;",
+        "        c -= carry * C;",
+        "        row += step_rows + carry;",
+        "        b += step_matrices;",
+        "        r += step_in_matrix + carry;",
+        "        if (r >= R) { r -= R; b += 1; }",
         "    }",
         "}",
         "",
