@@ -84,13 +84,6 @@ def _regions(kernel: Kernel, state_shapes: Mapping[str, str]) -> dict[tuple[int,
     return regions
 
 
-def _c(coefficients: tuple) -> str:
-    """C text of ``a * M + b * B * C + c * B``."""
-    terms = [f"{k}LL * {name}" for k, name in zip(coefficients, ("M", "B * C", "B"), strict=True)
-             if k]
-    return f"({' + '.join(terms)})" if terms else "0LL"
-
-
 def _items(coefficients: tuple) -> str:
     """C text of ``a + b * M + c * B * C + d * B``."""
     terms = [f"{k}LL" if name is None else f"{k}LL * {name}" for k, name in
@@ -121,7 +114,7 @@ def factored_cuda_source(kernel: Kernel, state_shapes: Mapping[str, str]) -> str
     m = len(kernel.reductions)
 
     def work(i: int, part: str) -> str:
-        return f"oc_work[{_c(regions[i, part][0])}"
+        return f"oc_work[{_items((0, *regions[i, part][0]))}"
 
     def index_of(array_axes: frozenset) -> str:
         if "cols" in array_axes:
