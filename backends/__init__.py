@@ -130,9 +130,6 @@ def _fused_for(backend: Backend, rule: UpdateRule) -> tuple[Any | None, str]:
     if backend.name == "numpy":
         elementwise, why_not = _numba_implementation()
     elif backend.name == "cupy":
-        if rule.axis_reductions or rule.state_shapes:
-            return None, (f"rule {rule.name} reduces over one axis or keeps states shaped "
-                          "unlike its parameter, which the CUDA kernels do not lower yet")
         from ._cuda import CUDA
 
         elementwise, why_not = CUDA, ""

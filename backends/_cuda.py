@@ -27,6 +27,20 @@ synchronization. Atomics make the order of the float64 additions vary from run t
 run (the float64 sum of float32 data rounds the same nearly always). Such tensors
 take single-tensor launches only (no multi-tensor table).
 
+A rule with axis reductions (``row_mean``, ``col_mean``) or states shaped unlike the
+parameter (``"rows"``, ``"cols"``: Adafactor's factored second moment) runs each tensor
+of two or more dimensions through the passes of :mod:`._cuda_factored`, generated from
+the same lowered kernel and the same value-axes analysis as the numba loops of
+:mod:`._factored`: per reduction stage, a pass with 32 threads per row (row means, the
+mean of the row factor, whole-tensor sums through the slots above), a pass with 32
+threads per column (column means) and a finish adding each row's and column's partial
+sums in order (deterministic); then the update, one thread per element, and one pass
+writing each row state once per row and each column state once per column. The sums
+stay in float64 on the device (an accumulator and a workspace per step): no host
+synchronization. A form those passes do not lower is stepped by the generic path; a 0-d
+or 1-D tensor (unfactored) takes the elementwise kernel with its reduction passes, as
+above.
+
 Tensors the kernel cannot take as they are (not C-contiguous, a dtype other than
 float32/float64) are stepped by the generic path instead, one by one.
 
@@ -44,6 +58,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from ._cuda_factored import (
+    FactoredCudaKernels,
+    factored_cuda_source,
+    factored_functions,
+    factored_kernel_name,
+    work_coefficients,
+)
+from ._cuda_text import PRELUDE as _PRELUDE
+from ._cuda_text import REDUCTION_SLOTS
+from ._factored import is_factored
+from ._factored import unsupported as factored_unsupported
 from ._fused import FusedImplementation
 from ._lowering import Kernel, lower, render
 from ._quantized import BLOCK_SIZES, midpoints, quantization_map
@@ -72,35 +97,10 @@ MULTI_TENSORS = 32
 #: device time (over 7 microseconds for float32 Adam on an H200) already hides the host's
 #: cost of a launch.
 MULTI_MAX_SIZE = 1 << 20
-#: Accumulator slots per reduction (one per lane of a warp).
-REDUCTION_SLOTS = 32
 #: Most blocks of a reduction launch: about one resident wave of 256-thread blocks on a
 #: large GPU (an H200 has 132 SMs); each thread then adds one partial sum per reduction.
 REDUCTION_MAX_BLOCKS = 1024
 
-#: The operations every kernel may call, as overloads for each element type.
-_PRELUDE = """\
-#ifndef OPTIM_CORE_PRELUDE
-#define OPTIM_CORE_PRELUDE
-__host__ __device__ inline float oc_sqrt(float x) { return sqrtf(x); }
-__host__ __device__ inline double oc_sqrt(double x) { return sqrt(x); }
-__host__ __device__ inline float oc_abs(float x) { return fabsf(x); }
-__host__ __device__ inline double oc_abs(double x) { return fabs(x); }
-// NaN propagates from either side, as xp.maximum and xp.minimum do (fmax, fmin drop it).
-template <typename T>
-__host__ __device__ inline T oc_maximum(T a, T b) { return (a >= b || a != a) ? a : b; }
-template <typename T>
-__host__ __device__ inline T oc_minimum(T a, T b) { return (a <= b || a != a) ? a : b; }
-// where(condition, a, b): both sides computed, one selected (no divergent branch).
-template <typename T>
-__host__ __device__ inline T oc_where(bool condition, T a, T b) { return condition ? a : b; }
-// sign(0) = 0 and sign(NaN) = NaN, as xp.sign.
-template <typename T>
-__host__ __device__ inline T oc_sign(T x) {
-    return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == T(0) ? T(0) : x));
-}
-#endif
-"""
 
 
 def kernel_name(kernel: Kernel) -> str:
@@ -572,8 +572,10 @@ class CudaImplementation(FusedImplementation):
     ----------
     compiled : dict
         ``(rule name, key, dtype) -> kernels`` (single-tensor, vectorized, and the
-        multi-tensor pair) for every specialization this process has compiled; a new
-        ``lr`` adds none.
+        multi-tensor pair; a factored specialization's passes, a
+        :class:`._cuda_factored.FactoredCudaKernels`, or None where they do not lower
+        its form) for every specialization this process has compiled; a new ``lr`` adds
+        none.
     launches : int
         Number of kernel launches made, for tests and benchmarks.
 
@@ -610,9 +612,16 @@ class CudaImplementation(FusedImplementation):
             kernels = self.compiled[cache_key] = _QuantizedKernels(
                 module.get_function(expression), quantized_threads(layout),
                 BLOCK_SIZES[layout[0][1]])
-        if kernels is None:
+        if kernels is None and cache_key not in self.compiled:  # None: declined before
             _, _, lowered = lower(rule, scalars, present)
-            kernels = self.compiled[cache_key] = self._compile(lowered, dtype)
+            if is_factored(lowered, rule.state_shapes):
+                # Axis reductions or shaped states: the passes of ._cuda_factored (None,
+                # stepped by the generic path, for a form they do not lower).
+                kernels = None if factored_unsupported(lowered, rule.state_shapes) else \
+                    self._compile_factored(lowered, dtype, rule.state_shapes)
+            else:
+                kernels = self._compile(lowered, dtype)
+            self.compiled[cache_key] = kernels
         return kernels, hoisted
 
     def compile_kernel(self, kernel: Kernel, dtype: np.dtype) -> _Kernels:
@@ -650,12 +659,34 @@ class CudaImplementation(FusedImplementation):
                             accumulator_length(lowered))
         return _Kernels(*functions[:4], batch, table=functions[4])
 
+    @staticmethod
+    def _compile_factored(lowered: Kernel, dtype: np.dtype,
+                          state_shapes: Any) -> FactoredCudaKernels:
+        """Compile ``lowered``'s factored passes (:mod:`._cuda_factored`) with NVRTC."""
+        import cupy
+
+        name, ctype = factored_kernel_name(lowered), CUDA_TYPES[dtype.name]
+        passes = factored_functions(lowered, state_shapes)
+        # The finish passes read and write float64 only: no template.
+        expressions = [f"{name}{suffix}" if kind == "finish" else f"{name}{suffix}<{ctype}>"
+                       for kind, suffix, _ in passes]
+        module = cupy.RawModule(code=factored_cuda_source(lowered, state_shapes),
+                                options=COMPILE_OPTIONS, name_expressions=expressions)
+        return FactoredCudaKernels(
+            tuple((kind, extent, module.get_function(expression))
+                  for (kind, _, extent), expression in zip(passes, expressions, strict=True)),
+            work_coefficients(lowered, state_shapes), accumulator_length(lowered))
+
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
         """A launch per large tensor, one per :data:`MULTI_TENSORS` small ones."""
         # (id of the kernels, 16-byte aligned) -> kernels, hoisted values, elements per pack
         # (0: element-wise), and the small tensors' sizes and addresses. There is one kernels
         # object per specialization and dtype.
         small: dict[tuple, tuple[_Kernels, list[Any], int, list[tuple[int, list[int]]]]] = {}
+        factored = [entry for entry in tensors if type(entry[0]) is FactoredCudaKernels]
+        if factored:
+            self._launch_factored(factored)
+            tensors = [entry for entry in tensors if type(entry[0]) is not FactoredCudaKernels]
         reducing = [entry for entry in tensors if getattr(entry[0], "stages", ())]
         if reducing:
             self._launch_reducing(reducing)
@@ -730,8 +761,10 @@ class CudaImplementation(FusedImplementation):
         for spec, view in zip(data.specs, data.grads_views, strict=True):
             dtype = spec[0]
             kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
-            if kernels.table is None:
-                return None  # a specialization with reduction passes: the full path
+            if kernels is None or kernels.table is None:
+                # A specialization with reduction passes (or factored ones, or none: a form
+                # they do not lower): the full path.
+                return None
             calls.append((kernels, [dtype.type(h) for h in hoisted], spec, view))
         found = _cuda_plan.gradient_addresses(data, grads)
         if found is None:
@@ -826,6 +859,38 @@ class CudaImplementation(FusedImplementation):
             function = kernels.vec if aligned else kernels.any
             function((blocks,), (self.threads,), (np.int64(n), *arrays, *hoisted, acc))
             self.launches += 1
+
+    def _launch_factored(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
+        """Tensors of factored specializations (arrays ending with the matrix's rows ``R``
+        and columns ``C``): each pass of :mod:`._cuda_factored` in order, one grid-stride
+        launch each, over one zeroed float64 accumulator and one workspace (not zeroed:
+        each value is written before it is read) for all of them."""
+        import cupy
+
+        shapes, accumulators, works = [], 0, 0
+        for kernels, _, arrays in tensors:
+            R, C = int(arrays[-2]), int(arrays[-1])
+            n = arrays[0].size
+            M = n // C
+            shapes.append((n, R, C, M, M // R))
+            accumulators += kernels.accumulator
+            works += kernels.workspace(M, M // R, C)
+        accumulator = cupy.zeros(accumulators, dtype=cupy.float64)  # one allocation each
+        workspace = cupy.empty(works, dtype=cupy.float64)
+        acc_at = work_at = 0
+        for (kernels, hoisted, arrays), (n, R, C, M, B) in zip(tensors, shapes, strict=True):
+            acc = accumulator[acc_at:acc_at + kernels.accumulator]
+            length = kernels.workspace(M, B, C)
+            work = workspace[work_at:work_at + length]
+            acc_at, work_at = acc_at + kernels.accumulator, work_at + length
+            shape = (np.int64(n), np.int64(R), np.int64(C))
+            arguments = (*shape, *arrays[:-2], *hoisted, acc, work)
+            for kind, extent, function in kernels.functions:
+                items = sum(k * v for k, v in zip(extent, (1, n, M, B * C, B), strict=True))
+                blocks = max(1, min((items + self.threads - 1) // self.threads, self.max_blocks))
+                function((blocks,), (self.threads,),
+                         (*shape, acc, work) if kind == "finish" else arguments)
+                self.launches += 1
 
     def _launch_many(self, kernels: _Kernels, hoisted: list[Any],
                      tensors: list[tuple[int, list[int]]], pack: int) -> None:

@@ -25,6 +25,7 @@ writes the parameter once, with no full-size temporary; the row and column work 
 ``O(rows + columns)``. Accumulations are in float64, as in the other fused reductions.
 The update pass is a ``prange`` over rows in the multi-threaded variant; the reduction
 passes run on the calling thread (a column mean would need per-thread partial sums).
+:func:`value_axes` is also the CUDA passes' analysis (:mod:`._cuda_factored`).
 """
 
 from __future__ import annotations

@@ -205,9 +205,11 @@ class Adafactor(Optimizer):
     the parameter's norm, a pass over the rows for the row factor's mean, one for the
     update's norm, and the update, reading the gradient three times and writing the
     parameter once; 0-d and 1-D tensors take the elementwise kernel with its reduction
-    passes. CuPy arrays take the generic path (no CUDA lowering yet), and ``flat=True``
-    is refused. torch's ``foreach`` has no counterpart: every tensor is stepped by the
-    same rule.
+    passes. On CuPy the same lowered rule is generated as CUDA passes
+    (:mod:`optim_core.backends._cuda_factored`: a pass over rows for the row means
+    and norms, one over columns for the column means, then the update and the row and
+    column states), with no host synchronization; ``flat=True`` is refused. torch's
+    ``foreach`` has no counterpart: every tensor is stepped by the same rule.
     """
 
     cli_name = "adafactor"
