@@ -219,8 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"rounds, {threads} threads\n")
     print(f"{'implementation':<18} {'epoch s':>9} {'per step us':>12} {'vs numpy':>9} "
           f"{'vs torch':>9}")
+    # Per round, the faster of the two NumPy loops: what a user tuning BLAS threads by hand
+    # for the load of that moment would get.
+    best_loop = [min(a, b) for a, b in zip(times["numpy loop"], times["numpy 1 BLAS thr"],
+                                           strict=True)]
     for name, entry in results.items():
         entry["per_step_us"] = entry["median_s"] / steps * 1e6
+        entry["vs_best_numpy_loop"] = round_ratio(name, best_loop)
         entry["vs_numpy"] = round_ratio(name, times["numpy loop"])
         entry["vs_numpy_1_blas_thread"] = round_ratio(name, times["numpy 1 BLAS thr"])
         entry["vs_torch"] = round_ratio(name, torch_times)
@@ -237,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: steps per BLAS thread count over the timed epochs: {steps_on}")
         verdict = "meets" if results[name]["vs_numpy"] <= 1.15 else "misses"
         print(f"target {name} <= 1.15x numpy loop: {verdict} (vs the loop on one BLAS "
-              f"thread: {results[name]['vs_numpy_1_blas_thread']:.2f}x)")
+              f"thread: {results[name]['vs_numpy_1_blas_thread']:.2f}x; vs the faster "
+              f"loop of each round: {results[name]['vs_best_numpy_loop']:.2f}x)")
         if torch_times is not None:
             verdict = "meets" if results[name]["vs_torch"] <= 1.2 else "misses"
             print(f"target {name} <= 1.2x torch loop: {verdict}")
