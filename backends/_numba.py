@@ -42,7 +42,7 @@ from ._generic import PreparedStep
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
 from ._lowering import Kernel, lower, render
 from ._numba_operations import OPERATION_HELPERS
-from ._quantized import BLOCK_SIZES, code_table, quantization_map
+from ._quantized import BLOCK_SIZES, CODE_TABLE_BITS, code_table, quantization_map
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -51,7 +51,7 @@ __all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kern
            "quantized_kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
-_GENERATOR_VERSION = 4
+_GENERATOR_VERSION = 5
 #: Tensors with fewer elements run on the calling thread (the serial kernel, which never
 #: touches numba's thread pool). Waking numba's (OpenMP) workers costs
 #: more than such a pass takes, and workers left spinning slow down the BLAS threads of the
@@ -205,6 +205,40 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
 _CHUNK_BLOCKS = 16
 
 _QUANTIZED_PRELUDE = [
+    "@_intrinsic",
+    "def _bits(typingctx, x):",
+    "    # A float's bit pattern, as a (signed) integer of its width.",
+    "    result = _types.int32 if x.bitwidth == 32 else _types.int64",
+    "",
+    "    def codegen(context, builder, signature, args):",
+    "        return builder.bitcast(args[0], context.get_value_type(result))",
+    "",
+    "    return result(x), codegen",
+    "",
+    "",
+    "@_intrinsic",
+    "def _from_bits(typingctx, u, like):",
+    "    # The float of like's type whose bit pattern is u's low bits.",
+    "    def codegen(context, builder, signature, args):",
+    "        value = args[0]",
+    "        if u.bitwidth > like.bitwidth:",
+    "            value = builder.trunc(value, _ir.IntType(like.bitwidth))",
+    "        return builder.bitcast(value, context.get_value_type(like))",
+    "",
+    "    return like(u, like), codegen",
+    "",
+    "",
+    "@numba.njit(inline='always')",
+    "def _code(entry, x):",
+    "    # The code of a float32 x from its bucket's entry of _quantized.code_table: the",
+    "    # first code, plus one where the key of x's low bits (reversed below zero)",
+    "    # exceeds the key of the bucket's midpoint. Integer arithmetic, no branch.",
+    "    i = np.int64(_bits(x))",
+    "    e = np.int64(entry)",
+    "    key = (i ^ (i >> 31)) & 0xFFFF",
+    "    return (e >> 16) + ((((e & 0xFFFF) - key) >> 63) & 1)",
+    "",
+    "",
     "@numba.njit(inline='always')",
     "def _maxabs(m, v):",
     "    # The running absmax of a block; a NaN stays, as xp.max keeps it.",
@@ -233,6 +267,25 @@ _QUANTIZED_PRELUDE = [
     "",
     "",
 ]
+
+
+def _stack_source(block: int) -> list[str]:
+    """An intrinsic ``_stack(like)``: a buffer of ``block`` elements of like's type on the
+    stack of the calling function (its entry block: allocated once a call)."""
+    return [
+        "@_intrinsic",
+        "def _stack(typingctx, like):",
+        "    # Memory no argument can alias: LLVM vectorizes a loop that gathers from a",
+        "    # table (an argument) only where it stores into such memory, as it cannot bound",
+        "    # a gather's addresses to check them against the stores.",
+        "    def codegen(context, builder, signature, args):",
+        "        element = context.get_value_type(signature.return_type.dtype)",
+        f"        return _cgutils.alloca_once(builder, element, size={block})",
+        "",
+        "    return _types.CPointer(like)(like), codegen",
+        "",
+        "",
+    ]
 
 
 def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
@@ -294,51 +347,60 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
     for a in kernel.stores:
         target = f"buf_{a}[j]" if a in quantized else f"w_{a}[j]"
         lines_block.append(f"{indent}    {target} = v_{kernel.results[a]}")
+    magnitude = "0x7FFFFFFF" if dtype == "float32" else "0x7FFFFFFFFFFFFFFF"
     for a in requantized:
-        # The absmax with eight running maxima: eight independent chains instead of one
-        # (the max of maxima is the max; a NaN stays in any).
-        lanes = 8
+        # The absmax as an integer maximum of the bit patterns with the sign cleared: for
+        # non-negative floats the patterns order as the values do, and a NaN's lies above
+        # every other (the max stays a NaN, as xp.max keeps one). An integer reduction
+        # vectorizes; a float one without fastmath is one serial chain of compares.
         lines_block += [
-            *(f"{indent}x{k}_{a} = T(0)" for k in range(lanes)),
-            f"{indent}for j in range(0, count - {lanes - 1}, {lanes}):",
-            *(f"{indent}    x{k}_{a} = _maxabs(x{k}_{a}, buf_{a}[j + {k}])"
-              for k in range(lanes)),
-            f"{indent}for j in range(count - count % {lanes}, count):",
-            f"{indent}    x0_{a} = _maxabs(x0_{a}, buf_{a}[j])",
-            f"{indent}x_{a} = x0_{a}",
-            *(f"{indent}x_{a} = _maxabs(x_{a}, x{k}_{a})" for k in range(1, lanes)),
-            f"{indent}amax_{a} = np.float32(x_{a})",
+            f"{indent}x_{a} = np.int64(0)",
+            f"{indent}for j in range(count):",
+            f"{indent}    x_{a} = max(x_{a}, _bits(buf_{a}[j]) & {magnitude})",
+            f"{indent}amax_{a} = np.float32(_from_bits(x_{a}, T(0)))",
             f"{indent}m_{a}[b] = amax_{a}",
             f"{indent}scale_{a} = T(amax_{a})",
             f"{indent}if not scale_{a} > 0:",
             f"{indent}    scale_{a} = T(1)",
             f"{indent}for j in range(count):",
             f"{indent}    buf_{a}[j] = buf_{a}[j] / scale_{a}",
-            f"{indent}for j in range(count, {block}):",
-            f"{indent}    buf_{a}[j] = T(0)  # past the end: a zero, as the generic path pads",
         ]
-        per_byte = ("j",) if bits == 8 else ("2 * j", "2 * j + 1")
-        lines_block.append(f"{indent}for j in range({block // len(per_byte)}):")
-        codes = []
-        for number, element in enumerate(per_byte):
-            lines_block.append(f"{indent}    x{number} = buf_{a}[{element}]")
-            if dtype == "float32":
-                steps = code_table(bits, quantized[a][1])[1]
-                lines_block += [
-                    f"{indent}    p{number} = np.int64(st_{a}[ubuf_{a}[{element}] >> 19])",
-                    f"{indent}    c{number} = min(p{number}"
-                    + "".join(f" + np.int64(not (x{number} <= mid_{a}[p{number} + {k}]))"
-                              for k in range(steps)) + f", {2 ** bits - 1})"]
-            else:
-                lines_block.append(f"{indent}    c{number} = _code{bits}(mid_{a}, x{number})")
-            codes.append(f"c{number}")
-        bound = "count" if bits == 8 else "(count + 1) >> 1"
-        value = codes[0] if bits == 8 else f"{codes[0]} | ({codes[1]} << 4)"
-        lines_block += [f"{indent}    if j < {bound}:",
-                        f"{indent}        qv_{a}[j] = {value}"]
+        # The codes, without branches. In float32 one lookup a value, into a stack
+        # buffer (a vector gather): its bucket's entry of code_table (first code, and the
+        # key of the midpoint inside); then one integer comparison of the value's low
+        # bits (code_key) with that key. In float64 a binary search. Elements past the
+        # end (a 4-bit block's last high nibble) take the code of 0, as the generic path
+        # pads with zeros.
+        if dtype == "float32":
+            lines_block += [
+                f"{indent}for j in range(count):",
+                f"{indent}    entry[j] = st_{a}[(_bits(buf_{a}[j]) >> "
+                f"{32 - CODE_TABLE_BITS}) & {(1 << CODE_TABLE_BITS) - 1}]"]
+
+            def code(element: str, value: str) -> str:
+                return f"_code(entry[{element}], {value})"
+            zero = f"_code(st_{a}[0], T(0))"
+        else:
+            def code(element: str, value: str, a: str = a) -> str:
+                return f"_code{bits}(mid_{a}, {value})"
+            zero = f"_code{bits}(mid_{a}, T(0))"
+        if bits == 8:
+            lines_block += [f"{indent}for j in range(count):",
+                            f"{indent}    qv_{a}[j] = {code('j', f'buf_{a}[j]')}"]
+        else:
+            lines_block += [
+                f"{indent}for j in range(count >> 1):",
+                f"{indent}    qv_{a}[j] = {code('2 * j', f'buf_{a}[2 * j]')} | "
+                f"({code('2 * j + 1', f'buf_{a}[2 * j + 1]')} << 4)",
+                f"{indent}if count & 1:",
+                f"{indent}    qv_{a}[count >> 1] = {code('count - 1', f'buf_{a}[count - 1]')} | "
+                f"({zero} << 4)",
+            ]
     lines = kernel_source(kernel, dtype).split("\n@numba.njit(parallel=True")[0].rstrip("\n")
     lines = [lines.replace(f"rule {kernel.rule!r};", f"rule {kernel.rule!r} (quantized "
-                           f"{layout!r});", 1), "", "", *_QUANTIZED_PRELUDE]
+                           f"{layout!r});", 1), "from llvmlite import ir as _ir",
+             "from numba.core import cgutils as _cgutils", "", "", *_QUANTIZED_PRELUDE,
+             *_stack_source(block)]
     for name, parallel, loop in (("kernel", True, "numba.prange"),
                                  ("kernel_serial", False, "range")):
         lines += [
@@ -348,9 +410,9 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
             "    n = a_param.shape[0]",
             f"    blocks = (n + {block - 1}) // {block}",
             f"    for c in {loop}((blocks + {_CHUNK_BLOCKS - 1}) // {_CHUNK_BLOCKS}):",
-            *(f"        buf_{a} = np.empty({block}, T)" for a in scratch),
-            *(f"        ubuf_{a} = buf_{a}.view(np.uint32)" for a in requantized
-              if dtype == "float32"),
+            *(f"        buf_{a} = _stack(T(0))" for a in scratch),
+            *(["        entry = _stack(np.int32(0))"] if requantized and dtype == "float32"
+              else []),
             f"        for b in range(c * {_CHUNK_BLOCKS}, min((c + 1) * {_CHUNK_BLOCKS}, blocks)):",
             f"            start = b * {block}",
             f"            stop = min(start + {block}, n)",
@@ -489,7 +551,7 @@ class NumbaImplementation(FusedImplementation):
 
         kinds = {"a": scalar, "q": numba.types.uint8, "m": numba.types.float32,
                  "map": numba.types.float32, "mid": numba.types.float32,
-                 "st": numba.types.uint8}
+                 "st": numba.types.int32}
         return tuple(numba.types.Array(kinds[name.split("_", 1)[0]], 1, "C")
                      for name in names)
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from optim_core import _namespace as ns
 
-__all__ = ["QUANTIZE_MIN_SIZE", "BLOCK_SIZES", "STATE_BITS", "QuantizedState",
+__all__ = ["QUANTIZE_MIN_SIZE", "BLOCK_SIZES", "STATE_BITS", "CODE_TABLE_BITS", "QuantizedState",
            "create_dynamic_map", "quantization_map", "midpoints", "quantize", "dequantize",
            "new_quantized_state", "is_quantized"]
 
@@ -105,33 +105,54 @@ for _key, _map in _MAPS.items():
     _MIDPOINTS[_key].flags.writeable = False
 
 
-def _code_table(bits: int, signed: bool) -> tuple[np.ndarray, int, np.ndarray]:
-    """A float32's first code and how many midpoints may follow, by its top 13 bits.
+#: Leading bits of a float32 that index :func:`code_table`'s buckets: sign, the 8
+#: exponent bits and 7 significand bits, fine enough that no bucket holds two midpoints
+#: of any map (13 bits left up to 5 of the unsigned 8-bit map's in one).
+CODE_TABLE_BITS = 16
 
-    Bucket ``b`` holds the float32 values whose bit pattern starts with ``b`` (sign, the
-    8 exponent bits, 4 significand bits); ``starts[b]`` counts the midpoints below all of
-    them, and at most ``steps`` midpoints lie among them, so the code of ``x`` (the
-    midpoints below it) is ``starts[b]`` plus how many of the next ``steps`` midpoints are
-    below ``x``: ``steps`` independent comparisons instead of a search. The midpoints are
-    returned padded with ``steps`` infinities; the NaN buckets start at the last code.
+
+def _code_table(bits: int, signed: bool) -> tuple[np.ndarray, int, np.ndarray]:
+    """The code of a float32 by its top bits: a first code and one threshold per bucket.
+
+    Bucket ``b`` holds the float32 values whose bit pattern starts with the
+    :data:`CODE_TABLE_BITS` bits of ``b``. ``starts[b]`` counts the midpoints below all of
+    them, and at most ``steps`` (1) midpoint ``m`` lies among them, so the code of ``x``
+    (the midpoints below it) is ``starts[b]`` plus whether ``m < x``. Within a bucket the
+    values share their top bits, so that comparison is one of the low 16 bits, taken as
+    :func:`code_key` orders them (reversed for negative values). ``packed[b]`` holds
+    ``starts[b] << 16 | key(m)`` (key 0xFFFF, which no ``x`` exceeds, where the bucket
+    holds no midpoint): the kernels' one lookup a value. The NaN buckets code to the last
+    code, as ``searchsorted`` orders a NaN. Returns ``(packed, steps, midpoints)``.
     """
     mids = midpoints(bits, signed)
-    buckets = np.arange(1 << 13, dtype=np.uint32)
-    low = (buckets << 19).view(np.float32)
-    high = ((buckets << 19) | np.uint32(0x7FFFF)).view(np.float32)
-    negative = (buckets >> 12) == 1
+    shift = 32 - CODE_TABLE_BITS
+    buckets = np.arange(1 << CODE_TABLE_BITS, dtype=np.uint32)
+    low = (buckets << shift).view(np.float32)
+    high = ((buckets << shift) | np.uint32((1 << shift) - 1)).view(np.float32)
+    negative = (buckets >> (CODE_TABLE_BITS - 1)) == 1
     smallest, largest = np.where(negative, high, low), np.where(negative, low, high)
     starts = np.searchsorted(mids, smallest, side="left")
     ends = np.searchsorted(mids, largest, side="left")
-    special = ((buckets >> 4) & 0xFF) == 0xFF  # inf and NaN (an x of inf cannot occur)
-    starts[special] = ends[special] = mids.size
+    special = ((buckets >> (CODE_TABLE_BITS - 9)) & 0xFF) == 0xFF  # inf and NaN
+    starts[special], ends[special] = mids.size, mids.size
     steps = int((ends - starts).max())
-    padded = np.concatenate([mids, np.full(steps, np.inf, np.float32)])
-    return starts.astype(np.uint8), steps, padded
+    assert steps <= 1, (bits, signed, steps)  # the kernels make one comparison
+    keys = np.full(buckets.size, 0xFFFF, np.uint32)
+    inside = ends > starts
+    keys[inside] = code_key(mids[starts[inside]])
+    packed = (starts.astype(np.uint32) << 16) | keys
+    return packed.view(np.int32), steps, mids
+
+
+def code_key(values: np.ndarray) -> np.ndarray:
+    """The low 16 bits of float32 ``values``, reversed for negative ones: within a bucket
+    of :func:`code_table` (same sign, same top bits) they order as the values do."""
+    u = np.asarray(values, np.float32).view(np.uint32)
+    return (u ^ np.where(u >> 31 == 1, np.uint32(0xFFFF), np.uint32(0))) & np.uint32(0xFFFF)
 
 
 def code_table(bits: int, signed: bool) -> tuple[np.ndarray, int, np.ndarray]:
-    """``(starts, steps, padded midpoints)`` of :func:`_code_table`, made once."""
+    """``(packed, steps, midpoints)`` of :func:`_code_table`, made once."""
     key = (bits, bool(signed))
     table = _CODE_TABLES.get(key)
     if table is None:
