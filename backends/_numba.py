@@ -331,13 +331,20 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
     for a in kernel.loads:
         if a not in quantized:
             continue
-        lines_block += [f"{indent}s_{a} = T(m_{a}[b])",
-                        f"{indent}for j in range(count):"]
+        lines_block.append(f"{indent}s_{a} = T(m_{a}[b])")
         if bits == 8:
-            lines_block.append(f"{indent}    buf_{a}[j] = T(map_{a}[qv_{a}[j]]) * s_{a}")
+            lines_block += [f"{indent}for j in range(count):",
+                            f"{indent}    buf_{a}[j] = T(map_{a}[qv_{a}[j]]) * s_{a}"]
         else:
-            lines_block.append(f"{indent}    buf_{a}[j] = T(map_{a}[(qv_{a}[j >> 1] >> "
-                               f"((j & 1) << 2)) & 15]) * s_{a}")
+            # The nibbles first, one a byte of a stack buffer (a loop of plain loads and
+            # shifts), so the lookups are a plain gather (an index j >> 1 is not).
+            lines_block += [f"{indent}for j in range(count >> 1):",
+                            f"{indent}    nibble[2 * j] = qv_{a}[j] & 15",
+                            f"{indent}    nibble[2 * j + 1] = qv_{a}[j] >> 4",
+                            f"{indent}if count & 1:",
+                            f"{indent}    nibble[count - 1] = qv_{a}[count >> 1] & 15",
+                            f"{indent}for j in range(count):",
+                            f"{indent}    buf_{a}[j] = T(map_{a}[nibble[j]]) * s_{a}"]
     lines_block.append(f"{indent}for j in range(count):")
     for a in kernel.loads:
         source = f"buf_{a}[j]" if a in quantized else f"w_{a}[j]"
@@ -388,10 +395,12 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
             lines_block += [f"{indent}for j in range(count):",
                             f"{indent}    qv_{a}[j] = {code('j', f'buf_{a}[j]')}"]
         else:
+            # Each code into a byte of the stack buffer (contiguous loops), then paired.
             lines_block += [
+                f"{indent}for j in range(count):",
+                f"{indent}    nibble[j] = {code('j', f'buf_{a}[j]')}",
                 f"{indent}for j in range(count >> 1):",
-                f"{indent}    qv_{a}[j] = {code('2 * j', f'buf_{a}[2 * j]')} | "
-                f"({code('2 * j + 1', f'buf_{a}[2 * j + 1]')} << 4)",
+                f"{indent}    qv_{a}[j] = nibble[2 * j] | (nibble[2 * j + 1] << 4)",
                 f"{indent}if count & 1:",
                 f"{indent}    qv_{a}[count >> 1] = {code('count - 1', f'buf_{a}[count - 1]')} | "
                 f"({zero} << 4)",
@@ -413,6 +422,7 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
             *(f"        buf_{a} = _stack(T(0))" for a in scratch),
             *(["        entry = _stack(np.int32(0))"] if requantized and dtype == "float32"
               else []),
+            *(["        nibble = _stack(np.uint8(0))"] if bits == 4 else []),
             f"        for b in range(c * {_CHUNK_BLOCKS}, min((c + 1) * {_CHUNK_BLOCKS}, blocks)):",
             f"            start = b * {block}",
             f"            stop = min(start + {block}, n)",
