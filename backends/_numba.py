@@ -200,8 +200,9 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     return "\n".join(lines[:-2]) + "\n"
 
 
-#: Quantization blocks per iteration of a quantized kernel's parallel loop: each iteration
-#: allocates its scratch block once, and 16 blocks (4096 elements at 8 bits) amortize it.
+#: Quantization blocks per iteration of a quantized kernel's parallel loop: 16 blocks
+#: (4096 elements at 8 bits) amortize an iteration's scheduling, and leave a tensor of
+#: 2**20 elements 256 iterations to share among the threads.
 _CHUNK_BLOCKS = 16
 
 _QUANTIZED_PRELUDE = [
@@ -237,13 +238,6 @@ _QUANTIZED_PRELUDE = [
     "    e = np.int64(entry)",
     "    key = (i ^ (i >> 31)) & 0xFFFF",
     "    return (e >> 16) + ((((e & 0xFFFF) - key) >> 63) & 1)",
-    "",
-    "",
-    "@numba.njit(inline='always')",
-    "def _maxabs(m, v):",
-    "    # The running absmax of a block; a NaN stays, as xp.max keeps it.",
-    "    a = np.abs(v)",
-    "    return m if (m >= a or m != m) else a",
     "",
     "",
     "@numba.njit(inline='always')",
@@ -294,9 +288,9 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
     ``layout`` is ``((state, bits, signed), ...)`` for the quantized states (see
     :mod:`._quantized`). Each such state is five arguments, ``q_<state>`` (uint8 codes),
     ``m_<state>`` (float32 absmax per block), ``map_<state>``, ``mid_<state>`` (the
-    float32 map and its midpoints, padded) and ``st_<state>`` (the first code of each
-    float32 bucket, :func:`~optim_core.backends._quantized.code_table`); the others are
-    arrays as in :func:`kernel_source`.
+    float32 map and its midpoints) and ``st_<state>`` (int32, each float32 bucket's first
+    code and midpoint key, :func:`~optim_core.backends._quantized.code_table`); the others
+    are arrays as in :func:`kernel_source`.
 
     One pass over memory, block by block: the block's codes are dequantized (with its old
     scale) into a block-sized scratch array; the rule's body runs over the block, reading
@@ -304,9 +298,11 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
     parameter, the unquantized states and the scratch; then the block's new absmax is
     taken and its codes written. Each of those is a loop of its own over the block, so the
     rule's arithmetic compiles to vector instructions as in :func:`kernel_source` (a table
-    lookup inside it would keep it scalar). In float32 the code of a value is its
-    bucket's first code plus a few independent comparisons; in float64 a binary search.
-    Blocks are independent: the parallel loop runs over chunks of :data:`_CHUNK_BLOCKS`.
+    lookup inside it would keep it scalar), and the block's buffers are on the stack, so
+    the table lookups compile to vector gathers (into memory no argument can alias). In
+    float32 the code of a value is one lookup and one integer comparison; in float64 a
+    binary search. Blocks are independent: the parallel loop runs over chunks of
+    :data:`_CHUNK_BLOCKS`.
     """
     quantized = {name: (bits, signed) for name, bits, signed in layout}
     bits = {b for b, _ in quantized.values()}
@@ -345,6 +341,12 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
                             f"{indent}    nibble[count - 1] = qv_{a}[count >> 1] & 15",
                             f"{indent}for j in range(count):",
                             f"{indent}    buf_{a}[j] = T(map_{a}[nibble[j]]) * s_{a}"]
+    # The rule's body; with it, each new absmax, as an integer maximum of the bit patterns
+    # with the sign cleared: for non-negative floats the patterns order as the values do,
+    # and a NaN's lies above every other (the max stays a NaN, as xp.max keeps one). An
+    # integer reduction vectorizes; a float one without fastmath is one serial chain.
+    magnitude = "0x7FFFFFFF" if dtype == "float32" else "0x7FFFFFFFFFFFFFFF"
+    lines_block += [f"{indent}x_{a} = np.int64(0)" for a in requantized]
     lines_block.append(f"{indent}for j in range(count):")
     for a in kernel.loads:
         source = f"buf_{a}[j]" if a in quantized else f"w_{a}[j]"
@@ -354,16 +356,10 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple) -> str:
     for a in kernel.stores:
         target = f"buf_{a}[j]" if a in quantized else f"w_{a}[j]"
         lines_block.append(f"{indent}    {target} = v_{kernel.results[a]}")
-    magnitude = "0x7FFFFFFF" if dtype == "float32" else "0x7FFFFFFFFFFFFFFF"
+    lines_block += [f"{indent}    x_{a} = max(x_{a}, _bits(v_{kernel.results[a]}) & {magnitude})"
+                    for a in requantized]
     for a in requantized:
-        # The absmax as an integer maximum of the bit patterns with the sign cleared: for
-        # non-negative floats the patterns order as the values do, and a NaN's lies above
-        # every other (the max stays a NaN, as xp.max keeps one). An integer reduction
-        # vectorizes; a float one without fastmath is one serial chain of compares.
         lines_block += [
-            f"{indent}x_{a} = np.int64(0)",
-            f"{indent}for j in range(count):",
-            f"{indent}    x_{a} = max(x_{a}, _bits(buf_{a}[j]) & {magnitude})",
             f"{indent}amax_{a} = np.float32(_from_bits(x_{a}, T(0)))",
             f"{indent}m_{a}[b] = amax_{a}",
             f"{indent}scale_{a} = T(amax_{a})",
