@@ -458,7 +458,7 @@ class NumbaImplementation(FusedImplementation):
         import numba  # noqa: F401 - fail here, at selection, if numba is broken
 
         super().__init__()
-        self.threads = _ThreadChoice()
+        self.kernel_threads: dict[int, _ThreadChoice] = {}
         self.factored_threads = _ThreadChoice()
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
@@ -494,7 +494,8 @@ class NumbaImplementation(FusedImplementation):
 
     def launch(self, tensors: list[tuple[Any, list[Any], tuple[Any, ...]]]) -> None:
         """One compiled call per tensor (and one per reduction stage): from 2**20
-        elements, the loop :attr:`threads` finds faster now (multi-threaded or not)."""
+        elements, the loop :meth:`thread_choice` finds faster now for that kernel
+        (multi-threaded or not)."""
         launches = 0
         for kernels, hoisted, arrays in tensors:
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
@@ -517,10 +518,20 @@ class NumbaImplementation(FusedImplementation):
                 launches += len(kernels.stages)
                 (kernels.parallel if large else kernels.serial)(*arrays, *hoisted, *values)
             elif large:
-                self.threads.run(kernels, arrays, hoisted)
+                self.thread_choice(kernels).run(kernels, arrays, hoisted)
             else:
                 kernels.serial(*arrays, *hoisted)
         self.launches += launches + len(tensors)
+
+    def thread_choice(self, kernels: _Kernels) -> _ThreadChoice:
+        """The :class:`_ThreadChoice` of one specialization's loops, made at its first large
+        tensor. One for all would time one kernel's loop against another's: a quantized
+        pass takes several times as long an element as a float32 one, so whichever loop
+        last ran a quantized tensor would look the slower one."""
+        choice = self.kernel_threads.get(id(kernels.parallel))
+        if choice is None:
+            choice = self.kernel_threads.setdefault(id(kernels.parallel), _ThreadChoice())
+        return choice
 
     def ready(self, kernels: Any, dtype: np.dtype, n_arrays: int, n_hoisted: int,
               small: bool, large: bool) -> None:

@@ -75,3 +75,36 @@ def test_large_tensors_take_the_loop_that_is_faster_now_and_retry_the_other_rare
     for _ in range(400):
         choice.run(kernels, arrays, [])
     assert calls[-50:] == ["parallel"] * 50
+
+
+def test_each_kernel_times_its_own_loops(monkeypatch):
+    # A float32 pass where the threaded loop wins and a quantized pass, five times as
+    # long an element, where the serial loop wins, stepped in turn: one choice for both
+    # would time one kernel's loop against the other's.
+    from types import SimpleNamespace
+
+    from optim_core.backends import _numba
+
+    clock = [0.0]
+    calls = []
+
+    def loop(name, kind, cost):
+        def run(*args):
+            calls.append((name, kind))
+            clock[0] += cost
+        return run
+
+    monkeypatch.setattr(_numba.time, "perf_counter", lambda: clock[0])
+    fast = SimpleNamespace(parallel=loop("fast", "parallel", 1.0),
+                           serial=loop("fast", "serial", 2.0))
+    slow = SimpleNamespace(parallel=loop("slow", "parallel", 20.0),
+                           serial=loop("slow", "serial", 10.0))
+    implementation = _numba.NumbaImplementation()
+    arrays = (np.zeros(1),)
+    for _ in range(300):
+        for kernels in (fast, slow):
+            implementation.thread_choice(kernels).run(kernels, arrays, [])
+    assert implementation.thread_choice(fast) is implementation.thread_choice(fast)
+    assert implementation.thread_choice(fast) is not implementation.thread_choice(slow)
+    late = calls[-200:]
+    assert late.count(("fast", "parallel")) >= 95 and late.count(("slow", "serial")) >= 95
