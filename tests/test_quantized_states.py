@@ -116,6 +116,33 @@ def test_quantize_takes_the_nearest_map_entry_of_each_block(bits, signed):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("signed", [True, False])
+def test_the_fused_kernels_code_table_gives_searchsorted_codes(bits, signed):
+    # The numba kernels code a float32 by one entry of code_table and one integer
+    # comparison (see _numba._code); here that arithmetic in NumPy, against searchsorted,
+    # on every bucket's first and last value, each midpoint and its neighbours, signed
+    # zeros, NaN and random bit patterns.
+    from optim_core.backends._quantized import CODE_TABLE_BITS, code_table
+
+    packed, steps, mids = code_table(bits, signed)
+    assert steps == 1 and packed.dtype == np.int32 and packed.size == 1 << CODE_TABLE_BITS
+    shift = 32 - CODE_TABLE_BITS
+    tops = np.arange(1 << CODE_TABLE_BITS, dtype=np.uint32) << shift
+    rng = np.random.default_rng(2)
+    x = np.concatenate([
+        tops.view(np.float32), (tops | np.uint32((1 << shift) - 1)).view(np.float32),
+        mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+        np.float32([0.0, -0.0, 1.0, -1.0, np.nan]),
+        rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+    x = x[~np.isinf(x)]  # a value over its block's absmax is at most 1 in magnitude, or NaN
+    i = x.view(np.int32).astype(np.int64)
+    entry = packed[(i >> shift) & ((1 << CODE_TABLE_BITS) - 1)].astype(np.int64)
+    key = (i ^ (i >> 31)) & 0xFFFF
+    codes = (entry >> 16) + ((((entry & 0xFFFF) - key) >> 63) & 1)
+    np.testing.assert_array_equal(codes, np.searchsorted(mids, x, side="left"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("signed", [True, False])
 def test_dequantize_then_quantize_again_gives_the_same_codes_and_scales(bits, signed):
     rng = np.random.default_rng(1)
     values = rng.standard_normal(SIZE).astype(np.float32)
