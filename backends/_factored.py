@@ -43,7 +43,12 @@ _FULL = frozenset({"leading", "rows", "cols"})
 _AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
          "cols": frozenset({"leading", "cols"})}
 _AXIS_KINDS = ("row_mean", "col_mean")
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 4
+#: The reduction passes' chunks: a constant, not the thread count, so the float64
+#: partial sums, and so every result, are the same on any number of threads and on the
+#: serial variant (the thread choice changes the speed only); 16 keeps 2 to 16 threads
+#: busy.
+CHUNKS = 16
 
 
 def is_factored(kernel: Kernel, state_shapes: Mapping[str, str]) -> bool:
@@ -186,12 +191,34 @@ def _row_loop(loop: str) -> list[str]:
     return [f"    for row in {loop}(M):", "        b = row // R", "        r = row - b * R"]
 
 
+def _chunk_bounds() -> list[str]:
+    """Chunk ``k``'s rows ``lo .. hi - 1`` and its copy ``o`` of the column slots: whole
+    matrices (``B >= CHUNKS``: each column slot is one chunk's, no copy) or, for fewer
+    matrices, a 16th of the rows each, with its own copy of the slots."""
+    # np.int64(k): numba's prange index may be unsigned, and an unsigned and a signed
+    # integer unify to a float, which cannot index.
+    return ["        o = np.int64(0)", "        if split:",
+            f"            lo = np.int64(k) * M // {CHUNKS}",
+            f"            hi = (np.int64(k) + 1) * M // {CHUNKS}", "            o = np.int64(k)",
+            "        else:", f"            lo = (np.int64(k) * B // {CHUNKS}) * R",
+            f"            hi = ((np.int64(k) + 1) * B // {CHUNKS}) * R"]
+
+
+def _same(kernel: Kernel) -> list[int]:
+    """For each reduction, the first one of the same kind, stage and argument (itself if
+    none): ``lerp(state, row_mean(g * g), w)`` reads its argument twice."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault((r.kind, r.stage, r.expr), i)
+            for i, r in enumerate(kernel.reductions)]
+
+
 def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str]) -> str:
     """The numba module of ``kernel``'s loops: ``kernel(a_param, a_grad, *states, R, C,
     h0, ...)`` (multi-threaded update pass) and ``kernel_serial`` (all on the calling
     thread), over 1-D C-contiguous arrays, for a parameter of at least one element."""
     axes = value_axes(kernel, state_shapes)
     kinds = [r.kind for r in kernel.reductions]
+    same = _same(kernel)
     arrays = ", ".join(f"a_{a}" for a in kernel.arrays)
     hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
 
@@ -200,68 +227,94 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                 if ("cols" not in axes.locals[t]) == outer]
 
     def body_lines(parallel: bool) -> list[str]:
-        lines = ["    n = a_param.shape[0]", "    M = n // C", "    B = M // R"]
+        loop = "numba.prange" if parallel else "range"
+        lines = ["    n = a_param.shape[0]", "    M = n // C", "    B = M // R",
+                 # The reduction passes' chunks (see _chunk_bounds): whole matrices each
+                 # when there are at least CHUNKS of them, else rows, with a copy of the
+                 # column slots per chunk.
+                 f"    split = B < {CHUNKS}", f"    P = {CHUNKS} if split else 1"]
         for stage in range(kernel.n_stages):
             indices = [i for i, r in enumerate(kernel.reductions) if r.stage == stage]
-            roots = [kernel.reductions[i].expr for i in indices if kinds[i] != "size"]
+            roots = [kernel.reductions[i].expr for i in indices
+                     if kinds[i] != "size" and same[i] == i]
             entries, loads, reads = _needed(kernel, roots)
-            inner = any("cols" in axes.arguments[i] for i in indices if kinds[i] != "size")
-            outer_acc, inner_acc, finish, row_end = [], [], [], []
+            inner = any("cols" in axes.arguments[i] for i in indices
+                        if kinds[i] != "size" and same[i] == i)
+            start, outer_acc, inner_acc, chunk_end, finish, row_end = [], [], [], [], [], []
             for i in indices:
                 kind, argument = kinds[i], axes.arguments[i]
                 value = "1.0" if kind == "size" else \
                     f"np.float64({render(kernel.reductions[i].expr, '_')})"
-                if kind == "size":
+                if same[i] != i:
+                    # The same reduction as an earlier one (lerp repeats its argument):
+                    # its value, not a second accumulation.
+                    finish.append(f"    {'q' if kind in _AXIS_KINDS else 'r'}{i} = "
+                                  f"{'q' if kind in _AXIS_KINDS else 'r'}{same[i]}")
+                elif kind == "size":
                     # A count, known from the shape: the elements of its argument's axes.
                     count = ("n" if {"rows", "cols"} <= argument else
                              "M" if "rows" in argument else "B * C" if "cols" in argument
                              else "B")
                     finish.append(f"    r{i} = T({count})")
                 elif kind in ("sum", "norm"):
-                    lines.append(f"    s{i} = 0.0")
+                    # One float64 partial per chunk, added in chunk order.
+                    lines.append(f"    w{i} = np.zeros({CHUNKS}, np.float64)")
+                    start.append(f"s{i} = 0.0")
                     term = f"t{i} * t{i}" if kind == "norm" else f"t{i}"
                     statement = [f"t{i} = {value}", f"s{i} += {term}"]
                     guard = "rows" not in argument  # one term per matrix, not per row
                     target = inner_acc if "cols" in argument else outer_acc
                     target += (["if r == 0:", *(f"    {s}" for s in statement)] if guard
                                else statement)
-                    finish.append(f"    r{i} = T(np.sqrt(s{i}))" if kind == "norm"
-                                  else f"    r{i} = T(s{i})")
+                    chunk_end.append(f"w{i}[k] = s{i}")
+                    finish += [f"    u{i} = 0.0", f"    for k in range({CHUNKS}):",
+                               f"        u{i} += w{i}[k]"]
+                    finish.append(f"    r{i} = T(np.sqrt(u{i}))" if kind == "norm"
+                                  else f"    r{i} = T(u{i})")
                 elif kind == "row_mean":
                     lines.append(f"    p{i} = np.zeros(M, np.float64)")
                     # A register accumulator per row, stored once the row is done.
                     outer_acc.append(f"a{i} = 0.0")
                     inner_acc.append(f"a{i} += {value}")
                     row_end.append(f"p{i}[row] = a{i}")
-                    finish += [f"    q{i} = np.empty(M, T)", "    for k in range(M):",
-                               f"        q{i}[k] = T(p{i}[k] / C)"]
+                    finish += [f"    q{i} = np.empty(M, T)", f"    for x in {loop}(M):",
+                               f"        q{i}[x] = T(p{i}[x] / C)"]
                 else:  # col_mean: of a full value (per column) or of a row value (per matrix)
-                    slots = "B * C" if "cols" in argument else "B"
-                    lines.append(f"    p{i} = np.zeros({slots}, np.float64)")
+                    slots = "(B * C)" if "cols" in argument else "B"
+                    lines.append(f"    p{i} = np.zeros(P * {slots}, np.float64)")
                     (inner_acc if "cols" in argument else outer_acc).append(
-                        f"p{i}[{'j' if 'cols' in argument else 'b'}] += {value}")
+                        f"p{i}[o * {slots} + {'j' if 'cols' in argument else 'b'}] += {value}")
+                    # The chunks' partials added in chunk order.
                     finish += [f"    q{i} = np.empty({slots}, T)",
-                               f"    for k in range({slots}):",
-                               f"        q{i}[k] = T(p{i}[k] / R)"]
-            lines += _row_loop("range")
-            lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
-            lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
-            lines += assign(entries, True, "        ")
-            lines += [f"        {x}" for x in outer_acc]
+                               f"    for x in {loop}({slots}):",
+                               f"        e{i} = p{i}[x]",
+                               "        for k in range(1, P):",
+                               f"            e{i} += p{i}[k * {slots} + x]",
+                               f"        q{i}[x] = T(e{i} / R)"]
+            lines += [f"    for k in {loop}({CHUNKS}):", *_chunk_bounds()]
+            lines += [f"        {x}" for x in start]
+            lines += ["        b = lo // R", "        r = lo - b * R - 1",
+                      "        for row in range(lo, hi):", "            r += 1",
+                      "            if r == R:", "                r = 0", "                b += 1"]
+            lines += [f"            {x}" for x in _loads(loads, axes.arrays, True)]
+            lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, True)]
+            lines += assign(entries, True, "            ")
+            lines += [f"            {x}" for x in outer_acc]
             if inner:
-                lines += ["        for c in range(C):", "            i = row * C + c",
-                          "            j = b * C + c"]
-                lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
-                lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
-                lines += assign(entries, False, "            ")
-                lines += [f"            {x}" for x in inner_acc]
-            lines += [f"        {x}" for x in row_end]
+                lines += ["            for c in range(C):", "                i = row * C + c",
+                          "                j = b * C + c"]
+                lines += [f"                {x}" for x in _loads(loads, axes.arrays, False)]
+                lines += [f"                {x}" for x in
+                          _reads(reads, axes.reduced, kinds, False)]
+                lines += assign(entries, False, "                ")
+                lines += [f"                {x}" for x in inner_acc]
+            lines += [f"            {x}" for x in row_end]
+            lines += [f"        {x}" for x in chunk_end]
             lines += finish
         # The update pass.
         stored = [(a, kernel.results[a]) for a in kernel.stores]
         roots = [("local", local) for _, local in stored]
         entries, loads, reads = _needed(kernel, roots)
-        loop = "numba.prange" if parallel else "range"
         lines += _row_loop(loop)
         lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
         lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
@@ -280,7 +333,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                    if "cols" in axes.arrays[a] and "rows" not in axes.arrays[a]]
         if columns:
             entries, loads, reads = _needed(kernel, [("local", x) for _, x in columns])
-            lines += ["    for b in range(B):", "        for c in range(C):",
+            lines += [f"    for b in {loop}(B):", "        for c in range(C):",
                       "            j = b * C + c"]
             lines += [f"            l_{a} = a_{a}[j]" for a in sorted(loads)]
             lines += [f"            r{i} = q{i}[{'j' if 'cols' in axes.reduced[i] else 'b'}]"
