@@ -13,9 +13,18 @@ columns, ``R`` rows per matrix (``B = M / R`` matrices, the leading axes flatten
   the inner one; a row state is read at ``[row]``, a column state at ``[b * C + c]``;
 * each reduction stage is one pass before the update (as for whole-tensor reductions,
   :mod:`._numba`): a pass whose reductions all lack the column axis (the mean of a row
-  factor) runs over the rows only; row means accumulate per row, column means into one
-  slot per column of each matrix, whole-tensor ones into one float64 sum; the results
-  (small arrays of the parameter's dtype, or scalars) are read by the later passes;
+  factor) runs over the rows only; row means accumulate per row (their mean stored as
+  the row ends), column means in one float64 sum per column of each matrix, whole-tensor
+  ones in one float64 sum per chunk; the results (small arrays of the parameter's
+  dtype, or scalars) are read by the later passes. A reduction the body repeats (lerp
+  reads its argument twice) is accumulated once;
+* a reduction pass runs over :data:`CHUNKS` chunks, a ``prange`` in the multi-threaded
+  variant: of whole matrices (16 or more of them), a chunk owning its matrices' column
+  sums; or, for fewer matrices, of units that are row ranges of a matrix (``S`` per
+  matrix, at most its rows), each with its own column sums, added in unit order after
+  the pass. Whole-tensor sums add their chunks' sums in chunk order. Nothing depends on
+  the thread count, so the serial variant, the same loops on the calling thread, gives
+  the same bits;
 * the update pass writes the parameter and the full-size states per element and the row
   states once per row; the column states are written by one more loop over the columns
   after it (the update pass still reads their old values).
@@ -23,8 +32,8 @@ columns, ``R`` rows per matrix (``B = M / R`` matrices, the leading axes flatten
 So Adafactor's factored step reads the gradient three times, the parameter twice, and
 writes the parameter once, with no full-size temporary; the row and column work is
 ``O(rows + columns)``. Accumulations are in float64, as in the other fused reductions.
-The update pass is a ``prange`` over rows in the multi-threaded variant; the reduction
-passes run on the calling thread (a column mean would need per-thread partial sums).
+The update pass, the means' finishing loops and the column states' loop are a
+``prange`` in the multi-threaded variant too.
 :func:`value_axes` is also the CUDA passes' analysis (:mod:`._cuda_factored`).
 """
 
@@ -191,17 +200,28 @@ def _row_loop(loop: str) -> list[str]:
     return [f"    for row in {loop}(M):", "        b = row // R", "        r = row - b * R"]
 
 
-def _chunk_bounds() -> list[str]:
-    """Chunk ``k``'s rows ``lo .. hi - 1`` and its copy ``o`` of the column slots: whole
-    matrices (``B >= CHUNKS``: each column slot is one chunk's, no copy) or, for fewer
-    matrices, a 16th of the rows each, with its own copy of the slots."""
-    # np.int64(k): numba's prange index may be unsigned, and an unsigned and a signed
-    # integer unify to a float, which cannot index.
-    return ["        o = np.int64(0)", "        if split:",
-            f"            lo = np.int64(k) * M // {CHUNKS}",
-            f"            hi = (np.int64(k) + 1) * M // {CHUNKS}", "            o = np.int64(k)",
-            "        else:", f"            lo = (np.int64(k) * B // {CHUNKS}) * R",
-            f"            hi = ((np.int64(k) + 1) * B // {CHUNKS}) * R"]
+def _unit_bounds() -> list[str]:
+    """The loop over chunk ``k``'s units ``uu`` of split matrices: the rows ``lo .. hi - 1``,
+    the ``part``-th of ``S`` of matrix ``b`` (``uu = b * S + part``)."""
+    return [f"            for uu in range(np.int64(k) * U // {CHUNKS}, "
+            f"(np.int64(k) + 1) * U // {CHUNKS}):",
+            "                b = uu // S", "                part = uu - b * S",
+            "                lo = b * R + part * R // S",
+            "                hi = b * R + (part + 1) * R // S"]
+
+
+def _mean_of_sums(i: int, slots: str, width: str, loop: str) -> list[str]:
+    """Column means from the float64 sums: of whole matrices, or of split ones' units
+    added in unit order (``width`` sums per unit: ``C``, or 1 for a mean of a row
+    value)."""
+    return [f"    q{i} = np.empty({slots}, T)", "    if S == 1:",
+            f"        for x in {loop}({slots}):", f"            q{i}[x] = T(p{i}[x] / R)",
+            "    else:", f"        for x in {loop}({slots}):",
+            f"            b = x // {width}", f"            c = x - b * {width}",
+            f"            e{i} = p{i}[b * S * {width} + c]",
+            "            for part in range(1, S):",
+            f"                e{i} += p{i}[(b * S + part) * {width} + c]",
+            f"            q{i}[x] = T(e{i} / R)"]
 
 
 def _same(kernel: Kernel) -> list[int]:
@@ -214,8 +234,9 @@ def _same(kernel: Kernel) -> list[int]:
 
 def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str]) -> str:
     """The numba module of ``kernel``'s loops: ``kernel(a_param, a_grad, *states, R, C,
-    h0, ...)`` (multi-threaded update pass) and ``kernel_serial`` (all on the calling
-    thread), over 1-D C-contiguous arrays, for a parameter of at least one element."""
+    h0, ...)`` (multi-threaded) and ``kernel_serial`` (the same loops on the calling
+    thread, the same bits), over 1-D C-contiguous arrays, for a parameter of at least one
+    element."""
     axes = value_axes(kernel, state_shapes)
     kinds = [r.kind for r in kernel.reductions]
     same = _same(kernel)
@@ -229,10 +250,10 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
     def body_lines(parallel: bool) -> list[str]:
         loop = "numba.prange" if parallel else "range"
         lines = ["    n = a_param.shape[0]", "    M = n // C", "    B = M // R",
-                 # The reduction passes' chunks (see _chunk_bounds): whole matrices each
-                 # when there are at least CHUNKS of them, else rows, with a copy of the
-                 # column slots per chunk.
-                 f"    split = B < {CHUNKS}", f"    P = {CHUNKS} if split else 1"]
+                 # The reduction passes' units (see _unit_bounds): whole matrices, or for
+                 # fewer than CHUNKS matrices S row ranges of each (at most R of them).
+                 f"    S = 1 if B >= {CHUNKS} else min(({CHUNKS} + B - 1) // B, R)",
+                 "    U = B * S"]
         for stage in range(kernel.n_stages):
             indices = [i for i, r in enumerate(kernel.reductions) if r.stage == stage]
             roots = [kernel.reductions[i].expr for i in indices
@@ -240,7 +261,11 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
             entries, loads, reads = _needed(kernel, roots)
             inner = any("cols" in axes.arguments[i] for i in indices
                         if kinds[i] != "size" and same[i] == i)
-            start, outer_acc, inner_acc, chunk_end, finish, row_end = [], [], [], [], [], []
+            # The accumulations (a pair: on whole matrices, on units of split ones).
+            outer_acc: list = []
+            inner_acc: list = []
+            start, unit_alloc, unit_start, unit_end, row_end = [], [], [], [], []
+            chunk_end, finish = [], []
             for i in indices:
                 kind, argument = kinds[i], axes.arguments[i]
                 value = "1.0" if kind == "size" else \
@@ -248,8 +273,8 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                 if same[i] != i:
                     # The same reduction as an earlier one (lerp repeats its argument):
                     # its value, not a second accumulation.
-                    finish.append(f"    {'q' if kind in _AXIS_KINDS else 'r'}{i} = "
-                                  f"{'q' if kind in _AXIS_KINDS else 'r'}{same[i]}")
+                    letter = "q" if kind in _AXIS_KINDS else "r"
+                    finish.append(f"    {letter}{i} = {letter}{same[i]}")
                 elif kind == "size":
                     # A count, known from the shape: the elements of its argument's axes.
                     count = ("n" if {"rows", "cols"} <= argument else
@@ -272,43 +297,70 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                     finish.append(f"    r{i} = T(np.sqrt(u{i}))" if kind == "norm"
                                   else f"    r{i} = T(u{i})")
                 elif kind == "row_mean":
-                    lines.append(f"    p{i} = np.zeros(M, np.float64)")
-                    # A register accumulator per row, stored once the row is done.
+                    lines.append(f"    q{i} = np.empty(M, T)")
+                    # A register accumulator per row, its mean stored once the row is done.
                     outer_acc.append(f"a{i} = 0.0")
                     inner_acc.append(f"a{i} += {value}")
-                    row_end.append(f"p{i}[row] = a{i}")
-                    finish += [f"    q{i} = np.empty(M, T)", f"    for x in {loop}(M):",
-                               f"        q{i}[x] = T(p{i}[x] / C)"]
-                else:  # col_mean: of a full value (per column) or of a row value (per matrix)
-                    slots = "(B * C)" if "cols" in argument else "B"
-                    lines.append(f"    p{i} = np.zeros(P * {slots}, np.float64)")
-                    (inner_acc if "cols" in argument else outer_acc).append(
-                        f"p{i}[o * {slots} + {'j' if 'cols' in argument else 'b'}] += {value}")
-                    # The chunks' partials added in chunk order.
-                    finish += [f"    q{i} = np.empty({slots}, T)",
-                               f"    for x in {loop}({slots}):",
-                               f"        e{i} = p{i}[x]",
-                               "        for k in range(1, P):",
-                               f"            e{i} += p{i}[k * {slots} + x]",
-                               f"        q{i}[x] = T(e{i} / R)"]
-            lines += [f"    for k in {loop}({CHUNKS}):", *_chunk_bounds()]
+                    row_end.append(f"q{i}[row] = T(a{i} / C)")
+                elif "cols" in argument:  # col_mean of a full value: one sum per column
+                    # Whole matrices: a float64 sum per column, in the chunk that holds
+                    # the matrix; split ones: each unit's sums (a row of C) kept apart.
+                    lines.append(f"    p{i} = np.zeros(B * C if S == 1 else U * C, np.float64)")
+                    unit_alloc.append(f"cb{i} = np.empty(C, np.float64)")
+                    unit_start += ["for c in range(C):", f"    cb{i}[c] = 0.0"]
+                    inner_acc.append((f"p{i}[j] += {value}", f"cb{i}[c] += {value}"))
+                    unit_end += ["for c in range(C):", f"    p{i}[uu * C + c] = cb{i}[c]"]
+                    finish += _mean_of_sums(i, "(B * C)", "C", loop)
+                else:  # col_mean of a row value: one sum per matrix
+                    lines.append(f"    p{i} = np.zeros(B if S == 1 else U, np.float64)")
+                    unit_start.append(f"ce{i} = 0.0")
+                    outer_acc.append((f"p{i}[b] += {value}", f"ce{i} += {value}"))
+                    unit_end.append(f"p{i}[uu] = ce{i}")
+                    finish += _mean_of_sums(i, "B", "1", loop)
+
+            def per_row(whole: bool, indent: str, loads: set = loads, reads: set = reads,
+                        entries: list = entries, inner: bool = inner,
+                        outer_acc: list = outer_acc, inner_acc: list = inner_acc,
+                        row_end: list = row_end) -> list[str]:
+                """One row's accumulations (``whole``: of a chunk of whole matrices); this
+                stage's values bound as defaults."""
+                def pick(acc: list) -> list[str]:
+                    return [x if isinstance(x, str) else x[0 if whole else 1] for x in acc]
+
+                lines = [indent + x for x in _loads(loads, axes.arrays, True)]
+                lines += [indent + x for x in _reads(reads, axes.reduced, kinds, True)]
+                lines += assign(entries, True, indent)
+                lines += [indent + x for x in pick(outer_acc)]
+                if inner:
+                    lines += [f"{indent}for c in range(C):", f"{indent}    i = row * C + c",
+                              f"{indent}    j = b * C + c"]
+                    lines += [f"{indent}    {x}" for x in _loads(loads, axes.arrays, False)]
+                    lines += [f"{indent}    {x}" for x in
+                              _reads(reads, axes.reduced, kinds, False)]
+                    lines += assign(entries, False, indent + "    ")
+                    lines += [f"{indent}    {x}" for x in pick(inner_acc)]
+                return lines + [indent + x for x in row_end]
+
+            lines += [f"    for k in {loop}({CHUNKS}):"]
             lines += [f"        {x}" for x in start]
-            lines += ["        b = lo // R", "        r = lo - b * R - 1",
-                      "        for row in range(lo, hi):", "            r += 1",
-                      "            if r == R:", "                r = 0", "                b += 1"]
-            lines += [f"            {x}" for x in _loads(loads, axes.arrays, True)]
-            lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, True)]
-            lines += assign(entries, True, "            ")
-            lines += [f"            {x}" for x in outer_acc]
-            if inner:
-                lines += ["            for c in range(C):", "                i = row * C + c",
-                          "                j = b * C + c"]
-                lines += [f"                {x}" for x in _loads(loads, axes.arrays, False)]
-                lines += [f"                {x}" for x in
-                          _reads(reads, axes.reduced, kinds, False)]
-                lines += assign(entries, False, "                ")
-                lines += [f"                {x}" for x in inner_acc]
-            lines += [f"            {x}" for x in row_end]
+            # A chunk of whole matrices: rows counted as in the update pass.
+            lines += ["        if S == 1:",
+                      f"            lo = (np.int64(k) * B // {CHUNKS}) * R",
+                      f"            hi = ((np.int64(k) + 1) * B // {CHUNKS}) * R",
+                      "            b = lo // R", "            r = -1",
+                      "            for row in range(lo, hi):", "                r += 1",
+                      "                if r == R:", "                    r = 0",
+                      "                    b += 1"]
+            lines += per_row(True, "                ")
+            # Units of fewer matrices (S parts of each).
+            lines += ["        else:"]
+            lines += [f"            {x}" for x in unit_alloc]
+            lines += _unit_bounds()
+            lines += [f"                {x}" for x in unit_start]
+            lines += ["                for row in range(lo, hi):",
+                      "                    r = row - b * R"]
+            lines += per_row(False, "                    ")
+            lines += [f"                {x}" for x in unit_end]
             lines += [f"        {x}" for x in chunk_end]
             lines += finish
         # The update pass.
@@ -363,7 +415,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
 
 
 class FactoredKernels(NamedTuple):
-    """One factored specialization's loops (multi-threaded update pass, or all serial);
+    """One factored specialization's loops (multi-threaded, or all serial);
     ``table`` is None: step plans do not take them."""
 
     parallel: Any

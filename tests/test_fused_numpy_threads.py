@@ -78,9 +78,11 @@ def test_large_tensors_take_the_loop_that_is_faster_now_and_retry_the_other_rare
 
 
 #: Large (threaded) factored shapes: many matrices (a 16th of them per chunk, a count
-#: 16 does not divide), one matrix of rows 16 does not divide, a few matrices split by
-#: rows across matrices, 3x3 matrices as a convolution's.
-ADAFACTOR_SHAPES = [(3, 7, 1000, 50), (1037, 1013), (5, 211, 1000), (1200, 100, 3, 3)]
+#: 16 does not divide), one matrix of a row count 16 does not divide (16 parts), a few
+#: matrices in 4 parts each, a few of 4 rows split row by row, 3x3 and 1x1 matrices as
+#: a convolution's.
+ADAFACTOR_SHAPES = [(3, 7, 1000, 50), (1037, 1013), (5, 211, 1000), (3, 4, 90001),
+                    (1200, 100, 3, 3), (1100, 1000, 1, 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -114,7 +116,7 @@ def test_factored_loops_give_the_same_bits_on_the_parallel_and_the_serial_varian
 
     (params_p, states_p), (params_s, states_s) = run(True), run(False)
     # Every tensor, every step, on the variant asked for.
-    assert calls == [True] * 8 + [False] * 8
+    assert calls == [True] * 12 + [False] * 12
     for shape, got, want, state_p, state_s in zip(ADAFACTOR_SHAPES, params_p, params_s,
                                                   states_p, states_s, strict=True):
         assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), shape
