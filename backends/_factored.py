@@ -423,6 +423,12 @@ class FactoredKernels(NamedTuple):
     table: Any = None
     factored: bool = True
 
+    #: Elements from which a tensor may take the multi-threaded loops (the thread choice
+    #: then times both): lower than the elementwise kernels' 2**20, as a factored step is
+    #: four or five passes of more work per element (a 2**18-element one takes about
+    #: 3 ms on one thread, against some 0.1 ms for its parallel regions' start-up).
+    large_size = 1 << 18
+
     def compile(self, dtype: Any, n_arrays: int, n_hoisted: int, small: bool,
                 large: bool) -> None:
         """Compile the variants a step needs before anything is written."""

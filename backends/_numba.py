@@ -432,8 +432,9 @@ class NumbaImplementation(FusedImplementation):
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
             if type(kernels) is _factored.FactoredKernels:
                 # Every pass in one call (the arrays end with the matrix's rows and columns);
-                # large ones on the loop timed faster now, as the elementwise kernels.
-                if large:
+                # large ones (from the factored loops' own size) on the loop timed faster
+                # now, as the elementwise kernels.
+                if arrays[0].size >= kernels.large_size:
                     self.factored_threads.run(kernels, arrays, hoisted)
                 else:
                     kernels.serial(*arrays, *hoisted)
