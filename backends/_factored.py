@@ -13,9 +13,18 @@ columns, ``R`` rows per matrix (``B = M / R`` matrices, the leading axes flatten
   the inner one; a row state is read at ``[row]``, a column state at ``[b * C + c]``;
 * each reduction stage is one pass before the update (as for whole-tensor reductions,
   :mod:`._numba`): a pass whose reductions all lack the column axis (the mean of a row
-  factor) runs over the rows only; row means accumulate per row, column means into one
-  slot per column of each matrix, whole-tensor ones into one float64 sum; the results
-  (small arrays of the parameter's dtype, or scalars) are read by the later passes;
+  factor) runs over the rows only; row means accumulate per row (their mean stored as
+  the row ends), column means in one float64 sum per column of each matrix, whole-tensor
+  ones in one float64 sum per chunk; the results (small arrays of the parameter's
+  dtype, or scalars) are read by the later passes. A reduction the body repeats (lerp
+  reads its argument twice) is accumulated once;
+* a reduction pass runs over :data:`CHUNKS` chunks, a ``prange`` in the multi-threaded
+  variant: of whole matrices (16 or more of them), a chunk owning its matrices' column
+  sums; or, for fewer matrices, of units that are row ranges of a matrix (``S`` per
+  matrix, at most its rows), each with its own column sums, added in unit order after
+  the pass. Whole-tensor sums add their chunks' sums in chunk order. Nothing depends on
+  the thread count, so the serial variant, the same loops on the calling thread, gives
+  the same bits;
 * the update pass writes the parameter and the full-size states per element and the row
   states once per row; the column states are written by one more loop over the columns
   after it (the update pass still reads their old values).
@@ -23,8 +32,8 @@ columns, ``R`` rows per matrix (``B = M / R`` matrices, the leading axes flatten
 So Adafactor's factored step reads the gradient three times, the parameter twice, and
 writes the parameter once, with no full-size temporary; the row and column work is
 ``O(rows + columns)``. Accumulations are in float64, as in the other fused reductions.
-The update pass is a ``prange`` over rows in the multi-threaded variant; the reduction
-passes run on the calling thread (a column mean would need per-thread partial sums).
+The update pass, the means' finishing loops and the column states' loop are a
+``prange`` in the multi-threaded variant too.
 :func:`value_axes` is also the CUDA passes' analysis (:mod:`._cuda_factored`).
 """
 
@@ -43,7 +52,12 @@ _FULL = frozenset({"leading", "rows", "cols"})
 _AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
          "cols": frozenset({"leading", "cols"})}
 _AXIS_KINDS = ("row_mean", "col_mean")
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 5
+#: The reduction passes' chunks: a constant, not the thread count, so the float64
+#: partial sums, and so every result, are the same on any number of threads and on the
+#: serial variant (the thread choice changes the speed only); 16 keeps 2 to 16 threads
+#: busy.
+CHUNKS = 16
 
 
 def is_factored(kernel: Kernel, state_shapes: Mapping[str, str]) -> bool:
@@ -161,8 +175,10 @@ def _references(expr: tuple, locals_: set[str], loads: set[str], reductions: set
             _references(argument, locals_, loads, reductions)
 
 
-def _needed(kernel: Kernel, roots: list[tuple]) -> tuple[list, set[str], set[int]]:
-    """The body entries ``roots`` need (in body order), the arrays and reductions read."""
+def _needed(kernel: Kernel, roots: list[tuple],
+            kept: frozenset = frozenset()) -> tuple[list, set[str], set[int]]:
+    """The body entries ``roots`` need (in body order), the arrays and reductions read;
+    the locals in ``kept`` are read from an earlier pass, not computed."""
     needed: set[str] = set()
     loads: set[str] = set()
     reductions: set[int] = set()
@@ -170,10 +186,34 @@ def _needed(kernel: Kernel, roots: list[tuple]) -> tuple[list, set[str], set[int
         _references(root, needed, loads, reductions)
     body = []
     for target, expr in reversed(kernel.body):
-        if target in needed:
+        if target in needed and target not in kept:
             body.append((target, expr))
             _references(expr, needed, loads, reductions)
     return list(reversed(body)), loads, reductions
+
+
+def _kept(kernel: Kernel, axes: _Axes, roots: list[tuple], same: list[int]) -> frozenset:
+    """The per-element locals the last reduction pass computes and the update pass would
+    compute again, to be stored by the one and read by the other: those the update pass
+    reads outside that shared part (Adafactor's ``update``, a square root and two
+    divisions per element, against a write and a read of the parameter's dtype; every
+    local is of that dtype, as the rule's constants are hoisted)."""
+    if not kernel.n_stages:
+        return frozenset()
+    last = [r.expr for i, r in enumerate(kernel.reductions)
+            if r.stage == kernel.n_stages - 1 and r.kind != "size" and same[i] == i]
+    full = {t for t, _ in _needed(kernel, last)[0]
+            if {"rows", "cols"} <= axes.locals[t]}
+    if not full:
+        return frozenset()
+    update = _needed(kernel, roots)[0]
+    shared = full & {t for t, _ in update}
+    kept: set[str] = set()
+    for target, expr in update:
+        if target not in shared:
+            _references(expr, kept, set(), set())
+    kept |= {root[1] for root in roots}
+    return frozenset(kept & shared)
 
 
 def _row_loop(loop: str) -> list[str]:
@@ -186,82 +226,179 @@ def _row_loop(loop: str) -> list[str]:
     return [f"    for row in {loop}(M):", "        b = row // R", "        r = row - b * R"]
 
 
+def _unit_bounds() -> list[str]:
+    """The loop over chunk ``k``'s units ``uu`` of split matrices: the rows ``lo .. hi - 1``,
+    the ``part``-th of ``S`` of matrix ``b`` (``uu = b * S + part``)."""
+    return [f"            for uu in range(np.int64(k) * U // {CHUNKS}, "
+            f"(np.int64(k) + 1) * U // {CHUNKS}):",
+            "                b = uu // S", "                part = uu - b * S",
+            "                lo = b * R + part * R // S",
+            "                hi = b * R + (part + 1) * R // S"]
+
+
+def _mean_of_sums(i: int, slots: str, width: str, loop: str) -> list[str]:
+    """Column means from the float64 sums: of whole matrices, or of split ones' units
+    added in unit order (``width`` sums per unit: ``C``, or 1 for a mean of a row
+    value)."""
+    return [f"    q{i} = np.empty({slots}, T)", "    if S == 1:",
+            f"        for x in {loop}({slots}):", f"            q{i}[x] = T(p{i}[x] / R)",
+            "    else:", f"        for x in {loop}({slots}):",
+            f"            b = x // {width}", f"            c = x - b * {width}",
+            f"            e{i} = p{i}[b * S * {width} + c]",
+            "            for part in range(1, S):",
+            f"                e{i} += p{i}[(b * S + part) * {width} + c]",
+            f"            q{i}[x] = T(e{i} / R)"]
+
+
+def _same(kernel: Kernel) -> list[int]:
+    """For each reduction, the first one of the same kind, stage and argument (itself if
+    none): ``lerp(state, row_mean(g * g), w)`` reads its argument twice."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault((r.kind, r.stage, r.expr), i)
+            for i, r in enumerate(kernel.reductions)]
+
+
 def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str]) -> str:
     """The numba module of ``kernel``'s loops: ``kernel(a_param, a_grad, *states, R, C,
-    h0, ...)`` (multi-threaded update pass) and ``kernel_serial`` (all on the calling
-    thread), over 1-D C-contiguous arrays, for a parameter of at least one element."""
+    h0, ...)`` (multi-threaded) and ``kernel_serial`` (the same loops on the calling
+    thread, the same bits), over 1-D C-contiguous arrays, for a parameter of at least one
+    element."""
     axes = value_axes(kernel, state_shapes)
     kinds = [r.kind for r in kernel.reductions]
+    same = _same(kernel)
     arrays = ", ".join(f"a_{a}" for a in kernel.arrays)
     hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
+
+    stored = [(a, kernel.results[a]) for a in kernel.stores]
+    kept = _kept(kernel, axes, [("local", local) for _, local in stored], same)
 
     def assign(entries: list, outer: bool, indent: str) -> list[str]:
         return [f"{indent}v_{t} = {render(e, '_')}" for t, e in entries
                 if ("cols" not in axes.locals[t]) == outer]
 
     def body_lines(parallel: bool) -> list[str]:
-        lines = ["    n = a_param.shape[0]", "    M = n // C", "    B = M // R"]
+        loop = "numba.prange" if parallel else "range"
+        lines = ["    n = a_param.shape[0]", "    M = n // C", "    B = M // R",
+                 # The reduction passes' units (see _unit_bounds): whole matrices, or for
+                 # fewer than CHUNKS matrices S row ranges of each (at most R of them).
+                 f"    S = 1 if B >= {CHUNKS} else min(({CHUNKS} + B - 1) // B, R)",
+                 "    U = B * S",
+                 # The last reduction pass's per-element values the update pass reads.
+                 *(f"    x_{t} = np.empty(n, T)" for t in sorted(kept))]
         for stage in range(kernel.n_stages):
             indices = [i for i, r in enumerate(kernel.reductions) if r.stage == stage]
-            roots = [kernel.reductions[i].expr for i in indices if kinds[i] != "size"]
+            roots = [kernel.reductions[i].expr for i in indices
+                     if kinds[i] != "size" and same[i] == i]
             entries, loads, reads = _needed(kernel, roots)
-            inner = any("cols" in axes.arguments[i] for i in indices if kinds[i] != "size")
-            outer_acc, inner_acc, finish, row_end = [], [], [], []
+            inner = any("cols" in axes.arguments[i] for i in indices
+                        if kinds[i] != "size" and same[i] == i)
+            # The accumulations (a pair: on whole matrices, on units of split ones).
+            outer_acc: list = []
+            inner_acc: list = []
+            start, unit_alloc, unit_start, unit_end, row_end = [], [], [], [], []
+            chunk_end, finish = [], []
+            if stage == kernel.n_stages - 1:
+                inner_acc += [f"x_{t}[i] = v_{t}" for t in sorted(kept)]
             for i in indices:
                 kind, argument = kinds[i], axes.arguments[i]
                 value = "1.0" if kind == "size" else \
                     f"np.float64({render(kernel.reductions[i].expr, '_')})"
-                if kind == "size":
+                if same[i] != i:
+                    # The same reduction as an earlier one (lerp repeats its argument):
+                    # its value, not a second accumulation.
+                    letter = "q" if kind in _AXIS_KINDS else "r"
+                    finish.append(f"    {letter}{i} = {letter}{same[i]}")
+                elif kind == "size":
                     # A count, known from the shape: the elements of its argument's axes.
                     count = ("n" if {"rows", "cols"} <= argument else
                              "M" if "rows" in argument else "B * C" if "cols" in argument
                              else "B")
                     finish.append(f"    r{i} = T({count})")
                 elif kind in ("sum", "norm"):
-                    lines.append(f"    s{i} = 0.0")
+                    # One float64 partial per chunk, added in chunk order.
+                    lines.append(f"    w{i} = np.zeros({CHUNKS}, np.float64)")
+                    start.append(f"s{i} = 0.0")
                     term = f"t{i} * t{i}" if kind == "norm" else f"t{i}"
                     statement = [f"t{i} = {value}", f"s{i} += {term}"]
                     guard = "rows" not in argument  # one term per matrix, not per row
                     target = inner_acc if "cols" in argument else outer_acc
                     target += (["if r == 0:", *(f"    {s}" for s in statement)] if guard
                                else statement)
-                    finish.append(f"    r{i} = T(np.sqrt(s{i}))" if kind == "norm"
-                                  else f"    r{i} = T(s{i})")
+                    chunk_end.append(f"w{i}[k] = s{i}")
+                    finish += [f"    u{i} = 0.0", f"    for k in range({CHUNKS}):",
+                               f"        u{i} += w{i}[k]"]
+                    finish.append(f"    r{i} = T(np.sqrt(u{i}))" if kind == "norm"
+                                  else f"    r{i} = T(u{i})")
                 elif kind == "row_mean":
-                    lines.append(f"    p{i} = np.zeros(M, np.float64)")
-                    # A register accumulator per row, stored once the row is done.
+                    lines.append(f"    q{i} = np.empty(M, T)")
+                    # A register accumulator per row, its mean stored once the row is done.
                     outer_acc.append(f"a{i} = 0.0")
                     inner_acc.append(f"a{i} += {value}")
-                    row_end.append(f"p{i}[row] = a{i}")
-                    finish += [f"    q{i} = np.empty(M, T)", "    for k in range(M):",
-                               f"        q{i}[k] = T(p{i}[k] / C)"]
-                else:  # col_mean: of a full value (per column) or of a row value (per matrix)
-                    slots = "B * C" if "cols" in argument else "B"
-                    lines.append(f"    p{i} = np.zeros({slots}, np.float64)")
-                    (inner_acc if "cols" in argument else outer_acc).append(
-                        f"p{i}[{'j' if 'cols' in argument else 'b'}] += {value}")
-                    finish += [f"    q{i} = np.empty({slots}, T)",
-                               f"    for k in range({slots}):",
-                               f"        q{i}[k] = T(p{i}[k] / R)"]
-            lines += _row_loop("range")
-            lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
-            lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
-            lines += assign(entries, True, "        ")
-            lines += [f"        {x}" for x in outer_acc]
-            if inner:
-                lines += ["        for c in range(C):", "            i = row * C + c",
-                          "            j = b * C + c"]
-                lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
-                lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
-                lines += assign(entries, False, "            ")
-                lines += [f"            {x}" for x in inner_acc]
-            lines += [f"        {x}" for x in row_end]
+                    row_end.append(f"q{i}[row] = T(a{i} / C)")
+                elif "cols" in argument:  # col_mean of a full value: one sum per column
+                    # Whole matrices: a float64 sum per column, in the chunk that holds
+                    # the matrix; split ones: each unit's sums (a row of C) kept apart.
+                    lines.append(f"    p{i} = np.zeros(B * C if S == 1 else U * C, np.float64)")
+                    unit_alloc.append(f"cb{i} = np.empty(C, np.float64)")
+                    unit_start += ["for c in range(C):", f"    cb{i}[c] = 0.0"]
+                    inner_acc.append((f"p{i}[j] += {value}", f"cb{i}[c] += {value}"))
+                    unit_end += ["for c in range(C):", f"    p{i}[uu * C + c] = cb{i}[c]"]
+                    finish += _mean_of_sums(i, "(B * C)", "C", loop)
+                else:  # col_mean of a row value: one sum per matrix
+                    lines.append(f"    p{i} = np.zeros(B if S == 1 else U, np.float64)")
+                    unit_start.append(f"ce{i} = 0.0")
+                    outer_acc.append((f"p{i}[b] += {value}", f"ce{i} += {value}"))
+                    unit_end.append(f"p{i}[uu] = ce{i}")
+                    finish += _mean_of_sums(i, "B", "1", loop)
+
+            def per_row(whole: bool, indent: str, loads: set = loads, reads: set = reads,
+                        entries: list = entries, inner: bool = inner,
+                        outer_acc: list = outer_acc, inner_acc: list = inner_acc,
+                        row_end: list = row_end) -> list[str]:
+                """One row's accumulations (``whole``: of a chunk of whole matrices); this
+                stage's values bound as defaults."""
+                def pick(acc: list) -> list[str]:
+                    return [x if isinstance(x, str) else x[0 if whole else 1] for x in acc]
+
+                lines = [indent + x for x in _loads(loads, axes.arrays, True)]
+                lines += [indent + x for x in _reads(reads, axes.reduced, kinds, True)]
+                lines += assign(entries, True, indent)
+                lines += [indent + x for x in pick(outer_acc)]
+                if inner:
+                    lines += [f"{indent}for c in range(C):", f"{indent}    i = row * C + c",
+                              f"{indent}    j = b * C + c"]
+                    lines += [f"{indent}    {x}" for x in _loads(loads, axes.arrays, False)]
+                    lines += [f"{indent}    {x}" for x in
+                              _reads(reads, axes.reduced, kinds, False)]
+                    lines += assign(entries, False, indent + "    ")
+                    lines += [f"{indent}    {x}" for x in pick(inner_acc)]
+                return lines + [indent + x for x in row_end]
+
+            lines += [f"    for k in {loop}({CHUNKS}):"]
+            lines += [f"        {x}" for x in start]
+            # A chunk of whole matrices: rows counted as in the update pass.
+            lines += ["        if S == 1:",
+                      f"            lo = (np.int64(k) * B // {CHUNKS}) * R",
+                      f"            hi = ((np.int64(k) + 1) * B // {CHUNKS}) * R",
+                      "            b = lo // R", "            r = -1",
+                      "            for row in range(lo, hi):", "                r += 1",
+                      "                if r == R:", "                    r = 0",
+                      "                    b += 1"]
+            lines += per_row(True, "                ")
+            # Units of fewer matrices (S parts of each).
+            lines += ["        else:"]
+            lines += [f"            {x}" for x in unit_alloc]
+            lines += _unit_bounds()
+            lines += [f"                {x}" for x in unit_start]
+            lines += ["                for row in range(lo, hi):",
+                      "                    r = row - b * R"]
+            lines += per_row(False, "                    ")
+            lines += [f"                {x}" for x in unit_end]
+            lines += [f"        {x}" for x in chunk_end]
             lines += finish
         # The update pass.
-        stored = [(a, kernel.results[a]) for a in kernel.stores]
         roots = [("local", local) for _, local in stored]
-        entries, loads, reads = _needed(kernel, roots)
-        loop = "numba.prange" if parallel else "range"
+        entries, loads, reads = _needed(kernel, roots, kept)
         lines += _row_loop(loop)
         lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
         lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
@@ -270,6 +407,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                   "            j = b * C + c"]
         lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
         lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
+        lines += [f"            v_{t} = x_{t}[i]" for t in sorted(kept)]
         lines += assign(entries, False, "            ")
         lines += [f"            a_{a}[i] = v_{local}" for a, local in stored
                   if axes.arrays[a] == _FULL]
@@ -280,7 +418,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                    if "cols" in axes.arrays[a] and "rows" not in axes.arrays[a]]
         if columns:
             entries, loads, reads = _needed(kernel, [("local", x) for _, x in columns])
-            lines += ["    for b in range(B):", "        for c in range(C):",
+            lines += [f"    for b in {loop}(B):", "        for c in range(C):",
                       "            j = b * C + c"]
             lines += [f"            l_{a} = a_{a}[j]" for a in sorted(loads)]
             lines += [f"            r{i} = q{i}[{'j' if 'cols' in axes.reduced[i] else 'b'}]"
@@ -310,13 +448,19 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
 
 
 class FactoredKernels(NamedTuple):
-    """One factored specialization's loops (multi-threaded update pass, or all serial);
+    """One factored specialization's loops (multi-threaded, or all serial);
     ``table`` is None: step plans do not take them."""
 
     parallel: Any
     serial: Any
     table: Any = None
     factored: bool = True
+
+    #: Elements from which a tensor may take the multi-threaded loops (the thread choice
+    #: then times both): lower than the elementwise kernels' 2**20, as a factored step is
+    #: four or five passes of more work per element (a 2**18-element one takes about
+    #: 3 ms on one thread, against some 0.1 ms for its parallel regions' start-up).
+    large_size = 1 << 18
 
     def compile(self, dtype: Any, n_arrays: int, n_hoisted: int, small: bool,
                 large: bool) -> None:

@@ -377,9 +377,9 @@ class FusedImplementation:
             if entry[0] is None:  # a form the fused loops do not lower: the generic path
                 generic.append(index)
                 continue
-            # Which variants (below, at or above large_size) this step needs, to have them
-            # ready before anything runs.
-            entry[2 + (record.size >= large)] = True
+            # Which variants (below, at or above large_size: the kernels' own where they
+            # have one) this step needs, to have them ready before anything runs.
+            entry[2 + (record.size >= getattr(entry[0], "large_size", large))] = True
             arrays = (record.arrays[0], kernel_array(grad), *record.arrays[1:])
             if getattr(entry[0], "factored", False):
                 # Loops over the last two axes (see ._factored): its rows and columns.

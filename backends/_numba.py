@@ -459,7 +459,6 @@ class NumbaImplementation(FusedImplementation):
 
         super().__init__()
         self.kernel_threads: dict[int, _ThreadChoice] = {}
-        self.factored_threads = _ThreadChoice()
 
     def kernel_for(self, rule: UpdateRule, scalars: dict[str, Any], present: frozenset[str],
                    dtype: np.dtype, layout: tuple = ()) -> tuple[Any, list[float]]:
@@ -501,9 +500,10 @@ class NumbaImplementation(FusedImplementation):
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
             if type(kernels) is _factored.FactoredKernels:
                 # Every pass in one call (the arrays end with the matrix's rows and columns);
-                # large ones on the loop timed faster now, as the elementwise kernels.
-                if large:
-                    self.factored_threads.run(kernels, arrays, hoisted)
+                # large ones (from the factored loops' own size) on the loop timed faster
+                # now, as the elementwise kernels.
+                if arrays[0].size >= kernels.large_size:
+                    self.thread_choice(kernels).run(kernels, arrays, hoisted)
                 else:
                     kernels.serial(*arrays, *hoisted)
             elif kernels.stages:
@@ -523,7 +523,7 @@ class NumbaImplementation(FusedImplementation):
                 kernels.serial(*arrays, *hoisted)
         self.launches += launches + len(tensors)
 
-    def thread_choice(self, kernels: _Kernels) -> _ThreadChoice:
+    def thread_choice(self, kernels: Any) -> _ThreadChoice:
         """The :class:`_ThreadChoice` of one specialization's loops, made at its first large
         tensor. One for all would time one kernel's loop against another's: a quantized
         pass takes several times as long an element as a float32 one, so whichever loop

@@ -108,3 +108,52 @@ def test_each_kernel_times_its_own_loops(monkeypatch):
     assert implementation.thread_choice(fast) is not implementation.thread_choice(slow)
     late = calls[-200:]
     assert late.count(("fast", "parallel")) >= 95 and late.count(("slow", "serial")) >= 95
+
+
+#: Large (threaded) factored shapes: many matrices (a 16th of them per chunk, a count
+#: 16 does not divide), one matrix of a row count 16 does not divide (16 parts), a few
+#: matrices in 4 parts each, a few of 4 rows split row by row, 3x3 and 1x1 matrices as
+#: a convolution's.
+ADAFACTOR_SHAPES = [(3, 7, 1000, 50), (1037, 1013), (5, 211, 1000), (3, 4, 90001),
+                    (1200, 100, 3, 3), (1100, 1000, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_factored_loops_give_the_same_bits_on_the_parallel_and_the_serial_variant(
+        monkeypatch, dtype):
+    """Adafactor's reduction passes add float64 partials of a fixed number of chunks, in
+    chunk order, on either variant: the thread choice changes the speed, never a bit."""
+    from optim_core.backends import _numba
+
+    calls = []
+
+    def run(parallel: bool) -> tuple:
+        def call(self, threaded, serial, arguments, size, serial_arguments=None):
+            calls.append(parallel)
+            if parallel:
+                threaded(*arguments)
+            else:
+                serial(*(arguments if serial_arguments is None else serial_arguments))
+
+        monkeypatch.setattr(_numba._ThreadChoice, "call", call)
+        rng = np.random.default_rng(7)
+        params = [rng.standard_normal(shape).astype(dtype) for shape in ADAFACTOR_SHAPES]
+        opt = optim_core.Adafactor(params, lr=0.05, weight_decay=0.1, impl="fused")
+        for _ in range(2):
+            opt.step([(rng.standard_normal(p.shape) * (1 + np.abs(p))).astype(dtype)
+                      for p in opt.params])
+        assert opt.implementation.name == "fused-numba"
+        return [np.array(p) for p in opt.params], [
+            {name: np.array(value) for name, value in state.items()}
+            for state in opt.state[0]]
+
+    (params_p, states_p), (params_s, states_s) = run(True), run(False)
+    # Every tensor, every step, on the variant asked for.
+    assert calls == [True] * 12 + [False] * 12
+    for shape, got, want, state_p, state_s in zip(ADAFACTOR_SHAPES, params_p, params_s,
+                                                  states_p, states_s, strict=True):
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), shape
+        assert set(state_p) == {"row_var", "col_var"}, shape
+        for name in state_p:
+            assert np.array_equal(state_p[name].view(np.uint8),
+                                  state_s[name].view(np.uint8)), (shape, name)
