@@ -188,23 +188,24 @@ def test_a_faster_count_is_taken_after_a_probe_of_three_steps_and_probed_back_ra
     scope = _FakeScope(ceiling=4)
     ran = _run_steps(BlasThreadChoice(scope), scope, {4: 1.0, 1: 3.0}, 520)
     runs = _runs(ran)
-    # Three steps on one thread, a probe of all four (won: they stay), then probes of one
-    # thread, each lost at its first step. One thread was left within HOLD steps of being
-    # chosen: its interval doubled from 8 to 16. A lost probe cost 2 steps more than a
-    # step on four threads: the next waits max(2 x, 2 / BUDGET = 100) steps.
-    assert runs == [(1, 3), (4, 3 + 16), (1, 1), (4, 100), (1, 1), (4, 200), (1, 1),
-                    (4, 520 - 325)]
+    # Three steps on one thread, a probe of all four (a step not judged, as it wakes the
+    # threads, then three: won, they stay), then probes of one thread, each lost at its
+    # first step. One thread was left within HOLD steps of being chosen: its interval
+    # doubled from 8 to 16. A lost probe cost 2 steps more than a step on four threads:
+    # the next waits max(2 x, 2 / BUDGET = 100) steps.
+    assert runs == [(1, 3), (4, 1 + 3 + 16), (1, 1), (4, 100), (1, 1), (4, 200), (1, 1),
+                    (4, 520 - 326)]
 
 
-def test_a_slower_count_costs_one_step_per_probe_at_growing_intervals():
+def test_a_slower_count_costs_two_steps_per_probe_at_growing_intervals():
     scope = _FakeScope(ceiling=4)
     choice = BlasThreadChoice(scope)
     ran = _run_steps(choice, scope, {4: 3.0, 1: 1.0}, 600)
     runs = _runs(ran)
-    # Each lost probe of four threads cost 2 steps more than a step on one: the next waits
-    # max(2 x, 100) steps.
-    assert runs == [(1, 3), (4, 1), (1, 100), (4, 1), (1, 200), (4, 1), (1, 600 - 306)]
-    assert choice.take_steps() == {1: 600 - 3, 4: 3}
+    # Each lost probe of four threads (its first step not judged, the next one lost) cost
+    # 4 steps more than two on one: the next waits max(2 x, 4 / BUDGET = 200) steps.
+    assert runs == [(1, 3), (4, 2), (1, 200), (4, 2), (1, 600 - 207)]
+    assert choice.take_steps() == {1: 600 - 4, 4: 4}
     assert choice.take_steps() == {}
 
 
