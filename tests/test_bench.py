@@ -215,3 +215,24 @@ def test_the_floor_kernel_and_a_step_are_timed_in_alternation(bench):
            "fraction_of_floor_paired": 0.5}
     assert "0.500" in report.format_paired([row])
     assert report.format_paired([{"optimizer": "adam"}]) == ""
+
+
+def test_under_load_bench_alternates_and_stops_its_busy_processes(bench, tmp_path):
+    import multiprocessing
+
+    import bench.under_load
+
+    order = []
+    times = bench.under_load.measure({"default": lambda: order.append("d"),
+                                      "serial": lambda: order.append("s")}, 2, 3)
+    assert order == list("dddsssdddsss")
+    assert [len(times[k]) for k in ("default", "serial")] == [6, 6]
+    out = tmp_path / "under_load.json"
+    assert bench.under_load.main(["--rounds", "2", "--per-round", "2", "--busy", "1",
+                                  "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["phase"], r["steps"]) for r in rows] == [("quiet", 4), ("busy", 4)]
+    # Recorded, never judged here (no test asserts a clock reading).
+    assert {"median_ratio", "mean_ratio_first_300", "mean_ratio"} <= set(rows[1])
+    assert "| busy | 4 |" in out.with_suffix(".md").read_text()
+    assert multiprocessing.active_children() == []
