@@ -25,7 +25,15 @@ The founding article's FAQ on model size and interpretability has its own module
 from . import _source_tree  # noqa: F401, I001
 import sys as _sys
 
-from .optim import Hyperparameter, Optimizer, RuleError, UpdateRule, update_rule
+from .optim import (
+    Hyperparameter,
+    Optimizer,
+    RuleError,
+    RuleFragment,
+    UpdateRule,
+    rule_fragment,
+    update_rule,
+)
 from .optim.functional import functional
 from .optim import algorithms as _algorithms
 from .optim import algorithms_elementwise as _algorithms_elementwise
@@ -70,6 +78,8 @@ __all__ = [
     "update_rule",
     "UpdateRule",
     "RuleError",
+    "rule_fragment",
+    "RuleFragment",
     "Hyperparameter",
     "functional",
     "as_optax",

@@ -18,12 +18,12 @@ from .algorithms import *  # noqa: F403 - the optimizers, as algorithms.__all__ 
 from .algorithms_elementwise import *  # noqa: F403 - likewise
 from .algorithms_pertensor import *  # noqa: F403 - likewise
 from .base import Optimizer
-from .language import RuleError, UpdateRule, update_rule
+from .language import RuleError, RuleFragment, UpdateRule, rule_fragment, update_rule
 from .param_group import Hyperparameter, ParamGroup
 from .quasi_newton import LBFGS
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizer, ScheduleFreeSGD
 
 __all__ = ["Optimizer", "ParamGroup", "Hyperparameter", "UpdateRule", "RuleError",
-           "update_rule", *algorithms.__all__,
+           "update_rule", "RuleFragment", "rule_fragment", *algorithms.__all__,
            *algorithms_elementwise.__all__, *algorithms_pertensor.__all__,
            "ScheduleFreeSGD", "ScheduleFreeAdamW", "ScheduleFreeOptimizer", "LBFGS"]

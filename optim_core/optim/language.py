@@ -147,6 +147,26 @@ the update reading the row and column values broadcast); the CUDA kernels do not
 them yet (CuPy arrays take the generic path, ``select_implementation`` says why). Such a
 rule refuses ``flat=True`` (whose buffers hold the parameters' shapes).
 
+Rule fragments
+--------------
+Lines that several rules share (the sign flip of ``maximize`` and the weight decay
+before an update, Adam's two moments) are written once as a fragment,
+:func:`rule_fragment`, a function in the same language whose positional arguments are
+arrays and keyword-only ones scalars, ending with ``return a, b`` (or ``return a``)::
+
+    @rule_fragment
+    def adam_moments(grad, exp_avg, exp_avg_sq, *, beta1, beta2):
+        exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        return exp_avg, exp_avg_sq
+
+A rule (or another fragment) calls it as the whole value of an assignment to as many
+names as it returns, arrays positionally and every scalar by keyword:
+``exp_avg, exp_avg_sq = adam_moments(grad, exp_avg, exp_avg_sq, beta1=beta1,
+beta2=beta2)``. :func:`update_rule` expands the call in place (its own names renamed
+apart) before it checks the rule, so every backend and the generic path run the lines
+as if written out, operation for operation, and ``UpdateRule.source`` shows them so.
+
 What is refused, and when
 -------------------------
 :func:`update_rule` checks the whole function when it is decorated (at import time)
@@ -160,6 +180,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import copy
 import functools
 import inspect
 import textwrap
@@ -175,10 +196,12 @@ from optim_core.backends import (
     REDUCTIONS,
     generic_operations,
 )
+from optim_core.optim import _inline
 
 __all__ = ["OPERATIONS", "REDUCTIONS", "AXIS_REDUCTIONS", "MATRIX_OPERATIONS", "STATE_SHAPES",
-           "RuleError", "UpdateRule", "update_rule", "sqrt", "maximum", "minimum", "sign",
-           "lerp", "where", "norm", "size", "row_mean", "col_mean", "orthogonalize"]
+           "RuleError", "UpdateRule", "update_rule", "RuleFragment", "rule_fragment", "sqrt",
+           "maximum", "minimum", "sign", "lerp", "where", "norm", "size", "row_mean",
+           "col_mean", "orthogonalize"]
 
 #: The shape kinds a state may be declared with (``update_rule(state_shapes=...)``);
 #: "full", the parameter's shape on every tensor, is the default.
@@ -481,14 +504,159 @@ def update_rule(function: Callable | None = None, *,
             raise RuleError(f"rule {name}: state_shapes names {sorted(shapes)}: each must be "
                             f"one of its states {list(states)} and optional (a tensor holds "
                             "it only where its number of dimensions allows)")
+        written = function
+        tree.body, inlined = _inline.inline(
+            tree.body, functools.partial(_fragment_named, written),
+            lambda node, message: RuleError(f"{_place(name, written, node)}: {message}"))
         _check_language(tree, name, set(scalars), ("param", *states),
-                        lambda node: _place(name, function, node))
+                        lambda node: _place(name, written, node))
         _check_shapes(tree, states, shapes, set(scalars),
-                      lambda node: _place(name, function, node))
+                      lambda node: _place(name, written, node))
+        if inlined:
+            # The generic path runs the expanded lines too (bind rebinds its globals).
+            function = _compiled(tree, written)
         return UpdateRule(function, states, frozenset(optional_states), scalars, tree,
                           {k: v for k, v in shapes.items() if v != "full"})
 
     return decorate
+
+
+@dataclass(frozen=True)
+class RuleFragment:
+    """Lines of the rule language shared by several rules, made by :func:`rule_fragment`.
+
+    A rule calls it as ``a, b = fragment(array, ..., scalar=value, ...)``;
+    :func:`update_rule` expands the call into the fragment's lines (see the module
+    docstring), so a fragment is never called at run time.
+
+    Attributes
+    ----------
+    name : str
+    arrays : tuple of str
+        The positional (array) arguments, in order.
+    scalars : tuple of str
+        The keyword-only (scalar) arguments.
+    returns : tuple of str
+        The names it returns, in order.
+    tree : ast.FunctionDef
+        Its checked syntax tree, fragment calls of its own expanded.
+    """
+
+    name: str
+    arrays: tuple[str, ...]
+    scalars: tuple[str, ...]
+    returns: tuple[str, ...]
+    tree: ast.FunctionDef = field(repr=False, compare=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.name} is a rule fragment: it is expanded inside the update "
+                           "rules that call it (see optim_core.optim.language.rule_fragment)")
+
+
+def rule_fragment(function: Callable) -> RuleFragment:
+    """Turn a function in the rule language into a :class:`RuleFragment` (a decorator).
+
+    ``def name(array, ..., *, scalar, ...)``: its statements are those of a rule
+    (assignments to plain names, ``if`` blocks on scalars), reading only its arguments
+    and what it assigns, never assigning a scalar argument; it ends with ``return a,
+    b`` or ``return a`` of names. Checked here, once; the rules that call it are checked
+    again with its lines expanded.
+
+    Raises
+    ------
+    RuleError
+        If the function is outside the language or its form.
+
+    Examples
+    --------
+    >>> from optim_core.optim.language import rule_fragment
+    >>> @rule_fragment
+    ... def sign_flipped(grad, *, maximize):
+    ...     if maximize:
+    ...         grad = -grad
+    ...     return grad                                        # doctest: +SKIP
+    """
+    if not callable(function):
+        raise TypeError(f"rule_fragment decorates a function, got {type(function).__name__}")
+    name = getattr(function, "__name__", repr(function))
+    label = f"fragment {name}"
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise RuleError(f"rule {label}: its source cannot be read ({exc}); define it with "
+                        "def in a file, a module or a notebook cell") from None
+    tree = ast.parse(source).body[0]
+    if not isinstance(tree, ast.FunctionDef) or tree.name != name:
+        raise RuleError(f"rule {label}: a fragment is a function defined with def")
+    tree.decorator_list = []
+
+    def place(node: ast.AST) -> str:
+        return _place(label, function, node)
+
+    args = tree.args
+    if args.vararg or args.kwarg or args.posonlyargs or args.defaults or not args.args \
+            or any(d is not None for d in args.kw_defaults):
+        raise RuleError(f"{place(tree)}: arguments are (array, ..., *, scalar, ...), at "
+                        "least one array, with no defaults, *args or **kwargs")
+    if name in OPERATIONS:
+        raise RuleError(f"rule {label}: {name} is the name of an operation")
+    arrays = tuple(a.arg for a in args.args)
+    scalars = tuple(a.arg for a in args.kwonlyargs)
+    tree.body, _ = _inline.inline(tree.body, functools.partial(_fragment_named, function),
+                                  lambda node, message: RuleError(f"{place(node)}: {message}"))
+    last = tree.body[-1]
+    value = getattr(last, "value", None)
+    returned = value.elts if isinstance(value, ast.Tuple) else [value]
+    if not isinstance(last, ast.Return) or not all(isinstance(v, ast.Name) for v in returned):
+        raise RuleError(f"{place(last)}: a fragment ends with 'return a, b' (or 'return a') "
+                        "of names")
+    returns = tuple(v.id for v in returned)
+    # Checked as a rule whose arrays are the fragment's, returning them all.
+    checked = copy.deepcopy(tree)
+    checked.body[-1] = ast.copy_location(ast.Return(ast.Tuple(
+        [ast.Name(a, ast.Load()) for a in arrays], ast.Load())), last)
+    _check_language(checked, label, set(scalars), arrays, place)
+    assigned = {n.targets[0].id for n in ast.walk(tree) if isinstance(n, ast.Assign)}
+    if assigned & set(scalars):
+        raise RuleError(f"rule {label}: assigns its scalar arguments "
+                        f"{sorted(assigned & set(scalars))}")
+    unknown = set(returns) - set(arrays) - assigned
+    if unknown:
+        raise RuleError(f"{place(last)}: returns {sorted(unknown)}, neither an argument nor "
+                        "assigned")
+    return RuleFragment(name, arrays, scalars, returns, tree)
+
+
+def _fragment_named(function: Callable, name: str) -> RuleFragment | None:
+    """The fragment ``name`` means where ``function`` was defined (a closure variable
+    or a global of its module), or None."""
+    if name in OPERATIONS:
+        return None
+    code = getattr(function, "__code__", None)
+    cells = dict(zip(code.co_freevars, getattr(function, "__closure__", None) or ())) \
+        if code is not None else {}
+    try:
+        value = cells[name].cell_contents if name in cells \
+            else getattr(function, "__globals__", {}).get(name)
+    except ValueError:  # an empty cell
+        return None
+    return value if isinstance(value, RuleFragment) else None
+
+
+def _compiled(tree: ast.FunctionDef, written: Callable) -> Callable:
+    """The function of ``tree`` (a rule with its fragments expanded), placed at
+    ``written``'s lines for tracebacks."""
+    module = ast.Module(body=[copy.deepcopy(tree)], type_ignores=[])
+    ast.fix_missing_locations(module)
+    code = written.__code__
+    ast.increment_lineno(module, code.co_firstlineno - 1)
+    compiled = compile(module, code.co_filename, "exec")
+    (function_code,) = [c for c in compiled.co_consts if isinstance(c, types.CodeType)]
+    function = types.FunctionType(function_code, written.__globals__, written.__name__)
+    function.__qualname__ = written.__qualname__
+    function.__module__ = written.__module__
+    function.__doc__ = written.__doc__
+    return function
 
 
 def _place(name: str, function: Callable, node: ast.AST) -> str:

@@ -9,6 +9,7 @@ Kept apart from :mod:`.rules` so each group of optimizers is one module to read.
 from __future__ import annotations
 
 from .language import update_rule
+from .rules import decayed, l2_decayed
 
 # The names below are bound per backend by UpdateRule.bind; these placeholders only
 # make the module importable and let linters see the names.
@@ -18,10 +19,7 @@ sqrt = maximum = minimum = sign = where = None
 @update_rule()
 def asgd(param, grad, ax, *, eta, lambd, weight_decay, maximize, mu):
     # torch.optim's single-tensor ASGD: decay, step, then average (a copy while mu == 1).
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        grad = grad + weight_decay * param
+    grad = l2_decayed(param, grad, weight_decay=weight_decay, maximize=maximize)
     param = param * (1 - lambd * eta)
     param = param - eta * grad
     if mu != 1:
@@ -54,13 +52,8 @@ def adopt(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_dec
           decoupled_weight_decay, maximize, initialize, use_clipping, clip, nesterov):
     # optax's scale_by_adopt (its order of operations): the first step only fills the
     # second moment; later ones normalize the gradient by the previous second moment.
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = grad + weight_decay * param
+    param, grad = decayed(param, grad, lr=lr, weight_decay=weight_decay,
+                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
     if initialize:
         exp_avg_sq = grad * grad
     else:
