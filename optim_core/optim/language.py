@@ -474,15 +474,7 @@ def update_rule(function: Callable | None = None, *,
 
     def decorate(function: Callable) -> UpdateRule:
         name = getattr(function, "__name__", repr(function))
-        try:
-            source = textwrap.dedent(inspect.getsource(function))
-        except (OSError, TypeError) as exc:
-            raise RuleError(f"rule {name}: its source cannot be read ({exc}); define rules "
-                            "with def in a file, a module or a notebook cell") from None
-        tree = ast.parse(source).body[0]
-        if not isinstance(tree, ast.FunctionDef) or tree.name != name:
-            raise RuleError(f"rule {name}: a rule is a function defined with def")
-        tree.decorator_list = []
+        tree = _parsed(function, name, name)
         args = tree.args
         at = _place(name, function, tree)
         if args.vararg or args.kwarg or args.posonlyargs or args.defaults or any(
@@ -580,15 +572,7 @@ def rule_fragment(function: Callable) -> RuleFragment:
         raise TypeError(f"rule_fragment decorates a function, got {type(function).__name__}")
     name = getattr(function, "__name__", repr(function))
     label = f"fragment {name}"
-    try:
-        source = textwrap.dedent(inspect.getsource(function))
-    except (OSError, TypeError) as exc:
-        raise RuleError(f"rule {label}: its source cannot be read ({exc}); define it with "
-                        "def in a file, a module or a notebook cell") from None
-    tree = ast.parse(source).body[0]
-    if not isinstance(tree, ast.FunctionDef) or tree.name != name:
-        raise RuleError(f"rule {label}: a fragment is a function defined with def")
-    tree.decorator_list = []
+    tree = _parsed(function, name, label)
 
     def place(node: ast.AST) -> str:
         return _place(label, function, node)
@@ -625,6 +609,21 @@ def rule_fragment(function: Callable) -> RuleFragment:
         raise RuleError(f"{place(last)}: returns {sorted(unknown)}, neither an argument nor "
                         "assigned")
     return RuleFragment(name, arrays, scalars, returns, tree)
+
+
+def _parsed(function: Callable, name: str, label: str) -> ast.FunctionDef:
+    """The syntax tree of ``function`` (a rule or fragment named ``name``, called ``label``
+    in messages), read from its source, decorators removed."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise RuleError(f"rule {label}: its source cannot be read ({exc}); define it with "
+                        "def in a file, a module or a notebook cell") from None
+    tree = ast.parse(source).body[0]
+    if not isinstance(tree, ast.FunctionDef) or tree.name != name:
+        raise RuleError(f"rule {label}: a rule or fragment is a function defined with def")
+    tree.decorator_list = []
+    return tree
 
 
 def _fragment_named(function: Callable, name: str) -> RuleFragment | None:
