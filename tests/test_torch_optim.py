@@ -600,3 +600,38 @@ def test_float16_parameters_keep_float32_states_as_the_core_and_exchange_with_to
     assert ours.state[ours_p]["exp_avg_sq"].dtype == torch.float32
     ours.load_state_dict(theirs.state_dict())  # torch's float16 states, widened exactly
     assert ours.state[ours_p]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_large_cpu_states_are_plain_tensors_that_follow_torch_and_survive_a_pickle():
+    # From 4 MiB a contiguous CPU state is allocated by NumPy (which asks for huge pages):
+    # still an ordinary contiguous tensor of torch's dtype, stepped as torch.optim steps,
+    # exchanged and pickled like any other; channels_last ones keep the parameter's layout.
+    from optim_core.integrations.torch_optim import _HUGE_PAGE_BYTES
+
+    n = _HUGE_PAGE_BYTES // 8 + 3  # float64: just past the size
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(n, generator=generator)
+    image = torch.randn(2, 3, 64, 2048, generator=generator).to(
+        memory_format=torch.channels_last)
+    ours_p, theirs_p = start.clone().requires_grad_(), start.clone().requires_grad_()
+    ours_i, theirs_i = image.clone().requires_grad_(), image.clone().requires_grad_()
+    ours = oct.AdamW([ours_p, ours_i], lr=0.01)
+    theirs = torch.optim.AdamW([theirs_p, theirs_i], lr=0.01)
+    for step in range(3):
+        for p in (ours_p, theirs_p):
+            p.grad = torch.sin(p.detach() * (step + 1))
+        for p in (ours_i, theirs_i):
+            p.grad = torch.cos(p.detach() * (step + 1))
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(ours_p, theirs_p, **TOL)
+    torch.testing.assert_close(ours_i, theirs_i, **TOL)
+    state = ours.state[ours_p]
+    for name in ("exp_avg", "exp_avg_sq"):
+        tensor = state[name]
+        assert tensor.is_contiguous() and tensor.dtype == torch.float64
+        assert tensor.shape == ours_p.shape and not tensor.requires_grad
+        assert ours.state[ours_i][name].is_contiguous(memory_format=torch.channels_last)
+    _tensors_equal(ours.state_dict(), theirs.state_dict())
+    loaded = pickle.loads(pickle.dumps(ours))
+    _tensors_equal(loaded.state_dict(), ours.state_dict())
