@@ -276,7 +276,7 @@ _DEQUANT64_PRELUDE = [
     "    def codegen(context, builder, signature, args):",
     "        codes_v, j_v, planes_v, out_v, scale_v = args",
     "        i8, i32 = _ir.IntType(8), _ir.IntType(32)",
-    "        bytes64, floats64 = _ir.VectorType(i8, 64), _ir.VectorType(_ir.FloatType(), 64)",
+    "        bytes64 = _ir.VectorType(i8, 64)",
     "        permute = _cgutils.get_or_insert_function(",
     "            builder.module, _ir.FunctionType(bytes64, [bytes64] * 3),",
     "            'llvm.x86.avx512.vpermi2var.qi.512')",
@@ -287,6 +287,12 @@ _DEQUANT64_PRELUDE = [
     "        table = context.make_array(signature.args[2])(context, builder, planes_v).data",
     "        index = builder.load(builder.bitcast(builder.gep(source, [j_v]),",
     "                                             bytes64.as_pointer()), align=1)",
+    "        # Codes in the order the in-lane unpacks below put back in order: 4-byte",
+    "        # group 4 L + r (lane L, register r) takes group 4 r + L.",
+    "        index = builder.shuffle_vector(index, _ir.Constant(bytes64, _ir.Undefined),",
+    "                                       _ir.Constant(_ir.VectorType(i32, 64), [",
+    "                                           16 * (k // 4 % 4) + 4 * (k // 16) + k % 4",
+    "                                           for k in range(64)]))",
     "        upper = builder.icmp_signed('<', index, _ir.Constant(bytes64, None))",
     "        table = builder.bitcast(table, bytes64.as_pointer())",
     "        planes = []",
@@ -295,18 +301,28 @@ _DEQUANT64_PRELUDE = [
     "                 for h in range(4)]",
     "            planes.append(builder.select(upper, builder.call(permute, [t[2], index, t[3]]),",
     "                                         builder.call(permute, [t[0], index, t[1]])))",
-    "        pairs = _ir.Constant(_ir.VectorType(i32, 128), [k // 2 + 64 * (k % 2)",
-    "                                                         for k in range(128)])",
-    "        words = _ir.VectorType(_ir.IntType(16), 64)",
-    "        low = builder.bitcast(builder.shuffle_vector(planes[0], planes[1], pairs), words)",
-    "        high = builder.bitcast(builder.shuffle_vector(planes[2], planes[3], pairs), words)",
-    "        values = builder.bitcast(builder.shuffle_vector(low, high, pairs), floats64)",
-    "        splat = builder.insert_element(_ir.Constant(floats64, _ir.Undefined), scale_v,",
+    "        def unpack(a, b, width, high):",
+    "            # x86's punpckl/punpckh: within each 16-byte lane, a's and b's low (high)",
+    "            # halves of elements of width bytes, alternately.",
+    "            n, half = 64 // width, 8 // width",
+    "            mask = [base + 16 // width * lane + half * high + t",
+    "                    for lane in range(4) for t in range(half) for base in (0, n)]",
+    "            return builder.shuffle_vector(a, b, _ir.Constant(_ir.VectorType(i32, n), mask))",
+    "",
+    "        words = _ir.VectorType(_ir.IntType(16), 32)",
+    "        pairs = [builder.bitcast(unpack(planes[h], planes[h + 1], 1, high), words)",
+    "                 for high in (0, 1) for h in (0, 2)]",
+    "        floats16 = _ir.VectorType(_ir.FloatType(), 16)",
+    "        splat = builder.insert_element(_ir.Constant(floats16, _ir.Undefined), scale_v,",
     "                                       _ir.Constant(i32, 0))",
-    "        splat = builder.shuffle_vector(splat, _ir.Constant(floats64, _ir.Undefined),",
-    "                                       _ir.Constant(_ir.VectorType(i32, 64), None))",
-    "        target = builder.bitcast(builder.gep(out_v, [j_v]), floats64.as_pointer())",
-    "        builder.store(builder.fmul(values, splat), target, align=4)",
+    "        splat = builder.shuffle_vector(splat, _ir.Constant(floats16, _ir.Undefined),",
+    "                                       _ir.Constant(_ir.VectorType(i32, 16), None))",
+    "        for r in range(4):",
+    "            values = builder.bitcast(unpack(pairs[2 * (r // 2)], pairs[2 * (r // 2) + 1], 2,",
+    "                                            r % 2), floats16)",
+    "            target = builder.gep(out_v, [builder.add(j_v, _ir.Constant(j_v.type, 16 * r))])",
+    "            builder.store(builder.fmul(values, splat), builder.bitcast(",
+    "                target, floats16.as_pointer()), align=4)",
     "        return context.get_dummy_value()",
     "",
     "    return _types.void(codes, j, planes, out, scale), codegen",
@@ -447,25 +463,30 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
             f"{indent}scale_{a} = T(amax_{a})",
             f"{indent}if not scale_{a} > 0:",
             f"{indent}    scale_{a} = T(1)",
-            f"{indent}for j in range(count):",
-            f"{indent}    buf_{a}[j] = buf_{a}[j] / scale_{a}",
         ]
+        divide = [f"{indent}for j in range(count):",
+                  f"{indent}    buf_{a}[j] = buf_{a}[j] / scale_{a}"]
         # The codes, without branches. In float32 one lookup a value, into a stack
         # buffer (a vector gather): its bucket's entry of code_table (first code, and the
         # key of the midpoint inside); then one integer comparison of the value's low
         # bits (code_key) with that key. In float64 a binary search. Elements past the
         # end (a 4-bit block's last high nibble) take the code of 0, as the generic path
-        # pads with zeros.
+        # pads with zeros. In float32 the division is in the lookup's loop (one pass
+        # over the block fewer: 0.1 ns an element less for 8-bit Adam here).
         if dtype == "float32":
             lines_block += [
                 f"{indent}for j in range(count):",
-                f"{indent}    entry[j] = st_{a}[(_bits(buf_{a}[j]) >> "
+                f"{indent}    unit_{a} = buf_{a}[j] / scale_{a}",
+                f"{indent}    buf_{a}[j] = unit_{a}",
+                f"{indent}    entry[j] = st_{a}[(_bits(unit_{a}) >> "
                 f"{32 - CODE_TABLE_BITS}) & {(1 << CODE_TABLE_BITS) - 1}]"]
 
             def code(element: str, value: str) -> str:
                 return f"_code(entry[{element}], {value})"
             zero = f"_code(st_{a}[0], T(0))"
         else:
+            lines_block += divide
+
             def code(element: str, value: str, a: str = a) -> str:
                 return f"_code{bits}(mid_{a}, {value})"
             zero = f"_code{bits}(mid_{a}, T(0))"
