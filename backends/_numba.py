@@ -263,8 +263,9 @@ _QUANTIZED_PRELUDE = [
 ]
 
 
-#: The dequantizing lookup of 64 float32 codes without a gather (see
-#: :func:`quantized_kernel_source`): ``_dequant64(codes, j, planes, out, scale)``.
+#: The dequantizing lookup of 64 float32 codes without a gather, and code_table's lookup
+#: of 8 values by one 8-lane gather (see :func:`quantized_kernel_source`):
+#: ``_dequant64(codes, j, planes, out, scale)``, ``_unit8(table, buf, j, entry, scale)``.
 _DEQUANT64_PRELUDE = [
     "@_intrinsic",
     "def _dequant64(typingctx, codes, j, planes, out, scale):",
@@ -328,13 +329,47 @@ _DEQUANT64_PRELUDE = [
     "    return _types.void(codes, j, planes, out, scale), codegen",
     "",
     "",
+    "@_intrinsic",
+    "def _unit8(typingctx, table, buf, j, entry, scale):",
+    "    # buf[j + k] /= scale, then entry[j + k] = table[(bits(buf[j + k]) >> 16) & 0xFFFF],",
+    "    # for k < 8: the division and code_table's lookup by one 8-lane gather (AVX2's",
+    "    # vpgatherdd ymm; LLVM's 16-lane gathers take longer an element on Zen 4).",
+    "    def codegen(context, builder, signature, args):",
+    "        table_v, buf_v, j_v, entry_v, scale_v = args",
+    "        i8, i32 = _ir.IntType(8), _ir.IntType(32)",
+    "        ints, floats = _ir.VectorType(i32, 8), _ir.VectorType(_ir.FloatType(), 8)",
+    "        gather = _cgutils.get_or_insert_function(",
+    "            builder.module, _ir.FunctionType(ints, [ints, i8.as_pointer(), ints, ints, i8]),",
+    "            'llvm.x86.avx2.gather.d.d.256')",
+    "        base = context.make_array(signature.args[0])(context, builder, table_v).data",
+    "        values = builder.bitcast(builder.gep(buf_v, [j_v]), floats.as_pointer())",
+    "        splat = builder.insert_element(_ir.Constant(floats, _ir.Undefined), scale_v,",
+    "                                       _ir.Constant(i32, 0))",
+    "        splat = builder.shuffle_vector(splat, _ir.Constant(floats, _ir.Undefined),",
+    "                                       _ir.Constant(ints, None))",
+    "        unit = builder.fdiv(builder.load(values, align=4), splat)",
+    "        builder.store(unit, values, align=4)",
+    "        index = builder.and_(builder.lshr(builder.bitcast(unit, ints), _ir.Constant(",
+    f"            ints, [{32 - CODE_TABLE_BITS}] * 8)), _ir.Constant(ints, "
+    f"[{(1 << CODE_TABLE_BITS) - 1}] * 8))",
+    "        everything = _ir.Constant(ints, [-1] * 8)",
+    "        found = builder.call(gather, [_ir.Constant(ints, None), builder.bitcast(",
+    "            base, i8.as_pointer()), index, everything, _ir.Constant(i8, 4)])",
+    "        builder.store(found, builder.bitcast(builder.gep(entry_v, [j_v]), ints.as_pointer()),",
+    "                      align=4)",
+    "        return context.get_dummy_value()",
+    "",
+    "    return _types.void(table, buf, j, entry, scale), codegen",
+    "",
+    "",
 ]
 
 
 def dequantize_vbmi() -> bool:
-    """Whether the float32 quantized kernels dequantize with :data:`_DEQUANT64_PRELUDE`:
-    where numba compiles for this host (no ``NUMBA_CPU_NAME``) and it has AVX512-VBMI.
-    Either way the values are the same: ``map[code] * scale`` in float32."""
+    """Whether the float32 quantized kernels dequantize and look codes up with
+    :data:`_DEQUANT64_PRELUDE`: where numba compiles for this host (no ``NUMBA_CPU_NAME``)
+    and it has AVX512-VBMI (and so AVX2). Either way the values are the same:
+    ``map[code] * scale`` in float32, and the codes of ``code_table``."""
     from numba.core import config
 
     if config.CPU_NAME is not None or config.CPU_FEATURES is not None:
@@ -474,8 +509,12 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         # pads with zeros. In float32 the division is in the lookup's loop (one pass
         # over the block fewer: 0.1 ns an element less for 8-bit Adam here).
         if dtype == "float32":
+            if vbmi:  # 8 at a time by _unit8, the rest as below
+                lines_block += [f"{indent}full = count & -8",
+                                f"{indent}for j in range(0, full, 8):",
+                                f"{indent}    _unit8(st_{a}, buf_{a}, j, entry, scale_{a})"]
             lines_block += [
-                f"{indent}for j in range(count):",
+                f"{indent}for j in range({'full, ' if vbmi else ''}count):",
                 f"{indent}    unit_{a} = buf_{a}[j] / scale_{a}",
                 f"{indent}    buf_{a}[j] = unit_{a}",
                 f"{indent}    entry[j] = st_{a}[(_bits(unit_{a}) >> "

@@ -277,11 +277,12 @@ def test_the_multithreaded_loop_is_the_serial_loop_over_chunks_of_blocks():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_vbmi_dequantize_gives_the_gathered_values_bit_for_bit(bits):
+def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     # Where this host has AVX512-VBMI the float32 kernels dequantize 64 codes at a time by
-    # byte lookups in registers (_dequant64) instead of gathers: both kernels, from the
-    # same inputs (every code, a last partial block, zero and negative scales), write the
-    # same parameters, codes and scales.
+    # byte lookups in registers (_dequant64) instead of gathers, and look codes up by
+    # 8-lane gathers (_unit8): both kernels, from the same inputs (every code, a last
+    # partial block, zero and negative scales, NaN blocks), write the same parameters,
+    # codes and scales.
     import hashlib
 
     from optim_core.backends._kernel_cache import import_kernel_module
@@ -315,10 +316,11 @@ def test_the_vbmi_dequantize_gives_the_gathered_values_bit_for_bit(bits):
     scales[0][:3] = [0.0, -1.0, 1e-30]
     param = rng.standard_normal(size).astype(np.float32)
     grad = rng.standard_normal(size).astype(np.float32)
+    grad[[5, 600, 1300]] = [np.nan, np.inf, 1e30]  # NaN blocks: values past +-1 coded too
     results = []
     for vbmi in (True, False):
         source = quantized_kernel_source(kernel, "float32", layout, vbmi=vbmi)
-        assert ("_dequant64(" in source) == vbmi
+        assert ("_dequant64(" in source) == vbmi and ("_unit8(" in source) == vbmi
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
         module = import_kernel_module(f"optim_core_test_dequant_{digest}", source,
                                       ("kernel_serial",))
