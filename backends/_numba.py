@@ -263,9 +263,9 @@ _QUANTIZED_PRELUDE = [
 ]
 
 
-#: The dequantizing lookup of 64 float32 codes without a gather, and code_table's lookup
-#: of 8 values by one 8-lane gather (see :func:`quantized_kernel_source`):
-#: ``_dequant64(codes, j, planes, out, scale)``, ``_unit8(table, buf, j, entry, scale)``.
+#: The dequantizing lookup of 64 float32 codes without a gather, and the codes of 8 values
+#: by one 8-lane gather of code_table (see :func:`quantized_kernel_source`):
+#: ``_dequant64(codes, j, planes, out, scale)``, ``_codes8(table, buf, j, scale, out)``.
 _DEQUANT64_PRELUDE = [
     "@_intrinsic",
     "def _dequant64(typingctx, codes, j, planes, out, scale):",
@@ -330,36 +330,46 @@ _DEQUANT64_PRELUDE = [
     "",
     "",
     "@_intrinsic",
-    "def _unit8(typingctx, table, buf, j, entry, scale):",
-    "    # buf[j + k] /= scale, then entry[j + k] = table[(bits(buf[j + k]) >> 16) & 0xFFFF],",
-    "    # for k < 8: the division and code_table's lookup by one 8-lane gather (AVX2's",
-    "    # vpgatherdd ymm; LLVM's 16-lane gathers take longer an element on Zen 4).",
+    "def _codes8(typingctx, table, buf, j, scale, out):",
+    "    # out[j + k] = the code of buf[j + k] / scale for k < 8: the division, code_table's",
+    "    # lookup by one 8-lane gather (AVX2's vpgatherdd ymm; LLVM's 16-lane gathers take",
+    "    # longer an element on Zen 4), and _code's comparison, in registers.",
     "    def codegen(context, builder, signature, args):",
-    "        table_v, buf_v, j_v, entry_v, scale_v = args",
+    "        table_v, buf_v, j_v, scale_v, out_v = args",
     "        i8, i32 = _ir.IntType(8), _ir.IntType(32)",
     "        ints, floats = _ir.VectorType(i32, 8), _ir.VectorType(_ir.FloatType(), 8)",
     "        gather = _cgutils.get_or_insert_function(",
     "            builder.module, _ir.FunctionType(ints, [ints, i8.as_pointer(), ints, ints, i8]),",
     "            'llvm.x86.avx2.gather.d.d.256')",
     "        base = context.make_array(signature.args[0])(context, builder, table_v).data",
+    "        if isinstance(signature.args[4], _types.CPointer):",
+    "            target = out_v",
+    "        else:",
+    "            target = context.make_array(signature.args[4])(context, builder, out_v).data",
+    "",
+    "        def splat(value, vector):",
+    "            return _ir.Constant(vector, [value] * 8)",
+    "",
+    "        scales = builder.insert_element(_ir.Constant(floats, _ir.Undefined), scale_v,",
+    "                                        _ir.Constant(i32, 0))",
+    "        scales = builder.shuffle_vector(scales, _ir.Constant(floats, _ir.Undefined),",
+    "                                        _ir.Constant(ints, None))",
     "        values = builder.bitcast(builder.gep(buf_v, [j_v]), floats.as_pointer())",
-    "        splat = builder.insert_element(_ir.Constant(floats, _ir.Undefined), scale_v,",
-    "                                       _ir.Constant(i32, 0))",
-    "        splat = builder.shuffle_vector(splat, _ir.Constant(floats, _ir.Undefined),",
-    "                                       _ir.Constant(ints, None))",
-    "        unit = builder.fdiv(builder.load(values, align=4), splat)",
-    "        builder.store(unit, values, align=4)",
-    "        index = builder.and_(builder.lshr(builder.bitcast(unit, ints), _ir.Constant(",
-    f"            ints, [{32 - CODE_TABLE_BITS}] * 8)), _ir.Constant(ints, "
-    f"[{(1 << CODE_TABLE_BITS) - 1}] * 8))",
-    "        everything = _ir.Constant(ints, [-1] * 8)",
-    "        found = builder.call(gather, [_ir.Constant(ints, None), builder.bitcast(",
-    "            base, i8.as_pointer()), index, everything, _ir.Constant(i8, 4)])",
-    "        builder.store(found, builder.bitcast(builder.gep(entry_v, [j_v]), ints.as_pointer()),",
-    "                      align=4)",
+    "        unit = builder.bitcast(builder.fdiv(builder.load(values, align=4), scales), ints)",
+    "        index = builder.and_(builder.lshr(unit, splat(" f"{32 - CODE_TABLE_BITS}" ", ints)),",
+    "                             splat(" f"{(1 << CODE_TABLE_BITS) - 1}" ", ints))",
+    "        entry = builder.call(gather, [_ir.Constant(ints, None), builder.bitcast(",
+    "            base, i8.as_pointer()), index, splat(-1, ints), _ir.Constant(i8, 4)])",
+    "        key = builder.and_(builder.xor(unit, builder.ashr(unit, splat(31, ints))),",
+    "                           splat(0xFFFF, ints))",
+    "        above = builder.lshr(builder.sub(builder.and_(entry, splat(0xFFFF, ints)), key),",
+    "                             splat(31, ints))",
+    "        codes = builder.add(builder.lshr(entry, splat(16, ints)), above)",
+    "        builder.store(builder.trunc(codes, _ir.VectorType(i8, 8)), builder.bitcast(",
+    "            builder.gep(target, [j_v]), _ir.VectorType(i8, 8).as_pointer()), align=1)",
     "        return context.get_dummy_value()",
     "",
-    "    return _types.void(table, buf, j, entry, scale), codegen",
+    "    return _types.void(table, buf, j, scale, out), codegen",
     "",
     "",
 ]
@@ -508,11 +518,15 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         # end (a 4-bit block's last high nibble) take the code of 0, as the generic path
         # pads with zeros. In float32 the division is in the lookup's loop (one pass
         # over the block fewer: 0.1 ns an element less for 8-bit Adam here).
+        # With vbmi, _codes8 codes the first count & -8 values (into the codes or the
+        # nibble buffer); the loops below the rest.
+        first = "full" if vbmi and dtype == "float32" else "0"
+        target = f"qv_{a}" if bits == 8 else "nibble"
         if dtype == "float32":
-            if vbmi:  # 8 at a time by _unit8, the rest as below
+            if vbmi:
                 lines_block += [f"{indent}full = count & -8",
                                 f"{indent}for j in range(0, full, 8):",
-                                f"{indent}    _unit8(st_{a}, buf_{a}, j, entry, scale_{a})"]
+                                f"{indent}    _codes8(st_{a}, buf_{a}, j, scale_{a}, {target})"]
             lines_block += [
                 f"{indent}for j in range({'full, ' if vbmi else ''}count):",
                 f"{indent}    unit_{a} = buf_{a}[j] / scale_{a}",
@@ -529,14 +543,11 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
             def code(element: str, value: str, a: str = a) -> str:
                 return f"_code{bits}(mid_{a}, {value})"
             zero = f"_code{bits}(mid_{a}, T(0))"
-        if bits == 8:
-            lines_block += [f"{indent}for j in range(count):",
-                            f"{indent}    qv_{a}[j] = {code('j', f'buf_{a}[j]')}"]
-        else:
+        lines_block += [f"{indent}for j in range({first}, count):",
+                        f"{indent}    {target}[j] = {code('j', f'buf_{a}[j]')}"]
+        if bits == 4:
             # Each code into a byte of the stack buffer (contiguous loops), then paired.
             lines_block += [
-                f"{indent}for j in range(count):",
-                f"{indent}    nibble[j] = {code('j', f'buf_{a}[j]')}",
                 f"{indent}for j in range(count >> 1):",
                 f"{indent}    qv_{a}[j] = nibble[2 * j] | (nibble[2 * j + 1] << 4)",
                 f"{indent}if count & 1:",

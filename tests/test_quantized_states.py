@@ -280,7 +280,7 @@ def test_the_multithreaded_loop_is_the_serial_loop_over_chunks_of_blocks():
 def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     # Where this host has AVX512-VBMI the float32 kernels dequantize 64 codes at a time by
     # byte lookups in registers (_dequant64) instead of gathers, and look codes up by
-    # 8-lane gathers (_unit8): both kernels, from the same inputs (every code, a last
+    # 8-lane gathers (_codes8): both kernels, from the same inputs (every code, a last
     # partial block, zero and negative scales, NaN blocks), write the same parameters,
     # codes and scales.
     import hashlib
@@ -320,7 +320,7 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     results = []
     for vbmi in (True, False):
         source = quantized_kernel_source(kernel, "float32", layout, vbmi=vbmi)
-        assert ("_dequant64(" in source) == vbmi and ("_unit8(" in source) == vbmi
+        assert ("_dequant64(" in source) == vbmi and ("_codes8(" in source) == vbmi
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
         module = import_kernel_module(f"optim_core_test_dequant_{digest}", source,
                                       ("kernel_serial",))
