@@ -290,8 +290,8 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     from optim_core.backends._numba import (
         NumbaImplementation,
         byte_planes,
-        dequantize_vbmi,
         quantized_kernel_source,
+        vbmi_kernels,
     )
 
     from optim_core.optim import rules
@@ -301,7 +301,7 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
         planes = byte_planes(qmap).reshape(4, 256)
         entries = planes.T.copy().view(np.float32).reshape(-1)
         np.testing.assert_array_equal(entries[:qmap.size].view(np.uint32), qmap.view(np.uint32))
-    if not dequantize_vbmi():
+    if not vbmi_kernels():
         pytest.skip("no AVX512-VBMI, or numba compiles for another CPU")
     size = 64 * BLOCK_SIZES[bits] + 77
     opt = optim_core.Adam([np.zeros(size, np.float32)], state_bits=bits)
