@@ -372,6 +372,49 @@ _DEQUANT64_PRELUDE = [
     "    return _types.void(table, buf, j, scale, out), codegen",
     "",
     "",
+    "@_intrinsic",
+    "def _codes16(typingctx, mids, buf, j, scale, out):",
+    "    # out[j + k] = the code of buf[j + k] / scale for k < 16 at 4 bits: _code4's binary",
+    "    # search over the 15 midpoints, held in one register (vpermps), no gather; and, as",
+    "    # code_table, the last code for an infinity or a NaN.",
+    "    def codegen(context, builder, signature, args):",
+    "        mids_v, buf_v, j_v, scale_v, out_v = args",
+    "        i8, i32 = _ir.IntType(8), _ir.IntType(32)",
+    "        ints, floats = _ir.VectorType(i32, 16), _ir.VectorType(_ir.FloatType(), 16)",
+    "        permute = _cgutils.get_or_insert_function(",
+    "            builder.module, _ir.FunctionType(floats, [floats, ints]),",
+    "            'llvm.x86.avx512.permvar.sf.512')",
+    "        data = context.make_array(signature.args[0])(context, builder, mids_v).data",
+    "        table = _ir.Constant(floats, _ir.Undefined)",
+    "        for k in range(15):",
+    "            table = builder.insert_element(table, builder.load(builder.gep(",
+    "                data, [_ir.Constant(i32, k)])), _ir.Constant(i32, k))",
+    "",
+    "        def splat(value):",
+    "            return _ir.Constant(ints, [value] * 16)",
+    "",
+    "        scales = builder.insert_element(_ir.Constant(floats, _ir.Undefined), scale_v,",
+    "                                        _ir.Constant(i32, 0))",
+    "        scales = builder.shuffle_vector(scales, _ir.Constant(floats, _ir.Undefined),",
+    "                                        _ir.Constant(ints, None))",
+    "        values = builder.bitcast(builder.gep(buf_v, [j_v]), floats.as_pointer())",
+    "        unit = builder.fdiv(builder.load(values, align=4), scales)",
+    "        p = splat(0)",
+    "        for step in (8, 4, 2, 1):",
+    "            m = builder.call(permute, [table, builder.add(p, splat(step - 1))])",
+    "            above = builder.fcmp_unordered('>', unit, m)  # not (x <= m)",
+    "            p = builder.add(p, builder.select(above, splat(step), splat(0)))",
+    "        exponent = builder.and_(builder.bitcast(unit, ints), splat(0x7F800000))",
+    "        special = builder.icmp_unsigned('==', exponent, splat(0x7F800000))",
+    "        p = builder.select(special, splat(15), p)",
+    "        target = out_v",
+    "        builder.store(builder.trunc(p, _ir.VectorType(i8, 16)), builder.bitcast(",
+    "            builder.gep(target, [j_v]), _ir.VectorType(i8, 16).as_pointer()), align=1)",
+    "        return context.get_dummy_value()",
+    "",
+    "    return _types.void(mids, buf, j, scale, out), codegen",
+    "",
+    "",
 ]
 
 
@@ -525,10 +568,14 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         first = "full" if vbmi and dtype == "float32" else "0"
         target = f"qv_{a}" if bits == 8 else "nibble"
         if dtype == "float32":
-            if vbmi:
+            if vbmi and bits == 8:
                 lines_block += [f"{indent}full = count & -8",
                                 f"{indent}for j in range(0, full, 8):",
                                 f"{indent}    _codes8(st_{a}, buf_{a}, j, scale_{a}, {target})"]
+            elif vbmi:
+                lines_block += [f"{indent}full = count & -16",
+                                f"{indent}for j in range(0, full, 16):",
+                                f"{indent}    _codes16(mid_{a}, buf_{a}, j, scale_{a}, {target})"]
             lines_block += [
                 f"{indent}for j in range({'full, ' if vbmi else ''}count):",
                 f"{indent}    unit_{a} = buf_{a}[j] / scale_{a}",

@@ -316,7 +316,7 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     scales[0][:3] = [0.0, -1.0, 1e-30]
     param = rng.standard_normal(size).astype(np.float32)
     grad = rng.standard_normal(size).astype(np.float32)
-    grad[[5, 600, 1300]] = [np.nan, np.inf, 1e30]  # NaN blocks: values past +-1 coded too
+    grad[[5, 6, 600, 1300]] = [np.nan, -np.inf, np.inf, 1e30]  # NaN blocks: past +-1 too
     results = []
     for vbmi in (True, False):
         source = quantized_kernel_source(kernel, "float32", layout, vbmi=vbmi)
