@@ -277,6 +277,64 @@ def test_the_multithreaded_loop_is_the_serial_loop_over_chunks_of_blocks():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
+    # Where this host has AVX512-VBMI the float32 kernels dequantize 64 codes at a time by
+    # byte lookups in registers (_dequant64) instead of gathers, and look codes up by
+    # 8-lane gathers (_codes8): both kernels, from the same inputs (every code, a last
+    # partial block, zero and negative scales, NaN blocks), write the same parameters,
+    # codes and scales.
+    import hashlib
+
+    from optim_core.backends._kernel_cache import import_kernel_module
+    from optim_core.backends._lowering import lower
+    from optim_core.backends._numba import (
+        NumbaImplementation,
+        byte_planes,
+        quantized_kernel_source,
+        vbmi_kernels,
+    )
+
+    from optim_core.optim import rules
+
+    for signed in (True, False):
+        qmap = quantization_map(bits, signed)
+        planes = byte_planes(qmap).reshape(4, 256)
+        entries = planes.T.copy().view(np.float32).reshape(-1)
+        np.testing.assert_array_equal(entries[:qmap.size].view(np.uint32), qmap.view(np.uint32))
+    if not vbmi_kernels():
+        pytest.skip("no AVX512-VBMI, or numba compiles for another CPU")
+    size = 64 * BLOCK_SIZES[bits] + 77
+    opt = optim_core.Adam([np.zeros(size, np.float32)], state_bits=bits)
+    scalars, _ = opt.step_scalars(opt.param_groups[0], opt.group_state[0])
+    _, hoisted, kernel = lower(rules.adam, scalars, frozenset({"exp_avg", "exp_avg_sq"}))
+    layout = (("exp_avg", bits, True), ("exp_avg_sq", bits, False))
+    rng = np.random.default_rng(5)
+    blocks = -(-size // BLOCK_SIZES[bits])
+    codes = [rng.integers(0, 256, size if bits == 8 else (size + 1) // 2, dtype=np.uint8)
+             for _ in layout]
+    scales = [rng.standard_normal(blocks).astype(np.float32) for _ in layout]
+    scales[0][:3] = [0.0, -1.0, 1e-30]
+    param = rng.standard_normal(size).astype(np.float32)
+    grad = rng.standard_normal(size).astype(np.float32)
+    grad[[5, 6, 600, 1300]] = [np.nan, -np.inf, np.inf, 1e30]  # NaN blocks: past +-1 too
+    results = []
+    for vbmi in (True, False):
+        source = quantized_kernel_source(kernel, "float32", layout, vbmi=vbmi)
+        assert ("_dequant64(" in source) == vbmi and ("_codes8(" in source) == vbmi
+        digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+        module = import_kernel_module(f"optim_core_test_dequant_{digest}", source,
+                                      ("kernel_serial",))
+        arrays = [param.copy(), grad.copy()]
+        for (_, _, sign), q, m in zip(layout, codes, scales):
+            state = QuantizedState(q.copy(), m.copy(), bits, sign, (size,))
+            arrays += NumbaImplementation().quantized_arrays(state)
+        module.kernel_serial(*arrays, *[np.float32(h) for h in hoisted])
+        results.append(arrays)
+    for ours, theirs in zip(*results):
+        assert ours.tobytes() == theirs.tobytes()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_states_resume_bit_for_bit_from_a_checkpoint(tmp_path, bits):
     params = start_params()
     opt = optim_core.Adam(params, lr=0.01, state_bits=bits, impl="generic")
