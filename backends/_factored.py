@@ -43,10 +43,11 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._lowering import Kernel, render
+from ._lowering import Kernel, Reduction, render
 from ._numba_operations import OPERATION_HELPERS
 
-__all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load"]
+__all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load",
+           "collapsed"]
 
 _FULL = frozenset({"leading", "rows", "cols"})
 _AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
@@ -126,6 +127,69 @@ def unsupported(kernel: Kernel, state_shapes: Mapping[str, str]) -> str | None:
         if axes.locals[kernel.results[name]] - axes.arrays[name]:
             return f"state {name!r} is assigned a value of more axes than it has"
     return None
+
+
+def _inline(expr: tuple, values: Mapping[int, tuple], order: Mapping[int, int]) -> tuple:
+    """``expr`` with each reduction ``i`` in ``values`` replaced by ``values[i]``, and each
+    other one read as ``("reduced", order.get(i, i))``."""
+    kind = expr[0]
+    if kind == "reduced":
+        i = expr[1]
+        return values[i] if i in values else ("reduced", order.get(i, i))
+    if kind == "neg":
+        return ("neg", _inline(expr[1], values, order))
+    if kind in ("bin", "cmp"):
+        return (kind, expr[1], _inline(expr[2], values, order), _inline(expr[3], values, order))
+    if kind == "call":
+        return ("call", expr[1], tuple(_inline(a, values, order) for a in expr[2]))
+    return expr
+
+
+def _stage_of(expr: tuple, body: Mapping[str, tuple], stages: Mapping[int, int]) -> int:
+    """0 if ``expr`` reads no reduction, else 1 + the latest stage it reads (through the
+    locals of ``body``)."""
+    kind = expr[0]
+    if kind == "reduced":
+        return stages[expr[1]] + 1
+    if kind == "local":
+        return _stage_of(body[expr[1]], body, stages) if expr[1] in body else 0
+    if kind == "neg":
+        return _stage_of(expr[1], body, stages)
+    if kind in ("bin", "cmp"):
+        return max(_stage_of(expr[2], body, stages), _stage_of(expr[3], body, stages))
+    if kind == "call":
+        return max((_stage_of(a, body, stages) for a in expr[2]), default=0)
+    return 0
+
+
+def collapsed(kernel: Kernel) -> Kernel:
+    """``kernel`` for matrices of one element (``R == C == 1``, a 1x1 convolution's
+    weight): every row and column state, and every row or column mean, has one value per
+    element, and the mean of one term is that term (to float64 and back, exactly), so the
+    loop nests are an elementwise kernel: each axis reduction inlined as its argument, the
+    per-tensor ones (norms, sizes) renumbered and staged again (Adafactor's stages of
+    means are gone: one pass for its norms, then the update), for :mod:`._numba`'s
+    elementwise kernels over the states as 1-D arrays of the parameter's size."""
+    values: dict[int, tuple] = {}
+    for i, reduction in enumerate(kernel.reductions):
+        if reduction.kind in _AXIS_KINDS:  # its argument reads only earlier reductions
+            values[i] = _inline(reduction.expr, values, {})
+    body = [(target, _inline(expr, values, {})) for target, expr in kernel.body]
+    by_target = dict(body)
+    stages: dict[int, int] = {}
+    arguments: dict[int, tuple] = {}
+    for i, reduction in enumerate(kernel.reductions):
+        if i not in values:
+            arguments[i] = _inline(reduction.expr, values, {})
+            stages[i] = _stage_of(arguments[i], by_target, stages)
+    ranked = sorted(stages, key=lambda i: (stages[i], i))
+    order = {old: new for new, old in enumerate(ranked)}
+    reductions = tuple(Reduction(kernel.reductions[i].kind, _inline(arguments[i], {}, order),
+                                 stages[i]) for i in ranked)
+    return Kernel(kernel.rule, (*kernel.key, "one-element matrices"), kernel.loads,
+                  kernel.stores, kernel.arrays, kernel.n_hoisted,
+                  tuple((target, _inline(expr, {}, order)) for target, expr in body),
+                  kernel.results, reductions)
 
 
 def _loads(names: set[str], arrays: Mapping[str, frozenset], outer: bool) -> list[str]:
@@ -455,6 +519,9 @@ class FactoredKernels(NamedTuple):
     serial: Any
     table: Any = None
     factored: bool = True
+    #: The elementwise kernels (:mod:`._numba`'s) of :func:`collapsed`, for tensors whose
+    #: matrices have one element (None where not loaded).
+    one_element: Any = None
 
     #: Elements from which a tensor may take the multi-threaded loops (the thread choice
     #: then times both): lower than the elementwise kernels' 2**20, as a factored step is
@@ -476,10 +543,12 @@ class FactoredKernels(NamedTuple):
 
 
 def load(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str],
-         import_module: Any) -> FactoredKernels:
-    """Import (through ``import_module(name, source, names)``, the kernel cache) the loops."""
+         import_module: Any, one_element: Any = None) -> FactoredKernels:
+    """Import (through ``import_module(name, source, names)``, the kernel cache) the loops;
+    ``one_element`` is kept as :attr:`FactoredKernels.one_element`."""
     source = factored_source(kernel, dtype, state_shapes)
     digest = hashlib.sha256(f"{_GENERATOR_VERSION}\n{source}".encode()).hexdigest()[:20]
     module = import_module(f"optim_core_factored_{kernel.rule}_{dtype}_{digest}", source,
                            ("kernel", "kernel_serial"))
-    return FactoredKernels(module.kernel, module.kernel_serial)
+    return FactoredKernels(module.kernel, module.kernel_serial,
+                           one_element=one_element)

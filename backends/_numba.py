@@ -31,6 +31,7 @@ slower.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -548,8 +549,21 @@ class NumbaImplementation(FusedImplementation):
         (multi-threaded or not)."""
         launches = 0
         for kernels, hoisted, arrays in tensors:
+            # The kernels of matrices of one element, compiled (once) before anything is
+            # written, as ready() does for the others.
+            if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1 \
+                    and kernels.one_element is not None:
+                large = arrays[0].size >= _PARALLEL_MIN_SIZE
+                self.ready(kernels.one_element, arrays[0].dtype, len(arrays) - 2, len(hoisted),
+                           not large, large)
+        for kernels, hoisted, arrays in tensors:
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
-            if type(kernels) is _factored.FactoredKernels:
+            if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1 \
+                    and kernels.one_element is not None:
+                # Matrices of one element: the elementwise kernels of the same body, over
+                # the row and column states as arrays of the parameter's size.
+                launches += self._staged(kernels.one_element, arrays[:-2], hoisted, large)
+            elif type(kernels) is _factored.FactoredKernels:
                 # Every pass in one call (the arrays end with the matrix's rows and columns);
                 # large ones (from the factored loops' own size) on the loop timed faster
                 # now, as the elementwise kernels.
@@ -558,21 +572,26 @@ class NumbaImplementation(FusedImplementation):
                 else:
                     kernels.serial(*arrays, *hoisted)
             elif kernels.stages:
-                # The reduction passes, then the update pass reading their values.
-                values: list[Any] = []
-                scalar = arrays[0].dtype.type
-                for stage, kinds in zip(kernels.stages, kernels.kinds):
-                    sums = (stage.parallel if large else stage.serial)(*arrays, *hoisted,
-                                                                       *values)
-                    values += [scalar(math.sqrt(total) if kind == "norm" else total)
-                               for kind, total in zip(kinds, sums)]
-                launches += len(kernels.stages)
-                (kernels.parallel if large else kernels.serial)(*arrays, *hoisted, *values)
+                launches += self._staged(kernels, arrays, hoisted, large)
             elif large:
                 self.thread_choice(kernels).run(kernels, arrays, hoisted)
             else:
                 kernels.serial(*arrays, *hoisted)
         self.launches += launches + len(tensors)
+
+    def _staged(self, kernels: _Kernels, arrays: tuple, hoisted: list, large: bool) -> int:
+        """The reduction passes of a kernel with reductions, then the update pass reading
+        their values; a large tensor on the loops (all multi-threaded, or all serial)
+        timed faster now, as the passes give the same bits either way. Returns the
+        number of reduction passes."""
+        if large:
+            self.thread_choice(kernels).call(
+                functools.partial(_run_staged, kernels, arrays, hoisted, True),
+                functools.partial(_run_staged, kernels, arrays, hoisted, False), (),
+                arrays[0].size)
+        else:
+            _run_staged(kernels, arrays, hoisted, False)
+        return len(kernels.stages)
 
     def thread_choice(self, kernels: Any) -> _ThreadChoice:
         """The :class:`_ThreadChoice` of one specialization's loops, made at its first large
@@ -593,13 +612,13 @@ class NumbaImplementation(FusedImplementation):
             kernels.compile(dtype, n_arrays, n_hoisted, small, large)
             return
         # Each loop takes the arrays, the hoisted values and the reductions before it. A
-        # large tensor of a kernel without reductions may run either loop (_ThreadChoice).
+        # large tensor may run either loop (_ThreadChoice).
         loops = [(kernels.serial, kernels.parallel, n_hoisted + kernels.n_reduced)]
         first = 0
         for stage, kinds in zip(kernels.stages, kernels.kinds):
             loops.append((stage.serial, stage.parallel, n_hoisted + first))
             first += len(kinds)
-        either = large and not kernels.stages
+        either = large
         for serial, parallel, n_scalars in loops:
             for needed, dispatcher in ((small or either, serial), (large, parallel)):
                 if needed and not dispatcher.overloads:
@@ -749,6 +768,18 @@ class NumbaImplementation(FusedImplementation):
         return flags.c_contiguous and flags.writeable and flags.aligned
 
 
+def _run_staged(kernels: _Kernels, arrays: tuple, hoisted: list, parallel: bool) -> None:
+    """Each reduction pass (``parallel``: the multi-threaded loops), its sums finished (the
+    square root of a norm) and typed to the parameter's dtype, then the update pass."""
+    values: list[Any] = []
+    scalar = arrays[0].dtype.type
+    for stage, kinds in zip(kernels.stages, kernels.kinds):
+        sums = (stage.parallel if parallel else stage.serial)(*arrays, *hoisted, *values)
+        values += [scalar(math.sqrt(total) if kind == "norm" else total)
+                   for kind, total in zip(kinds, sums)]
+    (kernels.parallel if parallel else kernels.serial)(*arrays, *hoisted, *values)
+
+
 class _ThreadChoice:
     """Which loop a large tensor runs: numba's multi-threaded one or the serial one.
 
@@ -848,7 +879,10 @@ def _load_factored(kernel: Kernel, dtype: str, state_shapes: Any) -> Any:
                 module = _MODULES[name] = import_kernel_module(name, source, names)
             return module
 
-    return _factored.load(kernel, dtype, state_shapes, import_module)
+    # Matrices of one element (1x1 convolutions) take the elementwise kernels of the
+    # same body (see _factored.collapsed): no loop per row of one element.
+    return _factored.load(kernel, dtype, state_shapes, import_module,
+                          _load(_factored.collapsed(kernel), dtype))
 
 
 def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:
