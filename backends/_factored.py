@@ -43,21 +43,26 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._lowering import Kernel, render
+from ._lowering import Kernel, Reduction, render
 from ._numba_operations import OPERATION_HELPERS
 
-__all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load"]
+__all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load",
+           "collapsed"]
 
 _FULL = frozenset({"leading", "rows", "cols"})
 _AXES = {"full": _FULL, "unfactored": _FULL, "rows": frozenset({"leading", "rows"}),
          "cols": frozenset({"leading", "cols"})}
 _AXIS_KINDS = ("row_mean", "col_mean")
-_GENERATOR_VERSION = 5
+_GENERATOR_VERSION = 6
 #: The reduction passes' chunks: a constant, not the thread count, so the float64
 #: partial sums, and so every result, are the same on any number of threads and on the
 #: serial variant (the thread choice changes the speed only); 16 keeps 2 to 16 threads
 #: busy.
 CHUNKS = 16
+#: Float64 lanes per chunk of a whole-tensor sum of per-element terms (see _columns):
+#: without fastmath one accumulator is one serial chain of additions, which keeps the
+#: loop around it scalar.
+LANES = 256
 
 
 def is_factored(kernel: Kernel, state_shapes: Mapping[str, str]) -> bool:
@@ -126,6 +131,69 @@ def unsupported(kernel: Kernel, state_shapes: Mapping[str, str]) -> str | None:
         if axes.locals[kernel.results[name]] - axes.arrays[name]:
             return f"state {name!r} is assigned a value of more axes than it has"
     return None
+
+
+def _inline(expr: tuple, values: Mapping[int, tuple], order: Mapping[int, int]) -> tuple:
+    """``expr`` with each reduction ``i`` in ``values`` replaced by ``values[i]``, and each
+    other one read as ``("reduced", order.get(i, i))``."""
+    kind = expr[0]
+    if kind == "reduced":
+        i = expr[1]
+        return values[i] if i in values else ("reduced", order.get(i, i))
+    if kind == "neg":
+        return ("neg", _inline(expr[1], values, order))
+    if kind in ("bin", "cmp"):
+        return (kind, expr[1], _inline(expr[2], values, order), _inline(expr[3], values, order))
+    if kind == "call":
+        return ("call", expr[1], tuple(_inline(a, values, order) for a in expr[2]))
+    return expr
+
+
+def _stage_of(expr: tuple, body: Mapping[str, tuple], stages: Mapping[int, int]) -> int:
+    """0 if ``expr`` reads no reduction, else 1 + the latest stage it reads (through the
+    locals of ``body``)."""
+    kind = expr[0]
+    if kind == "reduced":
+        return stages[expr[1]] + 1
+    if kind == "local":
+        return _stage_of(body[expr[1]], body, stages) if expr[1] in body else 0
+    if kind == "neg":
+        return _stage_of(expr[1], body, stages)
+    if kind in ("bin", "cmp"):
+        return max(_stage_of(expr[2], body, stages), _stage_of(expr[3], body, stages))
+    if kind == "call":
+        return max((_stage_of(a, body, stages) for a in expr[2]), default=0)
+    return 0
+
+
+def collapsed(kernel: Kernel) -> Kernel:
+    """``kernel`` for matrices of one element (``R == C == 1``, a 1x1 convolution's
+    weight): every row and column state, and every row or column mean, has one value per
+    element, and the mean of one term is that term (to float64 and back, exactly), so the
+    loop nests are an elementwise kernel: each axis reduction inlined as its argument, the
+    per-tensor ones (norms, sizes) renumbered and staged again (Adafactor's stages of
+    means are gone: one pass for its norms, then the update), for :mod:`._numba`'s
+    elementwise kernels over the states as 1-D arrays of the parameter's size."""
+    values: dict[int, tuple] = {}
+    for i, reduction in enumerate(kernel.reductions):
+        if reduction.kind in _AXIS_KINDS:  # its argument reads only earlier reductions
+            values[i] = _inline(reduction.expr, values, {})
+    body = [(target, _inline(expr, values, {})) for target, expr in kernel.body]
+    by_target = dict(body)
+    stages: dict[int, int] = {}
+    arguments: dict[int, tuple] = {}
+    for i, reduction in enumerate(kernel.reductions):
+        if i not in values:
+            arguments[i] = _inline(reduction.expr, values, {})
+            stages[i] = _stage_of(arguments[i], by_target, stages)
+    ranked = sorted(stages, key=lambda i: (stages[i], i))
+    order = {old: new for new, old in enumerate(ranked)}
+    reductions = tuple(Reduction(kernel.reductions[i].kind, _inline(arguments[i], {}, order),
+                                 stages[i]) for i in ranked)
+    return Kernel(kernel.rule, (*kernel.key, "one-element matrices"), kernel.loads,
+                  kernel.stores, kernel.arrays, kernel.n_hoisted,
+                  tuple((target, _inline(expr, {}, order)) for target, expr in body),
+                  kernel.results, reductions)
 
 
 def _loads(names: set[str], arrays: Mapping[str, frozenset], outer: bool) -> list[str]:
@@ -214,6 +282,23 @@ def _kept(kernel: Kernel, axes: _Axes, roots: list[tuple], same: list[int]) -> f
             _references(expr, kept, set(), set())
     kept |= {root[1] for root in roots}
     return frozenset(kept & shared)
+
+
+def _columns() -> list[tuple[list[str], int]]:
+    """The loop over a row's columns in a reduction pass, in two parts ``(lines, depth)``,
+    each followed by the per-element body indented by ``depth``. Column ``c`` is
+    in lane ``cl = c % LANES`` of the whole-tensor sums, so the inner loop is elementwise
+    in its lanes (and vectorizes where nothing else in it is a chain): one loop where the
+    row has at most :data:`LANES` columns (a loop over blocks of them costs a 3x3
+    convolution's rows some 20%), else blocks of :data:`LANES`. Elements are indexed by
+    unsigned ints: a signed index would be checked for wrapping around from the end at
+    every element, which keeps a loop from vectorizing."""
+    index = ["i = np.uint64(row * C + c)", "j = np.uint64(b * C + c)"]
+    return [([f"if C <= {LANES}:", "    for c in range(C):",
+              *(f"        {x}" for x in ("cl = c", *index))], 8),
+            (["else:", f"    for c0 in range(0, C, {LANES}):",
+              f"        for cl in range(min({LANES}, C - c0)):",
+              *(f"            {x}" for x in ("c = c0 + cl", *index))], 12)]
 
 
 def _row_loop(loop: str) -> list[str]:
@@ -315,11 +400,19 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                              else "B")
                     finish.append(f"    r{i} = T({count})")
                 elif kind in ("sum", "norm"):
-                    # One float64 partial per chunk, added in chunk order.
+                    # One float64 partial per chunk, added in chunk order; of per-element
+                    # terms, LANES of them per chunk (column c into lane c % LANES, see
+                    # _columns), added in lane order at the chunk's end.
                     lines.append(f"    w{i} = np.zeros({CHUNKS}, np.float64)")
-                    start.append(f"s{i} = 0.0")
                     term = f"t{i} * t{i}" if kind == "norm" else f"t{i}"
-                    statement = [f"t{i} = {value}", f"s{i} += {term}"]
+                    if "cols" in argument:
+                        start.append(f"z{i} = np.zeros({LANES}, np.float64)")
+                        statement = [f"t{i} = {value}", f"z{i}[cl] += {term}"]
+                        chunk_end += [f"s{i} = 0.0", f"for cl in range({LANES}):",
+                                      f"    s{i} += z{i}[cl]"]
+                    else:
+                        start.append(f"s{i} = 0.0")
+                        statement = [f"t{i} = {value}", f"s{i} += {term}"]
                     guard = "rows" not in argument  # one term per matrix, not per row
                     target = inner_acc if "cols" in argument else outer_acc
                     target += (["if r == 0:", *(f"    {s}" for s in statement)] if guard
@@ -365,13 +458,13 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                 lines += assign(entries, True, indent)
                 lines += [indent + x for x in pick(outer_acc)]
                 if inner:
-                    lines += [f"{indent}for c in range(C):", f"{indent}    i = row * C + c",
-                              f"{indent}    j = b * C + c"]
-                    lines += [f"{indent}    {x}" for x in _loads(loads, axes.arrays, False)]
-                    lines += [f"{indent}    {x}" for x in
-                              _reads(reads, axes.reduced, kinds, False)]
-                    lines += assign(entries, False, indent + "    ")
-                    lines += [f"{indent}    {x}" for x in pick(inner_acc)]
+                    element = [*_loads(loads, axes.arrays, False),
+                               *_reads(reads, axes.reduced, kinds, False)]
+                    element += [x.strip() for x in assign(entries, False, "")]
+                    element += pick(inner_acc)
+                    for head, depth in _columns():
+                        lines += [f"{indent}{x}" for x in head]
+                        lines += [f"{indent}{' ' * depth}{x}" for x in element]
                 return lines + [indent + x for x in row_end]
 
             lines += [f"    for k in {loop}({CHUNKS}):"]
@@ -403,8 +496,8 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
         lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
         lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
         lines += assign(entries, True, "        ")
-        lines += ["        for c in range(C):", "            i = row * C + c",
-                  "            j = b * C + c"]
+        lines += ["        for c in range(C):", "            i = np.uint64(row * C + c)",
+                  "            j = np.uint64(b * C + c)"]
         lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
         lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
         lines += [f"            v_{t} = x_{t}[i]" for t in sorted(kept)]
@@ -419,7 +512,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
         if columns:
             entries, loads, reads = _needed(kernel, [("local", x) for _, x in columns])
             lines += [f"    for b in {loop}(B):", "        for c in range(C):",
-                      "            j = b * C + c"]
+                      "            j = np.uint64(b * C + c)"]
             lines += [f"            l_{a} = a_{a}[j]" for a in sorted(loads)]
             lines += [f"            r{i} = q{i}[{'j' if 'cols' in axes.reduced[i] else 'b'}]"
                       for i in sorted(reads) if kinds[i] in _AXIS_KINDS]
@@ -455,6 +548,9 @@ class FactoredKernels(NamedTuple):
     serial: Any
     table: Any = None
     factored: bool = True
+    #: The elementwise kernels (:mod:`._numba`'s) of :func:`collapsed`, for tensors whose
+    #: matrices have one element (None where not loaded).
+    one_element: Any = None
 
     #: Elements from which a tensor may take the multi-threaded loops (the thread choice
     #: then times both): lower than the elementwise kernels' 2**20, as a factored step is
@@ -476,10 +572,12 @@ class FactoredKernels(NamedTuple):
 
 
 def load(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str],
-         import_module: Any) -> FactoredKernels:
-    """Import (through ``import_module(name, source, names)``, the kernel cache) the loops."""
+         import_module: Any, one_element: Any = None) -> FactoredKernels:
+    """Import (through ``import_module(name, source, names)``, the kernel cache) the loops;
+    ``one_element`` is kept as :attr:`FactoredKernels.one_element`."""
     source = factored_source(kernel, dtype, state_shapes)
     digest = hashlib.sha256(f"{_GENERATOR_VERSION}\n{source}".encode()).hexdigest()[:20]
     module = import_module(f"optim_core_factored_{kernel.rule}_{dtype}_{digest}", source,
                            ("kernel", "kernel_serial"))
-    return FactoredKernels(module.kernel, module.kernel_serial)
+    return FactoredKernels(module.kernel, module.kernel_serial,
+                           one_element=one_element)

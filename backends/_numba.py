@@ -16,10 +16,13 @@ NumPy's, so IEEE semantics (rounding, no contraction into FMA, inf/NaN instead o
 exceptions) match the generic path bit for bit.
 
 A rule with per-tensor reductions (``sum``, ``norm``, ``size``) gets one more loop per reduction
-stage (see :mod:`._lowering`), run first: a ``prange`` reduction of the stage's
-values in float64, returned to the caller, which finishes them (the square root of a
-norm), types them to the parameter's dtype and passes them to the next loop as
-scalars. Such a rule reads each tensor twice (once per stage, then the update pass).
+stage (see :mod:`._lowering`), run first: the stage's values summed in float64 over 16
+fixed chunks (a ``prange`` over them) of 256 lanes each (a vectorized inner loop; see
+:func:`_reduction_loops`), the partials added in a fixed order, so the serial and the
+multi-threaded loop give the same bits on any thread count; a ``size`` is the element
+count. The sums return to the caller, which finishes them (the square root of a norm),
+types them to the parameter's dtype and passes them to the next loop as scalars. Such a
+rule reads each tensor twice (once per stage, then the update pass).
 
 Tensors the kernel cannot take as they are (not C-contiguous, a dtype other than
 float32/float64) are stepped by the generic path instead, one by one: correct, only
@@ -28,6 +31,7 @@ slower.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -51,7 +55,7 @@ __all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kern
            "quantized_kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
-_GENERATOR_VERSION = 5
+_GENERATOR_VERSION = 6
 #: Tensors with fewer elements run on the calling thread (the serial kernel, which never
 #: touches numba's thread pool). Waking numba's (OpenMP) workers costs
 #: more than such a pass takes, and workers left spinning slow down the BLAS threads of the
@@ -103,29 +107,7 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         *OPERATION_HELPERS,
     ]
     for stage in range(kernel.n_stages):
-        work = kernel.reduction_pass(stage)
-        inputs = "".join(f", r{i}" for i in range(work.first))
-        loop = [f"        l_{a} = a_{a}[i]" for a in work.loads]
-        loop += [f"        v_{target} = {render(expr, '_')}" for target, expr in work.body]
-        for i in work.reductions:
-            reduction = kernel.reductions[i]
-            value = f"np.float64({render(reduction.expr, '_')})"
-            loop += ([f"        s{i} += 1.0"] if reduction.kind == "size" else
-                     [f"        s{i} += {value}"] if reduction.kind == "sum" else
-                     [f"        t{i} = {value}", f"        s{i} += t{i} * t{i}"])
-        for name, parallel, loop_range in ((f"reduce{stage}", True, "numba.prange"),
-                                           (f"reduce{stage}_serial", False, "range")):
-            lines += [
-                f"@numba.njit(parallel={parallel}, cache=False, fastmath=False, "
-                "error_model='numpy', nogil=True, boundscheck=False)",
-                f"def {name}({arrays}{hoisted}{inputs}):",
-                *(f"    s{i} = 0.0" for i in work.reductions),
-                f"    for i in {loop_range}(a_param.shape[0]):",
-                *loop,
-                f"    return ({''.join(f's{i}, ' for i in work.reductions)})",
-                "",
-                "",
-            ]
+        lines += _reduction_loops(kernel, stage, arrays, hoisted)
     body = [f"        l_{a} = a_{a}[i]" for a in kernel.loads]
     body += [f"        v_{target} = {render(expr, '_')}" for target, expr in kernel.body]
     body += [f"        a_{a}[i] = v_{kernel.results[a]}" for a in kernel.stores]
@@ -198,6 +180,76 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         "",
     ]
     return "\n".join(lines[:-2]) + "\n"
+
+
+#: The reduction passes' chunks: a constant, not the thread count, so the float64 partial
+#: sums, and so every result, are the same on any number of threads and on the serial
+#: variant (as :data:`._factored.CHUNKS`, whose value it is).
+REDUCTION_CHUNKS = _factored.CHUNKS
+#: Float64 accumulators per reduction in a chunk: element ``e + j`` of each block of this
+#: many consecutive elements is added to lane ``j``, and the lanes are added in lane order
+#: at the chunk's end. Without fastmath a single accumulator is one serial chain of
+#: additions (its latency, about 1 ns an element, and the scalar loop around it: 24 ms for
+#: Adafactor's pass over 1e7 float32 elements on one thread); a lane per element of the
+#: block makes the inner loop elementwise, which vectorizes (6.9 ms).
+REDUCTION_LANES = 256
+
+
+def _reduction_loops(kernel: Kernel, stage: int, arrays: str, hoisted: str) -> list[str]:
+    """``reduce{stage}`` and ``reduce{stage}_serial``: the stage's reductions over
+    :data:`REDUCTION_CHUNKS` fixed chunks of the tensor (a ``prange`` in the first), each
+    over :data:`REDUCTION_LANES` float64 lanes, the chunks' sums added in chunk order after
+    the loop. Nothing depends on the thread count: both give the same bits. A ``size`` is
+    the element count, no accumulation."""
+    work = kernel.reduction_pass(stage)
+    inputs = "".join(f", r{i}" for i in range(work.first))
+    summed = [i for i in work.reductions if kernel.reductions[i].kind != "size"]
+    lanes = REDUCTION_LANES
+    indent = " " * 16
+    # Indexed by an unsigned int: a signed one (e + j) would be checked for wrapping
+    # around from the end at every element, which keeps the loop from vectorizing.
+    element = ["i = np.uint64(e + j)", *(f"l_{a} = a_{a}[i]" for a in work.loads),
+               *(f"v_{target} = {render(expr, '_')}" for target, expr in work.body)]
+    for i in summed:
+        value = f"np.float64({render(kernel.reductions[i].expr, '_')})"
+        element += ([f"a{i}[j] += {value}"] if kernel.reductions[i].kind == "sum" else
+                    [f"t{i} = {value}", f"a{i}[j] += t{i} * t{i}"])
+    chunk = [f"        lo = np.int64(k) * n // {REDUCTION_CHUNKS}",
+             f"        hi = (np.int64(k) + 1) * n // {REDUCTION_CHUNKS}",
+             *(f"        a{i} = np.zeros({lanes}, np.float64)" for i in summed),
+             f"        for e in range(lo, hi, {lanes}):",
+             f"            for j in range(min({lanes}, hi - e)):",
+             *(indent + x for x in element),
+             *(f"        c{i} = 0.0" for i in summed),
+             f"        for j in range({lanes}):",
+             *(f"            c{i} += a{i}[j]" for i in summed),
+             *(f"        w{i}[k] = c{i}" for i in summed)]
+    finish = []
+    result = []
+    for i in work.reductions:
+        if kernel.reductions[i].kind == "size":
+            result.append("np.float64(n)")
+        else:
+            finish += [f"    u{i} = 0.0", f"    for k in range({REDUCTION_CHUNKS}):",
+                       f"        u{i} += w{i}[k]"]
+            result.append(f"u{i}")
+    lines = []
+    for name, parallel, loop_range in ((f"reduce{stage}", True, "numba.prange"),
+                                       (f"reduce{stage}_serial", False, "range")):
+        lines += [
+            f"@numba.njit(parallel={parallel}, cache=False, fastmath=False, "
+            "error_model='numpy', nogil=True, boundscheck=False)",
+            f"def {name}({arrays}{hoisted}{inputs}):",
+            "    n = a_param.shape[0]",
+            *(f"    w{i} = np.empty({REDUCTION_CHUNKS}, np.float64)" for i in summed),
+            f"    for k in {loop_range}({REDUCTION_CHUNKS}):",
+            *chunk,
+            *finish,
+            f"    return ({''.join(f'{x}, ' for x in result)})",
+            "",
+            "",
+        ]
+    return lines
 
 
 #: Quantization blocks per iteration of a quantized kernel's parallel loop: 16 blocks
@@ -708,8 +760,21 @@ class NumbaImplementation(FusedImplementation):
         (multi-threaded or not)."""
         launches = 0
         for kernels, hoisted, arrays in tensors:
+            # The kernels of matrices of one element, compiled (once) before anything is
+            # written, as ready() does for the others.
+            if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1 \
+                    and kernels.one_element is not None:
+                large = arrays[0].size >= _PARALLEL_MIN_SIZE
+                self.ready(kernels.one_element, arrays[0].dtype, len(arrays) - 2, len(hoisted),
+                           not large, large)
+        for kernels, hoisted, arrays in tensors:
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
-            if type(kernels) is _factored.FactoredKernels:
+            if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1 \
+                    and kernels.one_element is not None:
+                # Matrices of one element: the elementwise kernels of the same body, over
+                # the row and column states as arrays of the parameter's size.
+                launches += self._staged(kernels.one_element, arrays[:-2], hoisted, large)
+            elif type(kernels) is _factored.FactoredKernels:
                 # Every pass in one call (the arrays end with the matrix's rows and columns);
                 # large ones (from the factored loops' own size) on the loop timed faster
                 # now, as the elementwise kernels.
@@ -718,21 +783,26 @@ class NumbaImplementation(FusedImplementation):
                 else:
                     kernels.serial(*arrays, *hoisted)
             elif kernels.stages:
-                # The reduction passes, then the update pass reading their values.
-                values: list[Any] = []
-                scalar = arrays[0].dtype.type
-                for stage, kinds in zip(kernels.stages, kernels.kinds):
-                    sums = (stage.parallel if large else stage.serial)(*arrays, *hoisted,
-                                                                       *values)
-                    values += [scalar(math.sqrt(total) if kind == "norm" else total)
-                               for kind, total in zip(kinds, sums)]
-                launches += len(kernels.stages)
-                (kernels.parallel if large else kernels.serial)(*arrays, *hoisted, *values)
+                launches += self._staged(kernels, arrays, hoisted, large)
             elif large:
                 self.thread_choice(kernels).run(kernels, arrays, hoisted)
             else:
                 kernels.serial(*arrays, *hoisted)
         self.launches += launches + len(tensors)
+
+    def _staged(self, kernels: _Kernels, arrays: tuple, hoisted: list, large: bool) -> int:
+        """The reduction passes of a kernel with reductions, then the update pass reading
+        their values; a large tensor on the loops (all multi-threaded, or all serial)
+        timed faster now, as the passes give the same bits either way. Returns the
+        number of reduction passes."""
+        if large:
+            self.thread_choice(kernels).call(
+                functools.partial(_run_staged, kernels, arrays, hoisted, True),
+                functools.partial(_run_staged, kernels, arrays, hoisted, False), (),
+                arrays[0].size)
+        else:
+            _run_staged(kernels, arrays, hoisted, False)
+        return len(kernels.stages)
 
     def thread_choice(self, kernels: Any) -> _ThreadChoice:
         """The :class:`_ThreadChoice` of one specialization's loops, made at its first large
@@ -753,13 +823,13 @@ class NumbaImplementation(FusedImplementation):
             kernels.compile(dtype, n_arrays, n_hoisted, small, large)
             return
         # Each loop takes the arrays, the hoisted values and the reductions before it. A
-        # large tensor of a kernel without reductions may run either loop (_ThreadChoice).
+        # large tensor may run either loop (_ThreadChoice).
         loops = [(kernels.serial, kernels.parallel, n_hoisted + kernels.n_reduced)]
         first = 0
         for stage, kinds in zip(kernels.stages, kernels.kinds):
             loops.append((stage.serial, stage.parallel, n_hoisted + first))
             first += len(kinds)
-        either = large and not kernels.stages
+        either = large
         for serial, parallel, n_scalars in loops:
             for needed, dispatcher in ((small or either, serial), (large, parallel)):
                 if needed and not dispatcher.overloads:
@@ -910,6 +980,18 @@ class NumbaImplementation(FusedImplementation):
         return flags.c_contiguous and flags.writeable and flags.aligned
 
 
+def _run_staged(kernels: _Kernels, arrays: tuple, hoisted: list, parallel: bool) -> None:
+    """Each reduction pass (``parallel``: the multi-threaded loops), its sums finished (the
+    square root of a norm) and typed to the parameter's dtype, then the update pass."""
+    values: list[Any] = []
+    scalar = arrays[0].dtype.type
+    for stage, kinds in zip(kernels.stages, kernels.kinds):
+        sums = (stage.parallel if parallel else stage.serial)(*arrays, *hoisted, *values)
+        values += [scalar(math.sqrt(total) if kind == "norm" else total)
+                   for kind, total in zip(kinds, sums)]
+    (kernels.parallel if parallel else kernels.serial)(*arrays, *hoisted, *values)
+
+
 class _ThreadChoice:
     """Which loop a large tensor runs: numba's multi-threaded one or the serial one.
 
@@ -1020,7 +1102,10 @@ def _load_factored(kernel: Kernel, dtype: str, state_shapes: Any) -> Any:
                 module = _MODULES[name] = import_kernel_module(name, source, names)
             return module
 
-    return _factored.load(kernel, dtype, state_shapes, import_module)
+    # Matrices of one element (1x1 convolutions) take the elementwise kernels of the
+    # same body (see _factored.collapsed): no loop per row of one element.
+    return _factored.load(kernel, dtype, state_shapes, import_module,
+                          _load(_factored.collapsed(kernel), dtype))
 
 
 def _load(kernel: Kernel, dtype: str, layout: tuple = ()) -> _Kernels:

@@ -201,9 +201,10 @@ FUSED_CASES = [
 @pytest.mark.parametrize("hyper", FUSED_CASES, ids=str)
 def test_fused_numpy_loops_match_the_generic_path(hyper, dtype):
     pytest.importorskip("numba")
-    # Factored (2-D, 3-D, a single row or column) and unfactored (0-d, 1-D) tensors, and
-    # empty ones, in one group: each takes its own specialization.
-    shapes = [*SHAPES, (1, 9), (9, 1), (0,), (0, 3), (4, 0)]
+    # Factored (2-D, 3-D, a single row or column, matrices of one element as a 1x1
+    # convolution's, which take the elementwise kernels) and unfactored (0-d, 1-D)
+    # tensors, and empty ones, in one group: each takes its own specialization.
+    shapes = [*SHAPES, (1, 9), (9, 1), (4, 3, 1, 1), (1, 1), (0,), (0, 3), (4, 0)]
     rng = np.random.default_rng(15)
     start = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
     generic = optim_core.Adafactor([p.copy() for p in start], **hyper, impl="generic")
@@ -345,3 +346,24 @@ def test_optim_core_torch_adafactor_matches_torch_and_loads_its_state_dict():
 def test_functional_refuses_shaped_states():
     with pytest.raises(TypeError, match="shaped otherwise"):
         optim_core.functional("adafactor")
+
+
+def test_matrices_of_one_element_are_one_norm_pass_and_the_update():
+    # A 1x1 convolution's matrices have one element: its row and column means are the
+    # terms themselves, so the factored body is an elementwise kernel with Adafactor's
+    # two norms in one reduction pass (the factored loops take four passes and a loop
+    # per row of one element).
+    from optim_core.backends._factored import collapsed
+    from optim_core.backends._lowering import lower
+
+    from optim_core.optim import rules_pertensor
+
+    opt = optim_core.Adafactor([np.zeros((4, 3, 1, 1))])
+    scalars, _ = opt.step_scalars(opt.param_groups[0], opt.group_state[0])
+    scalars = {**scalars, **opt.tensor_scalars(opt.param_groups[0], scalars, (4, 3, 1, 1),
+                                               np.float64)}
+    _, _, kernel = lower(rules_pertensor.adafactor, scalars, frozenset({"row_var", "col_var"}))
+    flat = collapsed(kernel)
+    assert {r.kind for r in kernel.reductions} >= {"row_mean", "col_mean"}
+    assert [r.kind for r in flat.reductions] == ["norm", "size", "norm", "size"]
+    assert flat.n_stages == 1 and kernel.n_stages > 1

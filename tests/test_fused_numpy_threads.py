@@ -185,3 +185,47 @@ def test_factored_loops_give_the_same_bits_on_the_parallel_and_the_serial_varian
         for name in state_p:
             assert np.array_equal(state_p[name].view(np.uint8),
                                   state_s[name].view(np.uint8)), (shape, name)
+
+
+#: Sizes around the per-tensor reduction passes' chunking (16 chunks of blocks of 256
+#: lanes): fewer elements than chunks, a block and one more, sizes neither divides, one
+#: above the parallel threshold.
+REDUCTION_SIZES = [1, 15, 257, 16 * 256 + 15, 70001, (1 << 20) + 7]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor"])
+def test_per_tensor_reductions_give_the_same_bits_on_any_thread_count_and_serially(
+        monkeypatch, name, dtype):
+    """The elementwise rules' norm passes (LAMB's and LARS's trust ratios, a 1-D
+    Adafactor's RMS) add float64 partials of fixed chunks and lanes in a fixed order: the
+    multi-threaded pass on 2 threads, on 1, and the serial one give the same bits."""
+    import numba
+    from optim_core.backends import _numba
+
+    def run(parallel: bool, threads: int) -> list[np.ndarray]:
+        threshold = 0 if parallel else 1 << 62
+        monkeypatch.setattr(_numba, "_PARALLEL_MIN_SIZE", threshold)
+        monkeypatch.setattr(_numba.NumbaImplementation, "large_size", threshold)
+        rng = np.random.default_rng(3)
+        params = [rng.standard_normal(n).astype(dtype) for n in REDUCTION_SIZES]
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            opt = getattr(optim_core, name)(params, lr=0.01, weight_decay=0.1, impl="fused")
+            for _ in range(2):
+                opt.step([(rng.standard_normal(p.shape) * (1 + np.abs(p))).astype(dtype)
+                          for p in opt.params])
+        finally:
+            numba.set_num_threads(before)
+        assert opt.implementation.name == "fused-numba"
+        return [np.array(p) for p in opt.params] + [
+            np.array(value) for state in opt.state[0] for value in state.values()
+            if np.ndim(value)]
+
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    serial = run(False, 1)
+    for got_threads in sorted({1, threads}):
+        for got, want in zip(run(True, got_threads), serial, strict=True):
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (
+                got_threads, got.shape)
