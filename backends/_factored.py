@@ -243,10 +243,8 @@ def _references(expr: tuple, locals_: set[str], loads: set[str], reductions: set
             _references(argument, locals_, loads, reductions)
 
 
-def _needed(kernel: Kernel, roots: list[tuple],
-            kept: frozenset = frozenset()) -> tuple[list, set[str], set[int]]:
-    """The body entries ``roots`` need (in body order), the arrays and reductions read;
-    the locals in ``kept`` are read from an earlier pass, not computed."""
+def _needed(kernel: Kernel, roots: list[tuple]) -> tuple[list, set[str], set[int]]:
+    """The body entries ``roots`` need (in body order), the arrays and reductions read."""
     needed: set[str] = set()
     loads: set[str] = set()
     reductions: set[int] = set()
@@ -254,34 +252,10 @@ def _needed(kernel: Kernel, roots: list[tuple],
         _references(root, needed, loads, reductions)
     body = []
     for target, expr in reversed(kernel.body):
-        if target in needed and target not in kept:
+        if target in needed:
             body.append((target, expr))
             _references(expr, needed, loads, reductions)
     return list(reversed(body)), loads, reductions
-
-
-def _kept(kernel: Kernel, axes: _Axes, roots: list[tuple], same: list[int]) -> frozenset:
-    """The per-element locals the last reduction pass computes and the update pass would
-    compute again, to be stored by the one and read by the other: those the update pass
-    reads outside that shared part (Adafactor's ``update``, a square root and two
-    divisions per element, against a write and a read of the parameter's dtype; every
-    local is of that dtype, as the rule's constants are hoisted)."""
-    if not kernel.n_stages:
-        return frozenset()
-    last = [r.expr for i, r in enumerate(kernel.reductions)
-            if r.stage == kernel.n_stages - 1 and r.kind != "size" and same[i] == i]
-    full = {t for t, _ in _needed(kernel, last)[0]
-            if {"rows", "cols"} <= axes.locals[t]}
-    if not full:
-        return frozenset()
-    update = _needed(kernel, roots)[0]
-    shared = full & {t for t, _ in update}
-    kept: set[str] = set()
-    for target, expr in update:
-        if target not in shared:
-            _references(expr, kept, set(), set())
-    kept |= {root[1] for root in roots}
-    return frozenset(kept & shared)
 
 
 def _columns() -> list[tuple[list[str], int]]:
@@ -355,7 +329,6 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
     hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
 
     stored = [(a, kernel.results[a]) for a in kernel.stores]
-    kept = _kept(kernel, axes, [("local", local) for _, local in stored], same)
 
     def assign(entries: list, outer: bool, indent: str) -> list[str]:
         return [f"{indent}v_{t} = {render(e, '_')}" for t, e in entries
@@ -367,9 +340,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                  # The reduction passes' units (see _unit_bounds): whole matrices, or for
                  # fewer than CHUNKS matrices S row ranges of each (at most R of them).
                  f"    S = 1 if B >= {CHUNKS} else min(({CHUNKS} + B - 1) // B, R)",
-                 "    U = B * S",
-                 # The last reduction pass's per-element values the update pass reads.
-                 *(f"    x_{t} = np.empty(n, T)" for t in sorted(kept))]
+                 "    U = B * S"]
         for stage in range(kernel.n_stages):
             indices = [i for i, r in enumerate(kernel.reductions) if r.stage == stage]
             roots = [kernel.reductions[i].expr for i in indices
@@ -382,8 +353,6 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
             inner_acc: list = []
             start, unit_alloc, unit_start, unit_end, row_end = [], [], [], [], []
             chunk_end, finish = [], []
-            if stage == kernel.n_stages - 1:
-                inner_acc += [f"x_{t}[i] = v_{t}" for t in sorted(kept)]
             for i in indices:
                 kind, argument = kinds[i], axes.arguments[i]
                 value = "1.0" if kind == "size" else \
@@ -491,7 +460,7 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
             lines += finish
         # The update pass.
         roots = [("local", local) for _, local in stored]
-        entries, loads, reads = _needed(kernel, roots, kept)
+        entries, loads, reads = _needed(kernel, roots)
         lines += _row_loop(loop)
         lines += [f"        {x}" for x in _loads(loads, axes.arrays, True)]
         lines += [f"        {x}" for x in _reads(reads, axes.reduced, kinds, True)]
@@ -500,7 +469,6 @@ def factored_source(kernel: Kernel, dtype: str, state_shapes: Mapping[str, str])
                   "            j = np.uint64(b * C + c)"]
         lines += [f"            {x}" for x in _loads(loads, axes.arrays, False)]
         lines += [f"            {x}" for x in _reads(reads, axes.reduced, kinds, False)]
-        lines += [f"            v_{t} = x_{t}[i]" for t in sorted(kept)]
         lines += assign(entries, False, "            ")
         lines += [f"            a_{a}[i] = v_{local}" for a, local in stored
                   if axes.arrays[a] == _FULL]

@@ -367,3 +367,25 @@ def test_matrices_of_one_element_are_one_norm_pass_and_the_update():
     assert {r.kind for r in kernel.reductions} >= {"row_mean", "col_mean"}
     assert [r.kind for r in flat.reductions] == ["norm", "size", "norm", "size"]
     assert flat.n_stages == 1 and kernel.n_stages > 1
+
+
+def test_the_factored_loops_allocate_nothing_of_the_tensors_size():
+    # Architecture principle 3: no full-size temporary. The loops' scratch is per row, per
+    # column or per chunk; the generated source allocates nothing of n (the element count).
+    import re
+
+    from optim_core.backends._factored import factored_source
+    from optim_core.backends._lowering import lower
+
+    from optim_core.optim import rules_pertensor
+
+    for hyper in FUSED_CASES:
+        opt = optim_core.Adafactor([np.zeros((6, 5))], **hyper)
+        scalars, _ = opt.step_scalars(opt.param_groups[0], opt.group_state[0])
+        scalars = {**scalars, **opt.tensor_scalars(opt.param_groups[0], scalars, (6, 5),
+                                                   np.float64)}
+        _, _, kernel = lower(rules_pertensor.adafactor, scalars,
+                             frozenset({"row_var", "col_var"}))
+        source = factored_source(kernel, "float64", rules_pertensor.adafactor.state_shapes)
+        sizes = re.findall(r"np\.(?:empty|zeros)\(([^,)]*)", source)
+        assert sizes and all(re.search(r"\bn\b", size) is None for size in sizes), sizes
