@@ -635,3 +635,56 @@ def test_large_cpu_states_are_plain_tensors_that_follow_torch_and_survive_a_pick
     _tensors_equal(ours.state_dict(), theirs.state_dict())
     loaded = pickle.loads(pickle.dumps(ours))
     _tensors_equal(loaded.state_dict(), ours.state_dict())
+
+
+def test_hooks_global_hooks_and_the_profiler_see_every_step_as_torchs_do():
+    # The step is not wrapped by torch's hooks-and-profiler wrapper (it costs 17 us a step);
+    # it takes that wrapper itself whenever a hook is registered or the profiler runs.
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model = make_model()
+    opt = oct.SGD(model.parameters(), lr=0.1)
+    assert type(opt).step is oct.TorchOptimizer.step
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global post")),
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre")),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post")),
+    ]
+    backward(model, 0)
+    opt.step()
+    assert calls == ["global pre", "pre", "post", "global post"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    backward(model, 1)
+    opt.step()
+    assert calls == []
+    # A pre-hook may replace the arguments: here the closure, whose loss step returns.
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((o,), {"closure": lambda: 7.0}))
+    assert opt.step() == 7.0
+    with torch.profiler.profile() as profile:
+        opt.step()
+    assert "Optimizer.step#SGD.step" in {event.name for event in profile.events()}
+
+
+def test_a_schedule_free_step_in_eval_mode_runs_its_hooks_once_and_raises():
+    model = make_model()
+    opt = oct.ScheduleFreeSGD(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.train()
+    backward(model, 0)
+    opt.step()
+    assert calls == ["pre"]
+    opt.eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.step()
+    assert calls == ["pre", "pre"]
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q)
