@@ -43,7 +43,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._lowering import Kernel, Reduction, render
+from ._lowering import Kernel, Reduction, references, render
 from ._numba_operations import OPERATION_HELPERS
 
 __all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load",
@@ -225,36 +225,18 @@ def _reads(indices: set[int], reduced: list[frozenset], kinds: list[str],
     return lines
 
 
-def _references(expr: tuple, locals_: set[str], loads: set[str], reductions: set[int]) -> None:
-    kind = expr[0]
-    if kind == "local":
-        locals_.add(expr[1])
-    elif kind == "load":
-        loads.add(expr[1])
-    elif kind == "reduced":
-        reductions.add(expr[1])
-    elif kind == "neg":
-        _references(expr[1], locals_, loads, reductions)
-    elif kind in ("bin", "cmp"):
-        _references(expr[2], locals_, loads, reductions)
-        _references(expr[3], locals_, loads, reductions)
-    elif kind == "call":
-        for argument in expr[2]:
-            _references(argument, locals_, loads, reductions)
-
-
 def _needed(kernel: Kernel, roots: list[tuple]) -> tuple[list, set[str], set[int]]:
     """The body entries ``roots`` need (in body order), the arrays and reductions read."""
     needed: set[str] = set()
     loads: set[str] = set()
     reductions: set[int] = set()
     for root in roots:
-        _references(root, needed, loads, reductions)
+        references(root, needed, loads, reductions)
     body = []
     for target, expr in reversed(kernel.body):
         if target in needed:
             body.append((target, expr))
-            _references(expr, needed, loads, reductions)
+            references(expr, needed, loads, reductions)
     return list(reversed(body)), loads, reductions
 
 

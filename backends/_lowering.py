@@ -176,31 +176,37 @@ class Kernel:
         loads: set[str] = set()
         for i in indices:
             if self.reductions[i].kind != "size":  # a count: its argument is not computed
-                _collect(self.reductions[i].expr, needed, loads)
+                references(self.reductions[i].expr, needed, loads)
         body = []
         for target, expr in reversed(self.body):
             if target in needed:
                 body.append((target, expr))
-                _collect(expr, needed, loads)
+                references(expr, needed, loads)
         return ReductionPass(tuple(a for a in self.arrays if a in loads), tuple(reversed(body)),
                              indices, indices[0])
 
 
-def _collect(expr: tuple, locals_: set[str], loads: set[str]) -> None:
-    """Add the locals and arrays ``expr`` reads to ``locals_`` and ``loads``."""
+def references(expr: tuple, locals_: set[str], loads: set[str],
+               reductions: set[int] | None = None) -> None:
+    """Add the locals, arrays and (where ``reductions`` is given) reductions ``expr`` reads
+    to ``locals_``, ``loads`` and ``reductions``: every part of it, ``where``'s condition
+    (a ``cmp``) included."""
     kind = expr[0]
     if kind == "local":
         locals_.add(expr[1])
     elif kind == "load":
         loads.add(expr[1])
+    elif kind == "reduced":
+        if reductions is not None:
+            reductions.add(expr[1])
     elif kind == "neg":
-        _collect(expr[1], locals_, loads)
-    elif kind == "bin":
-        _collect(expr[2], locals_, loads)
-        _collect(expr[3], locals_, loads)
+        references(expr[1], locals_, loads, reductions)
+    elif kind in ("bin", "cmp"):
+        references(expr[2], locals_, loads, reductions)
+        references(expr[3], locals_, loads, reductions)
     elif kind == "call":
         for argument in expr[2]:
-            _collect(argument, locals_, loads)
+            references(argument, locals_, loads, reductions)
 
 
 def _level(expr: tuple, levels: Mapping[str, int], reductions: list) -> int:
@@ -586,7 +592,7 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
     body = tuple((target, _renumber(expr, order)) for target, expr in lowering.body)
     loads: set[str] = set()
     for _, expr in body:  # the elementwise pass reads what its body reads
-        _collect(expr, set(), loads)
+        references(expr, set(), loads)
     kernel = Kernel(rule=rule.name, key=key,
                     loads=tuple(a for a in arrays if a in loads),
                     stores=tuple(stores), arrays=arrays, n_hoisted=len(lowering.hoisted),

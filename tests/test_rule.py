@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import math
 import shutil
 import subprocess
@@ -258,3 +259,37 @@ def test_scalar_minimum_is_hoisted_and_array_comparisons_are_kernel_expressions(
     # minimum(high, 2 * up) reads scalars only: computed on the host, one kernel argument.
     assert SCALARS["high"] in hoisted
     assert 2 * SCALARS["up"] not in hoisted
+
+
+@update_rule
+def _gated(param, grad, buffer, *, lr):
+    # grad is read only in where's condition; t only in a condition inside a reduction.
+    buffer = buffer * 0.5
+    t = param * 2
+    param = where(grad < 0, param - lr, param) - lr * sum(where(t < 0, param, param * 0))
+    return param, buffer
+
+
+class _Gated(optim_core.Optimizer):
+    rule = _gated
+
+    def __init__(self, params, lr=0.1, **options):
+        super().__init__(params, dict(lr=lr), **options)
+
+
+def test_what_only_a_where_condition_reads_is_loaded_and_computed_by_the_kernels():
+    # The kernels' loads and each reduction pass's body follow where's condition too (a
+    # rule reading an array only there used to fail to compile: l_grad undefined).
+    _, _, kernel = lower(_gated, {"lr": 0.1}, frozenset({"buffer"}))
+    assert "grad" in kernel.loads
+    assert any(target.startswith("t") for target, _ in kernel.reduction_pass(0).body)
+    impls = ["generic", "fused"] if importlib.util.find_spec("numba") else ["generic"]
+    results = []
+    for impl in impls:
+        param = np.linspace(-1.0, 1.0, 7)
+        opt = _Gated([param], impl=impl)
+        opt.step([np.linspace(1.0, -1.0, 7)])
+        results.append(opt.params[0])
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
+    assert not np.array_equal(results[0], np.linspace(-1.0, 1.0, 7))
