@@ -283,6 +283,7 @@ def test_what_only_a_where_condition_reads_is_loaded_and_computed_by_the_kernels
     _, _, kernel = lower(_gated, {"lr": 0.1}, frozenset({"buffer"}))
     assert "grad" in kernel.loads
     assert any(target.startswith("t") for target, _ in kernel.reduction_pass(0).body)
+    assert "const T l_grad = a_grad[i];" in cuda_source(kernel)  # the CUDA text too
     impls = ["generic", "fused"] if importlib.util.find_spec("numba") else ["generic"]
     results = []
     for impl in impls:
