@@ -218,7 +218,7 @@ def _level(expr: tuple, levels: Mapping[str, int], reductions: list) -> int:
         return levels.get(expr[1], 0)
     if kind == "neg":
         return _level(expr[1], levels, reductions)
-    if kind == "bin":
+    if kind in ("bin", "cmp"):
         return max(_level(expr[2], levels, reductions), _level(expr[3], levels, reductions))
     if kind == "call":
         return max((_level(a, levels, reductions) for a in expr[2]), default=0)
@@ -232,8 +232,8 @@ def _renumber(expr: tuple, order: Mapping[int, int]) -> tuple:
         return ("reduced", order[expr[1]])
     if kind == "neg":
         return ("neg", _renumber(expr[1], order))
-    if kind == "bin":
-        return ("bin", expr[1], _renumber(expr[2], order), _renumber(expr[3], order))
+    if kind in ("bin", "cmp"):
+        return (kind, expr[1], _renumber(expr[2], order), _renumber(expr[3], order))
     if kind == "call":
         return ("call", expr[1], tuple(_renumber(a, order) for a in expr[2]))
     return expr

@@ -21,7 +21,7 @@ from optim_core.optim import rules
 from optim_core.optim.language import update_rule
 
 # Bound per backend by UpdateRule.bind; placeholders for linters, as in rules.py.
-where = minimum = maximum = sign = None
+where = minimum = maximum = sign = norm = None
 
 
 def test_every_rule_is_parsed_with_its_states_and_scalars():
@@ -294,3 +294,35 @@ def test_what_only_a_where_condition_reads_is_loaded_and_computed_by_the_kernels
     for got in results[1:]:
         np.testing.assert_array_equal(got, results[0])
     assert not np.array_equal(results[0], np.linspace(-1.0, 1.0, 7))
+
+
+@update_rule
+def _thresholded(param, grad, buffer, *, lr):
+    # A reduction read only in where's condition, inside another reduction (a second pass),
+    # and a first-stage one the sum comes after in the rule (so they are renumbered).
+    buffer = buffer * 0.5
+    s = sum(where(grad < norm(param) * 0.1, grad, grad * 0))
+    param = param - lr * s * norm(grad)
+    return param, buffer
+
+
+class _Thresholded(optim_core.Optimizer):
+    rule = _thresholded
+
+    def __init__(self, params, lr=0.1, **options):
+        super().__init__(params, dict(lr=lr), **options)
+
+
+def test_a_reduction_read_in_a_where_condition_is_computed_in_an_earlier_pass():
+    _, _, kernel = lower(_thresholded, {"lr": 0.1}, frozenset({"buffer"}))
+    assert kernel.n_stages == 2
+    impls = ["generic", "fused"] if importlib.util.find_spec("numba") else ["generic"]
+    results = []
+    for impl in impls:
+        param = np.linspace(-1.0, 1.0, 9)
+        opt = _Thresholded([param], impl=impl)
+        opt.step([np.linspace(1.0, -1.0, 9) ** 3])
+        results.append(opt.params[0])
+    for got in results[1:]:
+        np.testing.assert_allclose(got, results[0], rtol=1e-12)
+    assert not np.array_equal(results[0], np.linspace(-1.0, 1.0, 9))
