@@ -191,3 +191,19 @@ def test_a_fragment_outside_the_language_is_refused(tmp_path, body, message):
 def test_a_fragment_takes_arrays_then_keyword_scalars_without_defaults(tmp_path, signature):
     with pytest.raises(RuleError, match="arguments are"):
         _fragment(["return a"], tmp_path, signature)
+
+
+def test_a_calls_names_never_collide_with_names_the_rule_chose():
+    @update_rule
+    def crowded(param, grad, buffer, *, beta):
+        momentum_of_1_t = grad * 2  # the name the first call's 't' would have taken
+        buffer = momentum_of(momentum_of_1_t, buffer, beta=beta)
+        param = param - buffer + momentum_of_1_t
+        return param, buffer
+
+    names = {n.id for n in ast.walk(crowded.tree) if isinstance(n, ast.Name)}
+    assert "momentum_of_2_t" in names
+    grad, buffer = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    new_param, new_buffer = crowded(np, np.zeros(2), grad, {"buffer": buffer}, {"beta": 0.5})
+    np.testing.assert_array_equal(new_buffer, 0.5 * buffer + 0.5 * (2 * grad))
+    np.testing.assert_array_equal(new_param, -new_buffer + 2 * grad)

@@ -53,22 +53,26 @@ def _at(node: ast.AST, where: ast.AST) -> ast.AST:
 
 def inline(body: list[ast.stmt], fragment_of: Callable[[str], Any],
            fail: Callable[[ast.AST, str], Exception],
-           counter: itertools.count | None = None) -> tuple[list[ast.stmt], bool]:
+           counter: itertools.count | None = None,
+           taken: set[str] | None = None) -> tuple[list[ast.stmt], bool]:
     """``body`` with every fragment call expanded, and whether there was one.
 
     ``fragment_of(name)`` is the :class:`~.language.RuleFragment` a called name refers
     to, or None; ``fail(node, message)`` makes the error to raise for a malformed call.
     Calls inside ``if`` blocks are expanded in place. A fragment's own tree has its
-    calls expanded already.
+    calls expanded already. A call's names (``decayed_1_grad``) are numbered past any the
+    rule itself uses (``taken``: every name of ``body``, found here at the top level).
     """
     counter = counter or itertools.count(1)
+    if taken is None:
+        taken = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name)}
     out: list[ast.stmt] = []
     changed = False
     for statement in body:
         if isinstance(statement, ast.If):
             statement = copy.copy(statement)
-            statement.body, a = inline(statement.body, fragment_of, fail, counter)
-            statement.orelse, b = inline(statement.orelse, fragment_of, fail, counter)
+            statement.body, a = inline(statement.body, fragment_of, fail, counter, taken)
+            statement.orelse, b = inline(statement.orelse, fragment_of, fail, counter, taken)
             changed |= a or b
             out.append(statement)
             continue
@@ -78,7 +82,10 @@ def inline(body: list[ast.stmt], fragment_of: Callable[[str], Any],
         if fragment is None:
             out.append(statement)
             continue
-        out += _expand(statement, call, fragment, next(counter), fail)
+        number = next(counter)
+        while any(name.startswith(f"{fragment.name}_{number}_") for name in taken):
+            number = next(counter)
+        out += _expand(statement, call, fragment, number, fail)
         changed = True
     return out, changed
 
