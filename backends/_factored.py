@@ -43,7 +43,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._lowering import Kernel, Reduction, references, render
+from ._lowering import Kernel, Reduction, references, render, renumber
 from ._numba_operations import OPERATION_HELPERS
 
 __all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load",
@@ -133,19 +133,17 @@ def unsupported(kernel: Kernel, state_shapes: Mapping[str, str]) -> str | None:
     return None
 
 
-def _inline(expr: tuple, values: Mapping[int, tuple], order: Mapping[int, int]) -> tuple:
-    """``expr`` with each reduction ``i`` in ``values`` replaced by ``values[i]``, and each
-    other one read as ``("reduced", order.get(i, i))``."""
+def _inline(expr: tuple, values: Mapping[int, tuple]) -> tuple:
+    """``expr`` with each reduction ``i`` in ``values`` replaced by ``values[i]``."""
     kind = expr[0]
     if kind == "reduced":
-        i = expr[1]
-        return values[i] if i in values else ("reduced", order.get(i, i))
+        return values.get(expr[1], expr)
     if kind == "neg":
-        return ("neg", _inline(expr[1], values, order))
+        return ("neg", _inline(expr[1], values))
     if kind in ("bin", "cmp"):
-        return (kind, expr[1], _inline(expr[2], values, order), _inline(expr[3], values, order))
+        return (kind, expr[1], _inline(expr[2], values), _inline(expr[3], values))
     if kind == "call":
-        return ("call", expr[1], tuple(_inline(a, values, order) for a in expr[2]))
+        return ("call", expr[1], tuple(_inline(a, values) for a in expr[2]))
     return expr
 
 
@@ -177,22 +175,22 @@ def collapsed(kernel: Kernel) -> Kernel:
     values: dict[int, tuple] = {}
     for i, reduction in enumerate(kernel.reductions):
         if reduction.kind in _AXIS_KINDS:  # its argument reads only earlier reductions
-            values[i] = _inline(reduction.expr, values, {})
-    body = [(target, _inline(expr, values, {})) for target, expr in kernel.body]
+            values[i] = _inline(reduction.expr, values)
+    body = [(target, _inline(expr, values)) for target, expr in kernel.body]
     by_target = dict(body)
     stages: dict[int, int] = {}
     arguments: dict[int, tuple] = {}
     for i, reduction in enumerate(kernel.reductions):
         if i not in values:
-            arguments[i] = _inline(reduction.expr, values, {})
+            arguments[i] = _inline(reduction.expr, values)
             stages[i] = _stage_of(arguments[i], by_target, stages)
     ranked = sorted(stages, key=lambda i: (stages[i], i))
     order = {old: new for new, old in enumerate(ranked)}
-    reductions = tuple(Reduction(kernel.reductions[i].kind, _inline(arguments[i], {}, order),
+    reductions = tuple(Reduction(kernel.reductions[i].kind, renumber(arguments[i], order),
                                  stages[i]) for i in ranked)
     return Kernel(kernel.rule, (*kernel.key, "one-element matrices"), kernel.loads,
                   kernel.stores, kernel.arrays, kernel.n_hoisted,
-                  tuple((target, _inline(expr, {}, order)) for target, expr in body),
+                  tuple((target, renumber(expr, order)) for target, expr in body),
                   kernel.results, reductions)
 
 

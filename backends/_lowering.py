@@ -225,17 +225,17 @@ def _level(expr: tuple, levels: Mapping[str, int], reductions: list) -> int:
     return 0
 
 
-def _renumber(expr: tuple, order: Mapping[int, int]) -> tuple:
+def renumber(expr: tuple, order: Mapping[int, int]) -> tuple:
     """``expr`` with each ``("reduced", i)`` read as ``("reduced", order[i])``."""
     kind = expr[0]
     if kind == "reduced":
         return ("reduced", order[expr[1]])
     if kind == "neg":
-        return ("neg", _renumber(expr[1], order))
+        return ("neg", renumber(expr[1], order))
     if kind in ("bin", "cmp"):
-        return (kind, expr[1], _renumber(expr[2], order), _renumber(expr[3], order))
+        return (kind, expr[1], renumber(expr[2], order), renumber(expr[3], order))
     if kind == "call":
-        return ("call", expr[1], tuple(_renumber(a, order) for a in expr[2]))
+        return ("call", expr[1], tuple(renumber(a, order) for a in expr[2]))
     return expr
 
 
@@ -587,9 +587,9 @@ def lower(rule: UpdateRule, scalars: Mapping[str, Any], present: frozenset[str] 
     found = lowering.reductions
     order = {old: new for new, old in enumerate(
         sorted(range(len(found)), key=lambda i: found[i].stage))}
-    reductions = tuple(Reduction(r.kind, _renumber(r.expr, order), r.stage)
+    reductions = tuple(Reduction(r.kind, renumber(r.expr, order), r.stage)
                        for r in sorted(found, key=lambda r: r.stage))
-    body = tuple((target, _renumber(expr, order)) for target, expr in lowering.body)
+    body = tuple((target, renumber(expr, order)) for target, expr in lowering.body)
     loads: set[str] = set()
     for _, expr in body:  # the elementwise pass reads what its body reads
         references(expr, set(), loads)

@@ -55,7 +55,7 @@ __all__ = ["NumbaImplementation", "KernelCacheWarning", "cache_directory", "kern
            "quantized_kernel_source"]
 
 #: Bump when the generated text changes in a way the key does not capture.
-_GENERATOR_VERSION = 6
+_GENERATOR_VERSION = 7
 #: Tensors with fewer elements run on the calling thread (the serial kernel, which never
 #: touches numba's thread pool). Waking numba's (OpenMP) workers costs
 #: more than such a pass takes, and workers left spinning slow down the BLAS threads of the
@@ -319,6 +319,21 @@ _QUANTIZED_PRELUDE = [
 #: by one 8-lane gather of code_table (see :func:`quantized_kernel_source`):
 #: ``_dequant64(codes, j, planes, out, scale)``, ``_codes8(table, buf, j, scale, out)``.
 _DEQUANT64_PRELUDE = [
+    "def _broadcast(builder, value, vector):",
+    "    # A vector of that type with value (a scalar of its element type) in every lane.",
+    "    i32 = _ir.IntType(32)",
+    "    one = builder.insert_element(_ir.Constant(vector, _ir.Undefined), value,",
+    "                                 _ir.Constant(i32, 0))",
+    "    return builder.shuffle_vector(one, _ir.Constant(vector, _ir.Undefined),",
+    "                                  _ir.Constant(_ir.VectorType(i32, vector.count), None))",
+    "",
+    "",
+    "def _divided(builder, buf_v, j_v, scale_v, floats):",
+    "    # buf[j:j + lanes] / scale, a vector of floats of lanes elements.",
+    "    values = builder.bitcast(builder.gep(buf_v, [j_v]), floats.as_pointer())",
+    "    return builder.fdiv(builder.load(values, align=4), _broadcast(builder, scale_v, floats))",
+    "",
+    "",
     "@_intrinsic",
     "def _dequant64(typingctx, codes, j, planes, out, scale):",
     "    # out[j + k] = map[codes[j + k]] * scale for k < 64, with no gather: byte p of",
@@ -366,10 +381,7 @@ _DEQUANT64_PRELUDE = [
     "        pairs = [builder.bitcast(unpack(planes[h], planes[h + 1], 1, high), words)",
     "                 for high in (0, 1) for h in (0, 2)]",
     "        floats16 = _ir.VectorType(_ir.FloatType(), 16)",
-    "        splat = builder.insert_element(_ir.Constant(floats16, _ir.Undefined), scale_v,",
-    "                                       _ir.Constant(i32, 0))",
-    "        splat = builder.shuffle_vector(splat, _ir.Constant(floats16, _ir.Undefined),",
-    "                                       _ir.Constant(_ir.VectorType(i32, 16), None))",
+    "        splat = _broadcast(builder, scale_v, floats16)",
     "        for r in range(4):",
     "            values = builder.bitcast(unpack(pairs[2 * (r // 2)], pairs[2 * (r // 2) + 1], 2,",
     "                                            r % 2), floats16)",
@@ -402,12 +414,7 @@ _DEQUANT64_PRELUDE = [
     "        def splat(value, vector):",
     "            return _ir.Constant(vector, [value] * 8)",
     "",
-    "        scales = builder.insert_element(_ir.Constant(floats, _ir.Undefined), scale_v,",
-    "                                        _ir.Constant(i32, 0))",
-    "        scales = builder.shuffle_vector(scales, _ir.Constant(floats, _ir.Undefined),",
-    "                                        _ir.Constant(ints, None))",
-    "        values = builder.bitcast(builder.gep(buf_v, [j_v]), floats.as_pointer())",
-    "        unit = builder.bitcast(builder.fdiv(builder.load(values, align=4), scales), ints)",
+    "        unit = builder.bitcast(_divided(builder, buf_v, j_v, scale_v, floats), ints)",
     "        index = builder.and_(builder.lshr(unit, splat(" f"{32 - CODE_TABLE_BITS}" ", ints)),",
     "                             splat(" f"{(1 << CODE_TABLE_BITS) - 1}" ", ints))",
     "        entry = builder.call(gather, [_ir.Constant(ints, None), builder.bitcast(",
@@ -445,12 +452,7 @@ _DEQUANT64_PRELUDE = [
     "        def splat(value):",
     "            return _ir.Constant(ints, [value] * 16)",
     "",
-    "        scales = builder.insert_element(_ir.Constant(floats, _ir.Undefined), scale_v,",
-    "                                        _ir.Constant(i32, 0))",
-    "        scales = builder.shuffle_vector(scales, _ir.Constant(floats, _ir.Undefined),",
-    "                                        _ir.Constant(ints, None))",
-    "        values = builder.bitcast(builder.gep(buf_v, [j_v]), floats.as_pointer())",
-    "        unit = builder.fdiv(builder.load(values, align=4), scales)",
+    "        unit = _divided(builder, buf_v, j_v, scale_v, floats)",
     "        p = splat(0)",
     "        for step in (8, 4, 2, 1):",
     "            m = builder.call(permute, [table, builder.add(p, splat(step - 1))])",
@@ -617,7 +619,7 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         # over the block fewer: 0.1 ns an element less for 8-bit Adam here).
         # With vbmi, _codes8 codes the first count & -8 values (into the codes or the
         # nibble buffer); the loops below the rest.
-        first = "full" if vbmi and dtype == "float32" else "0"
+        first = "full" if vbmi else "0"
         target = f"qv_{a}" if bits == 8 else "nibble"
         if dtype == "float32":
             if vbmi and bits == 8:
@@ -759,21 +761,19 @@ class NumbaImplementation(FusedImplementation):
         elements, the loop :meth:`thread_choice` finds faster now for that kernel
         (multi-threaded or not)."""
         launches = 0
-        for kernels, hoisted, arrays in tensors:
-            # The kernels of matrices of one element, compiled (once) before anything is
-            # written, as ready() does for the others.
-            if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1 \
-                    and kernels.one_element is not None:
+        # Matrices of one element take the elementwise kernels of the same body, over the
+        # row and column states as arrays of the parameter's size: compiled (once) before
+        # anything is written, as ready() does for the others.
+        collapsed = [_one_element(kernels, arrays) for kernels, _, arrays in tensors]
+        for one, (_, hoisted, arrays) in zip(collapsed, tensors):
+            if one is not None:
                 large = arrays[0].size >= _PARALLEL_MIN_SIZE
-                self.ready(kernels.one_element, arrays[0].dtype, len(arrays) - 2, len(hoisted),
-                           not large, large)
-        for kernels, hoisted, arrays in tensors:
+                self.ready(one, arrays[0].dtype, len(arrays) - 2, len(hoisted), not large,
+                           large)
+        for one, (kernels, hoisted, arrays) in zip(collapsed, tensors):
             large = arrays[0].size >= _PARALLEL_MIN_SIZE
-            if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1 \
-                    and kernels.one_element is not None:
-                # Matrices of one element: the elementwise kernels of the same body, over
-                # the row and column states as arrays of the parameter's size.
-                launches += self._staged(kernels.one_element, arrays[:-2], hoisted, large)
+            if one is not None:
+                launches += self._staged(one, arrays[:-2], hoisted, large)
             elif type(kernels) is _factored.FactoredKernels:
                 # Every pass in one call (the arrays end with the matrix's rows and columns);
                 # large ones (from the factored loops' own size) on the loop timed faster
@@ -978,6 +978,14 @@ class NumbaImplementation(FusedImplementation):
             return False
         flags = grad.flags
         return flags.c_contiguous and flags.writeable and flags.aligned
+
+
+def _one_element(kernels: Any, arrays: tuple) -> _Kernels | None:
+    """The elementwise kernels of factored ``kernels`` for a tensor whose matrices have one
+    element (its arrays end with the matrix's rows and columns), else None."""
+    if type(kernels) is _factored.FactoredKernels and arrays[-2] == arrays[-1] == 1:
+        return kernels.one_element
+    return None
 
 
 def _run_staged(kernels: _Kernels, arrays: tuple, hoisted: list, parallel: bool) -> None:

@@ -270,11 +270,17 @@ def _gated(param, grad, buffer, *, lr):
     return param, buffer
 
 
-class _Gated(optim_core.Optimizer):
-    rule = _gated
+def _with_lr(rule):
+    """An optimizer of ``rule``, whose one hyperparameter is ``lr``."""
+    class WithLr(optim_core.Optimizer):
+        def __init__(self, params, lr=0.1, **options):
+            super().__init__(params, dict(lr=lr), **options)
 
-    def __init__(self, params, lr=0.1, **options):
-        super().__init__(params, dict(lr=lr), **options)
+    WithLr.rule = rule
+    return WithLr
+
+
+_Gated = _with_lr(_gated)
 
 
 def test_what_only_a_where_condition_reads_is_loaded_and_computed_by_the_kernels():
@@ -306,11 +312,7 @@ def _thresholded(param, grad, buffer, *, lr):
     return param, buffer
 
 
-class _Thresholded(optim_core.Optimizer):
-    rule = _thresholded
-
-    def __init__(self, params, lr=0.1, **options):
-        super().__init__(params, dict(lr=lr), **options)
+_Thresholded = _with_lr(_thresholded)
 
 
 def test_a_reduction_read_in_a_where_condition_is_computed_in_an_earlier_pass():
