@@ -36,11 +36,13 @@ from ._quantized import is_quantized
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
-__all__ = ["FusedImplementation", "StateDict", "state_writes"]
+__all__ = ["FusedImplementation", "StateDict", "state_writes", "STATE_WRITES"]
 
 #: How many writes any :class:`StateDict` has seen (one shared count: a state dict may
 #: be shared by several optimizers, and any write must reach every plan that uses it).
 _STATE_WRITES = [0]
+#: The count itself, for a reader that compares it every step (one item read, no call).
+STATE_WRITES = _STATE_WRITES
 
 
 def state_writes() -> int:

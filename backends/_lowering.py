@@ -69,8 +69,8 @@ if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
 
 __all__ = ["Kernel", "Reduction", "ReductionPass", "HostProgram", "lower", "host_programs",
-           "render", "reductions_taken", "unsupported_reason", "ELEMENTWISE_OPERATIONS",
-           "lower_stages", "StagedKernel", "MatrixStep"]
+           "program_entry", "known_program", "render", "reductions_taken", "unsupported_reason",
+           "ELEMENTWISE_OPERATIONS", "lower_stages", "StagedKernel", "MatrixStep"]
 
 #: Operations an emitter must implement (``lerp`` is expanded before emission).
 ELEMENTWISE_OPERATIONS = ("sqrt", "abs", "maximum", "minimum", "sign", "where")
@@ -515,6 +515,20 @@ def _host_program(rule: UpdateRule, key: tuple, trace: list) -> HostProgram:
 
 #: (rule function, present states) -> [index of the last one used, [HostProgram, ...]].
 _HOST_PROGRAMS: dict[tuple[Any, frozenset[str]], list] = {}
+
+
+def program_entry(rule: UpdateRule, present: frozenset[str]) -> list:
+    """The live record of ``rule``'s host programs with ``present`` states, ``[index of
+    the last one used, [HostProgram, ...]]``, which :func:`lower` extends: kept by a step
+    plan, so a step finds its program without hashing the rule and the states again."""
+    return _HOST_PROGRAMS.setdefault((rule.function, present), [0, []])
+
+
+def known_program(entry: list, scalars: Mapping[str, Any]) -> tuple | None:
+    """``(key, hoisted)`` from a kept host program of ``entry`` (:func:`program_entry`)
+    that takes these scalars, or None (then :func:`lower` walks the rule)."""
+    found = _known_program(entry, scalars)
+    return None if found is None else found[:2]
 
 
 def host_programs(rule: UpdateRule, present: frozenset[str] | set[str]) -> list[HostProgram]:

@@ -44,7 +44,7 @@ from . import _factored, _numba_plan
 from ._fused import FusedImplementation
 from ._generic import PreparedStep
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
-from ._lowering import Kernel, lower, render
+from ._lowering import Kernel, known_program, lower, program_entry, render
 from ._numba_operations import OPERATION_HELPERS
 from ._quantized import BLOCK_SIZES, CODE_TABLE_BITS, code_table, quantization_map
 
@@ -74,13 +74,15 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     ``r`` are the values of the kernel's reductions; each reduction stage ``p`` has
     ``reduce{p}`` and ``reduce{p}_serial`` (same arrays and ``h``, the ``r`` of earlier
     stages), returning the float64 sums of its reductions (of squares for a norm). A
-    kernel without reductions also has ``kernel_table(table, first, last, h0, ...)``,
+    kernel without reductions also has ``kernel_table(table, first, last, x0, ...)``,
     the same loop on the calling thread over rows ``first .. last - 1`` of an int64
     table of tensors (each row: the size, then the address of each array in the
-    kernel's order), ``kernel_parts(table, parts, h0, ...)``, the same loop on all
+    kernel's order), ``kernel_parts(table, parts, x0, ...)``, the same loop on all
     threads over ``parts`` of those rows (each part a stretch of equal length of the
     rows laid end to end, see :func:`~optim_core.backends._numba_plan.table_parts`),
-    and ``finite_table`` (see below), for step plans.
+    and ``finite_table`` (see below), for step plans; these two take the hoisted values
+    as float64 ``x``, each rounded to ``dtype`` once (``h = T(x)``, as the host rounds
+    them for the others).
     """
     arrays = ", ".join(f"a_{a}" for a in kernel.arrays)
     hoisted = "".join(f", h{i}" for i in range(kernel.n_hoisted))
@@ -130,9 +132,14 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
         return "\n".join(lines[:-2]) + "\n"  # step plans take no kernel with reductions
     # And over a table of tensors (rows first .. last - 1): size, then each array's address
     # in the kernel's order. A step plan checked every address and size just before.
+    # Their hoisted values come as float64 (the host's Python floats, with no conversion
+    # per step) and are rounded to T here: the same rounding (to nearest) as on the host.
+    wide = "".join(f", x{i}" for i in range(kernel.n_hoisted))
+    narrow = [f"    h{i} = T(x{i})" for i in range(kernel.n_hoisted)]
     lines += [
         decorator.format(False),
-        f"def kernel_table(table, first, last{hoisted}):",
+        f"def kernel_table(table, first, last{wide}):",
+        *narrow,
         "    for t in range(first, last):",
         *(f"        a_{a} = _pointer(table[t, {1 + index}], T(0))"
           for index, a in enumerate(kernel.arrays)),
@@ -148,7 +155,8 @@ def kernel_source(kernel: Kernel, dtype: str) -> str:
     itemsize = np.dtype(dtype).itemsize
     lines += [
         decorator.format(True),
-        f"def kernel_parts(table, parts{hoisted}):",
+        f"def kernel_parts(table, parts{wide}):",
+        *narrow,
         "    for q in numba.prange(parts.shape[0]):",
         "        last = parts[q, 2]",
         "        for t in range(parts[q, 0], last + 1):",
@@ -891,12 +899,12 @@ class NumbaImplementation(FusedImplementation):
         calls = self.table_calls(rule, data, scalars)
         if calls is None:
             return None
-        # An object array holds the gradients (in table order) and is, in memory, the
-        # table of their addresses (ids): made in C, with no Python int per gradient.
-        ordered = np.fromiter(grads if data.order is None else data.order(grads), object,
-                              len(data.keep))
-        if data.check(data.layout, ordered.ctypes.data, data.ids, data.addresses,
-                      data.descrs, data.shapes, data.table) >= 0:
+        # The check reads the gradients' list (or tuple) object itself, held here.
+        ordered = grads if data.order is None else data.order(grads)
+        if (type(ordered) is not list and type(ordered) is not tuple) \
+                or len(ordered) != len(data.keep) \
+                or data.check(data.layout, id(ordered), data.ids, data.addresses,
+                              data.descrs, data.shapes, data.table) >= 0:
             return None
         if finite and any(kernels.finite(data.table, first, last) >= 0
                           for kernels, _, first, last, _, _, _ in calls):
@@ -911,18 +919,44 @@ class NumbaImplementation(FusedImplementation):
     def table_calls(self, rule: UpdateRule, data: Any, scalars: dict[str, Any]
                     ) -> list[tuple] | None:
         """The calls a step of plan ``data`` makes with these scalars, each specialization's
-        loops compiled; None where one has reduction passes (the full path runs it)."""
+        loops compiled; None where one has reduction passes (the full path runs it).
+
+        The plan keeps, per specialization key, its calls but for the hoisted values, and
+        the record of the rule's host programs (:func:`program_entry`): a step whose
+        scalars a kept program takes (every step but the first of a key) runs that program
+        and looks up its calls, with no walk of the rule and no lookup of kernels."""
+        lookups = data.lookups
+        if lookups is None or lookups[0] is not rule:
+            lookups = data.lookups = (rule, program_entry(rule, frozenset(data.names)), {})
+        # The program used last first (keys change rarely), then any kept one.
+        last, programs = lookups[1]
+        program = programs[last] if last < len(programs) else None
+        try:
+            hoisted = None if program is None else program.function(scalars)
+        except KeyError:
+            hoisted = None
+        found = (program.key, hoisted) if hoisted is not None \
+            else known_program(lookups[1], scalars)
+        if found is not None:
+            kept = lookups[2].get(found[0])
+            if kept is not None:
+                hoisted = found[1]
+                return [(kernels, hoisted, *call) for kernels, call in kept]
         present = frozenset(data.names)
-        calls = []
+        key = lower(rule, scalars, present, build=False)[0]
+        calls, kept = [], []
         for (dtype, first, last, parts, size), choice in zip(data.specs, data.choices):
             kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
             if kernels.table is None:
                 return None
-            hoisted = list(map(dtype.type, hoisted))
+            # Python floats: the table loops round them to the kernel's dtype themselves.
+            hoisted = list(map(float, hoisted))
             if kernels not in data.ready:
-                self._ready_table(kernels, dtype, len(hoisted), parts is not None)
+                self._ready_table(kernels, len(hoisted), parts is not None)
                 data.ready.add(kernels)
             calls.append((kernels, hoisted, first, last, parts, size, choice))
+            kept.append((kernels, (first, last, parts, size, choice)))
+        lookups[2][key] = kept
         return calls
 
     def run_table(self, calls: list[tuple], data: Any) -> None:
@@ -939,20 +973,23 @@ class NumbaImplementation(FusedImplementation):
                             (table, first, last, *hoisted))
         self.launches += len(calls)
 
-    def _ready_table(self, kernels: _Kernels, dtype: np.dtype, n_hoisted: int,
-                     parallel: bool) -> None:
-        """Compile the table loops: on the calling thread, and over parts on all threads."""
+    def _ready_table(self, kernels: _Kernels, n_hoisted: int, parallel: bool) -> None:
+        """Compile the table loops: on the calling thread, and over parts on all threads
+        (their hoisted values float64, whatever the arrays' dtype)."""
         import numba
 
         rows = (numba.types.Array(numba.types.int64, 2, "C"), numba.types.int64,
                 numba.types.int64)
-        scalars = (numba.from_dtype(dtype),) * n_hoisted
+        scalars = (numba.types.float64,) * n_hoisted
         if not kernels.finite.overloads:
             kernels.finite.compile(rows)
-        if not kernels.table.overloads:
-            kernels.table.compile(rows + scalars)
-        if parallel and not kernels.parts.overloads:
-            kernels.parts.compile(rows[:1] * 2 + scalars)
+        # Compiled once; then a call with other argument types (an int among the hoisted
+        # values) converts them to these instead of compiling another signature mid-step.
+        for loop, signature in ((kernels.table, rows + scalars),
+                                (kernels.parts if parallel else None, rows[:1] * 2 + scalars)):
+            if loop is not None and signature not in loop.overloads:
+                loop.compile(signature)
+                loop.disable_compile()
 
     def kernel_array(self, array: Any) -> Any:
         """The kernel's 1-D view of a C-contiguous array."""

@@ -202,6 +202,7 @@ def test_a_loaded_state_dict_is_stepped_from():
 
 
 def test_a_tensor_the_kernels_cannot_take_is_not_planned_and_still_steps():
+    torch.manual_seed(0)
     params = [torch.randn(4, 3).requires_grad_(),
               torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()]
     reference = [p.detach().clone().contiguous().requires_grad_() for p in params]
@@ -215,5 +216,7 @@ def test_a_tensor_the_kernels_cannot_take_is_not_planned_and_still_steps():
         ours.step()
         theirs.step()
     assert ours._plans == {}
+    # float32 through another order of operations than torch's: a few ulps apart (with
+    # unseeded data 1e-6 failed about once in 15 runs, at 2.4e-6).
     for p, q in zip(params, reference):
-        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-5)

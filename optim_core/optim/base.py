@@ -57,6 +57,7 @@ from ..backends._quantized import (
     new_quantized_state,
 )
 from ..backends._rounding import COMPENSATION, Rounding, is_16bit
+from ._steady import SteadyRecord
 from .flat import FlatStorage
 from .language import UpdateRule
 from .memory import check_no_overlap
@@ -332,6 +333,7 @@ class Optimizer:
     @nonfinite.setter
     def nonfinite(self, value: str) -> None:
         self._nonfinite = _checks.choice("nonfinite", value, _NONFINITE_POLICIES)
+        self._steady: SteadyRecord | None = None  # it records the policy
 
     @property
     def params(self) -> list[Any] | dict[str, Any]:
@@ -455,6 +457,7 @@ class Optimizer:
         state = self.__dict__.copy()
         del state["_lock"]
         state["_caches"] = [{} for _ in state["_caches"]]
+        state["_steady"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -499,6 +502,10 @@ class Optimizer:
         length and keys); the implementation checks each gradient against its parameter
         in one compiled pass, with the parameters and states.
         """
+        steady = self._steady
+        if steady is not None and steady.holds(self):
+            return self._steady_step(steady, grads)
+        self._steady = None
         implementation = self.implementation
         if not getattr(implementation, "keeps_plans", False) or self._flat is not None \
                 or self.rounding != "nearest" or not self._plannable:
@@ -507,37 +514,75 @@ class Optimizer:
         # leaves a step that has one that is not to the full path, which skips or raises.
         finite = self._nonfinite != "propagate"
         self._check_group_structure()
-        names = self._names
-        if self._keyed:
-            if type(grads) is not dict or len(grads) != len(names):
-                return None
-            try:
-                given = list(map(grads.__getitem__, names))
-            except KeyError:
-                return None
-        else:
-            if (type(grads) is not list and type(grads) is not tuple) \
-                    or len(grads) != len(names):
-                return None
-            given = grads
-        prepared, position = [], 0
+        given = self._given_grads(grads)
+        if given is None:
+            return None
+        prepared, position, plans, needed = [], 0, [], []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             count = len(params)
             scalars, after = self.step_scalars(group, self.group_state[index])
+            active = self._required_states | self.active_states(group)
+            cache = self._caches[index]
             ready = implementation.plan_step(
                 self.rule, params, given[position:position + count], self.state[index],
-                scalars, self._required_states | self.active_states(group),
-                self._known[index], self._shapes[index], self._caches[index], finite)
+                scalars, active, self._known[index], self._shapes[index], cache, finite)
             if ready is None:
                 return None
             prepared.append((index, ready, after))
+            plan = cache.get("plan")
+            plans.append(None if plan is None else plan.data)
+            needed.append(active)
             position += count
         # Everything is checked and ready: from here on the step writes.
         for index, ready, after in prepared:
             ready.run()
             self.group_state[index].update(after)
+        if all(data is not None for data in plans):
+            self._steady = SteadyRecord(self, plans, needed)
         return self.params
+
+    def _steady_step(self, steady: SteadyRecord, grads: Any) -> list[Any] | dict[str, Any] | None:
+        """:meth:`_planned_step` on the structure and plans ``steady`` recorded (it holds):
+        the scalars derived, the gradients and planned arrays checked (compiled), then the
+        kernels run; None, having written nothing, where a check fails."""
+        given = self._given_grads(grads)
+        if given is None:
+            return None
+        implementation, rule, finite = self.implementation, self.rule, steady.finite
+        group_state = self.group_state
+        prepared, position = [], 0
+        for index, (group, data, count, (params, _)) in enumerate(
+                zip(steady.groups, steady.plans, steady.counts, steady.params)):
+            scalars, after = self.step_scalars(group, group_state[index])
+            ready = implementation.planned_step(
+                rule, data, given if count == len(given) else given[position:position + count],
+                scalars, params, finite)
+            if ready is None:
+                return None
+            prepared.append((ready, after))
+            position += count
+        # Everything is checked and ready: from here on the step writes.
+        for index, (ready, after) in enumerate(prepared):
+            ready.run()
+            group_state[index].update(after)
+        # The parameters as self.params gives them: those recorded (holds() saw them).
+        return dict(zip(self._names, steady.flat)) if self._keyed else list(steady.flat)
+
+    def _given_grads(self, grads: Any) -> Sequence[Any] | None:
+        """The gradients in parameter order, if ``grads`` has the parameters' structure
+        (a list or tuple of their number, or a dict of their names); else None."""
+        names = self._names
+        if self._keyed:
+            if type(grads) is not dict or len(grads) != len(names):
+                return None
+            try:
+                return list(map(grads.__getitem__, names))
+            except KeyError:
+                return None
+        if (type(grads) is not list and type(grads) is not tuple) or len(grads) != len(names):
+            return None
+        return grads
 
     def _check_group_structure(self) -> None:
         """The groups, their parameter lists and states are still the optimizer's."""
@@ -791,6 +836,7 @@ class Optimizer:
         self._names = [n for g in self.param_groups for n in g["names"]]
         self._shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
         self._caches: list[dict] = [{} for _ in self.param_groups]
+        self._steady = None
 
     def _scalar_sources(self) -> list[tuple[str, str | None, int | None]]:
         """Where each of the rule's scalars comes from: ``(name, hyperparameter, part)``;

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from .. import _checks
 
 __all__ = ["ParamGroup", "GroupSchema", "Hyperparameter", "HYPERPARAMETERS", "SCHEDULER_KEYS",
-           "STRUCTURE_KEYS"]
+           "STRUCTURE_KEYS", "GROUP_WRITES"]
 
 
 class Hyperparameter(NamedTuple):
@@ -165,6 +165,11 @@ class GroupSchema:
         return (GroupSchema, (self.optimizer, sorted(self.hyperparameters)))
 
 
+#: How many writes any :class:`ParamGroup` has seen (one count for all: a step's kept
+#: record of what the hyperparameters imply, see :mod:`.steady`, is valid while it stands).
+GROUP_WRITES = [0]
+
+
 class ParamGroup(MutableMapping):
     """One param group: ``params``, ``names`` and hyperparameters, checked when written.
 
@@ -213,6 +218,7 @@ class ParamGroup(MutableMapping):
         checked = schema.check(key, value)
         if key in schema.related:
             schema.optimizer.check_relations({**self._values, key: checked})
+        GROUP_WRITES[0] += 1
         self._values[key] = checked
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
@@ -222,6 +228,7 @@ class ParamGroup(MutableMapping):
         items = dict(other, **kwargs)
         checked = {key: self._schema.check(key, value) for key, value in items.items()}
         self._schema.optimizer.check_relations({**self._values, **checked})
+        GROUP_WRITES[0] += 1
         self._values.update(checked)
 
     def __delitem__(self, key: str) -> None:
@@ -231,6 +238,7 @@ class ParamGroup(MutableMapping):
             raise ValueError(f"{key!r} cannot be removed from a param group: every group "
                              "holds its params, their names and all hyperparameters of "
                              f"{self._schema.optimizer.__name__}")
+        GROUP_WRITES[0] += 1
         del self._values[key]
 
     def setdefault(self, key: str, default: Any = None) -> Any:
@@ -251,4 +259,5 @@ class ParamGroup(MutableMapping):
 
     def _store_params(self, params: Iterable[Any]) -> None:
         """The optimizer's own write of new parameter arrays (immutable libraries)."""
+        GROUP_WRITES[0] += 1
         self._values["params"] = list(params)
