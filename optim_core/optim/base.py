@@ -466,9 +466,18 @@ class Optimizer:
 
     # ----------------------------------------------------------------- the step
     def _step(self, grads: Any) -> list[Any] | dict[str, Any]:
-        planned = self._planned_step(grads)
-        if planned is not None:
-            return planned
+        steady = self._steady
+        if steady is not None and steady.holds(self):
+            planned = self._steady_step(steady, grads)
+            if planned is not None:
+                return planned
+            # A gradient or array the plans do not take now: the full path below, as the
+            # plans themselves would decline it for the same reason.
+        else:
+            self._steady = None
+            planned = self._planned_step(grads)
+            if planned is not None:
+                return planned
         self._check_group_structure()
         flat = self._flat
         # The optimizer's own gradient views need no checks: hundreds of tensors cost
@@ -497,15 +506,13 @@ class Optimizer:
         """The step through each group's kept plan (see
         :meth:`~optim_core.backends._fused.FusedImplementation.plan_step`), or None, having
         written nothing, where a plan does not apply: then the full path checks everything.
+        Where every group has a plan, the step leaves a :class:`SteadyRecord` for the next
+        (:meth:`_steady_step`).
 
         Only the gradients' structure is looked at here (a list or dict of the right
         length and keys); the implementation checks each gradient against its parameter
         in one compiled pass, with the parameters and states.
         """
-        steady = self._steady
-        if steady is not None and steady.holds(self):
-            return self._steady_step(steady, grads)
-        self._steady = None
         implementation = self.implementation
         if not getattr(implementation, "keeps_plans", False) or self._flat is not None \
                 or self.rounding != "nearest" or not self._plannable:
