@@ -72,6 +72,38 @@ def test_invalid_hyperparameter_is_refused_when_written_and_changes_nothing():
     assert opt.group_state[0]["step"] == 0
 
 
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_optimizer_continues_the_same_run(name, how):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(1)
+    grads = [[rng.standard_normal(6), rng.standard_normal((2, 3))] for _ in range(8)]
+    params = [np.linspace(-1, 1, 6), np.linspace(0, 1, 6).reshape(2, 3)]
+    opt = getattr(optim_core, name)(params)
+    for g in grads[:4]:
+        opt.step(g)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert all(a is not b for a, b in zip(twin.params, opt.params, strict=True))
+    assert twin.implementation.name == opt.implementation.name
+    for g in grads[4:]:
+        opt.step(g)
+        twin.step(g)
+    for a, b in zip(opt.params, twin.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert twin.group_state == opt.group_state
+
+
+def test_a_flat_optimizer_refuses_to_be_copied_rather_than_lose_its_views():
+    import copy
+
+    opt = optim_core.Adam([np.ones(3), np.ones(2)], flat=True)
+    with pytest.raises(TypeError, match="flat=True cannot be copied"):
+        copy.deepcopy(opt)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip_resumes_exactly(name):
     rng = np.random.default_rng(0)

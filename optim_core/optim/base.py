@@ -452,17 +452,35 @@ class Optimizer:
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         return f"{type(self).__name__}({hyper}, impl={self.implementation.name!r})"
 
-    # Copies and pickles get a lock of their own, and no cached per-step records.
+    # Copies and pickles get a lock of their own and no cached per-step records; the
+    # namespace, backend and implementation (modules and compiled kernels) travel by name
+    # and are found again from the parameters, as when the optimizer was made.
     def __getstate__(self) -> dict[str, Any]:
+        if self._flat is not None:
+            raise TypeError(f"a {type(self).__name__} with flat=True cannot be copied or "
+                            "pickled: its parameters are views of its buffers, which a copy "
+                            "would not keep; copy its state_dict() instead")
         state = self.__dict__.copy()
         del state["_lock"]
         state["_caches"] = [{} for _ in state["_caches"]]
         state["_steady"] = None
+        for key in ("_xp", "backend", "implementation", "implementation_reason"):
+            state.pop(key, None)
+        state["_backend_name"] = self.backend.name
+        state.pop("_plannable", None)  # a cached property, found again
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        backend = state.pop("_backend_name", None)
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        if backend is not None:
+            arrays = [p for group in self.param_groups for p in group["params"]]
+            self._xp = ns.common_namespace(arrays, self._names)
+            self.backend = backends.select_backend(backend, self._xp)
+            self.implementation, self.implementation_reason = \
+                backends.select_implementation(self.impl, self.backend, self.rule)
 
     # ----------------------------------------------------------------- the step
     def _step(self, grads: Any) -> list[Any] | dict[str, Any]:
