@@ -680,14 +680,25 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         lines_block.append(f"{indent}    {target} = v_{kernel.results[a]}")
     lines_block += [f"{indent}    x_{a} = max(x_{a}, _bits(v_{kernel.results[a]}) & {magnitude})"
                     for a in requantized]
+    def scale(a: str) -> list[str]:
+        return [f"{indent}amax_{a} = np.float32(_from_bits(x_{a}, T(0)))",
+                f"{indent}m_{a}[b] = amax_{a}",
+                f"{indent}scale_{a} = T(amax_{a})",
+                f"{indent}if not scale_{a} > 0:",
+                f"{indent}    scale_{a} = T(1)"]
+
+    # With vbmi at 8 bits, one loop codes 64 values of every state an iteration
+    # (_codes64): each state's chain of dependent steps beside the others' (3% less
+    # time for Adam than a loop a state here).
+    together = vbmi and bits == 8 and dtype == "float32"
+    if together and requantized:
+        lines_block += [line for a in requantized for line in scale(a)]
+        lines_block += [f"{indent}full = count & -64", f"{indent}for j in range(0, full, 64):"]
+        lines_block += [f"{indent}    _codes64(pl_{a}, buf_{a}, j, scale_{a}, qv_{a})"
+                        for a in requantized]
     for a in requantized:
-        lines_block += [
-            f"{indent}amax_{a} = np.float32(_from_bits(x_{a}, T(0)))",
-            f"{indent}m_{a}[b] = amax_{a}",
-            f"{indent}scale_{a} = T(amax_{a})",
-            f"{indent}if not scale_{a} > 0:",
-            f"{indent}    scale_{a} = T(1)",
-        ]
+        if not together:
+            lines_block += scale(a)
         divide = [f"{indent}for j in range(count):",
                   f"{indent}    buf_{a}[j] = buf_{a}[j] / scale_{a}"]
         # The codes, without branches. In float32 one lookup a value, into a stack
@@ -702,11 +713,7 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         first = "full" if vbmi else "0"
         target = f"qv_{a}" if bits == 8 else "nibble"
         if dtype == "float32":
-            if vbmi and bits == 8:
-                lines_block += [f"{indent}full = count & -64",
-                                f"{indent}for j in range(0, full, 64):",
-                                f"{indent}    _codes64(pl_{a}, buf_{a}, j, scale_{a}, {target})"]
-            elif vbmi:
+            if vbmi and bits == 4:
                 lines_block += [f"{indent}full = count & -16",
                                 f"{indent}for j in range(0, full, 16):",
                                 f"{indent}    _codes16(mid_{a}, buf_{a}, j, scale_{a}, {target})"]
