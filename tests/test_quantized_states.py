@@ -320,7 +320,7 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     results = []
     for vbmi in (True, False):
         source = quantized_kernel_source(kernel, "float32", layout, vbmi=vbmi)
-        assert ("_dequant64(" in source) == vbmi and ("_codes64(" in source) == vbmi
+        assert ("_dequant64(" in source) == vbmi and ("_lookup64(" in source) == vbmi
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
         module = import_kernel_module(f"optim_core_test_dequant_{digest}", source,
                                       ("kernel_serial",))
@@ -334,19 +334,23 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
         assert ours.tobytes() == theirs.tobytes()
 
 
-#: Appended to a generated 8-bit module: the codes _codes64 writes for values / scale,
+#: Appended to a generated 8-bit module: the codes _codes64 (_codes64_mirrored for a
+#: signed map) writes for values / scale,
 #: 256 (a block's stack buffer) at a time.
 _CODES64_PROBE = """
 
 @numba.njit(cache=False)
-def codes_of(planes, values, scale, out):
+def codes_of(planes, values, scale, out, signed):
     buf = _stack(T(0))
     for start in range(0, values.shape[0], 256):
         for k in range(256):
             buf[k] = values[start + k]
         view = out[start:start + 256]
         for j in range(0, 256, 64):
-            _codes64(planes, buf, j, scale, view)
+            if signed:
+                _codes64_mirrored(planes, buf, j, scale, view)
+            else:
+                _codes64(planes, buf, j, scale, view)
 """
 
 
@@ -400,7 +404,7 @@ def test_the_vbmi_8bit_codes_are_the_nearest_entrys_at_every_midpoint():
                 values = (x.astype(np.float64) * scale).astype(np.float32)
                 unit = values / np.float32(scale)
             codes = np.empty(x.size, np.uint8)
-            module.codes_of(planes, values, np.float32(scale), codes)
+            module.codes_of(planes, values, np.float32(scale), codes, signed)
             expected = np.searchsorted(mids, unit, side="left")
             expected[np.isinf(unit)] = mids.size  # as code_table
             wrong = np.flatnonzero(codes != expected)
