@@ -46,7 +46,15 @@ from ._generic import PreparedStep
 from ._kernel_cache import KernelCacheWarning, cache_directory, import_kernel_module
 from ._lowering import Kernel, known_program, lower, program_entry, render
 from ._numba_operations import OPERATION_HELPERS
-from ._quantized import BLOCK_SIZES, CODE_TABLE_BITS, code_table, quantization_map
+from ._quantized import (
+    BLOCK_SIZES,
+    CODE_TABLE_BITS,
+    ESTIMATE_OCTAVES,
+    code_estimate,
+    code_table,
+    midpoints,
+    quantization_map,
+)
 
 if TYPE_CHECKING:
     from optim_core.optim.language import UpdateRule
@@ -323,9 +331,10 @@ _QUANTIZED_PRELUDE = [
 ]
 
 
-#: The dequantizing lookup of 64 float32 codes without a gather, and the codes of 8 values
-#: by one 8-lane gather of code_table (see :func:`quantized_kernel_source`):
-#: ``_dequant64(codes, j, planes, out, scale)``, ``_codes8(table, buf, j, scale, out)``.
+#: The dequantizing lookup of 64 float32 codes, and the 8-bit codes of 64 values, in
+#: registers with no gather (see :func:`quantized_kernel_source`):
+#: ``_dequant64(codes, j, planes, out, scale)``, ``_codes64(planes, buf, j, scale, out)``;
+#: and the 4-bit codes of 16, ``_codes16(mids, buf, j, scale, out)``.
 _DEQUANT64_PRELUDE = [
     "def _broadcast(builder, value, vector):",
     "    # A vector of that type with value (a scalar of its element type) in every lane.",
@@ -342,20 +351,70 @@ _DEQUANT64_PRELUDE = [
     "    return builder.fdiv(builder.load(values, align=4), _broadcast(builder, scale_v, floats))",
     "",
     "",
+    "def _lookup64(builder, table, index, mirrored=False):",
+    "    # table[index[k]] for the 64 bytes of index (a <64 x i8>), with no gather: byte p",
+    "    # of each of the 256 float32 entries is a 256-byte plane (table[256 p:256 (p + 1)],",
+    "    # table an i8 pointer; four registers), looked up for 64 indices at once by two",
+    "    # vpermi2b (AVX512-VBMI; entries below and from 128) and a select on each index's",
+    "    # top bit; the four bytes of each entry are then interleaved into a float32.",
+    "    # Returns four <16 x float>, entries 16 r to 16 r + 15 in r. mirrored: the planes",
+    "    # hold entries 127 to 254 only, entry c < 127 being minus entry 253 - c (a signed",
+    "    # map's midpoints): one vpermi2b a plane, and the sign bit flipped below 127.",
+    "    i8, i32 = _ir.IntType(8), _ir.IntType(32)",
+    "    bytes64 = _ir.VectorType(i8, 64)",
+    "    permute = _cgutils.get_or_insert_function(",
+    "        builder.module, _ir.FunctionType(bytes64, [bytes64] * 3),",
+    "        'llvm.x86.avx512.vpermi2var.qi.512')",
+    "    # Indices in the order the in-lane unpacks below put back in order: 4-byte group",
+    "    # 4 L + r (lane L, register r) takes group 4 r + L.",
+    "    index = builder.shuffle_vector(index, _ir.Constant(bytes64, _ir.Undefined),",
+    "                                   _ir.Constant(_ir.VectorType(i32, 64), [",
+    "                                       16 * (k // 4 % 4) + 4 * (k // 16) + k % 4",
+    "                                       for k in range(64)]))",
+    "    table = builder.bitcast(table, bytes64.as_pointer())",
+    "    if mirrored:",
+    "        index = builder.sub(index, _ir.Constant(bytes64, [127] * 64))",
+    "        below = builder.icmp_signed('<', index, _ir.Constant(bytes64, None))",
+    "        index = builder.select(below, builder.not_(index), index)",
+    "    else:",
+    "        upper = builder.icmp_signed('<', index, _ir.Constant(bytes64, None))",
+    "    planes = []",
+    "    for p in range(4):",
+    "        t = [builder.load(builder.gep(table, [_ir.Constant(i32, 4 * p + h)]), align=1)",
+    "             for h in range(2 if mirrored else 4)]",
+    "        if mirrored:",
+    "            planes.append(builder.call(permute, [t[0], index, t[1]]))",
+    "        else:",
+    "            planes.append(builder.select(upper, builder.call(permute, [t[2], index, t[3]]),",
+    "                                         builder.call(permute, [t[0], index, t[1]])))",
+    "    if mirrored:",
+    "        planes[3] = builder.xor(planes[3], builder.select(below, _ir.Constant(",
+    "            bytes64, [128] * 64), _ir.Constant(bytes64, None)))",
+    "",
+    "    def unpack(a, b, width, high):",
+    "        # x86's punpckl/punpckh: within each 16-byte lane, a's and b's low (high)",
+    "        # halves of elements of width bytes, alternately.",
+    "        n, half = 64 // width, 8 // width",
+    "        mask = [base + 16 // width * lane + half * high + t",
+    "                for lane in range(4) for t in range(half) for base in (0, n)]",
+    "        return builder.shuffle_vector(a, b, _ir.Constant(_ir.VectorType(i32, n), mask))",
+    "",
+    "    words = _ir.VectorType(_ir.IntType(16), 32)",
+    "    pairs = [builder.bitcast(unpack(planes[h], planes[h + 1], 1, high), words)",
+    "             for high in (0, 1) for h in (0, 2)]",
+    "    floats16 = _ir.VectorType(_ir.FloatType(), 16)",
+    "    return [builder.bitcast(unpack(pairs[2 * (r // 2)], pairs[2 * (r // 2) + 1], 2, r % 2),",
+    "                            floats16) for r in range(4)]",
+    "",
+    "",
     "@_intrinsic",
     "def _dequant64(typingctx, codes, j, planes, out, scale):",
-    "    # out[j + k] = map[codes[j + k]] * scale for k < 64, with no gather: byte p of",
-    "    # each map entry is a 256-byte plane (planes[256 p:256 (p + 1)], four registers),",
-    "    # looked up for 64 codes at once by two vpermi2b (AVX512-VBMI; entries below and",
-    "    # from 128) and a select on each code's top bit; the four bytes of each entry are",
-    "    # then interleaved into a float32 and multiplied (float32, as map[c] * scale).",
+    "    # out[j + k] = map[codes[j + k]] * scale for k < 64, with no gather: the map's",
+    "    # entries by _lookup64 over its byte planes (planes[:1024]), multiplied in float32",
+    "    # (as map[c] * scale).",
     "    def codegen(context, builder, signature, args):",
     "        codes_v, j_v, planes_v, out_v, scale_v = args",
-    "        i8, i32 = _ir.IntType(8), _ir.IntType(32)",
-    "        bytes64 = _ir.VectorType(i8, 64)",
-    "        permute = _cgutils.get_or_insert_function(",
-    "            builder.module, _ir.FunctionType(bytes64, [bytes64] * 3),",
-    "            'llvm.x86.avx512.vpermi2var.qi.512')",
+    "        bytes64 = _ir.VectorType(_ir.IntType(8), 64)",
     "        if isinstance(signature.args[0], _types.CPointer):",
     "            source = codes_v",
     "        else:",
@@ -363,36 +422,9 @@ _DEQUANT64_PRELUDE = [
     "        table = context.make_array(signature.args[2])(context, builder, planes_v).data",
     "        index = builder.load(builder.bitcast(builder.gep(source, [j_v]),",
     "                                             bytes64.as_pointer()), align=1)",
-    "        # Codes in the order the in-lane unpacks below put back in order: 4-byte",
-    "        # group 4 L + r (lane L, register r) takes group 4 r + L.",
-    "        index = builder.shuffle_vector(index, _ir.Constant(bytes64, _ir.Undefined),",
-    "                                       _ir.Constant(_ir.VectorType(i32, 64), [",
-    "                                           16 * (k // 4 % 4) + 4 * (k // 16) + k % 4",
-    "                                           for k in range(64)]))",
-    "        upper = builder.icmp_signed('<', index, _ir.Constant(bytes64, None))",
-    "        table = builder.bitcast(table, bytes64.as_pointer())",
-    "        planes = []",
-    "        for p in range(4):",
-    "            t = [builder.load(builder.gep(table, [_ir.Constant(i32, 4 * p + h)]), align=1)",
-    "                 for h in range(4)]",
-    "            planes.append(builder.select(upper, builder.call(permute, [t[2], index, t[3]]),",
-    "                                         builder.call(permute, [t[0], index, t[1]])))",
-    "        def unpack(a, b, width, high):",
-    "            # x86's punpckl/punpckh: within each 16-byte lane, a's and b's low (high)",
-    "            # halves of elements of width bytes, alternately.",
-    "            n, half = 64 // width, 8 // width",
-    "            mask = [base + 16 // width * lane + half * high + t",
-    "                    for lane in range(4) for t in range(half) for base in (0, n)]",
-    "            return builder.shuffle_vector(a, b, _ir.Constant(_ir.VectorType(i32, n), mask))",
-    "",
-    "        words = _ir.VectorType(_ir.IntType(16), 32)",
-    "        pairs = [builder.bitcast(unpack(planes[h], planes[h + 1], 1, high), words)",
-    "                 for high in (0, 1) for h in (0, 2)]",
     "        floats16 = _ir.VectorType(_ir.FloatType(), 16)",
     "        splat = _broadcast(builder, scale_v, floats16)",
-    "        for r in range(4):",
-    "            values = builder.bitcast(unpack(pairs[2 * (r // 2)], pairs[2 * (r // 2) + 1], 2,",
-    "                                            r % 2), floats16)",
+    "        for r, values in enumerate(_lookup64(builder, table, index)):",
     "            target = builder.gep(out_v, [builder.add(j_v, _ir.Constant(j_v.type, 16 * r))])",
     "            builder.store(builder.fmul(values, splat), builder.bitcast(",
     "                target, floats16.as_pointer()), align=4)",
@@ -401,42 +433,102 @@ _DEQUANT64_PRELUDE = [
     "    return _types.void(codes, j, planes, out, scale), codegen",
     "",
     "",
-    "@_intrinsic",
-    "def _codes8(typingctx, table, buf, j, scale, out):",
-    "    # out[j + k] = the code of buf[j + k] / scale for k < 8: the division, code_table's",
-    "    # lookup by one 8-lane gather (AVX2's vpgatherdd ymm; LLVM's 16-lane gathers take",
-    "    # longer an element on Zen 4), and _code's comparison, in registers.",
-    "    def codegen(context, builder, signature, args):",
-    "        table_v, buf_v, j_v, scale_v, out_v = args",
-    "        i8, i32 = _ir.IntType(8), _ir.IntType(32)",
-    "        ints, floats = _ir.VectorType(i32, 8), _ir.VectorType(_ir.FloatType(), 8)",
-    "        gather = _cgutils.get_or_insert_function(",
-    "            builder.module, _ir.FunctionType(ints, [ints, i8.as_pointer(), ints, ints, i8]),",
-    "            'llvm.x86.avx2.gather.d.d.256')",
-    "        base = context.make_array(signature.args[0])(context, builder, table_v).data",
-    "        if isinstance(signature.args[4], _types.CPointer):",
-    "            target = out_v",
-    "        else:",
+    "def _codes64_of(mirrored):",
+    "    # _codes64 (mirrored: _codes64_mirrored, for a signed map: see _lookup64).",
+    "    def codes64(typingctx, planes, buf, j, scale, out):",
+    "        # out[j + k] = the code of x = buf[j + k] / scale for k < 64 at 8 bits, in",
+    "        # registers, no gather (_quantized.code_estimate): the two lines of the pair",
+    "        # of octaves of |x| (e >> 1, clamped to ESTIMATE_OCTAVES) by vpermps from four",
+    "        # 16-entry tables (a register each); j = the whole part of zero + copysign(",
+    "        # min(A1 |x| + B1, A2 |x| + B2), x), held in [0, 254]; the midpoint m_j by",
+    "        # _lookup64 over the midpoints' byte planes (planes[1024:2048]); code = j +",
+    "        # (m_j < x), and, as code_table, the last code where x is an infinity or a",
+    "        # NaN. The tables (rows A1, B1, A2, B2) and zero (float32) follow at",
+    "        # planes[2048:].",
+    "        def codegen(context, builder, signature, args):",
+    "            planes_v, buf_v, j_v, scale_v, out_v = args",
+    "            i8, i32, f32 = _ir.IntType(8), _ir.IntType(32), _ir.FloatType()",
+    "            ints, floats = _ir.VectorType(i32, 16), _ir.VectorType(f32, 16)",
+    "            fma = _cgutils.get_or_insert_function(",
+    "                builder.module, _ir.FunctionType(floats, [floats] * 3), 'llvm.fma.v16f32')",
+    "            permute = _cgutils.get_or_insert_function(",
+    "                builder.module, _ir.FunctionType(floats, [floats, ints]),",
+    "                'llvm.x86.avx512.permvar.sf.512')",
+    "            table = context.make_array(signature.args[0])(context, builder, planes_v).data",
+    "            constants = builder.bitcast(builder.gep(table, [_ir.Constant(i32, 2048)]),",
+    "                                        floats.as_pointer())",
+    "            rows = [builder.load(builder.gep(constants, [_ir.Constant(i32, k)]), align=1)",
+    "                    for k in range(4)]",
+    "            zero = _broadcast(builder, builder.load(builder.gep(builder.bitcast(",
+    "                constants, f32.as_pointer()), [_ir.Constant(i32, 64)]), align=1), floats)",
+    "",
+    "            def splat(value, vector=ints):",
+    "                return _ir.Constant(vector, [value] * 16)",
+    "",
+    f"            first, last = {ESTIMATE_OCTAVES}",
+    "            low, high = splat(0.0, floats), splat(254.0, floats)",
+    "            units, estimates, magnitudes = [], [], []",
+    "            for r in range(4):",
+    "                at = builder.add(j_v, _ir.Constant(j_v.type, 16 * r))",
+    "                unit = _divided(builder, buf_v, at, scale_v, floats)",
+    "                bits = builder.bitcast(unit, ints)",
+    "                magnitude = builder.and_(bits, splat(0x7FFFFFFF))",
+    "                size = builder.bitcast(magnitude, floats)",
+    "                octave = builder.lshr(magnitude, splat(24))",
+    "                octave = builder.select(builder.icmp_signed('<', octave, splat(first)),",
+    "                                        splat(first), octave)",
+    "                octave = builder.select(builder.icmp_signed('>', octave, splat(last)),",
+    "                                        splat(last), octave)",
+    "                # vpermps reads the index's low 4 bits: octave - first, as first % 16 == 0.",
+    "                line = [builder.call(permute, [rows[k], octave]) for k in range(4)]",
+    "                one = builder.call(fma, [size, line[0], line[1]])",
+    "                two = builder.call(fma, [size, line[2], line[3]])",
+    "                least = builder.select(builder.fcmp_ordered('<', one, two), one, two)",
+    "                signed = builder.or_(builder.bitcast(least, ints),",
+    "                                     builder.and_(bits, splat(-0x80000000)))",
+    "                position = builder.fadd(builder.bitcast(signed, floats), zero)",
+    "                # Held in [0, 254] (a NaN to 0): a defined conversion for every x.",
+    "                position = builder.select(builder.fcmp_ordered('>', position, low),",
+    "                                          position, low)",
+    "                position = builder.select(builder.fcmp_ordered('<', position, high),",
+    "                                          position, high)",
+    "                units.append(unit)",
+    "                magnitudes.append(magnitude)",
+    "                estimates.append(builder.fptosi(position, ints))",
+    "            halves = [builder.shuffle_vector(estimates[h], estimates[h + 1], _ir.Constant(",
+    "                _ir.VectorType(i32, 32), list(range(32)))) for h in (0, 2)]",
+    "            every = builder.shuffle_vector(halves[0], halves[1], _ir.Constant(",
+    "                _ir.VectorType(i32, 64), list(range(64))))",
+    "            index = builder.trunc(every, _ir.VectorType(i8, 64))",
+    "            mids = _lookup64(builder, builder.gep(table, [_ir.Constant(i32, 1024)]), index,",
+    "                             mirrored)",
     "            target = context.make_array(signature.args[4])(context, builder, out_v).data",
     "",
-    "        def splat(value, vector):",
-    "            return _ir.Constant(vector, [value] * 8)",
+    "            def joined(parts):",
+    "                # Four <16 x i1> as one <64 x i1>.",
+    "                pairs = [builder.shuffle_vector(parts[h], parts[h + 1], _ir.Constant(",
+    "                    _ir.VectorType(i32, 32), list(range(32)))) for h in (0, 2)]",
+    "                return builder.shuffle_vector(pairs[0], pairs[1], _ir.Constant(",
+    "                    _ir.VectorType(i32, 64), list(range(64))))",
     "",
-    "        unit = builder.bitcast(_divided(builder, buf_v, j_v, scale_v, floats), ints)",
-    "        index = builder.and_(builder.lshr(unit, splat(" f"{32 - CODE_TABLE_BITS}" ", ints)),",
-    "                             splat(" f"{(1 << CODE_TABLE_BITS) - 1}" ", ints))",
-    "        entry = builder.call(gather, [_ir.Constant(ints, None), builder.bitcast(",
-    "            base, i8.as_pointer()), index, splat(-1, ints), _ir.Constant(i8, 4)])",
-    "        key = builder.and_(builder.xor(unit, builder.ashr(unit, splat(31, ints))),",
-    "                           splat(0xFFFF, ints))",
-    "        above = builder.lshr(builder.sub(builder.and_(entry, splat(0xFFFF, ints)), key),",
-    "                             splat(31, ints))",
-    "        codes = builder.add(builder.lshr(entry, splat(16, ints)), above)",
-    "        builder.store(builder.trunc(codes, _ir.VectorType(i8, 8)), builder.bitcast(",
-    "            builder.gep(target, [j_v]), _ir.VectorType(i8, 8).as_pointer()), align=1)",
-    "        return context.get_dummy_value()",
+    "            above = joined([builder.fcmp_ordered('<', mids[r], units[r]) for r in range(4)])",
+    "            special = joined([builder.icmp_signed('>', m, splat(0x7F7FFFFF))",
+    "                              for m in magnitudes])",
+    "            bytes64 = _ir.VectorType(i8, 64)",
+    "            codes = builder.add(index, builder.zext(above, bytes64))",
+    "            codes = builder.select(special, _ir.Constant(bytes64, [255] * 64), codes)",
+    "            builder.store(codes, builder.bitcast(builder.gep(target, [j_v]),",
+    "                                                 bytes64.as_pointer()), align=1)",
+    "            return context.get_dummy_value()",
     "",
-    "    return _types.void(table, buf, j, scale, out), codegen",
+    "        return _types.void(planes, buf, j, scale, out), codegen",
+    "",
+    "    codes64.__name__ = codes64.__qualname__ = '_codes64' + ('_mirrored' if mirrored else '')",
+    "    return _intrinsic(codes64)",
+    "",
+    "",
+    "_codes64 = _codes64_of(False)",
+    "_codes64_mirrored = _codes64_of(True)",
     "",
     "",
     "@_intrinsic",
@@ -523,7 +615,7 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
     ``m_<state>`` (float32 absmax per block), ``map_<state>``, ``mid_<state>`` (the
     float32 map and its midpoints), ``st_<state>`` (int32, each float32 bucket's first
     code and midpoint key, :func:`~optim_core.backends._quantized.code_table`) and
-    ``pl_<state>`` (uint8, the map's :func:`byte_planes`); the others are arrays as in
+    ``pl_<state>`` (uint8, :func:`kernel_planes`); the others are arrays as in
     :func:`kernel_source`.
 
     One pass over memory, block by block: the block's codes are dequantized (with its old
@@ -537,10 +629,13 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
     float32 the code of a value is one lookup and one integer comparison; in float64 a
     binary search. With ``vbmi`` (default :func:`vbmi_kernels`) a float32 kernel
     dequantizes 64 codes at a time with no gather (``_dequant64``: byte lookups in
-    registers) and codes 8 values at a time in registers (``_codes8``: the division, one
-    8-lane gather of code_table, the comparison), the same values and codes: Adam at 8
-    bits 2.75 -> 1.78 ns an element single-threaded on this Zen 4 (of which the gathers
-    are 0.7). Blocks are independent: the parallel loop runs over chunks of
+    registers) and, at 8 bits, codes 64 values at a time with no gather either
+    (``_codes64``: the division, an estimate of the code from two lines of the map's
+    :func:`~optim_core.backends._quantized.code_estimate`, then one comparison with the
+    midpoint it names, fetched by the same byte lookups), the same values and codes as
+    code_table's: Adam at 8 bits 2.75 -> 1.78 ns an element single-threaded on this Zen 4
+    with 8-lane gathers of code_table, 1.53 without (interleaved, same runs as 1.70 with
+    them). Blocks are independent: the parallel loop runs over chunks of
     :data:`_CHUNK_BLOCKS`.
     """
     quantized = {name: (bits, signed) for name, bits, signed in layout}
@@ -608,14 +703,25 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         lines_block.append(f"{indent}    {target} = v_{kernel.results[a]}")
     lines_block += [f"{indent}    x_{a} = max(x_{a}, _bits(v_{kernel.results[a]}) & {magnitude})"
                     for a in requantized]
+    def scale(a: str) -> list[str]:
+        return [f"{indent}amax_{a} = np.float32(_from_bits(x_{a}, T(0)))",
+                f"{indent}m_{a}[b] = amax_{a}",
+                f"{indent}scale_{a} = T(amax_{a})",
+                f"{indent}if not scale_{a} > 0:",
+                f"{indent}    scale_{a} = T(1)"]
+
+    # With vbmi at 8 bits, one loop codes 64 values of every state an iteration
+    # (_codes64): each state's chain of dependent steps beside the others' (3% less
+    # time for Adam than a loop a state here).
+    together = vbmi and bits == 8 and dtype == "float32"
+    if together and requantized:
+        lines_block += [line for a in requantized for line in scale(a)]
+        lines_block += [f"{indent}full = count & -64", f"{indent}for j in range(0, full, 64):"]
+        lines_block += [f"{indent}    _codes64{'_mirrored' if quantized[a][1] else ''}(pl_{a}, "
+                        f"buf_{a}, j, scale_{a}, qv_{a})" for a in requantized]
     for a in requantized:
-        lines_block += [
-            f"{indent}amax_{a} = np.float32(_from_bits(x_{a}, T(0)))",
-            f"{indent}m_{a}[b] = amax_{a}",
-            f"{indent}scale_{a} = T(amax_{a})",
-            f"{indent}if not scale_{a} > 0:",
-            f"{indent}    scale_{a} = T(1)",
-        ]
+        if not together:
+            lines_block += scale(a)
         divide = [f"{indent}for j in range(count):",
                   f"{indent}    buf_{a}[j] = buf_{a}[j] / scale_{a}"]
         # The codes, without branches. In float32 one lookup a value, into a stack
@@ -625,16 +731,12 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
         # end (a 4-bit block's last high nibble) take the code of 0, as the generic path
         # pads with zeros. In float32 the division is in the lookup's loop (one pass
         # over the block fewer: 0.1 ns an element less for 8-bit Adam here).
-        # With vbmi, _codes8 codes the first count & -8 values (into the codes or the
-        # nibble buffer); the loops below the rest.
+        # With vbmi, _codes64 (8 bits) or _codes16 (4 bits) codes the first count & -64
+        # (-16) values (into the codes or the nibble buffer); the loops below the rest.
         first = "full" if vbmi else "0"
         target = f"qv_{a}" if bits == 8 else "nibble"
         if dtype == "float32":
-            if vbmi and bits == 8:
-                lines_block += [f"{indent}full = count & -8",
-                                f"{indent}for j in range(0, full, 8):",
-                                f"{indent}    _codes8(st_{a}, buf_{a}, j, scale_{a}, {target})"]
-            elif vbmi:
+            if vbmi and bits == 4:
                 lines_block += [f"{indent}full = count & -16",
                                 f"{indent}for j in range(0, full, 16):",
                                 f"{indent}    _codes16(mid_{a}, buf_{a}, j, scale_{a}, {target})"]
@@ -694,12 +796,32 @@ def quantized_kernel_source(kernel: Kernel, dtype: str, layout: tuple,
     return "\n".join(lines[:-2]) + "\n"
 
 
-def byte_planes(qmap: np.ndarray) -> np.ndarray:
-    """The map's float32 entries (zeros past its end, up to 256) as four 256-byte planes:
-    byte ``256 p + c`` is byte ``p`` (little-endian) of entry ``c``, for ``_dequant64``."""
+def byte_planes(values: np.ndarray) -> np.ndarray:
+    """Up to 256 float32 values (a map's entries, its midpoints; zeros past the end) as
+    four 256-byte planes: byte ``256 p + c`` is byte ``p`` (little-endian) of value ``c``,
+    for ``_lookup64``."""
     entries = np.zeros(256, np.float32)
-    entries[:qmap.size] = qmap
+    entries[:values.size] = values
     return np.ascontiguousarray(entries.view(np.uint8).reshape(256, 4).T).reshape(-1)
+
+
+def kernel_planes(bits: int, signed: bool) -> np.ndarray:
+    """A map's ``pl_`` argument (uint8): the map's :func:`byte_planes` (``_dequant64``);
+    at 8 bits, then its midpoints' (a signed map's from 127 only, see ``_lookup64``) and
+    the float32 constants of
+    :func:`~._quantized.code_estimate` (its four rows of 32 octave lines, the code of zero;
+    ``_codes64``).
+    """
+    parts = [byte_planes(quantization_map(bits, signed))]
+    if bits == 8:
+        lines, zero = code_estimate(bits, signed)
+        mids = midpoints(bits, signed)
+        if signed:  # minus 253 - c below 127 (_lookup64's mirrored planes)
+            assert mids[:127].tobytes() == (-mids[253:126:-1]).tobytes()
+            mids = mids[127:]
+        parts += [byte_planes(mids),
+                  np.append(lines.reshape(-1), np.float32(zero)).view(np.uint8)]
+    return np.concatenate(parts)
 
 
 #: Writable copies of the maps and midpoints for the kernels (numba types a read-only
@@ -707,7 +829,7 @@ def byte_planes(qmap: np.ndarray) -> np.ndarray:
 _KERNEL_TABLES = {(bits, signed): (np.array(quantization_map(bits, signed)),
                                    np.array(code_table(bits, signed)[2]),
                                    np.array(code_table(bits, signed)[0]),
-                                   byte_planes(quantization_map(bits, signed)))
+                                   kernel_planes(bits, signed))
                   for bits in BLOCK_SIZES for signed in (True, False)}
 
 

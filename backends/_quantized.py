@@ -43,7 +43,7 @@ from optim_core import _namespace as ns
 
 __all__ = ["QUANTIZE_MIN_SIZE", "BLOCK_SIZES", "STATE_BITS", "CODE_TABLE_BITS", "QuantizedState",
            "create_dynamic_map", "quantization_map", "midpoints", "quantize", "dequantize",
-           "new_quantized_state", "is_quantized"]
+           "new_quantized_state", "is_quantized", "code_estimate", "ESTIMATE_OCTAVES"]
 
 #: Tensors with fewer elements keep float32 states (bitsandbytes' ``min_8bit_size``).
 QUANTIZE_MIN_SIZE = 4096
@@ -142,6 +142,72 @@ def _code_table(bits: int, signed: bool) -> tuple[np.ndarray, int, np.ndarray]:
     keys[inside] = code_key(mids[starts[inside]])
     packed = (starts.astype(np.uint32) << 16) | keys
     return packed.view(np.int32), steps, mids
+
+
+#: The pairs of octaves :func:`code_estimate`'s lines are tabled for, by ``e >> 1`` (``e``
+#: the biased binary exponent): ``2**-31 <= |x| < 2``; smaller magnitudes take the first
+#: pair's lines, larger the last's.
+ESTIMATE_OCTAVES = (48, 63)
+
+
+def code_estimate(bits: int, signed: bool) -> tuple[np.ndarray, int]:
+    """An estimate, in registers, of which midpoint lies nearest a value of an 8-bit map.
+
+    The dynamic maps are linear within each decade: decade ``d``'s ``n`` entries are
+    ``10**(d + 1) * (0.1 + (k + 0.5) * 0.9 / n)``, codes ``base + k``. So the position
+    ``p(a) = base + (a / 10**(d + 1) - 0.1) * n / 0.9 - 0.5`` (``a`` in that decade)
+    puts entry ``c`` at ``c`` and the midpoint after it near ``c + 0.5``; across decades
+    ``p`` is continuous and concave (each decade's slope a fifth of the one below), so it
+    is the least of the decades' lines, and on each pair of octaves ``[4**k, 4**(k + 1))``
+    (a factor 4: it meets at most two decades) the least of those decades' two lines:
+    ``p(a) = zero + min(a * A1[k] + B1[k], a * A2[k] + B2[k])``, with ``zero`` the code
+    of 0. Below zero
+    (signed maps, symmetric about 0 but for the last entry 1) ``p(x) = zero - (p(|x|) -
+    zero)``. For every midpoint ``m_c``, ``c + 0.2 < p(m_c) < c + 0.8`` (checked here, in
+    float64 with the float32 constants): as ``p`` increases, the whole part ``j`` of any
+    ``y`` within 0.2 of ``p(x)``, held in ``[0, 2**bits - 2]``, is ``code(x)`` or
+    ``code(x) - 1``, and ``code(x) = j + (m_j < x)``: one exact comparison with one
+    midpoint. The kernels evaluate ``p`` in float32 (fused multiply-adds), within
+    ``2**-16`` of it. Returns ``(lines, zero)``: ``lines`` float32 ``(4, 16)``, rows
+    ``A1, B1, A2, B2`` and column ``(e >> 1) - ESTIMATE_OCTAVES[0]`` (``e`` the biased
+    binary exponent of ``|x|``) for the pairs of :data:`ESTIMATE_OCTAVES`.
+    """
+    qmap = quantization_map(bits, signed).astype(np.float64)
+    zero = int(np.flatnonzero(qmap == 0)[0])
+    inner = np.flatnonzero((qmap > 0) & (qmap < 1))
+    decades = np.floor(np.log10(qmap[inner])).astype(np.int64)
+    slopes, intercepts = [], []
+    for d in np.unique(decades):
+        codes = inner[decades == d]
+        n, top = codes.size, 10.0 ** (d + 1)
+        entries = top * (0.1 + (np.arange(n) + 0.5) * 0.9 / n)
+        assert np.allclose(qmap[codes], entries, rtol=1e-6, atol=0), (bits, signed, d)
+        slopes.append(n / (0.9 * top))
+        intercepts.append(codes[0] - 0.5 - n / 9 - zero)
+    slopes64 = np.float32(slopes).astype(np.float64)
+    intercepts64 = np.float32(intercepts).astype(np.float64)
+
+    def least(a: np.ndarray) -> np.ndarray:
+        return np.argmin(np.asarray(a)[:, None] * slopes64 + intercepts64, axis=1)
+
+    low, high = ESTIMATE_OCTAVES
+    octaves = np.arange(low, high + 1)
+    first = least(2.0 ** (2 * octaves - 127))
+    last = least(np.nextafter(2.0 ** (2 * octaves - 125), 0))
+    assert (last - first).max() <= 1 and (last >= first).all(), (bits, signed)
+    lines = np.float32([slopes64[first], intercepts64[first], slopes64[last],
+                        intercepts64[last]])
+    # The octave lines are the least of all where they are used.
+    mids = midpoints(bits, signed).astype(np.float64)
+    size = np.abs(mids)
+    octave = np.clip((np.floor(np.log2(size)).astype(np.int64) + 127) >> 1, low, high) - low
+    line = np.minimum(size * lines[0, octave] + lines[1, octave],
+                      size * lines[2, octave] + lines[3, octave])
+    assert np.array_equal(line, (size[:, None] * slopes64 + intercepts64).min(axis=1))
+    offset = zero + np.copysign(line, mids) - np.arange(mids.size)
+    assert offset.min() > 0.2 and offset.max() < 0.8, (bits, signed, offset.min(),
+                                                         offset.max())
+    return lines, zero
 
 
 def code_key(values: np.ndarray) -> np.ndarray:

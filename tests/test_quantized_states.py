@@ -320,7 +320,7 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
     results = []
     for vbmi in (True, False):
         source = quantized_kernel_source(kernel, "float32", layout, vbmi=vbmi)
-        assert ("_dequant64(" in source) == vbmi and ("_codes8(" in source) == vbmi
+        assert ("_dequant64(" in source) == vbmi and ("_lookup64(" in source) == vbmi
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
         module = import_kernel_module(f"optim_core_test_dequant_{digest}", source,
                                       ("kernel_serial",))
@@ -332,6 +332,84 @@ def test_the_vbmi_kernels_give_the_gathered_values_bit_for_bit(bits):
         results.append(arrays)
     for ours, theirs in zip(*results):
         assert ours.tobytes() == theirs.tobytes()
+
+
+#: Appended to a generated 8-bit module: the codes _codes64 (_codes64_mirrored for a
+#: signed map) writes for values / scale,
+#: 256 (a block's stack buffer) at a time.
+_CODES64_PROBE = """
+
+@numba.njit(cache=False)
+def codes_of(planes, values, scale, out, signed):
+    buf = _stack(T(0))
+    for start in range(0, values.shape[0], 256):
+        for k in range(256):
+            buf[k] = values[start + k]
+        view = out[start:start + 256]
+        for j in range(0, 256, 64):
+            if signed:
+                _codes64_mirrored(planes, buf, j, scale, view)
+            else:
+                _codes64(planes, buf, j, scale, view)
+"""
+
+
+def test_the_vbmi_8bit_codes_are_the_nearest_entrys_at_every_midpoint():
+    # _codes64 codes x = value / scale with no table in memory: an estimate from two
+    # lines of x's pair of octaves (code_estimate), then one comparison with the midpoint
+    # it names. The estimate may be off by one only where that comparison corrects it:
+    # every midpoint and the floats up to 3 apart either side, each map entry, the
+    # decade boundaries and their neighbours, signed zeros, subnormals, +-1, values past
+    # +-1 (a NaN block's scale is 1), infinities and NaN (the last code, as code_table),
+    # random values of every decade, and divisions by scales other than 1: the codes of
+    # searchsorted over the midpoints of x rounded to float32.
+    import hashlib
+
+    from optim_core.backends._kernel_cache import import_kernel_module
+    from optim_core.backends._lowering import lower
+    from optim_core.backends._numba import (
+        kernel_planes,
+        quantized_kernel_source,
+        vbmi_kernels,
+    )
+
+    from optim_core.optim import rules
+
+    if not vbmi_kernels():
+        pytest.skip("no AVX512-VBMI, or numba compiles for another CPU")
+    opt = optim_core.Adam([np.zeros(QUANTIZE_MIN_SIZE, np.float32)], state_bits=8)
+    scalars, _ = opt.step_scalars(opt.param_groups[0], opt.group_state[0])
+    _, _, kernel = lower(rules.adam, scalars, frozenset({"exp_avg", "exp_avg_sq"}))
+    layout = (("exp_avg", 8, True), ("exp_avg_sq", 8, False))
+    source = quantized_kernel_source(kernel, "float32", layout, vbmi=True) + _CODES64_PROBE
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    module = import_kernel_module(f"optim_core_test_codes64_{digest}", source, ("codes_of",))
+    rng = np.random.default_rng(11)
+    for signed in (True, False):
+        mids, qmap = midpoints(8, signed), quantization_map(8, signed)
+        near = (mids.view(np.int32)[:, None] + np.arange(-3, 4)).view(np.float32).ravel()
+        tens = np.float32(10.0 ** np.arange(-9, 1))
+        tens = (tens.view(np.int32)[:, None] + np.arange(-2, 3)).view(np.float32).ravel()
+        x = np.concatenate([
+            near, -near, qmap, -qmap, tens, -tens,
+            np.float32([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-40, -3e-39, 1.0000001,
+                        -1.0000001, 2.0, -3.5, 1e30, -1e30, 3.4e38, np.inf, -np.inf, np.nan,
+                        -np.nan]),
+            (rng.choice([-1, 1], 20000) * 10.0 ** rng.uniform(-9, 0, 20000)).astype(np.float32),
+            rng.uniform(-1, 1, 20000).astype(np.float32)])
+        x = np.concatenate([x, np.zeros(-x.size % 256, np.float32)])
+        planes = kernel_planes(8, signed)
+        for scale in (1.0, 3.0, 0.1, 1e-30, 7e25):
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = (x.astype(np.float64) * scale).astype(np.float32)
+                unit = values / np.float32(scale)
+            codes = np.empty(x.size, np.uint8)
+            module.codes_of(planes, values, np.float32(scale), codes, signed)
+            expected = np.searchsorted(mids, unit, side="left")
+            expected[np.isinf(unit)] = mids.size  # as code_table
+            wrong = np.flatnonzero(codes != expected)
+            assert wrong.size == 0, (signed, scale, unit[wrong[:5]], codes[wrong[:5]],
+                                     expected[wrong[:5]])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
