@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import operator
 
 import numpy as np
 import pytest
@@ -202,8 +203,10 @@ def test_a_loaded_state_dict_is_stepped_from():
 
 
 def test_a_tensor_the_kernels_cannot_take_is_not_planned_and_still_steps():
-    params = [torch.randn(4, 3).requires_grad_(),
-              torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()]
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=generator).requires_grad_(),
+              torch.randn(2, 3, 4, 5, generator=generator)
+              .to(memory_format=torch.channels_last).requires_grad_()]
     reference = [p.detach().clone().contiguous().requires_grad_() for p in params]
     ours = oct.Adam(params, lr=0.01)
     theirs = torch.optim.Adam(reference, lr=0.01)
@@ -216,4 +219,65 @@ def test_a_tensor_the_kernels_cannot_take_is_not_planned_and_still_steps():
         theirs.step()
     assert ours._plans == {}
     for p, q in zip(params, reference):
-        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-6, atol=1e-8)
+
+
+def _three_adams():
+    """Two equal Adams over three parameters, the third never with a gradient (nor a
+    state), the second never planned; planned after two steps; and their step."""
+    runs = []
+    for _ in range(2):
+        generator = torch.Generator().manual_seed(1)
+        params = [torch.randn(3, generator=generator).requires_grad_() for _ in range(3)]
+        runs.append((params, oct.Adam(params, lr=0.1)))
+    runs[1][1]._plan_group = lambda index: None
+
+    def step(k: int) -> None:
+        for params, opt in runs:
+            for i, p in enumerate(params):
+                p.grad = None if i == 2 else torch.full_like(p, 0.5 + i + k)
+            opt.step()
+
+    for k in range(2):
+        step(k)
+    assert 0 in runs[0][1]._plans and runs[0][0][2] not in runs[0][1].state
+    return runs, step
+
+
+def test_state_entries_moved_to_other_parameters_take_the_full_path():
+    runs, step = _three_adams()
+    (planned, a), (full, b) = runs
+    # The same dicts in the same order, under other keys: the first parameter's state
+    # now the third's. The first starts again, as torch.optim starts a parameter
+    # without state.
+    before = list(a.state.values())
+    for params, opt in runs:
+        first, second = opt.state.pop(params[0]), opt.state.pop(params[1])
+        opt.state[params[2]], opt.state[params[1]] = first, second
+    assert all(map(operator.is_, a.state.values(), before))
+    step(2)
+    assert float(a.state[planned[0]]["step"]) == 1
+    assert_identical(planned, a, full, b)
+
+
+def test_the_last_state_removed_takes_the_full_path():
+    runs, step = _three_adams()
+    (planned, a), (full, b) = runs
+    for params, opt in runs:
+        del opt.state[params[1]]  # the last entry of the map
+    step(2)
+    assert float(a.state[planned[1]]["step"]) == 1
+    assert_identical(planned, a, full, b)
+
+
+def test_planned_steps_take_each_steps_scalars_when_they_change():
+    run = pair("SGD", {"momentum": 0.9})
+    planned, a, full, b = run
+    for step in range(3):
+        step_both(*run, step)
+    for lr in (0.5, 0.5, 0.0, 0.25):
+        for opt in (a, b):
+            opt.param_groups[0]["lr"] = lr
+        step_both(*run, 4)
+        assert_identical(*run)
+    assert 0 in a._plans
