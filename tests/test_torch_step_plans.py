@@ -281,3 +281,20 @@ def test_planned_steps_take_each_steps_scalars_when_they_change():
         step_both(*run, 4)
         assert_identical(*run)
     assert 0 in a._plans
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=[n for n, _ in CASES])
+def test_planned_steps_count_each_parameters_version_as_in_place_updates_do(name, options):
+    planned, a, _, _ = pair(name, options)
+    for step in range(2):
+        set_grads(planned, step)
+        a.step()
+    assert 0 in a._plans
+    versions = [p._version for p in planned]
+    saved = (planned[0] * planned[0]).sum()  # autograd saves the parameter
+    set_grads(planned, 2)
+    a.step()
+    assert 0 in a._plans
+    assert all(p._version > v for p, v in zip(planned, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
