@@ -275,12 +275,20 @@ def test_planned_steps_take_each_steps_scalars_when_they_change():
     planned, a, full, b = run
     for step in range(3):
         step_both(*run, step)
-    for lr in (0.5, 0.5, 0.0, 0.25):
+    writes = [lambda group: group.__setitem__("lr", 0.5),
+              lambda group: group.__setitem__("lr", 0.5),
+              lambda group: group.__setitem__("lr", 0.0),
+              lambda group: group.update(lr=0.25),
+              lambda group: group.__ior__({"momentum": 0.5}),
+              lambda group: group.setdefault("initial_lr", 0.25),
+              lambda group: group.pop("initial_lr"),
+              lambda group: None]
+    for k, write in enumerate(writes):
         for opt in (a, b):
-            opt.param_groups[0]["lr"] = lr
-        step_both(*run, 4)
+            write(opt.param_groups[0])
+        step_both(*run, 4 + k)
         assert_identical(*run)
-    assert 0 in a._plans
+        assert 0 in a._plans
 
 
 @pytest.mark.parametrize("name, options", CASES, ids=[n for n, _ in CASES])

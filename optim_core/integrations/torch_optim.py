@@ -144,13 +144,15 @@ class _GroupRules:
 class _Group(dict):
     """One param group: a ``dict`` (torch and its schedulers read and write it as one)
     whose every write is checked first; a bad value raises and changes nothing. Only
-    scheduler keys such as ``initial_lr`` may be removed."""
+    scheduler keys such as ``initial_lr`` may be removed. :attr:`writes` counts the
+    writes (a step plan reuses its scalars while it stays the same)."""
 
-    __slots__ = ("_rules",)
+    __slots__ = ("_rules", "writes")
 
     def __init__(self, values: Mapping[str, Any], rules: _GroupRules) -> None:
         super().__init__(values)
         self._rules = rules
+        self.writes = 0
 
     def __setitem__(self, key: str, value: Any) -> None:
         rules = self._rules
@@ -158,12 +160,14 @@ class _Group(dict):
         if key in rules.related:
             rules.core.check_relations({**self, key: checked})
         super().__setitem__(key, checked)
+        self.writes += 1
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         items = dict(other, **kwargs)
         checked = {key: self._rules.check(key, value) for key, value in items.items()}
         self._rules.core.check_relations({**self, **checked})
         super().update(checked)
+        self.writes += 1
 
     def __ior__(self, other: Any) -> _Group:
         self.update(other)
@@ -183,9 +187,11 @@ class _Group(dict):
     def __delitem__(self, key: str) -> None:
         self._removable(key)
         super().__delitem__(key)
+        self.writes += 1
 
     def pop(self, key: str, *default: Any) -> Any:
         self._removable(key)
+        self.writes += 1
         return super().pop(key, *default)
 
     def popitem(self) -> tuple[str, Any]:
@@ -478,8 +484,9 @@ class _TorchPlan:
         self.count_values = {name: int(value) if name == "step" else value
                              for name, value in zip(counter_names, counts)}
         self.engine, self.data = engine, data
-        #: (scalars, calls) of the last planned step (see TorchOptimizer._planned_group).
-        self.last_calls: tuple[dict, list] | None = None
+        #: (the group's writes, scalars, calls) of the last planned step (see
+        #: TorchOptimizer._planned_group).
+        self.last_calls: tuple[int, dict, list] | None = None
 
 
 # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook and
@@ -682,29 +689,33 @@ class TorchOptimizer(torch.optim.Optimizer):
         if not all(map(is_, values, plan.values)) \
                 or list(map(_DATA_PTR, plan.tensors)) != plan.addresses:
             return None
-        engine = plan.engine
-        if not engine.active_states(group) <= plan.names:
-            return None
-        scalar_ops = plan.scalar_ops
-        group_state = engine._initial_group_state()
-        if scalar_ops is not None:
-            if scalar_ops.differing(plan.counter_table, plan.counts) >= 0:
-                return None  # a count was written since (or differs between parameters)
-            group_state.update(plan.count_values)
-        scalars, after = engine.step_scalars(group, group_state)
-        implementation = engine.implementation
-        data = plan.data
-        # The calls are those of the last step where its scalars are the same (SGD's and
-        # Adagrad's are, step after step): table_calls is a function of the rule, the
-        # plan and the scalars.
+        engine, scalar_ops = plan.engine, plan.scalar_ops
+        implementation, data = engine.implementation, plan.data
         last = plan.last_calls
-        if last is not None and _same_scalars(scalars, last[0]):
-            calls = last[1]
+        if scalar_ops is None and last is not None and last[0] == group.writes:
+            # No counts (SGD's), and the group not written since the last step: the same
+            # states are active, and step_scalars, a function of the group and its
+            # state, gives the same scalars.
+            calls = last[2]
         else:
-            calls = implementation.table_calls(engine.rule, data, scalars)
-            if calls is None:
+            if not engine.active_states(group) <= plan.names:
                 return None
-            plan.last_calls = (scalars, calls)
+            group_state = engine._initial_group_state()
+            if scalar_ops is not None:
+                if scalar_ops.differing(plan.counter_table, plan.counts) >= 0:
+                    return None  # a count was written since (or differs between parameters)
+                group_state.update(plan.count_values)
+            scalars, after = engine.step_scalars(group, group_state)
+            # The calls are those of the last step where its scalars are the same
+            # (Adagrad's are, step after step): table_calls is a function of the rule,
+            # the plan and the scalars.
+            if last is not None and _same_scalars(scalars, last[1]):
+                calls = last[2]
+            else:
+                calls = implementation.table_calls(engine.rule, data, scalars)
+                if calls is None:
+                    return None
+            plan.last_calls = (group.writes, scalars, calls)
         ordered = grads if data.order is None else data.order(grads)
         data.table[:, 2] = np.fromiter(map(_DATA_PTR, ordered), np.int64, len(grads))
         if scalar_ops is not None:
