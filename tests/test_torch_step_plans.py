@@ -306,3 +306,17 @@ def test_planned_steps_count_each_parameters_version_as_in_place_updates_do(name
     assert all(p._version > v for p, v in zip(planned, versions))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
+
+
+def test_a_group_written_to_need_another_state_takes_the_full_path():
+    run = pair("Adam", {})
+    planned, a, full, b = run
+    for step in range(3):
+        step_both(*run, step)
+    assert 0 in a._plans and "max_exp_avg_sq" not in a.state[planned[0]]
+    for opt in (a, b):
+        opt.param_groups[0]["amsgrad"] = True
+    for step in range(3, 5):
+        step_both(*run, step)
+        assert_identical(*run)
+    assert "max_exp_avg_sq" in a.state[planned[0]] and 0 in a._plans

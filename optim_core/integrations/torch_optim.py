@@ -692,13 +692,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         engine, scalar_ops = plan.engine, plan.scalar_ops
         implementation, data = engine.implementation, plan.data
         last = plan.last_calls
-        if scalar_ops is None and last is not None and last[0] == group.writes:
-            # No counts (SGD's), and the group not written since the last step: the same
-            # states are active, and step_scalars, a function of the group and its
-            # state, gives the same scalars.
+        # The group not written since the last step: the same states are active (a
+        # function of the group); without counts (SGD's), step_scalars, a function of
+        # the group and its state, gives the same scalars too.
+        unwritten = last is not None and last[0] == group.writes
+        if scalar_ops is None and unwritten:
             calls = last[2]
         else:
-            if not engine.active_states(group) <= plan.names:
+            if not unwritten and not engine.active_states(group) <= plan.names:
                 return None
             group_state = engine._initial_group_state()
             if scalar_ops is not None:
