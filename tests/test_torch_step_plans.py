@@ -320,3 +320,36 @@ def test_a_group_written_to_need_another_state_takes_the_full_path():
         step_both(*run, step)
         assert_identical(*run)
     assert "max_exp_avg_sq" in a.state[planned[0]] and 0 in a._plans
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "full"])
+def test_a_parameter_or_state_given_another_view_of_its_memory_steps_as_torch_optim(planned):
+    # p.data = p.data.t(): the same address and shape (a square matrix), laid out
+    # otherwise. Stepped as torch.optim steps it, planned or not.
+    p = torch.arange(9.0).reshape(3, 3).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = oct.Adam([p], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    if not planned:
+        ours._plan_group = lambda index: None
+
+    def step(k: int) -> None:
+        grad = torch.arange(9.0).reshape(3, 3) * (k + 1) - 4
+        p.grad, q.grad = grad, grad.clone()
+        ours.step()
+        theirs.step()
+
+    for k in range(2):
+        step(k)
+    assert (0 in ours._plans) == planned
+    with torch.no_grad():
+        p.data, q.data = p.data.t(), q.data.t()
+    for k in range(2, 4):
+        step(k)
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for state in (ours.state[p], theirs.state[q]):
+        state["exp_avg"].data = state["exp_avg"].data.t()
+    for k in range(4, 6):
+        step(k)
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.state[p]["exp_avg"], theirs.state[q]["exp_avg"],
+                               rtol=1e-6, atol=1e-7)

@@ -285,12 +285,13 @@ class _Slot:
     """One parameter's arrays as its engine takes them, kept across steps while the
     parameter and its state tensors are the same objects at the same addresses."""
 
-    __slots__ = ("param", "ptr", "shape", "kind", "view", "state", "ids", "ptrs", "tensors",
-                 "states", "present", "counters", "grad", "grad_ptr", "grad_view")
+    __slots__ = ("param", "ptr", "shape", "strides", "kind", "view", "state", "ids", "ptrs",
+                 "tensors", "states", "present", "counters", "grad", "grad_ptr", "grad_view")
 
     def __init__(self, param: torch.Tensor, kind: tuple[str, Any], state: dict | None,
                  counter_names: tuple[str, ...], rule_states: tuple[str, ...]) -> None:
         self.param, self.ptr, self.shape, self.kind = param, param.data_ptr(), param.shape, kind
+        self.strides = param.stride()
         self.view = _view(kind[0], param)
         self.state = state
         values = tuple(state.values()) if state is not None else ()
@@ -307,9 +308,10 @@ class _Slot:
 
     def holds(self, param: torch.Tensor, state: dict | None) -> bool:
         """Whether the record still describes ``param`` and its ``state``: the same
-        objects and storage (``p.data = ...`` moves a parameter to new storage)."""
+        objects and storage (``p.data = ...`` moves a parameter to new storage, or gives
+        it another view of its own, ``p.data = p.data.t()``)."""
         if param is not self.param or state is not self.state or param.data_ptr() != self.ptr \
-                or param.shape != self.shape:
+                or param.shape != self.shape or param.stride() != self.strides:
             return False
         return state is None or (tuple(map(id, state.values())) == self.ids
                                  and tuple(map(_address, self.tensors)) == self.ptrs)
@@ -364,9 +366,10 @@ def _scalar_view(tensor: torch.Tensor) -> Any:
     return tensor.detach().numpy() if tensor.device.type == "cpu" else None
 
 
-def _address(value: Any) -> int | None:
-    """Where a state tensor's data is (``t.data = ...`` moves it); None for other values."""
-    return value.data_ptr() if isinstance(value, torch.Tensor) else None
+def _address(value: Any) -> tuple | None:
+    """Where a state tensor's data is and how it is laid out there (``t.data = ...``
+    moves it or views it otherwise); None for other values."""
+    return (value.data_ptr(), value.stride()) if isinstance(value, torch.Tensor) else None
 
 
 def _read(counter: tuple[torch.Tensor, Any]) -> float:
@@ -687,8 +690,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         except KeyError:
             return None
         if not all(map(is_, values, plan.values)) \
-                or list(map(_DATA_PTR, plan.tensors)) != plan.addresses:
-            return None
+                or list(map(_DATA_PTR, plan.tensors)) != plan.addresses \
+                or not all(map(_CONTIGUOUS, plan.tensors)):
+            return None  # (contiguous at the same address: laid out as planned)
         engine, scalar_ops = plan.engine, plan.scalar_ops
         implementation, data = engine.implementation, plan.data
         last = plan.last_calls
