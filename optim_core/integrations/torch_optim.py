@@ -144,13 +144,15 @@ class _GroupRules:
 class _Group(dict):
     """One param group: a ``dict`` (torch and its schedulers read and write it as one)
     whose every write is checked first; a bad value raises and changes nothing. Only
-    scheduler keys such as ``initial_lr`` may be removed."""
+    scheduler keys such as ``initial_lr`` may be removed. :attr:`writes` counts the
+    writes (a step plan reuses its scalars while it stays the same)."""
 
-    __slots__ = ("_rules",)
+    __slots__ = ("_rules", "writes")
 
     def __init__(self, values: Mapping[str, Any], rules: _GroupRules) -> None:
         super().__init__(values)
         self._rules = rules
+        self.writes = 0
 
     def __setitem__(self, key: str, value: Any) -> None:
         rules = self._rules
@@ -158,12 +160,14 @@ class _Group(dict):
         if key in rules.related:
             rules.core.check_relations({**self, key: checked})
         super().__setitem__(key, checked)
+        self.writes += 1
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         items = dict(other, **kwargs)
         checked = {key: self._rules.check(key, value) for key, value in items.items()}
         self._rules.core.check_relations({**self, **checked})
         super().update(checked)
+        self.writes += 1
 
     def __ior__(self, other: Any) -> _Group:
         self.update(other)
@@ -183,9 +187,11 @@ class _Group(dict):
     def __delitem__(self, key: str) -> None:
         self._removable(key)
         super().__delitem__(key)
+        self.writes += 1
 
     def pop(self, key: str, *default: Any) -> Any:
         self._removable(key)
+        self.writes += 1
         return super().pop(key, *default)
 
     def popitem(self) -> tuple[str, Any]:
@@ -279,12 +285,13 @@ class _Slot:
     """One parameter's arrays as its engine takes them, kept across steps while the
     parameter and its state tensors are the same objects at the same addresses."""
 
-    __slots__ = ("param", "ptr", "shape", "kind", "view", "state", "ids", "ptrs", "tensors",
-                 "states", "present", "counters", "grad", "grad_ptr", "grad_view")
+    __slots__ = ("param", "ptr", "shape", "strides", "kind", "view", "state", "ids", "ptrs",
+                 "tensors", "states", "present", "counters", "grad", "grad_ptr", "grad_view")
 
     def __init__(self, param: torch.Tensor, kind: tuple[str, Any], state: dict | None,
                  counter_names: tuple[str, ...], rule_states: tuple[str, ...]) -> None:
         self.param, self.ptr, self.shape, self.kind = param, param.data_ptr(), param.shape, kind
+        self.strides = param.stride()
         self.view = _view(kind[0], param)
         self.state = state
         values = tuple(state.values()) if state is not None else ()
@@ -301,9 +308,10 @@ class _Slot:
 
     def holds(self, param: torch.Tensor, state: dict | None) -> bool:
         """Whether the record still describes ``param`` and its ``state``: the same
-        objects and storage (``p.data = ...`` moves a parameter to new storage)."""
+        objects and storage (``p.data = ...`` moves a parameter to new storage, or gives
+        it another view of its own, ``p.data = p.data.t()``)."""
         if param is not self.param or state is not self.state or param.data_ptr() != self.ptr \
-                or param.shape != self.shape:
+                or param.shape != self.shape or param.stride() != self.strides:
             return False
         return state is None or (tuple(map(id, state.values())) == self.ids
                                  and tuple(map(_address, self.tensors)) == self.ptrs)
@@ -358,9 +366,10 @@ def _scalar_view(tensor: torch.Tensor) -> Any:
     return tensor.detach().numpy() if tensor.device.type == "cpu" else None
 
 
-def _address(value: Any) -> int | None:
-    """Where a state tensor's data is (``t.data = ...`` moves it); None for other values."""
-    return value.data_ptr() if isinstance(value, torch.Tensor) else None
+def _address(value: Any) -> tuple | None:
+    """Where a state tensor's data is and how it is laid out there (``t.data = ...``
+    moves it or views it otherwise); None for other values."""
+    return (value.data_ptr(), value.stride()) if isinstance(value, torch.Tensor) else None
 
 
 def _read(counter: tuple[torch.Tensor, Any]) -> float:
@@ -388,6 +397,20 @@ _DATA_PTR, _CONTIGUOUS, _IS_NEG = (torch.Tensor.data_ptr, torch.Tensor.is_contig
 _PLANNED_DTYPES = frozenset({torch.float32, torch.float64})
 
 
+def _same_scalars(scalars: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two steps' scalars are the same values: equal, of the same types, and
+    zeros of the same sign (``0.0 == -0.0``, yet a kernel may tell them apart)."""
+    if scalars != other:
+        return False
+    for name, value in scalars.items():
+        theirs = other[name]
+        if type(value) is not type(theirs) or (
+                value == 0 and isinstance(value, float)
+                and math.copysign(1.0, value) != math.copysign(1.0, theirs)):
+            return False
+    return True
+
+
 def _getter(indices: list[int]) -> Callable[[list], tuple]:
     pick = itemgetter(*indices)
     return (lambda items: (pick(items),)) if len(indices) == 1 else pick
@@ -402,11 +425,13 @@ class _TorchPlan:
     a few passes over the group in C, that the group has the same parameter objects
     and the same ones have a gradient; that every gradient is a dense, contiguous CPU
     ``torch.Tensor`` of its parameter's dtype and shape (its address then goes into
-    the table); that ``optimizer.state`` holds the same dict and tensor objects for
-    each parameter, every parameter, state and count still at its address (``p.data
-    = ...`` moves it) and every parameter of its shape; and, in one compiled pass, that
-    each count (``state["step"]``) still holds the value the plan wrote. Anything else
-    takes the full path, which checks everything and makes the plan again.
+    the table); that ``optimizer.state`` holds the same keys and dicts in the same
+    order (so each parameter the same dict), those the same tensor objects, every
+    parameter, state and count still at its address (``p.data = ...`` moves it) and
+    every parameter of its shape; and, in one compiled pass, that each count
+    (``state["step"]``) still holds the value the plan wrote. Anything else takes the
+    full path, which checks everything and makes the plan again. A step whose scalars
+    are those of the last one reuses its kernel calls.
 
     The plan holds detached aliases of every planned tensor, so their memory stays
     allocated while it lives: an address equal to the planned one is the planned
@@ -414,8 +439,10 @@ class _TorchPlan:
     """
 
     __slots__ = ("group", "params", "pick", "unpicked", "stepped", "types", "dtypes",
-                 "shapes", "layouts", "state_map", "dicts", "entries", "values", "tensors",
-                 "addresses", "keep", "names", "counter_table", "counts", "engine", "data")
+                 "shapes", "layouts", "state_map", "state_keys", "state_dicts", "dicts",
+                 "entries", "values", "tensors", "addresses", "keep", "names",
+                 "counter_table", "counter_names", "counts", "count_values", "scalar_ops",
+                 "engine", "data", "last_calls")
 
     def __init__(self, owner: TorchOptimizer, group: _Group, params: list[torch.Tensor],
                  picked: list[int], stepped: list[torch.Tensor], dicts: list[dict],
@@ -430,7 +457,13 @@ class _TorchPlan:
         self.dtypes = list(map(_DTYPE, stepped))
         self.shapes = list(map(_SHAPE, stepped))
         self.layouts = [torch.strided] * len(stepped)
-        self.state_map, self.dicts = owner.state, dicts
+        # ``optimizer.state`` as it is now, every key and value: while the same objects
+        # are there in the same order, each planned parameter maps to the same dict
+        # (compared by identity in two passes, where looking each parameter up would
+        # call torch's Tensor.__hash__, a Python function, once per parameter).
+        state_map = owner.state
+        self.state_map, self.dicts = state_map, dicts
+        self.state_keys, self.state_dicts = list(state_map), list(state_map.values())
         counter_names = owner._counter_names
         keys = (*counter_names, *names)
         self.entries = _getter(list(keys)) if len(keys) != 1 else (
@@ -440,15 +473,23 @@ class _TorchPlan:
         self.addresses = list(map(_DATA_PTR, self.tensors))
         self.keep = [tensor.detach() for tensor in self.tensors]
         self.names = frozenset(names)
+        self.counter_names = counter_names
         if counter_names:
             (dtype,) = counter_dtypes
             self.counter_table = np.array(
                 [[dict_[name].data_ptr() for name in counter_names] for dict_ in dicts],
                 dtype=np.int64).reshape(len(dicts), len(counter_names))
             self.counts = np.array(counts, dtype=dtype)
+            self.scalar_ops = _numba_plan.scalars_module()
         else:
-            self.counter_table = self.counts = None
+            self.counter_table = self.counts = self.scalar_ops = None
+        # The group state those counts stand for, as the full path reads them.
+        self.count_values = {name: int(value) if name == "step" else value
+                             for name, value in zip(counter_names, counts)}
         self.engine, self.data = engine, data
+        #: (the group's writes, scalars, calls) of the last planned step (see
+        #: TorchOptimizer._planned_group).
+        self.last_calls: tuple[int, dict, list] | None = None
 
 
 # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook and
@@ -609,7 +650,8 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _planned_group(self, index: int) -> Callable[[], list[torch.Tensor]] | None:
         """The step of group ``index`` through its plan, checked and ready (nothing
         written), or None where the plan does not apply: the full path then checks
-        everything (and reports what is wrong)."""
+        everything (and reports what is wrong). The step's function counts the
+        parameters' versions itself and returns no tensors."""
         plan = self._plans.get(index)
         if plan is None:
             return None
@@ -633,48 +675,80 @@ class TorchOptimizer(torch.optim.Optimizer):
                 or not all(map(_IS_CPU, grads)) or not all(map(_CONTIGUOUS, grads)) \
                 or any(map(_IS_NEG, grads)):
             return None
-        # The parameters and states are those planned, where they were.
+        # The parameters and states are those planned, where they were: the state map
+        # holds the same dicts under the same keys, those the same tensors, and every
+        # parameter, state and count is where it was, parameters of their shape.
         state = self.state
         if state is not plan.state_map or list(map(_SHAPE, plan.stepped)) != plan.shapes:
             return None
-        dicts = list(map(state.get, plan.stepped))
-        if not all(map(is_, dicts, plan.dicts)):
+        keys, dicts = plan.state_keys, plan.state_dicts
+        if len(state) != len(keys) or not all(map(is_, state, keys)) \
+                or not all(map(is_, state.values(), dicts)):
             return None
         try:
-            values = list(chain.from_iterable(map(plan.entries, dicts)))
+            values = list(chain.from_iterable(map(plan.entries, plan.dicts)))
         except KeyError:
             return None
         if not all(map(is_, values, plan.values)) \
-                or list(map(_DATA_PTR, plan.tensors)) != plan.addresses:
-            return None
-        engine = plan.engine
-        if not engine.active_states(group) <= plan.names:
-            return None
-        scalar_ops = None
-        group_state = engine._initial_group_state()
-        if plan.counter_table is not None:
-            scalar_ops = _numba_plan.scalars_module()
-            if scalar_ops.differing(plan.counter_table, plan.counts) >= 0:
-                return None  # a count was written since (or differs between parameters)
-            for name, value in zip(self._counter_names, plan.counts.tolist()):
-                group_state[name] = int(value) if name == "step" else value
-        scalars, after = engine.step_scalars(group, group_state)
-        implementation = engine.implementation
-        data = plan.data
-        calls = implementation.table_calls(engine.rule, data, scalars)
-        if calls is None:
-            return None
+                or list(map(_DATA_PTR, plan.tensors)) != plan.addresses \
+                or not all(map(_CONTIGUOUS, plan.tensors)):
+            return None  # (contiguous at the same address: laid out as planned)
+        engine, scalar_ops = plan.engine, plan.scalar_ops
+        implementation, data = engine.implementation, plan.data
+        last = plan.last_calls
+        # The group not written since the last step: the same states are active (a
+        # function of the group); without counts (SGD's), step_scalars, a function of
+        # the group and its state, gives the same scalars too.
+        unwritten = last is not None and last[0] == group.writes
+        if scalar_ops is None and unwritten:
+            calls = last[2]
+        else:
+            if not unwritten and not engine.active_states(group) <= plan.names:
+                return None
+            group_state = engine._initial_group_state()
+            if scalar_ops is not None:
+                if scalar_ops.differing(plan.counter_table, plan.counts) >= 0:
+                    return None  # a count was written since (or differs between parameters)
+                group_state.update(plan.count_values)
+            scalars, after = engine.step_scalars(group, group_state)
+            # The calls are those of the last step where its scalars are the same
+            # (Adagrad's are, step after step): table_calls is a function of the rule,
+            # the plan and the scalars.
+            if last is not None and _same_scalars(scalars, last[1]):
+                calls = last[2]
+            else:
+                calls = implementation.table_calls(engine.rule, data, scalars)
+                if calls is None:
+                    return None
+            plan.last_calls = (group.writes, scalars, calls)
         ordered = grads if data.order is None else data.order(grads)
         data.table[:, 2] = np.fromiter(map(_DATA_PTR, ordered), np.int64, len(grads))
-        counts = None if scalar_ops is None else np.array(
-            [after[name] for name in self._counter_names], dtype=plan.counts.dtype)
+        if scalar_ops is not None:
+            counts = np.array([after[name] for name in plan.counter_names],
+                              dtype=plan.counts.dtype)
+            # As the full path reads them back: rounded to the counts' dtype.
+            count_values = {name: int(value) if name == "step" else value
+                            for name, value in zip(plan.counter_names, counts.tolist())}
 
         def run() -> list[torch.Tensor]:
-            implementation.run_table(calls, data)
-            if counts is not None:
-                scalar_ops.write(plan.counter_table, counts)
-                plan.counts = counts
-            return plan.stepped
+            # The counts and the parameters' version counters are written before the
+            # kernels, while the checks above have left them in cache (after a large
+            # step's kernels they are not: on ResNet-50's 161 tensors the version bump
+            # took several times longer there). Nothing else writes them; the counts go
+            # back if the kernels raise.
+            stepped = plan.stepped
+            torch.autograd.graph.increment_version(stepped)
+            if scalar_ops is None:
+                implementation.run_table(calls, data)
+                return []
+            scalar_ops.write(plan.counter_table, counts)
+            try:
+                implementation.run_table(calls, data)
+            except BaseException:
+                scalar_ops.write(plan.counter_table, plan.counts)
+                raise
+            plan.counts, plan.count_values = counts, count_values
+            return []  # their versions are counted already
 
         return run
 
