@@ -23,6 +23,7 @@ when the element count changes) is checked again from scratch before any kernel 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from operator import is_
 from typing import TYPE_CHECKING, Any
@@ -64,38 +65,66 @@ class StateDict(dict):
     def __reduce__(self) -> tuple:
         return (StateDict, (dict(self),))
 
+    # Each write is counted after it is made (and even where it raises part-way): a step
+    # that reads the count and then the states can pair an old count with a new state,
+    # never a new count with an old state.
     def __setitem__(self, key: Any, value: Any) -> None:
-        _STATE_WRITES[0] += 1
-        dict.__setitem__(self, key, value)
+        try:
+            dict.__setitem__(self, key, value)
+        finally:
+            _count_state_write()
 
     def __delitem__(self, key: Any) -> None:
-        _STATE_WRITES[0] += 1
-        dict.__delitem__(self, key)
+        try:
+            dict.__delitem__(self, key)
+        finally:
+            _count_state_write()
 
     def __ior__(self, other: Any) -> StateDict:
-        _STATE_WRITES[0] += 1
-        dict.update(self, other)
+        try:
+            dict.update(self, other)
+        finally:
+            _count_state_write()
         return self
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        _STATE_WRITES[0] += 1
-        dict.update(self, *args, **kwargs)
+        try:
+            dict.update(self, *args, **kwargs)
+        finally:
+            _count_state_write()
 
     def pop(self, *args: Any) -> Any:
-        _STATE_WRITES[0] += 1
-        return dict.pop(self, *args)
+        try:
+            return dict.pop(self, *args)
+        finally:
+            _count_state_write()
 
     def popitem(self) -> tuple:
-        _STATE_WRITES[0] += 1
-        return dict.popitem(self)
+        try:
+            return dict.popitem(self)
+        finally:
+            _count_state_write()
 
     def clear(self) -> None:
-        _STATE_WRITES[0] += 1
-        dict.clear(self)
+        try:
+            dict.clear(self)
+        finally:
+            _count_state_write()
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
+        try:
+            return dict.setdefault(self, key, default)
+        finally:
+            _count_state_write()
+
+
+_COUNT_LOCK = threading.Lock()
+
+
+def _count_state_write() -> None:
+    # Under a lock: "+= 1" is a read and a write, and two threads could lose one count.
+    with _COUNT_LOCK:
         _STATE_WRITES[0] += 1
-        return dict.setdefault(self, key, default)
 
 
 class _Spec:

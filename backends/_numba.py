@@ -1021,22 +1021,24 @@ class NumbaImplementation(FusedImplementation):
         calls = self.table_calls(rule, data, scalars)
         if calls is None:
             return None
-        # The check reads the gradients' list (or tuple) object itself, held here.
-        ordered = grads if data.order is None else data.order(grads)
-        if (type(ordered) is not list and type(ordered) is not tuple) \
-                or len(ordered) != len(data.keep) \
-                or data.check(data.layout, id(ordered), data.ids, data.addresses,
-                              data.descrs, data.shapes, data.table) >= 0:
+        # The gradients as a tuple: the check reads it (its size and items), and the
+        # step holds it, and so every gradient whose address the table gets, until its
+        # kernels have run (the list given may change meanwhile, in another thread).
+        held = tuple(grads if data.order is None else data.order(grads))
+        if data.check(data.layout, id(held), data.ids, data.addresses, data.descrs,
+                      data.shapes, data.table) >= 0:
             return None
         if finite and any(kernels.finite(data.table, first, last) >= 0
                           for kernels, _, first, last, _, _, _ in calls):
             return None  # the full path skips or raises, naming the parameter
 
-        def run() -> list[Any]:
-            self.run_table(calls, data)
-            return params
+        return PreparedStep(functools.partial(self._run_planned, calls, data, params, held))
 
-        return PreparedStep(run)
+    def _run_planned(self, calls: list[tuple], data: Any, params: list[Any],
+                     gradients: tuple) -> list[Any]:
+        """A checked planned step's kernels; ``gradients`` held alive until they have run."""
+        self.run_table(calls, data)
+        return params
 
     def table_calls(self, rule: UpdateRule, data: Any, scalars: dict[str, Any]
                     ) -> list[tuple] | None:
@@ -1063,7 +1065,9 @@ class NumbaImplementation(FusedImplementation):
             kept = lookups[2].get(found[0])
             if kept is not None:
                 hoisted = found[1]
-                return [(kernels, hoisted, *call) for kernels, call in kept]
+                if all(map(_is_float, hoisted)):
+                    return [(kernels, hoisted, *call) for kernels, _, call in kept]
+                return [(kernels, _wide(scalar, hoisted), *call) for kernels, scalar, call in kept]
         present = frozenset(data.names)
         key = lower(rule, scalars, present, build=False)[0]
         calls, kept = [], []
@@ -1071,13 +1075,12 @@ class NumbaImplementation(FusedImplementation):
             kernels, hoisted = self.kernel_for(rule, scalars, present, dtype)
             if kernels.table is None:
                 return None
-            # Python floats: the table loops round them to the kernel's dtype themselves.
-            hoisted = list(map(float, hoisted))
+            hoisted = hoisted if all(map(_is_float, hoisted)) else _wide(dtype.type, hoisted)
             if kernels not in data.ready:
                 self._ready_table(kernels, len(hoisted), parts is not None)
                 data.ready.add(kernels)
             calls.append((kernels, hoisted, first, last, parts, size, choice))
-            kept.append((kernels, (first, last, parts, size, choice)))
+            kept.append((kernels, dtype.type, (first, last, parts, size, choice)))
         lookups[2][key] = kept
         return calls
 
@@ -1105,13 +1108,11 @@ class NumbaImplementation(FusedImplementation):
         scalars = (numba.types.float64,) * n_hoisted
         if not kernels.finite.overloads:
             kernels.finite.compile(rows)
-        # Compiled once; then a call with other argument types (an int among the hoisted
-        # values) converts them to these instead of compiling another signature mid-step.
+        # table_calls gives them floats only (_wide), so this is the one signature.
         for loop, signature in ((kernels.table, rows + scalars),
                                 (kernels.parts if parallel else None, rows[:1] * 2 + scalars)):
             if loop is not None and signature not in loop.overloads:
                 loop.compile(signature)
-                loop.disable_compile()
 
     def kernel_array(self, array: Any) -> Any:
         """The kernel's 1-D view of a C-contiguous array."""
@@ -1157,6 +1158,16 @@ def _run_staged(kernels: _Kernels, arrays: tuple, hoisted: list, parallel: bool)
         values += [scalar(math.sqrt(total) if kind == "norm" else total)
                    for kind, total in zip(kinds, sums)]
     (kernels.parallel if parallel else kernels.serial)(*arrays, *hoisted, *values)
+
+
+_is_float = float.__instancecheck__
+
+
+def _wide(scalar: Any, hoisted: list) -> list[float]:
+    """Hoisted values that are not all floats (ints, NumPy scalars, 0-d arrays) as the
+    table loops take them: each rounded once to the kernel's dtype (``scalar``, as the
+    per-tensor kernels get them), then as a float, which holds that value exactly."""
+    return [float(scalar(h)) for h in hoisted]
 
 
 class _ThreadChoice:

@@ -24,13 +24,13 @@ step takes the full path instead, which checks everything again and says what is
 wrong. Then one call per specialization (``kernel_table`` or ``kernel_parts``) runs the
 rows.
 
-The gradients are read from the list or tuple that holds them (CPython's
-``PyListObject`` keeps a pointer to its items, ``PyTupleObject`` the items themselves),
-so a step makes no array of their addresses.
+The gradients are read from a tuple of them that the step makes and holds until its
+kernels have run (CPython's ``PyTupleObject``: its size, then its items), so a step makes
+no array of their addresses.
 
 The layout of an array object is NumPy's public C struct, but it is read here without
-NumPy's headers, so it is verified on probe arrays (and the list and tuple layouts on
-probe lists and tuples) first (:func:`array_layout`):
+NumPy's headers, so it is verified on probe arrays (and the tuple layout on a probe
+tuple) first (:func:`array_layout`):
 where any field disagrees (another Python build, a NumPy that moved a field), no plan
 is made and every step takes the full path.
 """
@@ -95,11 +95,11 @@ def check(layout, grads, ids, addresses, descrs, shapes, table):
     """-1 if every planned array is as planned and every gradient fits (its address
     then written into column 2 of the table); else the first row that is not.
 
-    ``grads`` is the address (id) of a list or tuple of the gradients, one per row, which
-    the caller holds (and so each gradient) through the step."""
+    ``grads`` is the address (id) of a tuple of the gradients, one per row, which the
+    caller holds (and so each gradient) through the step."""
     # layout: offsets of ob_type, data, nd, dimensions, descr, flags; then the address
     # of numpy.ndarray and the flags planned arrays and gradients must have; then the
-    # address of list, and the offsets of a list's item pointer and of a tuple's items.
+    # offsets of a tuple's items and of its size.
     # One kind of array at a time (parameters, then each state, then the gradients):
     # objects made one after another lie one after another, which the prefetcher likes.
     rows = ids.shape[0]
@@ -113,9 +113,10 @@ def check(layout, grads, ids, addresses, descrs, shapes, table):
                     or not _same_shape(obj, layout, shapes, t):
                 bad = min(bad, t)
                 break
-    # grads: a list (its items at the address its ob_item holds) or a tuple (inline).
-    items = _load64(grads + layout[10]) if _load64(grads + layout[0]) == layout[9] \
-        else grads + layout[11]
+    # grads: a tuple of one gradient per row, its items inline after its size.
+    if _load64(grads + layout[10]) != rows:
+        return 0
+    items = grads + layout[9]
     for t in range(bad):
         grad = _load64(items + 8 * t)
         if _load64(grad + layout[0]) != layout[6] or _load64(grad + layout[4]) != descrs[t] \
@@ -199,23 +200,20 @@ def array_layout() -> np.ndarray | None:
                     or bool(flags & _ALIGNED) != probe.flags.aligned
                     or bool(flags & _WRITEABLE) != probe.flags.writeable):
                 return None
-        # The gradients come as a list or a tuple: PyListObject holds a pointer to its
-        # items after ob_size, PyTupleObject the items themselves.
+        # The gradients come as a tuple: PyTupleObject holds its size after the object
+        # header and its items after that.
         items = head + 8
-        for sequence in ([base, readonly, probes[2]], (base, readonly, probes[2])):
-            inline = type(sequence) is tuple
-            start = id(sequence) + items if inline else _read(id(sequence) + items,
-                                                               ctypes.c_int64)
-            if _read(id(sequence) + offsets["type"], ctypes.c_int64) != id(type(sequence)) \
-                    or _read(id(sequence) + head, ctypes.c_int64) != len(sequence) \
-                    or any(_read(start + 8 * i, ctypes.c_int64) != id(item)
-                           for i, item in enumerate(sequence)):
-                return None
+        sequence = (base, readonly, probes[2])
+        if _read(id(sequence) + offsets["type"], ctypes.c_int64) != id(tuple) \
+                or _read(id(sequence) + head, ctypes.c_int64) != len(sequence) \
+                or any(_read(id(sequence) + items + 8 * i, ctypes.c_int64) != id(item)
+                       for i, item in enumerate(sequence)):
+            return None
     except (ValueError, OverflowError):  # pragma: no cover - a NULL or odd field
         return None
     return np.array([offsets["type"], offsets["data"], offsets["nd"], offsets["dims"],
                      offsets["descr"], offsets["flags"], id(np.ndarray), _PLANNED_FLAGS,
-                     _GRAD_FLAGS, id(list), items, items], dtype=np.int64)
+                     _GRAD_FLAGS, items, head], dtype=np.int64)
 
 
 @functools.cache

@@ -191,8 +191,10 @@ class _Group(dict):
 
     def pop(self, key: str, *default: Any) -> Any:
         self._removable(key)
-        self.writes += 1
-        return super().pop(key, *default)
+        try:
+            return super().pop(key, *default)
+        finally:
+            self.writes += 1  # after the write: a step never pairs a new count with old values
 
     def popitem(self) -> tuple[str, Any]:
         raise ValueError("entries cannot be removed from a param group")

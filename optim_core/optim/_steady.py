@@ -47,10 +47,13 @@ class SteadyRecord:
 
     __slots__ = ("groups", "group_list", "params", "state_list", "states", "group_state",
                  "plans", "active", "state_writes", "group_writes", "finite", "counts",
-                 "flat")
+                 "flat", "implementation")
 
-    def __init__(self, optimizer: Any, plans: list[Any], active: list[frozenset]) -> None:
-        self.state_writes, self.group_writes = STATE_WRITES[0], GROUP_WRITES[0]
+    def __init__(self, optimizer: Any, plans: list[Any], active: list[frozenset],
+                 writes: tuple[int, int]) -> None:
+        # The counts as the step read them *before* its checks: a write made while it
+        # checked or ran (another thread) is then seen by the next step.
+        self.state_writes, self.group_writes = writes
         self.group_list = optimizer.param_groups
         self.groups = list(self.group_list)
         # Each group's parameter list object and its items, and likewise its state dicts.
@@ -62,22 +65,27 @@ class SteadyRecord:
         self.finite = optimizer.nonfinite != "propagate"
         self.counts = [len(params) for _, params in self.params]
         self.flat = [param for _, params in self.params for param in params]
+        self.implementation = optimizer.implementation
 
     def holds(self, optimizer: Any) -> bool:
         """Whether ``optimizer`` has the structure, states and needed states recorded."""
-        groups = optimizer.param_groups
+        groups, state = optimizer.param_groups, optimizer.state
+        n = len(self.groups)
         if STATE_WRITES[0] != self.state_writes or groups is not self.group_list \
-                or optimizer.state is not self.state_list \
+                or state is not self.state_list \
                 or optimizer.group_state is not self.group_state \
-                or optimizer.rounding != "nearest" \
-                or len(groups) != len(self.groups) or not all(map(is_, groups, self.groups)):
+                or optimizer.implementation is not self.implementation \
+                or optimizer.rounding != "nearest" or len(groups) != n or len(state) != n \
+                or len(optimizer.group_state) != n or not all(map(is_, groups, self.groups)):
             return False
-        for (now, kept), (states_now, states_kept) in zip(self.params, self.states):
-            if len(now) != len(kept) or not all(map(is_, now, kept)) \
-                    or len(states_now) != len(states_kept) \
+        for (now, kept), (states_now, states_kept), states_given in zip(
+                self.params, self.states, state):
+            if states_given is not states_now or len(now) != len(kept) \
+                    or not all(map(is_, now, kept)) or len(states_now) != len(states_kept) \
                     or not all(map(is_, states_now, states_kept)):
                 return False
-        if GROUP_WRITES[0] != self.group_writes:
+        writes = GROUP_WRITES[0]
+        if writes != self.group_writes:
             # A hyperparameter was written (here or in another optimizer): the parameter
             # lists must still be the recorded ones, and the needed states the same.
             if any(group["params"] is not now for group, (now, _) in
@@ -85,5 +93,5 @@ class SteadyRecord:
                     optimizer._required_states | optimizer.active_states(group) != active
                     for group, active in zip(self.groups, self.active)):
                 return False
-            self.group_writes = GROUP_WRITES[0]
+            self.group_writes = writes  # as read before these checks
         return True

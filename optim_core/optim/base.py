@@ -45,7 +45,7 @@ import numpy as np
 
 from .. import _checks, backends
 from .. import _namespace as ns
-from ..backends._fused import StateDict
+from ..backends._fused import STATE_WRITES, StateDict
 from ..backends._generic import TensorMismatch, state_dtype
 from ..backends._lowering import reductions_taken
 from ..backends._quantized import (
@@ -62,6 +62,7 @@ from .flat import FlatStorage
 from .language import UpdateRule
 from .memory import check_no_overlap
 from .param_group import (
+    GROUP_WRITES,
     SCHEDULER_KEYS,
     STRUCTURE_KEYS,
     GroupSchema,
@@ -457,9 +458,9 @@ class Optimizer:
     # and are found again from the parameters, as when the optimizer was made.
     def __getstate__(self) -> dict[str, Any]:
         if self._flat is not None:
-            raise TypeError(f"a {type(self).__name__} with flat=True cannot be copied or "
-                            "pickled: its parameters are views of its buffers, which a copy "
-                            "would not keep; copy its state_dict() instead")
+            raise TypeError(f"a {type(self).__name__} with flat=True cannot be deep-copied "
+                            "or pickled: its parameters are views of its buffers, which such "
+                            "a copy would not keep; copy its state_dict() instead")
         state = self.__dict__.copy()
         del state["_lock"]
         state["_caches"] = [{} for _ in state["_caches"]]
@@ -469,6 +470,16 @@ class Optimizer:
         state["_backend_name"] = self.backend.name
         state.pop("_plannable", None)  # a cached property, found again
         return state
+
+    def __copy__(self) -> Optimizer:
+        # A shallow copy shares the parameters, states and buffers (flat=True too), and
+        # the namespace and kernels; it gets its own lock and per-step records.
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._lock = threading.Lock()
+        other._caches = [{} for _ in self._caches]
+        other._steady = None
+        return other
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -531,6 +542,8 @@ class Optimizer:
         length and keys); the implementation checks each gradient against its parameter
         in one compiled pass, with the parameters and states.
         """
+        # The write counts before anything is checked (see SteadyRecord).
+        writes = (STATE_WRITES[0], GROUP_WRITES[0])
         implementation = self.implementation
         if not getattr(implementation, "keeps_plans", False) or self._flat is not None \
                 or self.rounding != "nearest" or not self._plannable:
@@ -564,7 +577,7 @@ class Optimizer:
             ready.run()
             self.group_state[index].update(after)
         if all(data is not None for data in plans):
-            self._steady = SteadyRecord(self, plans, needed)
+            self._steady = SteadyRecord(self, plans, needed, writes)
         return self.params
 
     def _steady_step(self, steady: SteadyRecord, grads: Any) -> list[Any] | dict[str, Any] | None:

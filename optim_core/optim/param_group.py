@@ -18,6 +18,7 @@ is refused, so a misspelt hyperparameter never passes silently.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -166,8 +167,15 @@ class GroupSchema:
 
 
 #: How many writes any :class:`ParamGroup` has seen (one count for all: a step's kept
-#: record of what the hyperparameters imply, see :mod:`.steady`, is valid while it stands).
+#: record of what the hyperparameters imply, see :mod:`._steady`, is valid while it
+#: stands). Counted after each write, under a lock (as the state dicts' count).
 GROUP_WRITES = [0]
+_COUNT_LOCK = threading.Lock()
+
+
+def _count_group_write() -> None:
+    with _COUNT_LOCK:
+        GROUP_WRITES[0] += 1
 
 
 class ParamGroup(MutableMapping):
@@ -218,8 +226,8 @@ class ParamGroup(MutableMapping):
         checked = schema.check(key, value)
         if key in schema.related:
             schema.optimizer.check_relations({**self._values, key: checked})
-        GROUP_WRITES[0] += 1
         self._values[key] = checked
+        _count_group_write()
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Write several entries at once: all are checked (each, then their relations)
@@ -228,8 +236,8 @@ class ParamGroup(MutableMapping):
         items = dict(other, **kwargs)
         checked = {key: self._schema.check(key, value) for key, value in items.items()}
         self._schema.optimizer.check_relations({**self._values, **checked})
-        GROUP_WRITES[0] += 1
         self._values.update(checked)
+        _count_group_write()
 
     def __delitem__(self, key: str) -> None:
         if key not in self._values:
@@ -238,8 +246,8 @@ class ParamGroup(MutableMapping):
             raise ValueError(f"{key!r} cannot be removed from a param group: every group "
                              "holds its params, their names and all hyperparameters of "
                              f"{self._schema.optimizer.__name__}")
-        GROUP_WRITES[0] += 1
         del self._values[key]
+        _count_group_write()
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self._values:
@@ -259,5 +267,5 @@ class ParamGroup(MutableMapping):
 
     def _store_params(self, params: Iterable[Any]) -> None:
         """The optimizer's own write of new parameter arrays (immutable libraries)."""
-        GROUP_WRITES[0] += 1
         self._values["params"] = list(params)
+        _count_group_write()
