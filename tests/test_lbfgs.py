@@ -51,6 +51,31 @@ def torch():
     return pytest.importorskip("torch")
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_lbfgs_continues_the_same_run(how):
+    import copy
+    import pickle
+
+    def rosenbrock(theta):
+        def closure():
+            x, y = theta
+            loss = (1 - x) ** 2 + 100 * (y - x * x) ** 2
+            return loss, [np.array([-2 * (1 - x) - 400 * x * (y - x * x), 200 * (y - x * x)])]
+        return closure
+
+    theta = np.array([-1.5, 2.0])
+    opt = optim_core.LBFGS([theta], max_iter=5, line_search_fn="strong_wolfe")
+    opt.step(rosenbrock(theta))
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin_theta = twin.param_groups[0]["params"][0]
+    assert twin_theta is not theta
+    for _ in range(2):
+        opt.step(rosenbrock(theta))
+        twin.step(rosenbrock(twin_theta))
+    np.testing.assert_array_equal(theta, twin_theta)
+    assert twin.state["n_iter"] == opt.state["n_iter"]
+
+
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
 @pytest.mark.parametrize("hyper", CASES, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items())
                          or "defaults")

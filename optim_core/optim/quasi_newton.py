@@ -213,14 +213,18 @@ class LBFGS:
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         return f"{type(self).__name__}({hyper})"
 
+    # The namespace (a module) travels by name: found again from the parameters.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
+        del state["_xp"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        group = self.param_groups[0]
+        self._xp = ns.common_namespace(group["params"], group["names"])
 
     # ----------------------------------------------------------------- the step
     def _step(self, closure: Callable[[], tuple[Any, Any]], group: Mapping[str, Any]) -> Any:
