@@ -288,12 +288,13 @@ class _Slot:
     parameter and its state tensors are the same objects at the same addresses."""
 
     __slots__ = ("param", "ptr", "shape", "strides", "kind", "view", "state", "ids", "ptrs",
-                 "tensors", "states", "present", "counters", "grad", "grad_ptr", "grad_view")
+                 "tensors", "states", "present", "counters", "grad", "grad_ptr", "grad_view",
+                 "view_dtype")
 
     def __init__(self, param: torch.Tensor, kind: tuple[str, Any], state: dict | None,
                  counter_names: tuple[str, ...], rule_states: tuple[str, ...]) -> None:
         self.param, self.ptr, self.shape, self.kind = param, param.data_ptr(), param.shape, kind
-        self.strides = param.stride()
+        self.strides, self.view_dtype = param.stride(), param.dtype
         self.view = _view(kind[0], param)
         self.state = state
         values = tuple(state.values()) if state is not None else ()
@@ -313,14 +314,18 @@ class _Slot:
         objects and storage (``p.data = ...`` moves a parameter to new storage, or gives
         it another view of its own, ``p.data = p.data.t()``)."""
         if param is not self.param or state is not self.state or param.data_ptr() != self.ptr \
-                or param.shape != self.shape or param.stride() != self.strides:
+                or param.shape != self.shape or param.stride() != self.strides \
+                or param.dtype is not self.view_dtype:
             return False
         return state is None or (tuple(map(id, state.values())) == self.ids
                                  and tuple(map(_address, self.tensors)) == self.ptrs)
 
     def grad_of(self, grad: torch.Tensor) -> Any:
-        if grad is not self.grad or grad.data_ptr() != self.grad_ptr:
-            self.grad, self.grad_ptr = grad, grad.data_ptr()
+        # The gradient kept from the last step (zero_grad(set_to_none=False)) is viewed
+        # again where its memory or its layout there changed (``grad.t_()``).
+        layout = _address(grad)
+        if grad is not self.grad or layout != self.grad_ptr:
+            self.grad, self.grad_ptr = grad, layout
             self.grad_view = _view(self.kind[0], grad)
         return self.grad_view
 
@@ -369,9 +374,11 @@ def _scalar_view(tensor: torch.Tensor) -> Any:
 
 
 def _address(value: Any) -> tuple | None:
-    """Where a state tensor's data is and how it is laid out there (``t.data = ...``
-    moves it or views it otherwise); None for other values."""
-    return (value.data_ptr(), value.stride()) if isinstance(value, torch.Tensor) else None
+    """Where a tensor's data is and how it is laid out there (``t.data = ...`` moves it,
+    or views it otherwise: another shape, strides or dtype of the same memory); None for
+    other values."""
+    return (value.data_ptr(), value.shape, value.stride(), value.dtype) \
+        if isinstance(value, torch.Tensor) else None
 
 
 def _read(counter: tuple[torch.Tensor, Any]) -> float:
@@ -442,7 +449,8 @@ class _TorchPlan:
 
     __slots__ = ("group", "params", "pick", "unpicked", "stepped", "types", "dtypes",
                  "shapes", "layouts", "state_map", "state_keys", "state_dicts", "dicts",
-                 "entries", "values", "tensors", "addresses", "keep", "names",
+                 "entries", "values", "tensors", "addresses", "keep", "names", "tensor_shapes",
+                 "tensor_dtypes",
                  "counter_table", "counter_names", "counts", "count_values", "scalar_ops",
                  "engine", "data", "last_calls")
 
@@ -473,6 +481,10 @@ class _TorchPlan:
         self.values = list(chain.from_iterable(map(self.entries, dicts)))
         self.tensors = [*stepped, *self.values]
         self.addresses = list(map(_DATA_PTR, self.tensors))
+        # Every planned tensor's shape and dtype: a state given another view of its own
+        # memory (``exp_avg.data = exp_avg.data.view(-1)``) keeps its address.
+        self.tensor_shapes = list(map(_SHAPE, self.tensors))
+        self.tensor_dtypes = list(map(_DTYPE, self.tensors))
         self.keep = [tensor.detach() for tensor in self.tensors]
         self.names = frozenset(names)
         self.counter_names = counter_names
@@ -681,7 +693,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         # holds the same dicts under the same keys, those the same tensors, and every
         # parameter, state and count is where it was, parameters of their shape.
         state = self.state
-        if state is not plan.state_map or list(map(_SHAPE, plan.stepped)) != plan.shapes:
+        if state is not plan.state_map:
             return None
         keys, dicts = plan.state_keys, plan.state_dicts
         if len(state) != len(keys) or not all(map(is_, state, keys)) \
@@ -693,8 +705,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             return None
         if not all(map(is_, values, plan.values)) \
                 or list(map(_DATA_PTR, plan.tensors)) != plan.addresses \
+                or list(map(_SHAPE, plan.tensors)) != plan.tensor_shapes \
+                or list(map(_DTYPE, plan.tensors)) != plan.tensor_dtypes \
                 or not all(map(_CONTIGUOUS, plan.tensors)):
-            return None  # (contiguous at the same address: laid out as planned)
+            return None  # (contiguous at the same address, shape and dtype: as planned)
         engine, scalar_ops = plan.engine, plan.scalar_ops
         implementation, data = engine.implementation, plan.data
         last = plan.last_calls
@@ -830,7 +844,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if slot is None or not slot.holds(param, state):
                 slot = slots[id(param)] = _Slot(param, _kind(param), state, counter_names,
                                                 rule_states)
-            if grad is not slot.grad or grad.data_ptr() != slot.grad_ptr:
+            if grad is not slot.grad or _address(grad) != slot.grad_ptr:
                 _check_grad(type(self).__name__, grad, param)
             counters = slot.counters
             values = tuple(_read(counters[n]) if n in counters else None
