@@ -688,3 +688,21 @@ def test_a_schedule_free_step_in_eval_mode_runs_its_hooks_once_and_raises():
     assert calls == ["pre", "pre"]
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), q)
+
+
+def test_a_state_set_to_none_starts_afresh_as_in_torch_optim():
+    runs = []
+    for module in (oct, torch.optim):
+        p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        opt = module.SGD([p], lr=0.1, momentum=0.9)
+        for k in range(2):
+            p.grad = torch.full_like(p, 1.0 + k)
+            opt.step()
+        opt.state[p]["momentum_buffer"] = None
+        for k in range(2):
+            p.grad = torch.full_like(p, 3.0 + k)
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
+    (ours, ours_buffer), (theirs, their_buffer) = runs
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours_buffer, their_buffer, rtol=1e-12, atol=0)

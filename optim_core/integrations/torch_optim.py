@@ -301,8 +301,10 @@ class _Slot:
         # The record holds the tensors, so no other object can take one of these ids.
         self.ids, self.tensors = tuple(map(id, values)), values
         self.ptrs = tuple(map(_address, values))
+        # A state set to None is one to start afresh, as torch.optim takes it (SGD's
+        # ``momentum_buffer``): absent here, so the step makes it.
         self.states = {name: _view(kind[0], state[name]) for name in rule_states
-                       if state is not None and name in state}
+                       if state is not None and state.get(name) is not None}
         self.present = tuple(self.states)
         # Host views of the scalar state (step, mu_product): read and written per step.
         self.counters = {name: (state[name], _scalar_view(state[name])) for name in counter_names
