@@ -706,3 +706,21 @@ def test_a_state_set_to_none_starts_afresh_as_in_torch_optim():
     (ours, ours_buffer), (theirs, their_buffer) = runs
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
     torch.testing.assert_close(ours_buffer, their_buffer, rtol=1e-12, atol=0)
+
+
+def test_a_step_that_raises_leaves_a_plain_dict_group_where_the_user_put_it():
+    a = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = oct.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    plain = dict(opt.param_groups[0])
+    opt.param_groups[0] = plain
+    a.grad = torch.ones(3, dtype=torch.float64)
+    b.grad = torch.ones(3, dtype=torch.float64).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert opt.param_groups[0] is plain
+    assert torch.equal(a.detach(), torch.ones(3, dtype=torch.float64))
+    b.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert type(opt.param_groups[0]) is not dict  # checked and stored by a step that wrote
+    assert torch.equal(a.detach(), torch.full((3,), 0.9, dtype=torch.float64))

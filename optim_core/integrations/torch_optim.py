@@ -829,9 +829,12 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _prepare_group(self, index: int) -> list[Callable[[], list[torch.Tensor]]]:
         group = self.param_groups[index]
-        if type(group) is not _Group:
+        # A plain dict put in place of a group is checked here and replaced by the checked
+        # group only when the step writes (the first run below): a step that raises leaves
+        # the user's dict where it was.
+        replaced = type(group) is not _Group
+        if replaced:
             group = self._rules.check_group(group, self._defaults_checked)
-            self.param_groups[index] = group
         counter_names = self._counter_names
         rule_states = self.core.rule.states
         slots, state_of = self._slots, self.state.get
@@ -853,8 +856,15 @@ class TorchOptimizer(torch.optim.Optimizer):
                            for n in counter_names) if counters else empty
             key = (slot.kind, slot.present, values)
             buckets.setdefault(key, []).append((param, slot, grad))
-        return [self._prepare_bucket(index, ordinal, group, key, members)
+        runs = [self._prepare_bucket(index, ordinal, group, key, members)
                 for ordinal, (key, members) in enumerate(buckets.items())]
+        if replaced:
+            def store() -> list[torch.Tensor]:
+                self.param_groups[index] = group
+                return []
+
+            runs.insert(0, store)
+        return runs
 
     def _prepare_bucket(self, index: int, ordinal: int, group: _Group, key: tuple,
                         members: list) -> Callable[[], list[torch.Tensor]]:
