@@ -1053,8 +1053,8 @@ class NumbaImplementation(FusedImplementation):
         if lookups is None or lookups[0] is not rule:
             lookups = data.lookups = (rule, program_entry(rule, frozenset(data.names)), {})
         # The program used last first (keys change rarely), then any kept one.
-        last, programs = lookups[1]
-        program = programs[last] if last < len(programs) else None
+        recent, programs = lookups[1]
+        program = programs[recent] if recent < len(programs) else None
         try:
             hoisted = None if program is None else program.function(scalars)
         except KeyError:
