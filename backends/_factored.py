@@ -43,7 +43,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._lowering import Kernel, Reduction, references, render, renumber
+from ._lowering import Kernel, Reduction, references, render, renumber, substitute_reductions
 from ._numba_operations import OPERATION_HELPERS
 
 __all__ = ["is_factored", "unsupported", "factored_source", "FactoredKernels", "load",
@@ -133,20 +133,6 @@ def unsupported(kernel: Kernel, state_shapes: Mapping[str, str]) -> str | None:
     return None
 
 
-def _inline(expr: tuple, values: Mapping[int, tuple]) -> tuple:
-    """``expr`` with each reduction ``i`` in ``values`` replaced by ``values[i]``."""
-    kind = expr[0]
-    if kind == "reduced":
-        return values.get(expr[1], expr)
-    if kind == "neg":
-        return ("neg", _inline(expr[1], values))
-    if kind in ("bin", "cmp"):
-        return (kind, expr[1], _inline(expr[2], values), _inline(expr[3], values))
-    if kind == "call":
-        return ("call", expr[1], tuple(_inline(a, values) for a in expr[2]))
-    return expr
-
-
 def _stage_of(expr: tuple, body: Mapping[str, tuple], stages: Mapping[int, int]) -> int:
     """0 if ``expr`` reads no reduction, else 1 + the latest stage it reads (through the
     locals of ``body``)."""
@@ -175,14 +161,14 @@ def collapsed(kernel: Kernel) -> Kernel:
     values: dict[int, tuple] = {}
     for i, reduction in enumerate(kernel.reductions):
         if reduction.kind in _AXIS_KINDS:  # its argument reads only earlier reductions
-            values[i] = _inline(reduction.expr, values)
-    body = [(target, _inline(expr, values)) for target, expr in kernel.body]
+            values[i] = substitute_reductions(reduction.expr, values)
+    body = [(target, substitute_reductions(expr, values)) for target, expr in kernel.body]
     by_target = dict(body)
     stages: dict[int, int] = {}
     arguments: dict[int, tuple] = {}
     for i, reduction in enumerate(kernel.reductions):
         if i not in values:
-            arguments[i] = _inline(reduction.expr, values)
+            arguments[i] = substitute_reductions(reduction.expr, values)
             stages[i] = _stage_of(arguments[i], by_target, stages)
     ranked = sorted(stages, key=lambda i: (stages[i], i))
     order = {old: new for new, old in enumerate(ranked)}

@@ -23,6 +23,7 @@ when the element count changes) is checked again from scratch before any kernel 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from operator import is_
@@ -51,6 +52,18 @@ def state_writes() -> int:
     return _STATE_WRITES[0]
 
 
+def _counted(write: Any) -> Any:
+    """``write`` (a dict method), then the count of state writes moved on."""
+    @functools.wraps(write)
+    def counted(self: dict, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return write(self, *args, **kwargs)
+        finally:
+            _count_state_write()
+
+    return counted
+
+
 class StateDict(dict):
     """One parameter's states (name -> array): a dict that counts its writes.
 
@@ -68,54 +81,14 @@ class StateDict(dict):
     # Each write is counted after it is made (and even where it raises part-way): a step
     # that reads the count and then the states can pair an old count with a new state,
     # never a new count with an old state.
-    def __setitem__(self, key: Any, value: Any) -> None:
-        try:
-            dict.__setitem__(self, key, value)
-        finally:
-            _count_state_write()
-
-    def __delitem__(self, key: Any) -> None:
-        try:
-            dict.__delitem__(self, key)
-        finally:
-            _count_state_write()
-
-    def __ior__(self, other: Any) -> StateDict:
-        try:
-            dict.update(self, other)
-        finally:
-            _count_state_write()
-        return self
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            dict.update(self, *args, **kwargs)
-        finally:
-            _count_state_write()
-
-    def pop(self, *args: Any) -> Any:
-        try:
-            return dict.pop(self, *args)
-        finally:
-            _count_state_write()
-
-    def popitem(self) -> tuple:
-        try:
-            return dict.popitem(self)
-        finally:
-            _count_state_write()
-
-    def clear(self) -> None:
-        try:
-            dict.clear(self)
-        finally:
-            _count_state_write()
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        try:
-            return dict.setdefault(self, key, default)
-        finally:
-            _count_state_write()
+    __setitem__ = _counted(dict.__setitem__)
+    __delitem__ = _counted(dict.__delitem__)
+    __ior__ = _counted(dict.__ior__)
+    update = _counted(dict.update)
+    pop = _counted(dict.pop)
+    popitem = _counted(dict.popitem)
+    clear = _counted(dict.clear)
+    setdefault = _counted(dict.setdefault)
 
 
 _COUNT_LOCK = threading.Lock()

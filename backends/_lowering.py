@@ -225,18 +225,24 @@ def _level(expr: tuple, levels: Mapping[str, int], reductions: list) -> int:
     return 0
 
 
-def renumber(expr: tuple, order: Mapping[int, int]) -> tuple:
-    """``expr`` with each ``("reduced", i)`` read as ``("reduced", order[i])``."""
+def substitute_reductions(expr: tuple, values: Mapping[int, tuple]) -> tuple:
+    """``expr`` with each ``("reduced", i)`` of ``values`` replaced by ``values[i]``."""
     kind = expr[0]
     if kind == "reduced":
-        return ("reduced", order[expr[1]])
+        return values.get(expr[1], expr)
     if kind == "neg":
-        return ("neg", renumber(expr[1], order))
+        return ("neg", substitute_reductions(expr[1], values))
     if kind in ("bin", "cmp"):
-        return (kind, expr[1], renumber(expr[2], order), renumber(expr[3], order))
+        return (kind, expr[1], substitute_reductions(expr[2], values),
+                substitute_reductions(expr[3], values))
     if kind == "call":
-        return ("call", expr[1], tuple(renumber(a, order) for a in expr[2]))
+        return ("call", expr[1], tuple(substitute_reductions(a, values) for a in expr[2]))
     return expr
+
+
+def renumber(expr: tuple, order: Mapping[int, int]) -> tuple:
+    """``expr`` with each ``("reduced", i)`` read as ``("reduced", order[i])``."""
+    return substitute_reductions(expr, {i: ("reduced", j) for i, j in order.items()})
 
 
 @dataclass

@@ -288,7 +288,7 @@ class _Slot:
     parameter and its state tensors are the same objects at the same addresses."""
 
     __slots__ = ("param", "ptr", "shape", "strides", "kind", "view", "state", "ids", "ptrs",
-                 "tensors", "states", "present", "counters", "grad", "grad_ptr", "grad_view",
+                 "tensors", "states", "present", "counters", "grad", "grad_layout", "grad_view",
                  "view_dtype")
 
     def __init__(self, param: torch.Tensor, kind: tuple[str, Any], state: dict | None,
@@ -309,7 +309,7 @@ class _Slot:
         # Host views of the scalar state (step, mu_product): read and written per step.
         self.counters = {name: (state[name], _scalar_view(state[name])) for name in counter_names
                          if state is not None and name in state}
-        self.grad = self.grad_ptr = self.grad_view = None
+        self.grad = self.grad_layout = self.grad_view = None
 
     def holds(self, param: torch.Tensor, state: dict | None) -> bool:
         """Whether the record still describes ``param`` and its ``state``: the same
@@ -326,8 +326,8 @@ class _Slot:
         # The gradient kept from the last step (zero_grad(set_to_none=False)) is viewed
         # again where its memory or its layout there changed (``grad.t_()``).
         layout = _address(grad)
-        if grad is not self.grad or layout != self.grad_ptr:
-            self.grad, self.grad_ptr = grad, layout
+        if grad is not self.grad or layout != self.grad_layout:
+            self.grad, self.grad_layout = grad, layout
             self.grad_view = _view(self.kind[0], grad)
         return self.grad_view
 
@@ -849,7 +849,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if slot is None or not slot.holds(param, state):
                 slot = slots[id(param)] = _Slot(param, _kind(param), state, counter_names,
                                                 rule_states)
-            if grad is not slot.grad or _address(grad) != slot.grad_ptr:
+            if grad is not slot.grad or _address(grad) != slot.grad_layout:
                 _check_grad(type(self).__name__, grad, param)
             counters = slot.counters
             values = tuple(_read(counters[n]) if n in counters else None
